@@ -1,0 +1,1 @@
+"""Text corpora, cleaning, packing and the grain input pipeline."""
