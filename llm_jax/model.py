@@ -1,0 +1,358 @@
+"""The decoder-only Transformer (GPT-2 and Llama families) in Flax Linen, speaking only logical axis names.
+
+Dimension legend for shape-suffixed names (written once, here):
+  B batch, L query length, S key length (or KV-cache length), D model width, H query heads,
+  G key/value heads (grouped-query attention; H = G * R), R query heads per KV head, K head dim,
+  F MLP hidden width, V vocabulary, N layers.
+
+Parameter logical axes: 'vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp', 'layers',
+'positions'. Activation logical axes: 'batch', 'length', 'act_embed', 'act_heads', 'act_mlp',
+'act_vocab'. `llm_jax.sharding` maps these names onto mesh axes; the model knows nothing of meshes.
+
+We use Linen (not NNX) on purpose: parameters are a plain pytree, so the train step, orbax,
+optax and weight conversion all see one functional structure, and `nn.scan` over layers with
+per-layer KV caches is a single, well-trodden transform.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Cache = dict[str, Array]
+
+FAMILIES = ("gpt2", "llama")
+REMAT_POLICIES = ("none", "full", "dots", "dots_saveable")
+ATTENTION_IMPLS = ("einsum", "jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Every dimension and switch of the model; no ConfigDict reaches the layers."""
+
+  family: str = "gpt2"
+  vocab_size: int = 2048
+  num_layers: int = 4
+  d_model: int = 128
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 32
+  d_ff: int = 512
+  max_len: int = 128
+  dropout_rate: float = 0.0
+  tie_embeddings: bool = True
+  rope_theta: float = 10000.0
+  # Llama-3 style RoPE scaling; factor 0 disables it.
+  rope_scaling_factor: float = 0.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  norm_eps: float = 1e-5
+  compute_dtype: str = "float32"
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  attention_impl: str = "einsum"
+
+  @property
+  def is_llama(self) -> bool:
+    return self.family == "llama"
+
+  @property
+  def dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.compute_dtype)
+
+
+def init_normal(stddev: float) -> nn.initializers.Initializer:
+  return nn.initializers.normal(stddev=stddev)
+
+
+def param_with_axes(module: nn.Module, name: str, init: Any, shape: tuple[int, ...],
+                    axes: tuple[str | None, ...]) -> Array:
+  """Declares a float32 parameter annotated with logical axis names."""
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
+  return nn.with_logical_constraint(x, axes)
+
+
+class Norm(nn.Module):
+  """LayerNorm (GPT-2, with bias) or RMSNorm (Llama), computed in float32."""
+
+  rms: bool
+  eps: float
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array) -> Array:
+    d = x_BxLxD.shape[-1]
+    x = x_BxLxD.astype(jnp.float32)
+    scale_D = param_with_axes(self, "scale", nn.initializers.ones, (d,), ("embed",))
+    if self.rms:
+      y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps) * scale_D
+    else:
+      bias_D = param_with_axes(self, "bias", nn.initializers.zeros, (d,), ("embed",))
+      mean = jnp.mean(x, axis=-1, keepdims=True)
+      var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+      y = (x - mean) * jax.lax.rsqrt(var + self.eps) * scale_D + bias_D
+    return y.astype(x_BxLxD.dtype)
+
+
+def rope_inverse_frequencies(cfg: ModelConfig) -> Array:
+  """Per-pair rotation frequencies, with Llama-3 long-context scaling when configured."""
+  k = cfg.head_dim
+  inv_freq_K2 = 1.0 / (cfg.rope_theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
+  if cfg.rope_scaling_factor <= 0:
+    return inv_freq_K2
+  wavelen = 2 * jnp.pi / inv_freq_K2
+  low_wavelen = cfg.rope_original_max_len / cfg.rope_low_freq_factor
+  high_wavelen = cfg.rope_original_max_len / cfg.rope_high_freq_factor
+  smooth = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
+      cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+  smoothed = (1 - smooth) * inv_freq_K2 / cfg.rope_scaling_factor + smooth * inv_freq_K2
+  scaled = jnp.where(wavelen > low_wavelen, inv_freq_K2 / cfg.rope_scaling_factor, inv_freq_K2)
+  is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x_BxLxHxK: Array, positions_BxL: Array, inv_freq_K2: Array) -> Array:
+  """Rotates the two halves of each head (the Hugging Face 'rotate_half' layout)."""
+  angles_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq_K2
+  cos = jnp.cos(angles_BxLxK2)[:, :, None, :]
+  sin = jnp.sin(angles_BxLxK2)[:, :, None, :]
+  x = x_BxLxHxK.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxK.dtype)
+
+
+def attention_mask(q_pos_BxL: Array, k_pos_BxS: Array, q_seg_BxL: Array | None,
+                   k_seg_BxS: Array | None) -> Array:
+  """Causal by position, and never across segments (packed documents)."""
+  mask_BxLxS = k_pos_BxS[:, None, :] <= q_pos_BxL[:, :, None]
+  if q_seg_BxL is not None:
+    mask_BxLxS &= q_seg_BxL[:, :, None] == k_seg_BxS[:, None, :]
+  return mask_BxLxS
+
+
+def dot_product_attention(q_BxLxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array,
+                          mask_BxLxS: Array, impl: str = "einsum") -> Array:
+  """softmax(QKᵀ/√K)V with grouped key/value heads; softmax in float32."""
+  if impl == "jax":
+    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK,
+                                        mask=mask_BxLxS[:, None, :, :])
+  b, l, h, k = q_BxLxHxK.shape
+  g = k_BxSxGxK.shape[2]
+  q_BxLxGxRxK = q_BxLxHxK.reshape(b, l, g, h // g, k)
+  logits_BxGxRxLxS = jnp.einsum("BLGRK,BSGK->BGRLS", q_BxLxGxRxK, k_BxSxGxK,
+                                preferred_element_type=jnp.float32) / jnp.sqrt(k).astype(jnp.float32)
+  logits_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxGxRxLxS,
+                               jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits_BxGxRxLxS, axis=-1).astype(v_BxSxGxK.dtype)
+  out_BxLxGxRxK = jnp.einsum("BGRLS,BSGK->BLGRK", probs, v_BxSxGxK)
+  return out_BxLxGxRxK.reshape(b, l, h, k)
+
+
+class Attention(nn.Module):
+  """Causal self-attention with grouped-query heads, optional RoPE and an optional KV cache."""
+
+  cfg: ModelConfig
+  deterministic: bool
+
+  def _proj(self, name: str, x_BxLxD: Array, heads: int, axis: str) -> Array:
+    cfg = self.cfg
+    w_DxHxK = param_with_axes(self, name, init_normal(0.02), (cfg.d_model, heads, cfg.head_dim),
+                              ("embed", axis, "head_dim"))
+    y = jnp.einsum("BLD,DHK->BLHK", x_BxLxD, w_DxHxK.astype(cfg.dtype))
+    if not cfg.is_llama:
+      b_HxK = param_with_axes(self, name + "_bias", nn.initializers.zeros, (heads, cfg.head_dim),
+                              (axis, "head_dim"))
+      y = y + b_HxK.astype(cfg.dtype)
+    return y
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array, positions_BxL: Array, segment_ids_BxL: Array | None,
+               cache: Cache | None) -> tuple[Array, Cache | None]:
+    cfg = self.cfg
+    q_BxLxHxK = constrain(self._proj("query", x_BxLxD, cfg.num_heads, "heads"),
+                          ("batch", "length", "act_heads", "head_dim"))
+    k_BxLxGxK = self._proj("key", x_BxLxD, cfg.num_kv_heads, "kv_heads")
+    v_BxLxGxK = self._proj("value", x_BxLxD, cfg.num_kv_heads, "kv_heads")
+    if cfg.is_llama:
+      inv_freq_K2 = rope_inverse_frequencies(cfg)
+      q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, inv_freq_K2)
+      k_BxLxGxK = apply_rope(k_BxLxGxK, positions_BxL, inv_freq_K2)
+
+    if cache is None:
+      k_BxSxGxK, v_BxSxGxK = k_BxLxGxK, v_BxLxGxK
+      k_pos_BxS, k_seg_BxS = positions_BxL, segment_ids_BxL
+    else:
+      # Decoding: all rows share one start position, so one dynamic slice writes the new keys.
+      start = positions_BxL[0, 0]
+      k_BxSxGxK = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BxLxGxK.astype(cache["k"].dtype),
+                                                      start, axis=1)
+      v_BxSxGxK = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BxLxGxK.astype(cache["v"].dtype),
+                                                      start, axis=1)
+      cache = {"k": k_BxSxGxK, "v": v_BxSxGxK}
+      s = k_BxSxGxK.shape[1]
+      k_pos_BxS = jnp.broadcast_to(jnp.arange(s, dtype=positions_BxL.dtype), (x_BxLxD.shape[0], s))
+      k_seg_BxS = None
+
+    mask_BxLxS = attention_mask(positions_BxL, k_pos_BxS,
+                                segment_ids_BxL if k_seg_BxS is not None else None, k_seg_BxS)
+    out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS,
+                                        cfg.attention_impl)
+    w_HxKxD = param_with_axes(self, "out", init_normal(0.02 / (2 * cfg.num_layers) ** 0.5),
+                              (cfg.num_heads, cfg.head_dim, cfg.d_model), ("heads", "head_dim", "embed"))
+    y_BxLxD = jnp.einsum("BLHK,HKD->BLD", out_BxLxHxK, w_HxKxD.astype(cfg.dtype))
+    if not cfg.is_llama:
+      y_BxLxD += param_with_axes(self, "out_bias", nn.initializers.zeros, (cfg.d_model,),
+                                 ("embed",)).astype(cfg.dtype)
+    return y_BxLxD, cache
+
+
+class Mlp(nn.Module):
+  """GELU MLP with biases (GPT-2) or SwiGLU without biases (Llama)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array) -> Array:
+    cfg, dt = self.cfg, self.cfg.dtype
+    d, f = cfg.d_model, cfg.d_ff
+    out_init = init_normal(0.02 / (2 * cfg.num_layers) ** 0.5)
+    if cfg.is_llama:
+      gate_DxF = param_with_axes(self, "gate", init_normal(0.02), (d, f), ("embed", "mlp"))
+      up_DxF = param_with_axes(self, "up", init_normal(0.02), (d, f), ("embed", "mlp"))
+      h_BxLxF = (jax.nn.silu(jnp.einsum("BLD,DF->BLF", x_BxLxD, gate_DxF.astype(dt)))
+                 * jnp.einsum("BLD,DF->BLF", x_BxLxD, up_DxF.astype(dt)))
+      h_BxLxF = constrain(h_BxLxF, ("batch", "length", "act_mlp"))
+      down_FxD = param_with_axes(self, "down", out_init, (f, d), ("mlp", "embed"))
+      return jnp.einsum("BLF,FD->BLD", h_BxLxF, down_FxD.astype(dt))
+    fc_DxF = param_with_axes(self, "fc", init_normal(0.02), (d, f), ("embed", "mlp"))
+    fc_bias_F = param_with_axes(self, "fc_bias", nn.initializers.zeros, (f,), ("mlp",))
+    h_BxLxF = jnp.einsum("BLD,DF->BLF", x_BxLxD, fc_DxF.astype(dt)) + fc_bias_F.astype(dt)
+    h_BxLxF = constrain(jax.nn.gelu(h_BxLxF, approximate=True), ("batch", "length", "act_mlp"))
+    proj_FxD = param_with_axes(self, "proj", out_init, (f, d), ("mlp", "embed"))
+    proj_bias_D = param_with_axes(self, "proj_bias", nn.initializers.zeros, (d,), ("embed",))
+    return jnp.einsum("BLF,FD->BLD", h_BxLxF, proj_FxD.astype(dt)) + proj_bias_D.astype(dt)
+
+
+class Block(nn.Module):
+  """One pre-norm residual block; its signature fits `nn.scan` (carry, per-layer cache)."""
+
+  cfg: ModelConfig
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array, cache: Cache | None, positions_BxL: Array,
+               segment_ids_BxL: Array | None) -> tuple[Array, Cache | None]:
+    cfg = self.cfg
+    drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+    h_BxLxD = Norm(cfg.is_llama, cfg.norm_eps, name="attn_norm")(x_BxLxD)
+    h_BxLxD, cache = Attention(cfg, self.deterministic, name="attn")(
+        h_BxLxD, positions_BxL, segment_ids_BxL, cache)
+    x_BxLxD = x_BxLxD + drop(h_BxLxD)
+    h_BxLxD = Mlp(cfg, name="mlp")(Norm(cfg.is_llama, cfg.norm_eps, name="mlp_norm")(x_BxLxD))
+    x_BxLxD = constrain(x_BxLxD + drop(h_BxLxD), ("batch", "length", "act_embed"))
+    return x_BxLxD, cache
+
+
+def _remat_policy(name: str) -> Any:
+  return {
+      "full": None,
+      "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+      "dots_saveable": jax.checkpoint_policies.dots_saveable,
+  }[name]
+
+
+class Transformer(nn.Module):
+  """Token ids in, next-token logits out; with `cache`, also the updated KV cache."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL: Array, positions_BxL: Array | None = None,
+               segment_ids_BxL: Array | None = None, cache: Cache | None = None,
+               deterministic: bool = True) -> tuple[Array, Cache | None]:
+    cfg = self.cfg
+    b, l = tokens_BxL.shape
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    embed_VxD = param_with_axes(self, "embed", init_normal(0.02), (cfg.vocab_size, cfg.d_model),
+                                ("vocab", "embed"))
+    x_BxLxD = jnp.take(embed_VxD, tokens_BxL, axis=0).astype(cfg.dtype)
+    if not cfg.is_llama:
+      pos_embed_LxD = param_with_axes(self, "pos_embed", init_normal(0.01), (cfg.max_len, cfg.d_model),
+                                      ("positions", "embed"))
+      x_BxLxD += jnp.take(pos_embed_LxD, positions_BxL, axis=0).astype(cfg.dtype)
+    x_BxLxD = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x_BxLxD)
+    x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
+
+    block = Block
+    if cfg.remat_policy != "none":
+      block = nn.remat(Block, policy=_remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BxLxD, cache = stack(cfg, deterministic, name="layers")(x_BxLxD, cache, positions_BxL,
+                                                               segment_ids_BxL)
+    else:
+      new_layers = []
+      for i in range(cfg.num_layers):
+        layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
+        x_BxLxD, layer_cache = block(cfg, deterministic, name=f"layers_{i}")(
+            x_BxLxD, layer_cache, positions_BxL, segment_ids_BxL)
+        new_layers.append(layer_cache)
+      if cache is not None:
+        cache = jax.tree.map(lambda *c: jnp.stack(c), *new_layers)
+
+    x_BxLxD = Norm(cfg.is_llama, cfg.norm_eps, name="final_norm")(x_BxLxD)
+    if cfg.tie_embeddings:
+      logits_BxLxV = jnp.einsum("BLD,VD->BLV", x_BxLxD, embed_VxD.astype(cfg.dtype))
+    else:
+      head_DxV = param_with_axes(self, "lm_head", init_normal(0.02), (cfg.d_model, cfg.vocab_size),
+                                 ("embed", "vocab"))
+      logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, head_DxV.astype(cfg.dtype))
+    logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
+    return logits_BxLxV.astype(jnp.float32), cache
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> Cache:
+  """An empty KV cache, layer axis first (what `nn.scan` consumes)."""
+  shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+
+
+def count_params(params: Any) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def count_non_embedding_params(cfg: ModelConfig) -> int:
+  """Parameters outside the token and position embeddings (and an untied head), by formula."""
+  d, f, k = cfg.d_model, cfg.d_ff, cfg.head_dim
+  attn = d * k * (cfg.num_heads * 2 + cfg.num_kv_heads * 2)
+  if cfg.is_llama:
+    per_layer = attn + 3 * d * f + 2 * d
+  else:
+    per_layer = attn + 2 * d * f + k * (cfg.num_heads + 2 * cfg.num_kv_heads) + d + f + d + 4 * d
+  final_norm = d if cfg.is_llama else 2 * d
+  return cfg.num_layers * per_layer + final_norm
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract_init(cfg: ModelConfig) -> Any:
+  model = Transformer(cfg)
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  return jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)
+
+
+def abstract_params(cfg: ModelConfig) -> Any:
+  """Parameter shapes and logical annotations without allocating anything (`jax.eval_shape`)."""
+  return _abstract_init(cfg)["params"]
