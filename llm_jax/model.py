@@ -82,6 +82,11 @@ def constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
   return nn.with_logical_constraint(x, axes)
 
 
+def lookup(table_VxD: Array, ids_BxL: Array, rows_axis: str) -> Array:
+  """Embedding gather from a table whose width is not fsdp-sharded, so no resharding is needed."""
+  return jnp.take(constrain(table_VxD, (rows_axis, "act_embed")), ids_BxL, axis=0)
+
+
 class Norm(nn.Module):
   """LayerNorm (GPT-2, with bias) or RMSNorm (Llama), computed in float32."""
 
@@ -286,11 +291,11 @@ class Transformer(nn.Module):
       positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
     embed_VxD = param_with_axes(self, "embed", init_normal(0.02), (cfg.vocab_size, cfg.d_model),
                                 ("vocab", "embed"))
-    x_BxLxD = jnp.take(embed_VxD, tokens_BxL, axis=0).astype(cfg.dtype)
+    x_BxLxD = lookup(embed_VxD, tokens_BxL, "vocab").astype(cfg.dtype)
     if not cfg.is_llama:
       pos_embed_LxD = param_with_axes(self, "pos_embed", init_normal(0.01), (cfg.max_len, cfg.d_model),
                                       ("positions", "embed"))
-      x_BxLxD += jnp.take(pos_embed_LxD, positions_BxL, axis=0).astype(cfg.dtype)
+      x_BxLxD += lookup(pos_embed_LxD, positions_BxL, "positions").astype(cfg.dtype)
     x_BxLxD = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x_BxLxD)
     x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
 

@@ -1,0 +1,85 @@
+"""Pure metric functions: masked cross-entropy, accuracy, model FLOPs per token, peak FLOP/s and MFU."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm_jax.model import ModelConfig, count_non_embedding_params
+
+# Dense bf16 datasheet peaks per chip, by `device_kind` prefix (lower-cased).
+DATASHEET_PEAK_FLOPS = {
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v6 lite": 918e12,
+    "tpu v6e": 918e12,
+    "nvidia h200": 989e12,
+    "nvidia h100": 989e12,
+    "nvidia a100": 312e12,
+}
+
+
+def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
+                  mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Summed masked next-token NLL, the number of counted tokens, and the summed correct guesses."""
+  logits = logits_BxLxV.astype(jnp.float32)
+  log_z_BxL = jax.nn.logsumexp(logits, axis=-1)
+  target_logit_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
+  nll_BxL = log_z_BxL - target_logit_BxL
+  mask = mask_BxL.astype(jnp.float32)
+  correct = (jnp.argmax(logits, axis=-1) == targets_BxL).astype(jnp.float32)
+  return jnp.sum(nll_BxL * mask), jnp.sum(mask), jnp.sum(correct * mask)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+  """Training FLOPs per token (forward + backward = 3 × forward).
+
+  `standard` = 6·N + 12·n_layers·T·D with N the non-embedding parameters (the published
+  convention, attention counted as if not causal, output projection left out).
+  `causal` = 6·(N + D·V) + 6·n_layers·T·D: what the model really computes: the vocabulary
+  projection included and the causal half of the attention scores only. MFU uses `causal`.
+  """
+  n = count_non_embedding_params(cfg)
+  attn_width = cfg.num_heads * cfg.head_dim
+  standard = 6 * n + 12 * cfg.num_layers * seq_len * attn_width
+  causal = 6 * (n + cfg.d_model * cfg.vocab_size) + 6 * cfg.num_layers * seq_len * attn_width
+  return {"standard": float(standard), "causal": float(causal), "non_embedding_params": float(n)}
+
+
+def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
+  """Achieved float32 FLOP/s of an n³ matmul on the first device: the CPU 'peak' for MFU."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  a, b = jax.device_put(a, jax.devices()[0]), jax.device_put(b, jax.devices()[0])
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(a, b).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * n**3 / float(np.median(times))
+
+
+def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
+  """The per-device peak used for MFU and where it came from."""
+  if configured > 0:
+    return configured, "config"
+  kind = jax.devices()[0].device_kind.lower()
+  for prefix, peak in DATASHEET_PEAK_FLOPS.items():
+    if kind.startswith(prefix):
+      return peak, f"datasheet ({kind})"
+  if jax.default_backend() == "cpu":
+    # Simulated CPU devices share the real cores, so the whole host is one "device" for MFU.
+    return measure_matmul_peak(), "measured f32 matmul"
+  return measure_matmul_peak(2048), f"measured matmul ({kind})"
+
+
+def mfu(tokens_per_second: float, flops_per_tok: float, peak_flops: float) -> float:
+  return tokens_per_second * flops_per_tok / peak_flops

@@ -1,0 +1,118 @@
+"""The device mesh (axes data, fsdp, tensor), the one logical→mesh rule table, and placement checks."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# The only place where logical names meet mesh axes. Parameters shard their 'embed' dimension
+# over fsdp (ZeRO-3 style) and their head/MLP/vocab dimensions over tensor; activations shard
+# their batch over (data, fsdp) and their head/MLP/vocab dimensions over tensor.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("positions", None),
+    ("layers", None),
+)
+
+
+class MeshError(ValueError):
+  """A mesh that does not fit the devices or the model."""
+
+
+def resolve_mesh_shape(requested: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Fills a single -1 with 'the rest' and checks the product equals the device count."""
+  sizes = list(requested)
+  names = ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
+  if sizes.count(-1) > 1:
+    raise MeshError(f"mesh has more than one -1 ({names}); set all but one axis to a size")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise MeshError(f"mesh sizes must be positive or -1 ({names})")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise MeshError(f"mesh ({names}) does not divide the {num_devices} devices; make the product "
+                      f"of the fixed axes divide {num_devices}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise MeshError(f"mesh ({names}) needs {math.prod(sizes)} devices but {num_devices} are present; "
+                    f"change the mesh sizes so their product is {num_devices} (or use -1 for one axis)")
+  return tuple(sizes)
+
+
+def make_mesh(requested: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh with Auto axes: parameters and activations are annotated and XLA propagates the rest."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = resolve_mesh_shape(requested, len(devices))
+  if len(devices) == len(jax.devices()):
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_mesh_specs(logical_tree: Any) -> Any:
+  """PartitionSpecs of logical axis names under LOGICAL_RULES (duplicate mesh axes dropped)."""
+  return nn.logical_to_mesh(logical_tree, LOGICAL_RULES)
+
+
+def param_shardings(abstract_boxed_params: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a tree of boxed (logically partitioned) abstract parameters."""
+  logical = nn.get_partition_spec(abstract_boxed_params)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), logical_to_mesh_specs(logical),
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension over (data, fsdp); the rest replicated."""
+  return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_divisible(abstract_params: Any, shardings: Any, mesh: Mesh) -> None:
+  """Refuses parameter dimensions that do not divide over their mesh axes, naming the first one."""
+  flat_params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  flat_shardings = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+  for (path, leaf), sharding in zip(flat_params, flat_shardings):
+    for dim, axes in zip(leaf.shape, sharding.spec):
+      if axes is None:
+        continue
+      axes = axes if isinstance(axes, tuple) else (axes,)
+      size = math.prod(mesh.shape[a] for a in axes)
+      if dim % size:
+        name = jax.tree_util.keystr(path)
+        raise MeshError(f"parameter {name} of shape {leaf.shape} has a dimension {dim} that does not "
+                        f"divide over mesh axes {axes} of size {size}; change mesh.{axes[0]} or the "
+                        "model dimension")
+
+
+def replicated_fraction(abstract_params: Any, shardings: Any) -> float:
+  """Share of parameter bytes that every device holds a full copy of."""
+  flat_shardings = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+  total = replicated_bytes = 0
+  for leaf, sharding in zip(jax.tree.leaves(abstract_params), flat_shardings):
+    nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+    total += nbytes
+    if sharding.is_fully_replicated:
+      replicated_bytes += nbytes
+  return replicated_bytes / max(total, 1)

@@ -1,0 +1,148 @@
+"""The train state, its sharded initialisation, and the pure train and eval steps, each jitted once."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from llm_jax import metrics as metrics_lib
+from llm_jax import sharding
+from llm_jax.model import ModelConfig, Transformer
+
+Batch = dict[str, jax.Array]
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # Raw key data; dropout keys are folded in from (rng, step), so resuming is exact.
+
+
+@flax.struct.dataclass
+class StepFns:
+  """The compiled entry points and the placement they were compiled for."""
+
+  init: Callable[[], TrainState] = flax.struct.field(pytree_node=False)
+  train: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]] = flax.struct.field(
+      pytree_node=False)
+  eval: Callable[[Any, Batch], dict[str, jax.Array]] = flax.struct.field(pytree_node=False)
+  state_shardings: Any = flax.struct.field(pytree_node=False)
+  abstract_state: Any = flax.struct.field(pytree_node=False)
+  batch_sharding: NamedSharding = flax.struct.field(pytree_node=False)
+
+
+def _forward_loss(params: Any, model: Transformer, batch: Batch, dropout_key: jax.Array | None):
+  deterministic = dropout_key is None
+  rngs = None if deterministic else {"dropout": dropout_key}
+  logits_BxLxV, _ = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                                batch["segment_ids"], deterministic=deterministic, rngs=rngs)
+  nll_sum, count, correct = metrics_lib.cross_entropy(logits_BxLxV, batch["targets"], batch["loss_mask"])
+  return nll_sum, (count, correct)
+
+
+def _micro_batches(batch: Batch, accum: int) -> Batch:
+  """(B, ...) → (A, B/A, ...) taking every A-th row, so each device keeps its own rows."""
+
+  def split(x):
+    x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, P(None, ("data", "fsdp")))
+
+  return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch: Batch, *, model: Transformer, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, accum: int) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update on the mean next-token loss of the global batch (summed over micro-batches)."""
+  with nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    base_key = jax.random.wrap_key_data(state.rng)
+    grad_fn = jax.value_and_grad(_forward_loss, has_aux=True)
+    dropout = model.cfg.dropout_rate > 0
+
+    def micro_step(carry, xs):
+      grads_acc, nll_acc, count_acc, correct_acc = carry
+      micro, index = xs
+      key = jax.random.fold_in(jax.random.fold_in(base_key, state.step), index) if dropout else None
+      (nll, (count, correct)), grads = grad_fn(state.params, model, micro, key)
+      grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+      return (grads_acc, nll_acc + nll, count_acc + count, correct_acc + correct), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+    if accum == 1:
+      carry, _ = micro_step(init, (batch, 0))
+    else:
+      carry, _ = jax.lax.scan(micro_step, init, (_micro_batches(batch, accum), jnp.arange(accum)))
+    grads_sum, nll_sum, count, correct = carry
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads_sum)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  step_metrics = {
+      "loss": nll_sum / denom,
+      "accuracy": correct / denom,
+      "grad_norm": grad_norm,
+      "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+      "tokens": count,
+  }
+  return new_state, step_metrics
+
+
+def eval_step(params: Any, batch: Batch, *, model: Transformer) -> dict[str, jax.Array]:
+  """Summed NLL, token count and correct guesses of one batch (reduce over batches on the host)."""
+  with nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    nll_sum, (count, correct) = _forward_loss(params, model, batch, None)
+  return {"nll_sum": nll_sum, "tokens": count, "correct": correct}
+
+
+def _init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, seq_len: int):
+  model = Transformer(cfg)
+  init_key, state_key = jax.random.split(jax.random.key(seed))
+  boxed = model.init(init_key, jnp.zeros((1, seq_len), jnp.int32))["params"]
+  params = nn.unbox(boxed)
+  return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(state_key)), boxed
+
+
+def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int,
+                    seq_len: int) -> tuple[Any, Any, Any]:
+  """(abstract state, its shardings, parameter shardings): optimizer moments sharded like params."""
+  abstract_state, abstract_boxed = jax.eval_shape(
+      functools.partial(_init_state, cfg, tx, seed, seq_len))
+  params_sh = sharding.param_shardings(abstract_boxed, mesh)
+  replicated = sharding.replicated(mesh)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, params_sh,
+                                 transform_non_params=lambda _: replicated,
+                                 is_leaf=lambda x: isinstance(x, NamedSharding))
+  shardings = TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated)
+  return abstract_state, shardings, params_sh
+
+
+def build_steps(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                mesh: Mesh, *, seed: int, seq_len: int, accum: int) -> StepFns:
+  """Jits init, train and eval once, with explicit in/out shardings and the state donated."""
+  model = Transformer(cfg)
+  abstract_state, state_sh, params_sh = state_shardings(cfg, tx, mesh, seed, seq_len)
+  sharding.check_divisible(abstract_state.params, params_sh, mesh)
+  batch_sh = sharding.batch_sharding(mesh)
+  batch_shardings = {k: batch_sh for k in BATCH_KEYS}
+  replicated = sharding.replicated(mesh)
+  init = jax.jit(lambda: _init_state(cfg, tx, seed, seq_len)[0], out_shardings=state_sh)
+  train = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule, accum=accum),
+                  in_shardings=(state_sh, batch_shardings), out_shardings=(state_sh, replicated),
+                  donate_argnums=(0,))
+  evaluate = jax.jit(functools.partial(eval_step, model=model),
+                     in_shardings=(params_sh, batch_shardings), out_shardings=replicated)
+  return StepFns(init=init, train=train, eval=evaluate, state_shardings=state_sh,
+                 abstract_state=abstract_state, batch_sharding=batch_sh)
