@@ -52,7 +52,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
   return {"standard": float(standard), "causal": float(causal), "non_embedding_params": float(n)}
 
 
-def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
+def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
   """Achieved float32 FLOP/s of an n³ matmul on the first device: the CPU 'peak' for MFU."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
@@ -67,18 +67,22 @@ def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
   return 2 * n**3 / float(np.median(times))
 
 
-def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
-  """The per-device peak used for MFU and where it came from."""
-  if configured > 0:
-    return configured, "config"
+def peak_flops_total(per_device: float = 0.0) -> tuple[float, str]:
+  """The peak FLOP/s of all devices together, used for MFU, and where the figure came from.
+
+  On CPU the simulated devices share the host's cores, so the peak is one float32 matmul
+  measured now on the whole host, whatever the device count.
+  """
+  num = jax.device_count()
+  if per_device > 0:
+    return per_device * num, "config"
   kind = jax.devices()[0].device_kind.lower()
   for prefix, peak in DATASHEET_PEAK_FLOPS.items():
     if kind.startswith(prefix):
-      return peak, f"datasheet ({kind})"
+      return peak * num, f"datasheet bf16, {num} x {kind}"
   if jax.default_backend() == "cpu":
-    # Simulated CPU devices share the real cores, so the whole host is one "device" for MFU.
-    return measure_matmul_peak(), "measured f32 matmul"
-  return measure_matmul_peak(2048), f"measured matmul ({kind})"
+    return measure_matmul_peak(), "float32 matmul measured now"
+  return measure_matmul_peak(4096) * num, f"matmul measured now, {num} x {kind}"
 
 
 def mfu(tokens_per_second: float, flops_per_tok: float, peak_flops: float) -> float:

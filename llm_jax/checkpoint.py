@@ -1,0 +1,80 @@
+"""Orbax checkpoints of the train state, the data-iterator state and run metadata, with safe restore."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint where one was required."""
+
+
+def abstract_target(abstract_tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying the *current* run's shardings, so restore works on any mesh."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract_tree, shardings)
+
+
+class Checkpointer:
+  """Saves every `every` steps (asynchronously) and keeps the newest `keep`."""
+
+  def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
+                                           enable_async_checkpointing=async_save, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "data", "meta"))
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, data_state: dict[str, Any], meta: dict[str, Any], *,
+           force: bool = False) -> bool:
+    """Starts an async save if `step` is on the interval (or forced); returns whether it saved."""
+    return self.manager.save(step, force=force, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(meta)))
+
+  def restore_meta(self, step: int) -> dict[str, Any]:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, abstract_state: Any, shardings: Any,
+              step: int | None = None) -> tuple[int, Any, dict[str, Any], dict[str, Any]] | None:
+    """(step, state, data_state, meta) of the newest restorable checkpoint (or `step`), or None.
+
+    A checkpoint that fails to load (truncated or missing files from a killed writer) is reported
+    and skipped in favour of the next older one; nothing is deleted.
+    """
+    candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
+    if step is not None and step not in self.steps():
+      raise CheckpointError(f"no checkpoint at step {step} in {self.directory}; available: "
+                            f"{self.steps() or 'none'}")
+    target = abstract_target(abstract_state, shardings)
+    for candidate in candidates:
+      try:
+        restored = self.manager.restore(candidate, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except  # any unreadable file means unusable
+        logging.warning("checkpoint at step %d in %s is unusable (%s: %s); trying an older one",
+                        candidate, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+        if step is not None:
+          raise CheckpointError(f"checkpoint at step {step} in {self.directory} is unusable: "
+                                f"{type(e).__name__}") from e
+        continue
+      return candidate, restored["state"], restored["data"], restored["meta"]
+    return None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,51 @@
+"""Process start-up shared by every entry point: JAX's multi-controller runtime and one-line errors."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, NoReturn
+
+import jax
+from absl import flags
+
+from llm_jax import checkpoint as checkpoint_lib
+
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", os.environ.get("LLM_JAX_COORDINATOR_ADDRESS"),
+    "host:port of process 0 for a multi-process run (env LLM_JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", int(os.environ.get("LLM_JAX_NUM_PROCESSES", "0")) or None,
+    "Processes in a multi-process run (env LLM_JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", int(os.environ["LLM_JAX_PROCESS_ID"]) if "LLM_JAX_PROCESS_ID" in os.environ else None,
+    "This process's index in a multi-process run (env LLM_JAX_PROCESS_ID).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() with auto-detection (Cloud TPU VMs, "
+    "SLURM, ...); implied by --coordinator_address.")
+
+# Errors a user can fix from the command line: shown as one line, never as a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, checkpoint_lib.CheckpointError)
+
+
+def initialize_distributed() -> None:
+  """Joins the multi-controller runtime when asked to; a single process needs nothing."""
+  if _COORDINATOR.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  elif _DISTRIBUTED.value:
+    jax.distributed.initialize()
+
+
+def fail(program: str, error: BaseException) -> NoReturn:
+  first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  print(f"{program}: error: {first_line}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def run_main(program: str, body: Callable[[], None]) -> None:
+  """Runs `body`, turning user errors into one line on stderr and exit status 2."""
+  try:
+    body()
+  except USER_ERRORS as e:
+    fail(program, e)

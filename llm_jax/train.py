@@ -1,0 +1,28 @@
+"""`python -m llm_jax.train --config=experiments/<name>.py[:variant] --workdir=DIR`: train (or resume)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from llm_jax import launch
+from llm_jax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, optionally with ':variant'; override any key with "
+    "--config.<key>=<value>.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer, logs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  launch.initialize_distributed()
+  launch.run_main("llm_jax.train", lambda: trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value))
+
+
+if __name__ == "__main__":
+  app.run(main)

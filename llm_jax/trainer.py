@@ -1,0 +1,196 @@
+"""`train_and_evaluate(config, workdir)`: the one place that wires data, model, steps, checkpoints and logs."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+
+from llm_jax import checkpoint as checkpoint_lib
+from llm_jax import config as config_lib
+from llm_jax import metrics as metrics_lib
+from llm_jax import optim
+from llm_jax import sampling
+from llm_jax import sharding
+from llm_jax import steps as steps_lib
+from llm_jax import writers
+from llm_jax.data import pipeline
+from llm_jax.model import ModelConfig, count_params
+
+MODEL_FILE = "model.json"
+
+
+def write_model_card(workdir: str, cfg: ModelConfig, tokenizer_path: str) -> None:
+  """What `generate` and `evaluate` need to rebuild the model without the experiment config."""
+  card = {"model": dataclasses.asdict(cfg), "tokenizer": os.path.relpath(tokenizer_path, workdir)}
+  with open(os.path.join(workdir, MODEL_FILE), "w", encoding="utf-8") as f:
+    json.dump(card, f, indent=2)
+
+
+def file_sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def to_global(local_batch: dict[str, np.ndarray], batch_sharding: jax.sharding.NamedSharding) -> dict:
+  """Assembles the global batch from each process's own rows."""
+  def one(x):
+    global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+    return jax.make_array_from_process_local_data(batch_sharding, x, global_shape)
+  return {k: one(v) for k, v in local_batch.items()}
+
+
+def evaluate(fns: steps_lib.StepFns, params: Any, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+  """Mean validation loss and perplexity over fixed batches."""
+  totals = {"nll_sum": 0.0, "tokens": 0.0, "correct": 0.0}
+  for batch in batches:
+    out = fns.eval(params, to_global(batch, fns.batch_sharding))
+    for k in totals:
+      totals[k] += float(out[k])
+  loss = totals["nll_sum"] / max(totals["tokens"], 1.0)
+  return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
+          "val_accuracy": totals["correct"] / max(totals["tokens"], 1.0)}
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+@dataclasses.dataclass
+class Throughput:
+  """Turns wall time between log lines into tokens/s, MFU and ETA."""
+
+  tokens_per_step: int
+  flops_per_token: float
+  peak_flops: float
+  total_steps: int
+  last_time: float = dataclasses.field(default_factory=time.perf_counter)
+
+  def measure(self, step: int, steps_done: int) -> dict[str, float]:
+    now = time.perf_counter()
+    step_time = (now - self.last_time) / max(steps_done, 1)
+    self.last_time = now
+    tokens_per_s = self.tokens_per_step / step_time
+    return {"step_time_s": step_time, "tokens_per_s": tokens_per_s,
+            "mfu": metrics_lib.mfu(tokens_per_s, self.flops_per_token, self.peak_flops),
+            "eta_s": step_time * (self.total_steps - step)}
+
+
+def _restore_or_init(ckpt: checkpoint_lib.Checkpointer, fns: steps_lib.StepFns, train_iter: Any):
+  restored = ckpt.restore(fns.abstract_state, fns.state_shardings)
+  if restored is None:
+    return 0, fns.init()
+  step, state, data_state, _ = restored
+  train_iter.set_state(data_state["iterator"])
+  return step, state
+
+
+def _log_line(step: int, total: int, m: dict[str, float]) -> str:
+  return (f"step {step:>6d}/{total} | loss {m['loss']:.4f} | lr {m['learning_rate']:.2e} | "
+          f"gnorm {m['grad_norm']:.3f} | {m['tokens_per_s']:,.0f} tok/s | MFU {100 * m['mfu']:.1f}% | "
+          f"{1000 * m['step_time_s']:.0f} ms/step | ETA {_format_duration(m['eta_s'])}")
+
+
+def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
+  """The only host sync of the loop: fetch the metrics of the last interval at once."""
+  fetched = jax.device_get(pending)
+  out = {k: float(np.mean([p[k] for p in fetched])) for k in ("loss", "accuracy", "grad_norm")}
+  out["learning_rate"] = float(fetched[-1]["learning_rate"])
+  return out
+
+
+def _generate_samples(config: ml_collections.ConfigDict, cfg: ModelConfig, params: Any,
+                      tokenizer: Any) -> list[str]:
+  s = config.sample
+  prompt_ids = [tokenizer.bos_id] + tokenizer.encode(s.prompt)
+  max_length = min(s.max_length, cfg.max_len) if cfg.family == "gpt2" else s.max_length
+  tokens = sampling.generate(params, cfg, prompt_ids, max_length=max_length,
+                             num_return_sequences=s.num_return_sequences, temperature=s.temperature,
+                             top_k=s.top_k, top_p=s.top_p, seed=config.seed, eos_id=tokenizer.eos_id)
+  return [tokenizer.decode([int(t) for t in row[1:]]) for row in tokens]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (resuming from the newest checkpoint in `workdir`), evaluates, samples; returns final metrics."""
+  config_lib.validate(config)
+  mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
+  config_lib.validate_for_devices(config, dict(mesh.shape))
+  os.makedirs(workdir, exist_ok=True)
+
+  data = pipeline.prepare_data(config, workdir)
+  cfg = config_lib.model_config(config, data.tokenizer.vocab_size)
+  tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
+  with jax.set_mesh(mesh):
+    fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=config.seed, seq_len=config.data.seq_len,
+                                accum=config.grad_accum_steps)
+    ckpt = checkpoint_lib.Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
+    train_iter = pipeline.make_train_iterator(
+        data, global_batch_size=config.global_batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    start_step, state = _restore_or_init(ckpt, fns, train_iter)
+    eval_batches = pipeline.make_eval_batches(
+        data, batch_size=config.eval_batch_size, max_batches=config.eval_batches,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2))
+      write_model_card(workdir, cfg, data.tokenizer.path)
+
+    writer = writers.MetricWriter(workdir, resume_step=start_step)
+    flops = metrics_lib.flops_per_token(cfg, config.data.seq_len)
+    peak, peak_source = metrics_lib.peak_flops_total(config.peak_flops_per_device)
+    writers.console(
+        f"model {cfg.family}: {count_params(state.params):,} parameters "
+        f"({int(flops['non_embedding_params']):,} non-embedding), {flops['causal'] / 1e6:.2f} MFLOPs/token; "
+        f"mesh {dict(mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source}); "
+        f"{'resuming from step ' + str(start_step) if start_step else 'starting from scratch'}")
+    meta = {"model": dataclasses.asdict(cfg), "tokenizer_sha256": file_sha256(data.tokenizer.path)}
+    final = _train_loop(config, fns, state, start_step, train_iter, eval_batches, ckpt, writer, meta,
+                        metrics_lib.flops_per_token(cfg, config.data.seq_len)["causal"], peak)
+    state, final_metrics = final
+    ckpt.close()
+    writer.close()
+    for i, text in enumerate(_generate_samples(config, cfg, state.params, data.tokenizer)):
+      writers.console(f"--- sample {i + 1}: {config.sample.prompt}{text[len(config.sample.prompt):]}"
+                      if text.startswith(config.sample.prompt) else f"--- sample {i + 1}: {text}")
+  return final_metrics
+
+
+def _train_loop(config, fns, state, start_step, train_iter: Iterator, eval_batches, ckpt, writer, meta,
+                flops_per_token: float, peak: float):
+  """Steps until num_train_steps; logs, evaluates and checkpoints on their intervals."""
+  total = config.num_train_steps
+  tokens_per_step = config.global_batch_size * config.data.seq_len
+  clock = Throughput(tokens_per_step, flops_per_token, peak, total)
+  pending: list[dict[str, jax.Array]] = []
+  last_logged = start_step
+  final_metrics: dict[str, float] = {}
+  for step in range(start_step + 1, total + 1):
+    state, step_metrics = fns.train(state, to_global(next(train_iter), fns.batch_sharding))
+    pending.append(step_metrics)
+    if step % config.log_every == 0 or step == total:
+      m = _mean_metrics(pending)
+      m.update(clock.measure(step, step - last_logged))
+      pending, last_logged = [], step
+      writer.write(step, m)
+      writers.console(_log_line(step, total, m))
+      final_metrics.update(m)
+    if (config.eval_every and step % config.eval_every == 0) or step == total:
+      ev = evaluate(fns, state.params, eval_batches)
+      writer.write(step, ev)
+      writers.console(f"step {step:>6d}/{total} | validation loss {ev['val_loss']:.4f} | "
+                      f"perplexity {ev['val_perplexity']:.2f}")
+      final_metrics.update(ev)
+      clock.last_time = time.perf_counter()  # evaluation time is not training throughput
+    ckpt.save(step, state, {"iterator": train_iter.get_state()}, meta, force=step == total)
+  writer.flush()
+  return state, final_metrics
