@@ -27,8 +27,9 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
-                                           enable_async_checkpointing=async_save, create=True)
+    self.every = every
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                           create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data", "meta"))
 
@@ -38,7 +39,9 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_state: dict[str, Any], meta: dict[str, Any], *,
            force: bool = False) -> bool:
     """Starts an async save if `step` is on the interval (or forced); returns whether it saved."""
-    return self.manager.save(step, force=force, args=ocp.args.Composite(
+    if not force and step % self.every:
+      return False
+    return self.manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)))
 

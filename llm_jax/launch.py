@@ -8,6 +8,7 @@ from typing import Callable, NoReturn
 
 import jax
 from absl import flags
+from absl import logging
 
 from llm_jax import checkpoint as checkpoint_lib
 
@@ -37,6 +38,12 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def quiet_logs() -> None:
+  """Library INFO logs (orbax writes several lines per save) stay off unless --verbosity asks."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
 def fail(program: str, error: BaseException) -> NoReturn:
   first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
   print(f"{program}: error: {first_line}", file=sys.stderr, flush=True)
@@ -45,6 +52,7 @@ def fail(program: str, error: BaseException) -> NoReturn:
 
 def run_main(program: str, body: Callable[[], None]) -> None:
   """Runs `body`, turning user errors into one line on stderr and exit status 2."""
+  quiet_logs()
   try:
     body()
   except USER_ERRORS as e:
