@@ -75,6 +75,21 @@ class Checkpointer:
       return candidate, restored["state"], restored["data"], restored["meta"]
     return None
 
+  def restore_params(self, abstract_params: Any, shardings: Any, step: int | None = None) -> tuple[int, Any]:
+    """Only the parameters (no optimizer state) of checkpoint `step` or the newest one."""
+    steps = self.steps()
+    if not steps:
+      raise CheckpointError(f"no checkpoint in {self.directory}; train first with python -m "
+                            "llm_jax.train --workdir=... or convert weights with python -m llm_jax.convert")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise CheckpointError(f"no checkpoint at step {step} in {self.directory}; available: {steps}")
+    target = {"params": abstract_target(abstract_params, shardings)}
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+    return step, restored["state"]["params"]
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, NoReturn
+from typing import Callable
+from typing import NoReturn
 
 import jax
 from absl import flags

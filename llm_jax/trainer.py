@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import time
-from typing import Any, Iterator
+from typing import Any
+from typing import Iterator
 
 import jax
 import ml_collections
@@ -16,23 +16,14 @@ import numpy as np
 
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
+from llm_jax import inference
 from llm_jax import metrics as metrics_lib
 from llm_jax import optim
-from llm_jax import sampling
 from llm_jax import sharding
 from llm_jax import steps as steps_lib
 from llm_jax import writers
 from llm_jax.data import pipeline
-from llm_jax.model import ModelConfig, count_params
-
-MODEL_FILE = "model.json"
-
-
-def write_model_card(workdir: str, cfg: ModelConfig, tokenizer_path: str) -> None:
-  """What `generate` and `evaluate` need to rebuild the model without the experiment config."""
-  card = {"model": dataclasses.asdict(cfg), "tokenizer": os.path.relpath(tokenizer_path, workdir)}
-  with open(os.path.join(workdir, MODEL_FILE), "w", encoding="utf-8") as f:
-    json.dump(card, f, indent=2)
+from llm_jax.model import count_params
 
 
 def file_sha256(path: str) -> str:
@@ -108,17 +99,6 @@ def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
   return out
 
 
-def _generate_samples(config: ml_collections.ConfigDict, cfg: ModelConfig, params: Any,
-                      tokenizer: Any) -> list[str]:
-  s = config.sample
-  prompt_ids = [tokenizer.bos_id] + tokenizer.encode(s.prompt)
-  max_length = min(s.max_length, cfg.max_len) if cfg.family == "gpt2" else s.max_length
-  tokens = sampling.generate(params, cfg, prompt_ids, max_length=max_length,
-                             num_return_sequences=s.num_return_sequences, temperature=s.temperature,
-                             top_k=s.top_k, top_p=s.top_p, seed=config.seed, eos_id=tokenizer.eos_id)
-  return [tokenizer.decode([int(t) for t in row[1:]]) for row in tokens]
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from the newest checkpoint in `workdir`), evaluates, samples; returns final metrics."""
   config_lib.validate(config)
@@ -143,7 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(config.to_json_best_effort(indent=2))
-      write_model_card(workdir, cfg, data.tokenizer.path)
+      inference.write_model_card(workdir, cfg, data.tokenizer.path)
 
     writer = writers.MetricWriter(workdir, resume_step=start_step)
     flops = metrics_lib.flops_per_token(cfg, config.data.seq_len)
@@ -159,9 +139,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, final_metrics = final
     ckpt.close()
     writer.close()
-    for i, text in enumerate(_generate_samples(config, cfg, state.params, data.tokenizer)):
-      writers.console(f"--- sample {i + 1}: {config.sample.prompt}{text[len(config.sample.prompt):]}"
-                      if text.startswith(config.sample.prompt) else f"--- sample {i + 1}: {text}")
+    s = config.sample
+    max_length = s.max_length if cfg.is_llama else min(s.max_length, cfg.max_len)
+    texts = inference.generate_texts(state.params, cfg, data.tokenizer, s.prompt, max_length=max_length,
+                                     num_return_sequences=s.num_return_sequences,
+                                     temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                     seed=config.seed)
+    for i, text in enumerate(texts, 1):
+      writers.console(f"--- sample {i}: {text}")
   return final_metrics
 
 
