@@ -1,0 +1,144 @@
+"""SentencePiece tokenizers: deterministic training, a cache keyed by corpus and settings, load, encode, decode.
+
+Trained models use ids pad=0, unk=1, bos=2, eos=3, identity normalisation (the corpus is already NFKC) and
+byte fallback with full character coverage, so any text, accents, CJK and emoji included, round-trips
+exactly: decode(encode(s)) == s. Newline is a piece of its own, because documents keep one paragraph per line.
+"""
+
+import hashlib
+import io
+import os
+from typing import Sequence
+
+import ml_collections
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MODEL_TYPES = ("bpe", "unigram", "char")
+# Training reads at most this many characters, sampled evenly across the corpus: about 0.2 s for bpe and
+# 2-3 s for unigram on 2 cores, and more text barely changes a vocabulary of a few thousand pieces.
+MAX_TRAIN_CHARS = 3_000_000
+# Part of the cache key: bump it whenever the training recipe below changes, so old cached models are not reused.
+_RECIPE_VERSION = "1"
+# For `char` the vocabulary is every character seen plus the specials and bytes; sentencepiece caps a larger
+# request at what it needs, so asking for this many always trains.
+_CHAR_VOCAB_REQUEST = 1 << 20
+
+
+class Tokenizer:
+  """A loaded SentencePiece model; `path` is the .model file it came from."""
+
+  def __init__(self, processor: spm.SentencePieceProcessor, path: str):
+    self._processor = processor
+    self.path = path
+    # Read from the model, so pretrained tokenizers with other conventions still report their own ids.
+    self.pad_id = processor.pad_id() if processor.pad_id() >= 0 else PAD_ID
+    self.unk_id = processor.unk_id()
+    self.bos_id = processor.bos_id()
+    self.eos_id = processor.eos_id()
+    if self.bos_id < 0 or self.eos_id < 0:
+      raise ValueError(f"tokenizer {path} has no bos/eos pieces (bos={self.bos_id}, eos={self.eos_id}), which "
+                       "document packing needs; use a model trained with them or clear tokenizer.path")
+
+  @classmethod
+  def load(cls, path: str) -> "Tokenizer":
+    """Loads a SentencePiece .model file."""
+    if not os.path.isfile(path):
+      raise ValueError(f"tokenizer model {path!r} does not exist; pass an existing .model file with "
+                       "--config.tokenizer.path=... or leave it empty to train one")
+    processor = spm.SentencePieceProcessor()
+    processor.load(path)
+    return cls(processor, path)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._processor.get_piece_size()
+
+  def encode(self, text: str) -> list[int]:
+    """Returns the ids of `text`, without bos/eos."""
+    return self._processor.encode(text, out_type=int)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """Returns the ids of each text, encoded on all cores."""
+    return self._processor.encode(list(texts), out_type=int, num_threads=os.cpu_count() or 1)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Returns the text of `ids`; pad, bos and eos decode to nothing."""
+    return self._processor.decode([int(i) for i in ids])
+
+  def id_to_piece(self, token_id: int) -> str:
+    return self._processor.id_to_piece(int(token_id))
+
+
+def _training_lines(documents: Sequence[str], max_chars: int) -> list[str]:
+  """Returns the documents' paragraphs, every k-th one when they exceed `max_chars`, so all eras are sampled."""
+  lines = [line for doc in documents for line in doc.split("\n") if line]
+  total = sum(len(line) for line in lines)
+  stride = max(1, -(-total // max_chars))
+  return lines[::stride]
+
+
+def train_tokenizer(documents: Sequence[str], model_prefix: str, *, model_type: str, vocab_size: int,
+                    byte_fallback: bool = True, max_train_chars: int = MAX_TRAIN_CHARS) -> Tokenizer:
+  """Trains a SentencePiece model on `documents`, writes `{model_prefix}.model` atomically and loads it.
+
+  Training is single-threaded with a fixed sample of the input, so the same documents and settings give
+  byte-identical model files. For model_type='char' vocab_size is ignored: the model holds every character
+  seen, plus the 4 specials, newline and (with byte_fallback) the 256 byte pieces.
+  """
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f"tokenizer.model_type={model_type!r} is not one of {MODEL_TYPES}; pass e.g. "
+                     "--config.tokenizer.model_type=bpe")
+  lines = _training_lines(documents, max_train_chars)
+  if not lines:
+    raise ValueError("cannot train a tokenizer on an empty corpus; check --config.data.corpus")
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, model_type=model_type,
+        vocab_size=_CHAR_VOCAB_REQUEST if model_type == "char" else vocab_size,
+        byte_fallback=byte_fallback, character_coverage=1.0,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, user_defined_symbols=["\n"],
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        # Paragraphs are long; the default (4192 bytes) would silently skip them.
+        max_sentence_length=1 << 16, input_sentence_size=0, shuffle_input_sentence=False,
+        num_threads=1, minloglevel=2)
+  except RuntimeError as e:
+    reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    raise ValueError(f"sentencepiece could not train a {model_type} tokenizer with vocab_size={vocab_size} "
+                     f"({reason}); change --config.tokenizer.vocab_size") from None
+  path = model_prefix + ".model"
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(model.getvalue())
+  os.replace(tmp, path)  # Atomic: a concurrent reader sees no model or a whole one.
+  return Tokenizer.load(path)
+
+
+def corpus_fingerprint(documents: Sequence[str]) -> str:
+  """Returns a SHA-256 hex digest of the documents, their order and boundaries."""
+  digest = hashlib.sha256()
+  for doc in documents:
+    data = doc.encode("utf-8")
+    digest.update(len(data).to_bytes(8, "little"))
+    digest.update(data)
+  return digest.hexdigest()
+
+
+def get_or_train_tokenizer(documents: Sequence[str], tok_cfg: ml_collections.ConfigDict,
+                           cache_dir: str) -> Tokenizer:
+  """Loads tok_cfg.path if set; otherwise reuses or trains a model cached in `cache_dir`.
+
+  The cache file name carries a hash of (corpus text, model_type, vocab_size, byte_fallback, recipe version),
+  so the same corpus and settings reuse the file and anything else trains a new one.
+  """
+  if tok_cfg.get("path", ""):
+    return Tokenizer.load(os.path.expanduser(tok_cfg.path))
+  settings = f"{_RECIPE_VERSION}|{tok_cfg.model_type}|{tok_cfg.vocab_size}|{bool(tok_cfg.byte_fallback)}"
+  key = hashlib.sha256(f"{settings}|{corpus_fingerprint(documents)}".encode()).hexdigest()[:16]
+  prefix = os.path.join(cache_dir, f"spm_{tok_cfg.model_type}_{tok_cfg.vocab_size}_{key}")
+  if os.path.isfile(prefix + ".model"):
+    return Tokenizer.load(prefix + ".model")
+  return train_tokenizer(documents, prefix, model_type=tok_cfg.model_type, vocab_size=tok_cfg.vocab_size,
+                         byte_fallback=bool(tok_cfg.byte_fallback))
