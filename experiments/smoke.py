@@ -8,6 +8,8 @@ Result:   see the table below (measured 2026-11-28).
 
 from llm_jax import config as config_lib
 
+VARIANTS = ("gpt2", "llama")
+
 
 def get_config(variant: str = "gpt2"):
   c = config_lib.get_config()

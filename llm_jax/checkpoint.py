@@ -45,6 +45,13 @@ class Checkpointer:
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)))
 
+  def save_params(self, step: int, params: Any, meta: dict[str, Any]) -> None:
+    """A parameters-only checkpoint (converted or exported weights); `restore_params` reads it."""
+    self.manager.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"params": params}), data=ocp.args.JsonSave({}),
+        meta=ocp.args.JsonSave(meta)))
+    self.manager.wait_until_finished()
+
   def restore_meta(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 

@@ -18,8 +18,10 @@ def get_config() -> ml_collections.ConfigDict:
   """The defaults every experiment file starts from (a small GPT-2 on the built-in corpus)."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds parameters, dropout and data order.
-  c.num_train_steps = 1000  # Optimizer updates in the whole run.
+  c.num_train_steps = 1000  # Optimizer updates in the whole run (the schedule spans these).
+  c.stop_at_step = 0  # Stop this invocation early at this step (time-sliced jobs); 0 runs to the end.
   c.global_batch_size = 32  # Sequences per update, summed over all devices and micro-batches.
+  c.init_params_from = ""  # A workdir (trained or converted) whose weights, model and tokenizer to start from.
   c.grad_accum_steps = 1  # Micro-batches per update (each global_batch_size / grad_accum_steps).
 
   c.model = ml_collections.ConfigDict()
@@ -158,6 +160,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"model.max_len={m.max_len} is shorter than data.seq_len={d.seq_len}; raise model.max_len")
   _require(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
   _require(config.num_train_steps > 0, f"num_train_steps={config.num_train_steps} must be positive")
+  _require(0 <= config.stop_at_step <= config.num_train_steps, f"stop_at_step={config.stop_at_step} must "
+           f"be between 0 and num_train_steps={config.num_train_steps}")
   _require(config.grad_accum_steps > 0 and config.global_batch_size % config.grad_accum_steps == 0,
            f"global_batch_size={config.global_batch_size} does not divide into grad_accum_steps="
            f"{config.grad_accum_steps} micro-batches; make it a multiple")

@@ -351,7 +351,7 @@ def count_non_embedding_params(cfg: ModelConfig) -> int:
   return cfg.num_layers * per_layer + final_norm
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _abstract_init(cfg: ModelConfig) -> Any:
   model = Transformer(cfg)
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)

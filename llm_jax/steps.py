@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from llm_jax import metrics as metrics_lib
 from llm_jax import sharding
-from llm_jax.model import ModelConfig, Transformer
+from llm_jax.model import ModelConfig
+from llm_jax.model import Transformer
 
 Batch = dict[str, jax.Array]
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from absl import app, flags
+from absl import app
+from absl import flags
 from ml_collections import config_flags
 
 from llm_jax import launch

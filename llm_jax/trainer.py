@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import math
@@ -24,6 +25,10 @@ from llm_jax import steps as steps_lib
 from llm_jax import writers
 from llm_jax.data import pipeline
 from llm_jax.model import count_params
+
+
+# Model fields a run may choose for itself when it starts from another run's weights.
+RUNTIME_MODEL_FIELDS = ("dropout_rate", "compute_dtype", "scan_layers", "remat_policy", "attention_impl")
 
 
 def file_sha256(path: str) -> str:
@@ -76,13 +81,36 @@ class Throughput:
             "eta_s": step_time * (self.total_steps - step)}
 
 
-def _restore_or_init(ckpt: checkpoint_lib.Checkpointer, fns: steps_lib.StepFns, train_iter: Any):
+def _restore_or_init(ckpt: checkpoint_lib.Checkpointer, fns: steps_lib.StepFns, train_iter: Any,
+                     init_params_from: str):
+  """Resumes this workdir's newest checkpoint; else starts fresh, optionally from another run's weights."""
   restored = ckpt.restore(fns.abstract_state, fns.state_shardings)
   if restored is None:
-    return 0, fns.init()
+    state = fns.init()
+    if init_params_from:
+      source = checkpoint_lib.Checkpointer(init_params_from, every=1, keep=1_000_000, async_save=False)
+      try:
+        _, params = source.restore_params(fns.abstract_state.params, fns.state_shardings.params)
+      finally:
+        source.close()
+      state = state.replace(params=params)
+    return 0, state
   step, state, data_state, _ = restored
   train_iter.set_state(data_state["iterator"])
   return step, state
+
+
+def _adopt_pretrained(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Takes the model dimensions and tokenizer of `init_params_from`; run-time switches stay ours."""
+  source_cfg, tokenizer_path = inference.read_model_card(config.init_params_from)
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    for field in dataclasses.fields(source_cfg):
+      if field.name not in RUNTIME_MODEL_FIELDS:
+        config.model[field.name] = getattr(source_cfg, field.name)
+    config.tokenizer.path = tokenizer_path
+  config_lib.validate(config)
+  return config
 
 
 def _log_line(step: int, total: int, m: dict[str, float]) -> str:
@@ -102,12 +130,18 @@ def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from the newest checkpoint in `workdir`), evaluates, samples; returns final metrics."""
   config_lib.validate(config)
+  if config.init_params_from:
+    config = _adopt_pretrained(config)
   mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
   config_lib.validate_for_devices(config, dict(mesh.shape))
   os.makedirs(workdir, exist_ok=True)
 
   data = pipeline.prepare_data(config, workdir)
+  peak, peak_source = metrics_lib.peak_flops_total(config.peak_flops_per_device)
   cfg = config_lib.model_config(config, data.tokenizer.vocab_size)
+  if config.model.vocab_size and data.tokenizer.vocab_size > config.model.vocab_size:
+    raise ValueError(f"tokenizer has {data.tokenizer.vocab_size} ids but model.vocab_size="
+                     f"{config.model.vocab_size}; raise model.vocab_size or set it to 0")
   tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
   with jax.set_mesh(mesh):
     fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=config.seed, seq_len=config.data.seq_len,
@@ -116,7 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_iter = pipeline.make_train_iterator(
         data, global_batch_size=config.global_batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
-    start_step, state = _restore_or_init(ckpt, fns, train_iter)
+    start_step, state = _restore_or_init(ckpt, fns, train_iter, config.init_params_from)
     eval_batches = pipeline.make_eval_batches(
         data, batch_size=config.eval_batch_size, max_batches=config.eval_batches,
         process_index=jax.process_index(), process_count=jax.process_count())
@@ -127,7 +161,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     writer = writers.MetricWriter(workdir, resume_step=start_step)
     flops = metrics_lib.flops_per_token(cfg, config.data.seq_len)
-    peak, peak_source = metrics_lib.peak_flops_total(config.peak_flops_per_device)
     writers.console(
         f"model {cfg.family}: {count_params(state.params):,} parameters "
         f"({int(flops['non_embedding_params']):,} non-embedding), {flops['causal'] / 1e6:.2f} MFLOPs/token; "
@@ -154,28 +187,29 @@ def _train_loop(config, fns, state, start_step, train_iter: Iterator, eval_batch
                 flops_per_token: float, peak: float):
   """Steps until num_train_steps; logs, evaluates and checkpoints on their intervals."""
   total = config.num_train_steps
+  last = config.stop_at_step or total
   tokens_per_step = config.global_batch_size * config.data.seq_len
   clock = Throughput(tokens_per_step, flops_per_token, peak, total)
   pending: list[dict[str, jax.Array]] = []
   last_logged = start_step
   final_metrics: dict[str, float] = {}
-  for step in range(start_step + 1, total + 1):
+  for step in range(start_step + 1, last + 1):
     state, step_metrics = fns.train(state, to_global(next(train_iter), fns.batch_sharding))
     pending.append(step_metrics)
-    if step % config.log_every == 0 or step == total:
+    if step % config.log_every == 0 or step == last:
       m = _mean_metrics(pending)
       m.update(clock.measure(step, step - last_logged))
       pending, last_logged = [], step
       writer.write(step, m)
       writers.console(_log_line(step, total, m))
       final_metrics.update(m)
-    if (config.eval_every and step % config.eval_every == 0) or step == total:
+    if (config.eval_every and step % config.eval_every == 0) or step == last:
       ev = evaluate(fns, state.params, eval_batches)
       writer.write(step, ev)
       writers.console(f"step {step:>6d}/{total} | validation loss {ev['val_loss']:.4f} | "
                       f"perplexity {ev['val_perplexity']:.2f}")
       final_metrics.update(ev)
       clock.last_time = time.perf_counter()  # evaluation time is not training throughput
-    ckpt.save(step, state, {"iterator": train_iter.get_state()}, meta, force=step == total)
+    ckpt.save(step, state, {"iterator": train_iter.get_state()}, meta, force=step == last)
   writer.flush()
   return state, final_metrics
