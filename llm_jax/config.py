@@ -84,6 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
 
+  c.max_replicated_share = 0.05  # Refuse fsdp/tensor meshes replicating more parameter bytes than this.
+  c.dry_run = False  # Compile the step for this shape, print memory, FLOPs and shardings, then exit.
+
   c.log_every = 20  # Steps between console/metrics lines (the only host syncs in the loop).
   c.eval_every = 200  # Steps between validation passes; 0 disables periodic evaluation.
   c.eval_batches = 8  # Validation batches per pass.
@@ -170,6 +173,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(0.0 < o.decay_fraction <= 1.0, f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
   for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "eval_batch_size"):
     _require(config[key] > 0, f"{key}={config[key]} must be positive")
+  _require(0.0 <= config.max_replicated_share <= 1.0,
+           f"max_replicated_share={config.max_replicated_share} must be in [0, 1]")
   _require(config.eval_every >= 0, f"eval_every={config.eval_every} must be >= 0 (0 disables)")
   if d.corpus == "text_files":
     _require(bool(d.text_files), "data.corpus='text_files' needs --config.data.text_files=<glob>")

@@ -120,3 +120,16 @@ def replicated_fraction(abstract_params: Any, shardings: Any) -> float:
     if sharding.is_fully_replicated:
       replicated_bytes += nbytes
   return replicated_bytes / max(total, 1)
+
+
+def check_replication(abstract_params: Any, shardings: Any, mesh: Mesh, tolerance: float) -> float:
+  """Refuses a model-parallel mesh that leaves more than `tolerance` of parameter bytes on every device.
+
+  Pure data parallelism replicates everything by choice, so it is not checked.
+  """
+  share = replicated_fraction(abstract_params, shardings)
+  if mesh.shape["fsdp"] * mesh.shape["tensor"] > 1 and share > tolerance:
+    raise MeshError(f"{100 * share:.1f}% of parameter bytes would be fully replicated on mesh "
+                    f"{dict(mesh.shape)}, above max_replicated_share={tolerance}; check LOGICAL_RULES "
+                    "in llm_jax/sharding.py or raise --config.max_replicated_share")
+  return share

@@ -14,9 +14,11 @@ from typing import Iterator
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
+from llm_jax import dryrun
 from llm_jax import inference
 from llm_jax import metrics as metrics_lib
 from llm_jax import optim
@@ -100,6 +102,31 @@ def _restore_or_init(ckpt: checkpoint_lib.Checkpointer, fns: steps_lib.StepFns, 
   return step, state
 
 
+def _prepare_data_once(config: ml_collections.ConfigDict, workdir: str) -> pipeline.PreparedData:
+  """Process 0 trains the tokenizer and packs the corpus into the workdir cache; the others then read it."""
+  if jax.process_count() == 1:
+    return pipeline.prepare_data(config, workdir)
+  data = pipeline.prepare_data(config, workdir) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("llm_jax:prepare_data")
+  return data if data is not None else pipeline.prepare_data(config, workdir)
+
+
+def _dry_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """Compiles the step on the devices present (no data, no tokenizer) and prints what it needs."""
+  cfg = config_lib.model_config(config, config.model.vocab_size or config.tokenizer.vocab_size)
+  tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
+  with jax.set_mesh(mesh):
+    fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=config.seed, seq_len=config.data.seq_len,
+                                accum=config.grad_accum_steps)
+    share = sharding.check_replication(fns.abstract_state.params, fns.state_shardings.params, mesh,
+                                       config.max_replicated_share)
+    result = dryrun.report(cfg, fns, global_batch_size=config.global_batch_size,
+                           seq_len=config.data.seq_len, replicated_share=share)
+  writers.console(f"model {cfg.family}: {metrics_lib.flops_per_token(cfg, 1)['non_embedding_params']:,.0f} "
+                  f"non-embedding parameters; mesh {dict(mesh.shape)}\n" + dryrun.format_report(result))
+  return result
+
+
 def _adopt_pretrained(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Takes the model dimensions and tokenizer of `init_params_from`; run-time switches stay ours."""
   source_cfg, tokenizer_path = inference.read_model_card(config.init_params_from)
@@ -134,9 +161,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config = _adopt_pretrained(config)
   mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
   config_lib.validate_for_devices(config, dict(mesh.shape))
+  if config.dry_run:
+    return _dry_run(config, mesh)
   os.makedirs(workdir, exist_ok=True)
 
-  data = pipeline.prepare_data(config, workdir)
+  data = _prepare_data_once(config, workdir)
   peak, peak_source = metrics_lib.peak_flops_total(config.peak_flops_per_device)
   cfg = config_lib.model_config(config, data.tokenizer.vocab_size)
   if config.model.vocab_size and data.tokenizer.vocab_size > config.model.vocab_size:
@@ -146,6 +175,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with jax.set_mesh(mesh):
     fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=config.seed, seq_len=config.data.seq_len,
                                 accum=config.grad_accum_steps)
+    sharding.check_replication(fns.abstract_state.params, fns.state_shardings.params, mesh,
+                               config.max_replicated_share)
     ckpt = checkpoint_lib.Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
     train_iter = pipeline.make_train_iterator(
         data, global_batch_size=config.global_batch_size, seed=config.seed,
@@ -172,15 +203,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, final_metrics = final
     ckpt.close()
     writer.close()
-    s = config.sample
-    max_length = s.max_length if cfg.is_llama else min(s.max_length, cfg.max_len)
-    texts = inference.generate_texts(state.params, cfg, data.tokenizer, s.prompt, max_length=max_length,
-                                     num_return_sequences=s.num_return_sequences,
-                                     temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                     seed=config.seed)
-    for i, text in enumerate(texts, 1):
-      writers.console(f"--- sample {i}: {text}")
+  _print_samples(config, cfg, state.params, data.tokenizer)
   return final_metrics
+
+
+def _print_samples(config: ml_collections.ConfigDict, cfg: ModelConfig, params: Any, tokenizer: Any) -> None:
+  """Continuations of `config.sample.prompt`, decoded on this host's first device."""
+  if jax.process_count() > 1:
+    params = multihost_utils.process_allgather(params, tiled=True)
+  s = config.sample
+  max_length = s.max_length if cfg.is_llama else min(s.max_length, cfg.max_len)
+  texts = inference.generate_texts(params, cfg, tokenizer, s.prompt, max_length=max_length,
+                                   num_return_sequences=s.num_return_sequences, temperature=s.temperature,
+                                   top_k=s.top_k, top_p=s.top_p, seed=config.seed)
+  for i, text in enumerate(texts, 1):
+    writers.console(f"--- sample {i}: {text}")
 
 
 def _train_loop(config, fns, state, start_step, train_iter: Iterator, eval_batches, ckpt, writer, meta,

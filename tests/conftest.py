@@ -11,3 +11,26 @@ import jax  # noqa: E402  pylint: disable=wrong-import-position
 
 jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/llm_jax/jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(module: str, *args: str, devices: int = 8, env: dict | None = None, timeout: int = 600,
+               process_env: dict | None = None) -> subprocess.CompletedProcess:
+  """Runs `python -m <module> <args>` in a fresh process with `devices` simulated CPU devices."""
+  full_env = {**os.environ, **(env or {})}
+  full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  full_env["JAX_PLATFORMS"] = "cpu"
+  full_env.update(process_env or {})
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env, capture_output=True,
+                        text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(name="cli")
+def cli_fixture():
+  return run_module

@@ -1,0 +1,83 @@
+"""Multi-process training on localhost, per-process data slices, the dry run and mesh refusals via the CLI."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from llm_jax import trainer
+from llm_jax import writers
+
+SMOKE = "--config=experiments/smoke.py"
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _spawn(process_id: int, port: int, workdir: str, repo: str) -> subprocess.Popen:
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  args = [sys.executable, "-m", "llm_jax.train", SMOKE, f"--workdir={workdir}", "--config.num_train_steps=20",
+          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={process_id}"]
+  return subprocess.Popen(args, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_two_processes_reach_the_losses_of_one(tmp_path):
+  from conftest import REPO  # pylint: disable=import-outside-toplevel
+  from test_train import smoke_config  # pylint: disable=import-outside-toplevel
+  single = str(tmp_path / "single")
+  trainer.train_and_evaluate(smoke_config(num_train_steps=20), single)
+  multi = str(tmp_path / "multi")
+  port = _free_port()
+  procs = [_spawn(i, port, multi, REPO) for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  # Only process 0 prints and writes metrics.
+  assert "step     20/20" in outputs[0] and "step     20/20" not in outputs[1]
+  one = [(r["step"], r["loss"]) for r in writers.read_metrics(single) if "loss" in r]
+  two = [(r["step"], r["loss"]) for r in writers.read_metrics(multi) if "loss" in r]
+  assert [s for s, _ in two] == [s for s, _ in one]
+  np.testing.assert_allclose([v for _, v in two], [v for _, v in one], rtol=1e-5)
+  val_one = [r["val_loss"] for r in writers.read_metrics(single) if "val_loss" in r]
+  val_two = [r["val_loss"] for r in writers.read_metrics(multi) if "val_loss" in r]
+  np.testing.assert_allclose(val_two, val_one, rtol=1e-5)
+
+
+def test_dry_run_prints_memory_and_flops_without_training(cli, tmp_path):
+  workdir = tmp_path / "dry"
+  result = cli("llm_jax.train", SMOKE, f"--workdir={workdir}", "--config.dry_run=True",
+               "--config.mesh.fsdp=4", "--config.mesh.tensor=2")
+  assert result.returncode == 0, result.stderr[-2000:]
+  out = result.stdout
+  for fragment in ("dry run on 8 x cpu", "parameters", "optimizer state", "temporaries", "FLOPs per step",
+                   "replicated share  0.0%", "P(None, 'fsdp', 'tensor', None)"):
+    assert fragment in out, fragment
+  assert not (workdir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--config.mesh.data=3",), "needs 3 devices but 8 are present"),
+    (("--config.mesh.fsdp=3",), "does not divide the 8 devices"),
+    (("--config.mesh.tensor=8", "--config.model.num_heads=2", "--config.model.head_dim=32"),
+     "does not divide over mesh axes ('tensor',)"),
+    (("--config.global_batch_size=12",), "does not divide over data x fsdp = 8 devices"),
+])
+def test_impossible_mesh_fails_before_compiling_with_the_fix(cli, tmp_path, flags, message):
+  result = cli("llm_jax.train", SMOKE, f"--workdir={tmp_path}", "--config.dry_run=True", *flags)
+  assert result.returncode == 2
+  assert message in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_replicated_parameters_past_the_tolerance_are_refused(cli, tmp_path):
+  result = cli("llm_jax.train", SMOKE, f"--workdir={tmp_path}", "--config.dry_run=True", "--config.mesh.fsdp=8",
+               "--config.max_replicated_share=0.0")
+  assert result.returncode == 2
+  assert "would be fully replicated" in result.stderr and "max_replicated_share" in result.stderr
