@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from typing import Callable
 
 import jax
 import orbax.checkpoint as ocp
-from absl import logging
+from jax.experimental import multihost_utils
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -33,6 +34,9 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data", "meta"))
 
+  def latest(self) -> int | None:
+    return self.manager.latest_step()
+
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
@@ -55,12 +59,15 @@ class Checkpointer:
   def restore_meta(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def restore(self, abstract_state: Any, shardings: Any,
-              step: int | None = None) -> tuple[int, Any, dict[str, Any], dict[str, Any]] | None:
+  def restore(self, abstract_state: Any, shardings: Any, step: int | None = None,
+              check_meta: Callable[[dict[str, Any]], None] | None = None
+              ) -> tuple[int, Any, dict[str, Any], dict[str, Any]] | None:
     """(step, state, data_state, meta) of the newest restorable checkpoint (or `step`), or None.
 
-    A checkpoint that fails to load (truncated or missing files from a killed writer) is reported
-    and skipped in favour of the next older one; nothing is deleted.
+    `check_meta` sees a checkpoint's metadata before its arrays are read (config drift is refused
+    there, with a message, rather than as a shape error). A checkpoint that fails to load (truncated
+    or missing files from a killed writer) is reported and moved aside for the next older one;
+    nothing is deleted.
     """
     candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
     if step is not None and step not in self.steps():
@@ -69,15 +76,23 @@ class Checkpointer:
     target = abstract_target(abstract_state, shardings)
     for candidate in candidates:
       try:
+        meta = self.restore_meta(candidate)
+      except Exception:  # pylint: disable=broad-except  # unreadable metadata: handled as unusable below
+        meta = None
+      if meta is not None and check_meta is not None:
+        check_meta(meta)
+      try:
         restored = self.manager.restore(candidate, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except  # any unreadable file means unusable
-        logging.warning("checkpoint at step %d in %s is unusable (%s: %s); trying an older one",
-                        candidate, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
         if step is not None:
           raise CheckpointError(f"checkpoint at step {step} in {self.directory} is unusable: "
                                 f"{type(e).__name__}") from e
+        moved = self._quarantine(candidate)
+        print(f"checkpoint at step {candidate} is unusable ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:160] if str(e) else ''}); moved it to {moved} and trying an older one",
+              flush=True)
         continue
       return candidate, restored["state"], restored["data"], restored["meta"]
     return None
@@ -96,6 +111,22 @@ class Checkpointer:
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)))
     return step, restored["state"]["params"]
+
+  def _quarantine(self, step: int) -> str:
+    """Moves an unusable checkpoint out of the manager's sight (never deletes it), so the step can be redone."""
+    source = os.path.join(self.directory, str(step))
+    target = os.path.join(os.path.dirname(self.directory), "unusable_checkpoints", f"{step}")
+    if jax.process_index() == 0 and os.path.exists(source):
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      suffix = 0
+      while os.path.exists(target if not suffix else f"{target}.{suffix}"):
+        suffix += 1
+      target = target if not suffix else f"{target}.{suffix}"
+      os.rename(source, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"llm_jax:quarantine:{step}")
+    self.manager.reload()
+    return target
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

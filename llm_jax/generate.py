@@ -28,9 +28,10 @@ def main(argv: Sequence[str]) -> None:
 
   def body() -> None:
     loaded = inference.load_model(_WORKDIR.value, _STEP.value)
-    texts = inference.generate_texts(loaded.params, loaded.cfg, loaded.tokenizer, _PROMPT.value, max_length=_MAX_LENGTH.value,
-                           num_return_sequences=_NUM.value, temperature=_TEMPERATURE.value,
-                           top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+    texts = inference.generate_texts(loaded.params, loaded.cfg, loaded.tokenizer, _PROMPT.value,
+                                     max_length=_MAX_LENGTH.value, num_return_sequences=_NUM.value,
+                                     temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                                     seed=_SEED.value)
     for i, text in enumerate(texts, 1):
       print(f"--- {i}: {text}", flush=True)
 

@@ -12,6 +12,7 @@ from absl import flags
 from absl import logging
 
 from llm_jax import checkpoint as checkpoint_lib
+from llm_jax import faults
 
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", os.environ.get("LLM_JAX_COORDINATOR_ADDRESS"),
@@ -27,7 +28,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "SLURM, ...); implied by --coordinator_address.")
 
 # Errors a user can fix from the command line: shown as one line, never as a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, checkpoint_lib.CheckpointError)
+USER_ERRORS = (ValueError, FileNotFoundError, checkpoint_lib.CheckpointError, faults.RunError)
 
 
 def initialize_distributed() -> None:

@@ -65,8 +65,13 @@ def _micro_batches(batch: Batch, accum: int) -> Batch:
 
 
 def train_step(state: TrainState, batch: Batch, *, model: Transformer, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, accum: int) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer update on the mean next-token loss of the global batch (summed over micro-batches)."""
+               schedule: optax.Schedule, accum: int, inject_nonfinite_at: int = 0
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update on the mean next-token loss of the global batch (summed over micro-batches).
+
+  A non-finite loss or gradient norm leaves parameters and optimizer state untouched and sets the
+  `nonfinite` metric; the trainer then stops or carries on according to `on_nonfinite`.
+  """
   with nn.logical_axis_rules(sharding.LOGICAL_RULES):
     base_key = jax.random.wrap_key_data(state.rng)
     grad_fn = jax.value_and_grad(_forward_loss, has_aux=True)
@@ -87,11 +92,16 @@ def train_step(state: TrainState, batch: Batch, *, model: Transformer, tx: optax
     else:
       carry, _ = jax.lax.scan(micro_step, init, (_micro_batches(batch, accum), jnp.arange(accum)))
     grads_sum, nll_sum, count, correct = carry
+    if inject_nonfinite_at:  # fault injection for testing the divergence policy
+      nll_sum = nll_sum * jnp.where(state.step + 1 == inject_nonfinite_at, jnp.nan, 1.0)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads_sum)
     grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(nll_sum) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   step_metrics = {
       "loss": nll_sum / denom,
@@ -99,6 +109,7 @@ def train_step(state: TrainState, batch: Batch, *, model: Transformer, tx: optax
       "grad_norm": grad_norm,
       "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
       "tokens": count,
+      "nonfinite": 1.0 - finite.astype(jnp.float32),
   }
   return new_state, step_metrics
 
@@ -134,7 +145,7 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
 
 
 def build_steps(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                mesh: Mesh, *, seed: int, seq_len: int, accum: int) -> StepFns:
+                mesh: Mesh, *, seed: int, seq_len: int, accum: int, inject_nonfinite_at: int = 0) -> StepFns:
   """Jits init, train and eval once, with explicit in/out shardings and the state donated."""
   model = Transformer(cfg)
   abstract_state, state_sh, params_sh = state_shardings(cfg, tx, mesh, seed, seq_len)
@@ -143,7 +154,8 @@ def build_steps(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: op
   batch_shardings = {k: batch_sh for k in BATCH_KEYS}
   replicated = sharding.replicated(mesh)
   init = jax.jit(lambda: _init_state(cfg, tx, seed, seq_len)[0], out_shardings=state_sh)
-  train = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule, accum=accum),
+  train = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule, accum=accum,
+                                    inject_nonfinite_at=inject_nonfinite_at),
                   in_shardings=(state_sh, batch_shardings), out_shardings=(state_sh, replicated),
                   donate_argnums=(0,))
   evaluate = jax.jit(functools.partial(eval_step, model=model),

@@ -9,7 +9,6 @@ import math
 import os
 import time
 from typing import Any
-from typing import Iterator
 
 import jax
 import ml_collections
@@ -19,6 +18,7 @@ from jax.experimental import multihost_utils
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
 from llm_jax import dryrun
+from llm_jax import faults
 from llm_jax import inference
 from llm_jax import metrics as metrics_lib
 from llm_jax import optim
@@ -26,8 +26,8 @@ from llm_jax import sharding
 from llm_jax import steps as steps_lib
 from llm_jax import writers
 from llm_jax.data import pipeline
+from llm_jax.model import ModelConfig
 from llm_jax.model import count_params
-
 
 # Model fields a run may choose for itself when it starts from another run's weights.
 RUNTIME_MODEL_FIELDS = ("dropout_rate", "compute_dtype", "scan_layers", "remat_policy", "attention_impl")
@@ -84,9 +84,11 @@ class Throughput:
 
 
 def _restore_or_init(ckpt: checkpoint_lib.Checkpointer, fns: steps_lib.StepFns, train_iter: Any,
-                     init_params_from: str):
-  """Resumes this workdir's newest checkpoint; else starts fresh, optionally from another run's weights."""
-  restored = ckpt.restore(fns.abstract_state, fns.state_shardings)
+                     init_params_from: str, meta: dict[str, Any]) -> tuple[int, steps_lib.TrainState, int]:
+  """(step, state, non-finite steps so far): the newest usable checkpoint, else a fresh start,
+  optionally from another run's weights."""
+  check = lambda saved: faults.check_drift(saved, meta["model"], meta["tokenizer_sha256"])
+  restored = ckpt.restore(fns.abstract_state, fns.state_shardings, check_meta=check)
   if restored is None:
     state = fns.init()
     if init_params_from:
@@ -96,10 +98,10 @@ def _restore_or_init(ckpt: checkpoint_lib.Checkpointer, fns: steps_lib.StepFns, 
       finally:
         source.close()
       state = state.replace(params=params)
-    return 0, state
+    return 0, state, 0
   step, state, data_state, _ = restored
   train_iter.set_state(data_state["iterator"])
-  return step, state
+  return step, state, int(data_state.get("nonfinite_steps", 0))
 
 
 def _prepare_data_once(config: ml_collections.ConfigDict, workdir: str) -> pipeline.PreparedData:
@@ -146,14 +148,6 @@ def _log_line(step: int, total: int, m: dict[str, float]) -> str:
           f"{1000 * m['step_time_s']:.0f} ms/step | ETA {_format_duration(m['eta_s'])}")
 
 
-def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
-  """The only host sync of the loop: fetch the metrics of the last interval at once."""
-  fetched = jax.device_get(pending)
-  out = {k: float(np.mean([p[k] for p in fetched])) for k in ("loss", "accuracy", "grad_norm")}
-  out["learning_rate"] = float(fetched[-1]["learning_rate"])
-  return out
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from the newest checkpoint in `workdir`), evaluates, samples; returns final metrics."""
   config_lib.validate(config)
@@ -164,7 +158,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.dry_run:
     return _dry_run(config, mesh)
   os.makedirs(workdir, exist_ok=True)
+  lock = faults.WorkdirLock(workdir)
+  lock.acquire()
+  try:
+    return _train_locked(config, workdir, mesh)
+  finally:
+    lock.release()
 
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> dict[str, float]:
   data = _prepare_data_once(config, workdir)
   peak, peak_source = metrics_lib.peak_flops_total(config.peak_flops_per_device)
   cfg = config_lib.model_config(config, data.tokenizer.vocab_size)
@@ -174,14 +176,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
   with jax.set_mesh(mesh):
     fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=config.seed, seq_len=config.data.seq_len,
-                                accum=config.grad_accum_steps)
+                                accum=config.grad_accum_steps, inject_nonfinite_at=config.inject_nonfinite_at_step)
     sharding.check_replication(fns.abstract_state.params, fns.state_shardings.params, mesh,
                                config.max_replicated_share)
     ckpt = checkpoint_lib.Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
     train_iter = pipeline.make_train_iterator(
         data, global_batch_size=config.global_batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
-    start_step, state = _restore_or_init(ckpt, fns, train_iter, config.init_params_from)
+    meta = {"model": dataclasses.asdict(cfg), "tokenizer_sha256": file_sha256(data.tokenizer.path)}
+    start_step, state, nonfinite_steps = _restore_or_init(ckpt, fns, train_iter, config.init_params_from, meta)
     eval_batches = pipeline.make_eval_batches(
         data, batch_size=config.eval_batch_size, max_batches=config.eval_batches,
         process_index=jax.process_index(), process_count=jax.process_count())
@@ -197,12 +200,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"({int(flops['non_embedding_params']):,} non-embedding), {flops['causal'] / 1e6:.2f} MFLOPs/token; "
         f"mesh {dict(mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source}); "
         f"{'resuming from step ' + str(start_step) if start_step else 'starting from scratch'}")
-    meta = {"model": dataclasses.asdict(cfg), "tokenizer_sha256": file_sha256(data.tokenizer.path)}
-    final = _train_loop(config, fns, state, start_step, train_iter, eval_batches, ckpt, writer, meta,
-                        metrics_lib.flops_per_token(cfg, config.data.seq_len)["causal"], peak)
-    state, final_metrics = final
-    ckpt.close()
-    writer.close()
+    clock = Throughput(config.global_batch_size * config.data.seq_len, flops["causal"], peak,
+                       config.num_train_steps)
+    loop = _Loop(config, fns, train_iter, eval_batches, ckpt, writer, meta, clock,
+                 nonfinite_steps=nonfinite_steps)
+    try:
+      state = loop.run(state, start_step)
+    finally:
+      ckpt.close()
+      writer.close()
+    final_metrics = loop.final_metrics
   _print_samples(config, cfg, state.params, data.tokenizer)
   return final_metrics
 
@@ -220,33 +227,74 @@ def _print_samples(config: ml_collections.ConfigDict, cfg: ModelConfig, params: 
     writers.console(f"--- sample {i}: {text}")
 
 
-def _train_loop(config, fns, state, start_step, train_iter: Iterator, eval_batches, ckpt, writer, meta,
-                flops_per_token: float, peak: float):
-  """Steps until num_train_steps; logs, evaluates and checkpoints on their intervals."""
-  total = config.num_train_steps
-  last = config.stop_at_step or total
-  tokens_per_step = config.global_batch_size * config.data.seq_len
-  clock = Throughput(tokens_per_step, flops_per_token, peak, total)
-  pending: list[dict[str, jax.Array]] = []
-  last_logged = start_step
-  final_metrics: dict[str, float] = {}
-  for step in range(start_step + 1, last + 1):
-    state, step_metrics = fns.train(state, to_global(next(train_iter), fns.batch_sharding))
-    pending.append(step_metrics)
-    if step % config.log_every == 0 or step == last:
-      m = _mean_metrics(pending)
-      m.update(clock.measure(step, step - last_logged))
-      pending, last_logged = [], step
-      writer.write(step, m)
-      writers.console(_log_line(step, total, m))
-      final_metrics.update(m)
-    if (config.eval_every and step % config.eval_every == 0) or step == last:
-      ev = evaluate(fns, state.params, eval_batches)
-      writer.write(step, ev)
-      writers.console(f"step {step:>6d}/{total} | validation loss {ev['val_loss']:.4f} | "
-                      f"perplexity {ev['val_perplexity']:.2f}")
-      final_metrics.update(ev)
-      clock.last_time = time.perf_counter()  # evaluation time is not training throughput
-    ckpt.save(step, state, {"iterator": train_iter.get_state()}, meta, force=step == last)
-  writer.flush()
-  return state, final_metrics
+@dataclasses.dataclass
+class _Loop:
+  """The training loop's host side: what to log, evaluate, check and save after each step."""
+
+  config: ml_collections.ConfigDict
+  fns: steps_lib.StepFns
+  train_iter: Any
+  eval_batches: list
+  ckpt: checkpoint_lib.Checkpointer
+  writer: writers.MetricWriter
+  meta: dict[str, Any]
+  clock: Throughput
+  nonfinite_steps: int = 0
+  final_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+  def run(self, state: steps_lib.TrainState, start_step: int) -> steps_lib.TrainState:
+    c = self.config
+    last = c.stop_at_step or c.num_train_steps
+    preemption = faults.Preemption()
+    preemption.install()
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    last_logged = start_step
+    try:
+      for step in range(start_step + 1, last + 1):
+        state, step_metrics = self.fns.train(state, to_global(next(self.train_iter), self.fns.batch_sharding))
+        pending.append((step, step_metrics))
+        preempted = preemption.should_stop(step)
+        saving = preempted or step == last or step % c.checkpoint_every == 0
+        if saving or step % c.log_every == 0:
+          self._log(step, pending, step - last_logged)
+          pending, last_logged = [], step
+        if (c.eval_every and step % c.eval_every == 0) or step == last:
+          self._evaluate(step, state)
+        if saving:
+          self.ckpt.save(step, state, {"iterator": self.train_iter.get_state(),
+                                       "nonfinite_steps": self.nonfinite_steps}, self.meta, force=True)
+        if preempted:
+          writers.console(f"step {step:>6d} | preempted (SIGTERM): checkpoint written, exiting")
+          break
+    finally:
+      preemption.uninstall()
+      self.writer.flush()
+    return state
+
+  def _log(self, step: int, pending: list[tuple[int, dict[str, jax.Array]]], steps_done: int) -> None:
+    """The loop's only host sync: fetch the interval's metrics, apply the non-finite policy, log."""
+    fetched = jax.device_get([m for _, m in pending])
+    bad = [s for (s, _), m in zip(pending, fetched) if m["nonfinite"]]
+    if bad and self.config.on_nonfinite == "stop":
+      raise faults.RunError(f"non-finite loss or gradient norm at step {bad[0]}; stopped without saving it "
+                            f"(newest good checkpoint: step {self.ckpt.latest()}); lower optim.learning_rate "
+                            "or pass --config.on_nonfinite=skip")
+    self.nonfinite_steps += len(bad)
+    good = [m for m in fetched if not m["nonfinite"]] or fetched
+    m = {k: float(np.mean([g[k] for g in good])) for k in ("loss", "accuracy", "grad_norm")}
+    m["learning_rate"] = float(fetched[-1]["learning_rate"])
+    m["nonfinite_steps"] = float(self.nonfinite_steps)
+    m.update(self.clock.measure(step, steps_done))
+    self.writer.write(step, m)
+    writers.console(_log_line(step, self.config.num_train_steps, m))
+    if bad:
+      writers.console(f"step {step:>6d} | skipped {len(bad)} non-finite update(s) at steps {bad}")
+    self.final_metrics.update(m)
+
+  def _evaluate(self, step: int, state: steps_lib.TrainState) -> None:
+    ev = evaluate(self.fns, state.params, self.eval_batches)
+    self.writer.write(step, ev)
+    writers.console(f"step {step:>6d}/{self.config.num_train_steps} | validation loss {ev['val_loss']:.4f} | "
+                    f"perplexity {ev['val_perplexity']:.2f}")
+    self.final_metrics.update(ev)
+    self.clock.last_time = time.perf_counter()  # evaluation time is not training throughput
