@@ -138,7 +138,7 @@ def apply_rope(x_BxLxHxK: Array, positions_BxL: Array, inv_freq_K2: Array) -> Ar
 
 def attention_mask(q_pos_BxL: Array, k_pos_BxS: Array, q_seg_BxL: Array | None,
                    k_seg_BxS: Array | None) -> Array:
-  """Causal by position, and never across segments (packed documents)."""
+  """Causal by slot index, and never across segments (packed documents)."""
   mask_BxLxS = k_pos_BxS[:, None, :] <= q_pos_BxL[:, :, None]
   if q_seg_BxL is not None:
     mask_BxLxS &= q_seg_BxL[:, :, None] == k_seg_BxS[:, None, :]
@@ -193,9 +193,12 @@ class Attention(nn.Module):
       q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, inv_freq_K2)
       k_BxLxGxK = apply_rope(k_BxLxGxK, positions_BxL, inv_freq_K2)
 
+    b, l = x_BxLxD.shape[:2]
     if cache is None:
+      # Causal by slot, not by position: positions restart inside packed rows.
+      q_pos_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
       k_BxSxGxK, v_BxSxGxK = k_BxLxGxK, v_BxLxGxK
-      k_pos_BxS, k_seg_BxS = positions_BxL, segment_ids_BxL
+      k_pos_BxS, k_seg_BxS = q_pos_BxL, segment_ids_BxL
     else:
       # Decoding: all rows share one start position, so one dynamic slice writes the new keys.
       start = positions_BxL[0, 0]
@@ -207,8 +210,9 @@ class Attention(nn.Module):
       s = k_BxSxGxK.shape[1]
       k_pos_BxS = jnp.broadcast_to(jnp.arange(s, dtype=positions_BxL.dtype), (x_BxLxD.shape[0], s))
       k_seg_BxS = None
+      q_pos_BxL = start + jnp.broadcast_to(jnp.arange(l, dtype=positions_BxL.dtype), (b, l))
 
-    mask_BxLxS = attention_mask(positions_BxL, k_pos_BxS,
+    mask_BxLxS = attention_mask(q_pos_BxL, k_pos_BxS,
                                 segment_ids_BxL if k_seg_BxS is not None else None, k_seg_BxS)
     out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS,
                                         cfg.attention_impl)

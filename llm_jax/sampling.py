@@ -1,0 +1,142 @@
+"""Text generation from a trained model: the sampling rule and the KV-cached, jit-compiled decode loop."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm_jax.model import ModelConfig
+from llm_jax.model import Transformer
+from llm_jax.model import init_cache
+
+Array = jax.Array
+
+
+def _python_number(x: Any) -> bool:
+  return isinstance(x, (int, float, np.generic))
+
+
+def sample_logits(logits_BxV: Array, rng: Array, *, temperature: float | Array, top_k: int,
+                  top_p: float | Array) -> Array:
+  """Draws one token per row: argmax at temperature 0, else temperature → top-k → top-p → categorical.
+
+  `top_k` is a Python int (0 = off), since `lax.top_k` needs a static k. `temperature` and `top_p` may be
+  Python numbers, which choose greedy decoding or skip the nucleus filter at trace time, or traced
+  scalars (one compiled program for every setting; a traced temperature must be positive).
+  """
+  if _python_number(temperature) and temperature == 0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits_BxV = logits_BxV.astype(jnp.float32) / temperature
+  neg_inf = jnp.finfo(jnp.float32).min
+  if 0 < top_k < logits_BxV.shape[-1]:
+    kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV >= kth_Bx1, logits_BxV, neg_inf)
+  if not (_python_number(top_p) and top_p >= 1.0):
+    logits_BxV = jnp.where(_nucleus_mask(logits_BxV, top_p), logits_BxV, neg_inf)
+  return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+def _nucleus_mask(logits_BxV: Array, top_p: float | Array) -> Array:
+  """True for the smallest most-likely set whose probability reaches top_p (never empty)."""
+  order_BxV = jnp.argsort(-logits_BxV, axis=-1)
+  probs_BxV = jax.nn.softmax(jnp.take_along_axis(logits_BxV, order_BxV, axis=-1), axis=-1)
+  # Exclusive cumsum: a token stays while the mass strictly before it is below top_p, so the most
+  # likely token always stays. At top_p >= 1 keep everything: rounding can push the sum past 1.
+  mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+  keep_sorted_BxV = (mass_before_BxV < top_p) | (top_p >= 1.0)
+  return jnp.take_along_axis(keep_sorted_BxV, jnp.argsort(order_BxV, axis=-1), axis=-1)
+
+
+def _validate(cfg: ModelConfig, prompt_len: int, max_length: int, num_return_sequences: int,
+              temperature: float, top_k: int, top_p: float) -> None:
+  if prompt_len == 0:
+    raise ValueError("the prompt is empty; give at least one token (e.g. a BOS id) to condition on")
+  if max_length <= prompt_len:
+    raise ValueError(f"--max_length={max_length} is not longer than the prompt ({prompt_len} tokens); "
+                     "raise --max_length")
+  if not cfg.is_llama and max_length > cfg.max_len:
+    raise ValueError(f"--max_length={max_length} exceeds the {cfg.max_len} learned positions of this "
+                     f"{cfg.family} model; lower --max_length to at most {cfg.max_len}")
+  if num_return_sequences < 1:
+    raise ValueError(f"--num_return_sequences={num_return_sequences} must be at least 1")
+  if temperature < 0:
+    raise ValueError(f"--temperature={temperature} is negative; use 0 for greedy or a positive value")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"--top_p={top_p} is outside (0, 1]; use 1.0 to turn nucleus filtering off")
+  if top_k < 0:
+    raise ValueError(f"--top_k={top_k} is negative; use 0 to turn top-k filtering off")
+
+
+def _check_ids(name: str, ids: np.ndarray, vocab_size: int) -> None:
+  # Out-of-range ids would be silently read as NaN embeddings by `jnp.take`, so refuse them here.
+  if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+    raise ValueError(f"{name} has ids outside [0, {vocab_size}) (min {ids.min()}, max {ids.max()}); "
+                     "encode with the tokenizer this model was trained with")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_sequences", "max_length", "greedy", "top_k"))
+def _generate_jit(params: Any, prompt_P: Array, rng: Array, temperature: Array, top_p: Array,
+                  eos_id: Array, *, cfg: ModelConfig, num_sequences: int, max_length: int,
+                  greedy: bool, top_k: int) -> Array:
+  """Prefill, then decode one token per step; eos_id < 0 means no eos.
+
+  jax.jit keeps one program per (cfg, shapes, greedy, top_k); temperature, top_p, eos and the seed are
+  traced, so changing them does not recompile.
+  """
+  model = Transformer(cfg)
+  n, p, t = num_sequences, prompt_P.shape[0], max_length
+  sample = functools.partial(sample_logits, temperature=0.0 if greedy else temperature, top_k=top_k,
+                             top_p=top_p)
+  fill = jnp.maximum(eos_id, 0)
+
+  tokens_NxP = jnp.broadcast_to(prompt_P.astype(jnp.int32), (n, p))
+  positions_NxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (n, p))
+  logits_NxPxV, cache = model.apply({"params": params}, tokens_NxP, positions_NxP,
+                                    cache=init_cache(cfg, n, t))
+  # Keys are folded with the position whose logits they sample from: one fresh key per step.
+  token_N = sample(logits_NxPxV[:, -1], jax.random.fold_in(rng, p - 1))
+  # Pre-filling with eos means an early exit (every row finished) leaves a correctly padded buffer.
+  out_NxT = jnp.full((n, t), fill, jnp.int32).at[:, :p].set(tokens_NxP).at[:, p].set(token_N)
+
+  def cond(state: tuple) -> Array:
+    i, _, done_N, _, _ = state
+    return (i < t - 1) & ~jnp.all(done_N)
+
+  def body(state: tuple) -> tuple:
+    i, token_N, done_N, cache, out_NxT = state
+    positions_Nx1 = jnp.full((n, 1), i, jnp.int32)
+    logits_Nx1xV, cache = model.apply({"params": params}, token_N[:, None], positions_Nx1, cache=cache)
+    next_N = jnp.where(done_N, fill, sample(logits_Nx1xV[:, 0], jax.random.fold_in(rng, i)))
+    out_NxT = jax.lax.dynamic_update_slice_in_dim(out_NxT, next_N[:, None], i + 1, axis=1)
+    return i + 1, next_N, done_N | (next_N == eos_id), cache, out_NxT
+
+  state = (jnp.int32(p), token_N, token_N == eos_id, cache, out_NxT)
+  return jax.lax.while_loop(cond, body, state)[-1]
+
+
+def generate(params: Any, cfg: ModelConfig, prompt_tokens: Sequence[int], *, max_length: int,
+             num_return_sequences: int = 1, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0, eos_id: int | None = None) -> np.ndarray:
+  """Continues `prompt_tokens` into `num_return_sequences x max_length` int32 ids, prompt included.
+
+  `max_length` counts the prompt (as in Hugging Face `generate`). After a sequence emits `eos_id`, the
+  rest of its row is `eos_id`; the loop ends once every row has. `eos_id` None or negative: no eos.
+  Settings are validated up front with errors that name the flag to change.
+  """
+  prompt_P = np.asarray(prompt_tokens, dtype=np.int64).reshape(-1)
+  _validate(cfg, prompt_P.shape[0], max_length, num_return_sequences, temperature, top_k, top_p)
+  _check_ids("the prompt", prompt_P, cfg.vocab_size)
+  # A negative id means "no eos", as sentencepiece reports a disabled piece (-1).
+  if eos_id is not None and eos_id >= 0:
+    _check_ids("--eos_id", np.asarray([eos_id]), cfg.vocab_size)
+  out_NxT = _generate_jit(params, jnp.asarray(prompt_P, jnp.int32), jax.random.key(seed),
+                          jnp.float32(temperature), jnp.float32(top_p),
+                          jnp.int32(-1 if eos_id is None or eos_id < 0 else eos_id), cfg=cfg,
+                          num_sequences=num_return_sequences, max_length=max_length,
+                          greedy=bool(temperature == 0), top_k=0 if temperature == 0 else int(top_k))
+  return np.asarray(out_NxT)
