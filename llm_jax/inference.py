@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any
@@ -13,9 +14,11 @@ import jax
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import sampling
 from llm_jax import sharding
+from llm_jax.hf_tokenizer import HFTokenizer
 from llm_jax.model import ModelConfig
 from llm_jax.model import abstract_params
 from llm_jax.tokenizer import Tokenizer
+from llm_jax.tokenizer import load_tokenizer
 
 MODEL_FILE = "model.json"
 
@@ -24,7 +27,7 @@ MODEL_FILE = "model.json"
 class LoadedModel:
   cfg: ModelConfig
   params: Any
-  tokenizer: Tokenizer
+  tokenizer: Tokenizer | HFTokenizer
   step: int
 
 
@@ -47,12 +50,17 @@ def read_model_card(workdir: str) -> tuple[ModelConfig, str]:
   return ModelConfig(**card["model"]), os.path.join(workdir, card["tokenizer"])
 
 
+def file_sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
 def load_model(workdir: str, step: int | None = None) -> LoadedModel:
   """Parameters of checkpoint `step` (default: newest), replicated on this host's devices."""
   cfg, tokenizer_path = read_model_card(workdir)
   if not os.path.exists(tokenizer_path):
     raise FileNotFoundError(f"tokenizer {tokenizer_path} named in {MODEL_FILE} is missing")
-  tokenizer = Tokenizer.load(tokenizer_path)
+  tokenizer = load_tokenizer(tokenizer_path)
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids but the model only "
                      f"{cfg.vocab_size}; the tokenizer does not belong to this checkpoint")
@@ -62,12 +70,16 @@ def load_model(workdir: str, step: int | None = None) -> LoadedModel:
   ckpt = checkpoint_lib.Checkpointer(workdir, every=1, keep=1_000_000, async_save=False)
   try:
     restored_step, params = ckpt.restore_params(params_abstract, shardings, step)
+    saved_sha = ckpt.restore_meta(restored_step).get("tokenizer_sha256")
   finally:
     ckpt.close()
+  if saved_sha and saved_sha != file_sha256(tokenizer_path):
+    raise ValueError(f"tokenizer {tokenizer_path} is not the one checkpoint {restored_step} was trained with "
+                     "(sha256 differs); restore the workdir's original tokenizer file")
   return LoadedModel(cfg=cfg, params=params, tokenizer=tokenizer, step=restored_step)
 
 
-def generate_texts(params: Any, cfg: ModelConfig, tok: Tokenizer, prompt: str, *, max_length: int,
+def generate_texts(params: Any, cfg: ModelConfig, tok: Tokenizer | HFTokenizer, prompt: str, *, max_length: int,
                    num_return_sequences: int, temperature: float, top_k: int, top_p: float,
                    seed: int) -> list[str]:
   """Continuations of `prompt`, each decoded with the prompt in front (BOS counts towards max_length)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import math
 import os
 import time
@@ -31,11 +30,6 @@ from llm_jax.model import count_params
 
 # Model fields a run may choose for itself when it starts from another run's weights.
 RUNTIME_MODEL_FIELDS = ("dropout_rate", "compute_dtype", "scan_layers", "remat_policy", "attention_impl")
-
-
-def file_sha256(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
 
 
 def to_global(local_batch: dict[str, np.ndarray], batch_sharding: jax.sharding.NamedSharding) -> dict:
@@ -84,9 +78,9 @@ class Throughput:
 
 
 def _restore_or_init(ckpt: checkpoint_lib.Checkpointer, fns: steps_lib.StepFns, train_iter: Any,
-                     init_params_from: str, meta: dict[str, Any]) -> tuple[int, steps_lib.TrainState, int]:
-  """(step, state, non-finite steps so far): the newest usable checkpoint, else a fresh start,
-  optionally from another run's weights."""
+                     init_params_from: str, meta: dict[str, Any]) -> tuple[int, steps_lib.TrainState, dict]:
+  """(step, state, saved loop state): the newest usable checkpoint, else a fresh start, optionally from
+  another run's weights."""
   check = lambda saved: faults.check_drift(saved, meta["model"], meta["tokenizer_sha256"])
   restored = ckpt.restore(fns.abstract_state, fns.state_shardings, check_meta=check)
   if restored is None:
@@ -98,10 +92,10 @@ def _restore_or_init(ckpt: checkpoint_lib.Checkpointer, fns: steps_lib.StepFns, 
       finally:
         source.close()
       state = state.replace(params=params)
-    return 0, state, 0
+    return 0, state, {}
   step, state, data_state, _ = restored
   train_iter.set_state(data_state["iterator"])
-  return step, state, int(data_state.get("nonfinite_steps", 0))
+  return step, state, data_state
 
 
 def _prepare_data_once(config: ml_collections.ConfigDict, workdir: str) -> pipeline.PreparedData:
@@ -183,8 +177,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
     train_iter = pipeline.make_train_iterator(
         data, global_batch_size=config.global_batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
-    meta = {"model": dataclasses.asdict(cfg), "tokenizer_sha256": file_sha256(data.tokenizer.path)}
-    start_step, state, nonfinite_steps = _restore_or_init(ckpt, fns, train_iter, config.init_params_from, meta)
+    meta = {"model": dataclasses.asdict(cfg), "tokenizer_sha256": inference.file_sha256(data.tokenizer.path)}
+    start_step, state, loop_state = _restore_or_init(ckpt, fns, train_iter, config.init_params_from, meta)
     eval_batches = pipeline.make_eval_batches(
         data, batch_size=config.eval_batch_size, max_batches=config.eval_batches,
         process_index=jax.process_index(), process_count=jax.process_count())
@@ -203,7 +197,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
     clock = Throughput(config.global_batch_size * config.data.seq_len, flops["causal"], peak,
                        config.num_train_steps)
     loop = _Loop(config, fns, train_iter, eval_batches, ckpt, writer, meta, clock,
-                 nonfinite_steps=nonfinite_steps)
+                 nonfinite_steps=int(loop_state.get("nonfinite_steps", 0)),
+                 unlogged=list(loop_state.get("unlogged", [])))
     try:
       state = loop.run(state, start_step)
     finally:
@@ -229,7 +224,11 @@ def _print_samples(config: ml_collections.ConfigDict, cfg: ModelConfig, params: 
 
 @dataclasses.dataclass
 class _Loop:
-  """The training loop's host side: what to log, evaluate, check and save after each step."""
+  """The training loop's host side: what to log, evaluate, check and save after each step.
+
+  Log lines always cover whole `log_every` windows: a checkpoint taken mid-window carries the
+  window's per-step metrics (`unlogged`), so a resumed run logs exactly what an uninterrupted one would.
+  """
 
   config: ml_collections.ConfigDict
   fns: steps_lib.StepFns
@@ -240,6 +239,7 @@ class _Loop:
   meta: dict[str, Any]
   clock: Throughput
   nonfinite_steps: int = 0
+  unlogged: list[dict[str, float]] = dataclasses.field(default_factory=list)
   final_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def run(self, state: steps_lib.TrainState, start_step: int) -> steps_lib.TrainState:
@@ -248,21 +248,19 @@ class _Loop:
     preemption = faults.Preemption()
     preemption.install()
     pending: list[tuple[int, dict[str, jax.Array]]] = []
-    last_logged = start_step
     try:
       for step in range(start_step + 1, last + 1):
         state, step_metrics = self.fns.train(state, to_global(next(self.train_iter), self.fns.batch_sharding))
         pending.append((step, step_metrics))
         preempted = preemption.should_stop(step)
-        saving = preempted or step == last or step % c.checkpoint_every == 0
-        if saving or step % c.log_every == 0:
-          self._log(step, pending, step - last_logged)
-          pending, last_logged = [], step
+        if step % c.log_every == 0 or step == last:
+          self._log(step, pending)
+          pending = []
         if (c.eval_every and step % c.eval_every == 0) or step == last:
+          self._check_finite(pending)
           self._evaluate(step, state)
-        if saving:
-          self.ckpt.save(step, state, {"iterator": self.train_iter.get_state(),
-                                       "nonfinite_steps": self.nonfinite_steps}, self.meta, force=True)
+        if preempted or step == last or step % c.checkpoint_every == 0:
+          self._save(step, state, pending)
         if preempted:
           writers.console(f"step {step:>6d} | preempted (SIGTERM): checkpoint written, exiting")
           break
@@ -271,20 +269,36 @@ class _Loop:
       self.writer.flush()
     return state
 
-  def _log(self, step: int, pending: list[tuple[int, dict[str, jax.Array]]], steps_done: int) -> None:
-    """The loop's only host sync: fetch the interval's metrics, apply the non-finite policy, log."""
-    fetched = jax.device_get([m for _, m in pending])
-    bad = [s for (s, _), m in zip(pending, fetched) if m["nonfinite"]]
+  def _save(self, step: int, state: steps_lib.TrainState, pending: list[tuple[int, dict[str, jax.Array]]]) -> None:
+    self._check_finite(pending)
+    window = self.unlogged + [{k: float(v) for k, v in m.items()} for m in jax.device_get([m for _, m in pending])]
+    data_state = {"iterator": self.train_iter.get_state(), "nonfinite_steps": self.nonfinite_steps,
+                  "unlogged": window}
+    self.ckpt.save(step, state, data_state, self.meta, force=True)
+
+  def _check_finite(self, pending: list[tuple[int, dict[str, jax.Array]]]) -> list[int]:
+    """Steps of `pending` whose update was non-finite; under 'stop', refuses to go on."""
+    flags = jax.device_get([m["nonfinite"] for _, m in pending])
+    bad = [s for (s, _), flag in zip(pending, flags) if flag]
     if bad and self.config.on_nonfinite == "stop":
       raise faults.RunError(f"non-finite loss or gradient norm at step {bad[0]}; stopped without saving it "
                             f"(newest good checkpoint: step {self.ckpt.latest()}); lower optim.learning_rate "
                             "or pass --config.on_nonfinite=skip")
-    self.nonfinite_steps += len(bad)
+    return bad
+
+  def _log(self, step: int, pending: list[tuple[int, dict[str, jax.Array]]]) -> None:
+    """The loop's host sync at log intervals: fetch the window's metrics, apply the non-finite policy, log."""
+    bad = self._check_finite(pending)
+    fetched = self.unlogged + jax.device_get([m for _, m in pending])
+    self.unlogged = []
+    self.nonfinite_steps += sum(1 for m in fetched if m["nonfinite"])
     good = [m for m in fetched if not m["nonfinite"]] or fetched
-    m = {k: float(np.mean([g[k] for g in good])) for k in ("loss", "accuracy", "grad_norm")}
+    # float64 means of exact float32 values: identical whether or not part of the window was carried
+    # through a checkpoint as Python floats.
+    m = {k: float(np.mean(np.asarray([g[k] for g in good], np.float64))) for k in ("loss", "accuracy", "grad_norm")}
     m["learning_rate"] = float(fetched[-1]["learning_rate"])
     m["nonfinite_steps"] = float(self.nonfinite_steps)
-    m.update(self.clock.measure(step, steps_done))
+    m.update(self.clock.measure(step, len(pending)))
     self.writer.write(step, m)
     writers.console(_log_line(step, self.config.num_train_steps, m))
     if bad:

@@ -1,0 +1,186 @@
+"""Never lose a run: SIGKILL and SIGTERM resume exactly, unusable checkpoints, other meshes, divergence, drift."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO
+from test_train import losses
+from test_train import restored_params
+from test_train import smoke_config
+
+from llm_jax import checkpoint as checkpoint_lib
+from llm_jax import config as config_lib
+from llm_jax import faults
+from llm_jax import optim
+from llm_jax import sharding
+from llm_jax import steps as steps_lib
+from llm_jax import trainer
+from llm_jax import writers
+
+STEPS = 40
+
+
+def _train_cmd(workdir: str) -> list[str]:
+  return [sys.executable, "-m", "llm_jax.train", "--config=experiments/smoke.py", f"--workdir={workdir}",
+          f"--config.num_train_steps={STEPS}", "--config.sample.max_length=20"]
+
+
+def _start(workdir: str) -> subprocess.Popen:
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  return subprocess.Popen(_train_cmd(workdir), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(workdir: str, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+  path = os.path.join(workdir, "checkpoints", str(step))
+  deadline = time.time() + timeout
+  while not os.path.isdir(path):
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    assert time.time() < deadline, f"no checkpoint {step} after {timeout}s"
+    time.sleep(0.02)
+
+
+@pytest.fixture(name="uninterrupted", scope="module")
+def uninterrupted_fixture(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  trainer.train_and_evaluate(smoke_config(num_train_steps=STEPS), workdir)
+  return workdir
+
+
+def _assert_same_run(workdir: str, reference: str) -> None:
+  assert losses(workdir) == losses(reference)
+  for a, b in zip(jax.tree.leaves(restored_params(workdir, STEPS)),
+                  jax.tree.leaves(restored_params(reference, STEPS))):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_checkpoint_then_restart_is_the_same_run(tmp_path, uninterrupted):
+  workdir = str(tmp_path / "killed")
+  kill_after = random.choice([10, 20, 30])
+  print("SIGKILL after checkpoint", kill_after)
+  proc = _start(workdir)
+  _wait_for_checkpoint(workdir, kill_after, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  restarted = subprocess.run(_train_cmd(workdir), cwd=REPO, capture_output=True, text=True, check=False,
+                             env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert restarted.returncode == 0, restarted.stderr[-3000:]
+  assert "resuming from step" in restarted.stdout
+  _assert_same_run(workdir, uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_step_reached_and_exits_zero(tmp_path, uninterrupted):
+  workdir = str(tmp_path / "preempted")
+  proc = _start(workdir)
+  _wait_for_checkpoint(workdir, 10, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  saved = checkpoint_lib.Checkpointer(workdir, every=1, keep=100, async_save=False)
+  latest = saved.latest()
+  saved.close()
+  if "preempted (SIGTERM)" in out:
+    stopped_at = int(out.split("preempted (SIGTERM)")[0].rsplit("step", 1)[1].split("|")[0])
+    assert latest == stopped_at
+    assert max(r["step"] for r in writers.read_metrics(workdir)) <= stopped_at
+  else:  # the signal arrived after the last step: the run simply finished
+    assert latest == STEPS
+  trainer.train_and_evaluate(smoke_config(num_train_steps=STEPS), workdir)
+  _assert_same_run(workdir, uninterrupted)
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, uninterrupted, capsys):
+  workdir = str(tmp_path / "corrupt")
+  trainer.train_and_evaluate(smoke_config(num_train_steps=STEPS, stop_at_step=30), workdir)
+  state_dir = os.path.join(workdir, "checkpoints", "30", "state")
+  victims = [os.path.join(root, f) for root, _, files in os.walk(state_dir) for f in files
+             if os.path.getsize(os.path.join(root, f)) > 1000]
+  for victim in victims:
+    with open(victim, "r+b") as f:
+      f.truncate(os.path.getsize(victim) // 3)
+  trainer.train_and_evaluate(smoke_config(num_train_steps=STEPS), workdir)
+  out = capsys.readouterr().out
+  assert "checkpoint at step 30 is unusable" in out
+  assert "resuming from step 20" in out
+  assert os.path.isdir(os.path.join(workdir, "unusable_checkpoints", "30"))  # kept, not deleted
+  _assert_same_run(workdir, uninterrupted)
+
+
+def _state_on(mesh_shape, c, cfg):
+  tx, schedule = optim.make_optimizer(c.optim, 10)
+  mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
+  with jax.set_mesh(mesh):
+    fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=3, seq_len=16, accum=1)
+  return fns
+
+
+def test_checkpoint_restores_onto_other_meshes_and_one_device(tmp_path):
+  c = config_lib.get_config()
+  c.model.update({"family": "llama", "num_layers": 2, "d_model": 64, "num_heads": 4, "num_kv_heads": 2})
+  c.data.seq_len = 16
+  cfg = config_lib.model_config(c, 128)
+  source = _state_on((2, 2, 2), c, cfg)
+  with jax.set_mesh(source.batch_sharding.mesh):
+    state = source.init()
+  saver = checkpoint_lib.Checkpointer(str(tmp_path), every=1, keep=2)
+  saver.save(1, state, {"iterator": {}}, {"model": {}}, force=True)
+  saver.close()
+  expected = jax.device_get(state)
+  for shape in [(8, 1, 1), (1, 1, 1)]:
+    target = _state_on(shape, c, cfg)
+    reader = checkpoint_lib.Checkpointer(str(tmp_path), every=1, keep=2)
+    step, restored, _, _ = reader.restore(target.abstract_state, target.state_shardings)
+    reader.close()
+    assert step == 1
+    assert restored.params["layers"]["attn"]["query"].sharding == target.state_shardings.params["layers"]["attn"][
+        "query"]
+    for a, b in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(expected)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
+  final = trainer.train_and_evaluate(
+      smoke_config(num_train_steps=20, inject_nonfinite_at_step=12, on_nonfinite="skip"), str(tmp_path))
+  assert final["nonfinite_steps"] == 1.0
+  assert np.isfinite(final["loss"]) and np.isfinite(final["val_loss"])
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  with pytest.raises(faults.RunError, match="non-finite loss or gradient norm at step 15"):
+    trainer.train_and_evaluate(smoke_config(num_train_steps=20, inject_nonfinite_at_step=15), str(tmp_path))
+  reader = checkpoint_lib.Checkpointer(str(tmp_path), every=1, keep=100)
+  assert reader.steps() == [10]
+  reader.close()
+  assert max(r["step"] for r in writers.read_metrics(str(tmp_path))) == 10
+
+
+def test_resuming_with_other_model_dimensions_names_the_keys(tmp_path):
+  trainer.train_and_evaluate(smoke_config(num_train_steps=10), str(tmp_path))
+  changed = smoke_config(num_train_steps=20)
+  changed.model.d_model = 96
+  changed.model.num_heads = 4
+  with pytest.raises(faults.RunError, match=r"model.d_model: checkpoint 64 vs config 96"):
+    trainer.train_and_evaluate(changed, str(tmp_path))
+  # Harmless changes are allowed: more steps, other logging and eval intervals.
+  trainer.train_and_evaluate(smoke_config(num_train_steps=20, log_every=5, eval_every=5), str(tmp_path))
+  assert max(r["step"] for r in writers.read_metrics(str(tmp_path))) == 20
+
+
+def test_a_second_run_on_a_busy_workdir_refuses_to_start(tmp_path, cli):
+  lock = faults.WorkdirLock(str(tmp_path))
+  lock.acquire()
+  try:
+    result = cli("llm_jax.train", "--config=experiments/smoke.py", f"--workdir={tmp_path}")
+  finally:
+    lock.release()
+  assert result.returncode == 2
+  assert "is in use by a running job" in result.stderr
