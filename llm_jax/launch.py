@@ -41,9 +41,42 @@ def initialize_distributed() -> None:
 
 
 def quiet_logs() -> None:
-  """Library INFO logs (orbax writes several lines per save) stay off unless --verbosity asks."""
+  """Library INFO and WARNING logs (orbax, tfds) stay off unless --verbosity asks; ours are printed."""
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+    logging.set_verbosity(logging.ERROR)
+
+
+def _config_error_line(error: BaseException, argv: list[str]) -> str:
+  """One line for errors ml_collections raises while loading a config file or applying overrides."""
+  text = " ".join(str(error).split())
+  if isinstance(error, (AttributeError, KeyError)):
+    key = text.strip("\"'")
+    culprit = next((a for a in argv if a.startswith("--config.") and key in a.split("=")[0]), key)
+    return f"unknown config key in {culprit}; check its spelling against llm_jax/config.py"
+  if "No such file or directory" in text:
+    path = text.split("No such file or directory:")[-1].strip(" '\"")
+    return f"config file {path} does not exist; pass an existing file, e.g. --config=experiments/smoke.py"
+  for marker in ("ValueError: ", "ConfigError: "):
+    if marker in text:
+      return text.split(marker, 1)[1]
+  return text
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing whose errors (unknown flag or config key, wrong type, missing file) are one line."""
+  program = "llm_jax." + os.path.splitext(os.path.basename(argv[0]))[0]
+  try:
+    rest = flags.FLAGS(argv)
+    if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
+      flags.FLAGS["config"].value.keys()  # a config file that failed to load raises only when first used
+    return rest
+  except flags.Error as e:
+    cause = e.__cause__
+    message = _config_error_line(cause, argv) if cause is not None and not isinstance(cause, flags.Error) else (
+        _config_error_line(e, argv))
+    fail(program, ValueError(message))
+  except Exception as e:  # pylint: disable=broad-except  # config files can raise anything while loading
+    fail(program, ValueError(_config_error_line(e, argv)))
 
 
 def fail(program: str, error: BaseException) -> NoReturn:

@@ -21,9 +21,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not _WORKDIR.value.strip():
+    launch.fail("llm_jax.train", ValueError("--workdir is empty; pass the directory for checkpoints and logs"))
   launch.initialize_distributed()
   launch.run_main("llm_jax.train", lambda: trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=launch.parse_flags)
