@@ -21,6 +21,7 @@ from llm_jax import faults
 from llm_jax import inference
 from llm_jax import metrics as metrics_lib
 from llm_jax import optim
+from llm_jax import runcard
 from llm_jax import sharding
 from llm_jax import steps as steps_lib
 from llm_jax import writers
@@ -199,11 +200,15 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
     loop = _Loop(config, fns, train_iter, eval_batches, ckpt, writer, meta, clock,
                  nonfinite_steps=int(loop_state.get("nonfinite_steps", 0)),
                  unlogged=list(loop_state.get("unlogged", [])))
+    card = runcard.start(workdir, config, count_params(state.params))
+    started, status = time.perf_counter(), "failed"
     try:
       state = loop.run(state, start_step)
+      status = "finished" if int(state.step) == config.num_train_steps else "stopped"
     finally:
       ckpt.close()
       writer.close()
+      runcard.finish(workdir, card, status, loop.final_metrics, time.perf_counter() - started)
     final_metrics = loop.final_metrics
   _print_samples(config, cfg, state.params, data.tokenizer)
   return final_metrics

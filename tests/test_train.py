@@ -10,6 +10,7 @@ import pytest
 
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
+from llm_jax import runcard
 from llm_jax import trainer
 from llm_jax import writers
 
@@ -75,6 +76,10 @@ def test_smoke_run_matches_golden_losses(tmp_path):
   for name in ("config.json", "model.json", "metrics.jsonl"):
     assert os.path.exists(tmp_path / name)
   assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+  card = runcard.read(str(tmp_path))
+  assert card["status"] == "finished" and card["device_count"] == 8 and card["end_time"]
+  assert card["final_metrics"]["val_loss"] == final["val_loss"]
+  assert card["config"]["num_train_steps"] == 30 and "jax" in card["packages"] and "git_dirty" in card
 
 
 def test_stop_and_resume_is_bit_exact(tmp_path):

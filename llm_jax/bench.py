@@ -1,0 +1,243 @@
+"""`python -m llm_jax.bench`: step time, tokens/s, MFU, compile time, memory and decode speed, as medians.
+
+MFU is achieved model FLOP/s over a peak: on CPU the float32 matmul rate measured in this process just
+before each config; on GPU/TPU the bf16 datasheet peak of the device kind (`llm_jax.metrics`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+
+from llm_jax import config as config_lib
+from llm_jax import dryrun
+from llm_jax import launch
+from llm_jax import metrics as metrics_lib
+from llm_jax import optim
+from llm_jax import sampling
+from llm_jax import sharding
+from llm_jax import steps as steps_lib
+from llm_jax import trainer
+from llm_jax.data import pipeline
+from llm_jax.model import Transformer
+
+_CONFIGS = flags.DEFINE_list("configs", ["tiny", "10m"], "Bench presets (see PRESETS) to measure.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per repeat.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Repeats; medians are reported.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_REAL_DATA = flags.DEFINE_bool("real_data", True, "Also time the step fed by the real grain pipeline.")
+_DECODE = flags.DEFINE_bool("decode", True, "Also time KV-cached generation at batch 1 and 8.")
+_COMPILE_DEPTH = flags.DEFINE_bool("compile_depth", False, "Compare compile time of 4 and 32 layers.")
+_JSON = flags.DEFINE_string("json", None, "Write all results to this JSON file.")
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/llm_jax_bench", "Cache for the tokenizer and packed data.")
+
+# name: (family, layers, width, heads, kv_heads, seq_len, batch, vocab, compute dtype, attention impl)
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": dict(family="gpt2", num_layers=2, d_model=64, num_heads=4, num_kv_heads=4, seq_len=64,
+                  batch=8, vocab=512),
+    "tiny": dict(family="gpt2", num_layers=4, d_model=128, num_heads=4, num_kv_heads=4, seq_len=64,
+                 batch=12, vocab=512),
+    "10m": dict(family="gpt2", num_layers=6, d_model=384, num_heads=6, num_kv_heads=6, seq_len=256,
+                batch=64, vocab=512),
+    "llama_500m": dict(family="llama", num_layers=24, d_model=1280, num_heads=20, num_kv_heads=4,
+                       seq_len=2048, batch=16, vocab=32000, compute_dtype="bfloat16", attention_impl="jax",
+                       remat_policy="dots"),
+}
+
+
+def preset_config(name: str, **overrides: Any):
+  """A full experiment config for a bench preset (AdamW, constant learning rate, no eval)."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown bench config {name!r}; choose from {', '.join(PRESETS)}")
+  p = {**PRESETS[name], **overrides}
+  c = config_lib.get_config()
+  c.model.update({k: p[k] for k in ("family", "num_layers", "d_model", "num_heads", "num_kv_heads")})
+  c.model.vocab_size = p["vocab"]
+  c.model.compute_dtype = p.get("compute_dtype", "float32")
+  c.model.attention_impl = p.get("attention_impl", "einsum")
+  c.model.remat_policy = p.get("remat_policy", "none")
+  c.tokenizer.vocab_size = p["vocab"]
+  c.data.seq_len = p["seq_len"]
+  c.global_batch_size = p["batch"]
+  c.optim.schedule = "constant"
+  c.optim.warmup_steps = 0
+  return c
+
+
+def _median_step_time(train, state, batches, steps: int, repeats: int, warmup: int):
+  """Median seconds per step: each repeat dispatches `steps` steps and waits once at the end."""
+  for i in range(warmup):
+    state, m = train(state, batches(i))
+  jax.block_until_ready(m)
+  times = []
+  for r in range(repeats):
+    start = time.perf_counter()
+    for i in range(steps):
+      state, m = train(state, batches(r * steps + i))
+    jax.block_until_ready(m)
+    times.append((time.perf_counter() - start) / steps)
+  return statistics.median(times), state
+
+
+def bench_train(name: str, steps: int, repeats: int, warmup: int, real_data: bool, workdir: str) -> dict:
+  """Compile time, memory, and median step time with synthetic (and optionally real) batches."""
+
+  c = preset_config(name)
+  cfg = config_lib.model_config(c, c.model.vocab_size)
+  peak, peak_source = metrics_lib.peak_flops_total()
+  mesh = sharding.make_mesh((-1, 1, 1))
+  tx, schedule = optim.make_optimizer(c.optim, 1000)
+  b, l = c.global_batch_size, c.data.seq_len
+  with jax.set_mesh(mesh):
+    fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=0, seq_len=l, accum=1)
+    state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            fns.abstract_state, fns.state_shardings)
+    start = time.perf_counter()
+    compiled = fns.train.lower(state_in, dryrun.abstract_batch(b, l, fns.batch_sharding)).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    rng = np.random.default_rng(0)
+    synthetic = {"inputs": rng.integers(0, cfg.vocab_size, (b, l), dtype=np.int32),
+                 "targets": rng.integers(0, cfg.vocab_size, (b, l), dtype=np.int32),
+                 "segment_ids": np.ones((b, l), np.int32),
+                 "positions": np.tile(np.arange(l, dtype=np.int32), (b, 1)), "loss_mask": np.ones((b, l), np.float32)}
+    on_device = trainer.to_global(synthetic, fns.batch_sharding)
+    state = fns.init()
+    step_s, state = _median_step_time(compiled, state, lambda i: on_device, steps, repeats, warmup)
+    result = {"config": name, "model": dict(PRESETS[name]), "compile_s": compile_s, "step_time_s": step_s}
+    if real_data:
+      data = pipeline.prepare_data(c, os.path.join(workdir, f"{name}"))
+      it = pipeline.make_train_iterator(data, global_batch_size=b, seed=0, process_index=0, process_count=1)
+      real_s, state = _median_step_time(compiled, state, lambda i: trainer.to_global(next(it), fns.batch_sharding),
+                                        steps, repeats, warmup)
+      result["step_time_real_data_s"] = real_s
+      result["real_over_synthetic"] = real_s / step_s
+  flops = metrics_lib.flops_per_token(cfg, l)
+  tokens_per_s = b * l / step_s
+  result.update({
+      "tokens_per_s": tokens_per_s,
+      "flops_per_token_standard": flops["standard"], "flops_per_token_causal": flops["causal"],
+      "non_embedding_params": flops["non_embedding_params"],
+      "achieved_flops_per_s": tokens_per_s * flops["causal"],
+      "peak_flops_per_s": peak, "peak_source": peak_source,
+      "mfu": tokens_per_s * flops["causal"] / peak,
+      "mfu_standard_formula": tokens_per_s * flops["standard"] / peak,
+      "peak_device_memory_bytes": (getattr(memory, "temp_size_in_bytes", 0)
+                                   + getattr(memory, "argument_size_in_bytes", 0)),
+      "host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+      "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
+  })
+  return result
+
+
+def bench_compile_depth(name: str) -> dict:
+  """Compile time of the train step at 4 and 32 layers (scan keeps it nearly flat)."""
+
+  out = {}
+  jax.config.update("jax_enable_compilation_cache", False)
+  for layers in (4, 32):
+    c = preset_config(name)
+    c.model.num_layers = layers
+    cfg = config_lib.model_config(c, c.model.vocab_size)
+    mesh = sharding.make_mesh((-1, 1, 1))
+    tx, schedule = optim.make_optimizer(c.optim, 1000)
+    with jax.set_mesh(mesh):
+      fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=0, seq_len=c.data.seq_len, accum=1)
+      state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              fns.abstract_state, fns.state_shardings)
+      start = time.perf_counter()
+      fns.train.lower(state_in, dryrun.abstract_batch(c.global_batch_size, c.data.seq_len,
+                                                      fns.batch_sharding)).compile()
+      out[f"compile_s_{layers}_layers"] = time.perf_counter() - start
+  out["compile_ratio_32_over_4"] = out["compile_s_32_layers"] / out["compile_s_4_layers"]
+  return out
+
+
+def bench_decode(name: str, repeats: int) -> dict:
+  """Decode tokens/s at batch 1 and 8, and per-token time at growing lengths (KV cache keeps it flat)."""
+  c = preset_config(name)
+  cfg = config_lib.model_config(c, c.model.vocab_size)
+  params = nn.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(0), jax.numpy.zeros((1, 8), "int32"))["params"])
+  params = jax.device_put(params, jax.devices()[0])
+  out: dict[str, Any] = {}
+  lengths = [n for n in (64, 128, 256) if n <= cfg.max_len]
+  for batch in (1, 8):
+    per_token = {}
+    for length in lengths:
+      times = []
+      for r in range(repeats + 1):
+        start = time.perf_counter()
+        sampling.generate(params, cfg, [2, 5, 7, 9], max_length=length, num_return_sequences=batch,
+                          temperature=1.0, top_k=0, top_p=1.0, seed=r, eos_id=None)
+        times.append(time.perf_counter() - start)
+      per_token[length] = statistics.median(times[1:]) / (length - 4)  # first call compiles
+    out[f"decode_tokens_per_s_batch{batch}"] = batch / per_token[lengths[-1]]
+    out[f"decode_s_per_token_batch{batch}_by_length"] = per_token
+  return out
+
+
+def run(configs: Sequence[str], steps: int, repeats: int, warmup: int, real_data: bool, decode: bool,
+        compile_depth: bool, workdir: str) -> list[dict]:
+  results = []
+  for name in configs:
+    r = bench_train(name, steps, repeats, warmup, real_data, workdir)
+    if decode:
+      r.update(bench_decode(name, max(repeats // 2, 1)))
+    if compile_depth:
+      r.update(bench_compile_depth(name))
+    print(format_result(r), flush=True)
+    results.append(r)
+  return results
+
+
+def format_result(r: dict) -> str:
+  lines = [f"[{r['config']}] {r['device_count']} x {r['device_kind']}: step {1000 * r['step_time_s']:.1f} ms, "
+           f"{r['tokens_per_s']:,.0f} tok/s, {r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s achieved, "
+           f"MFU {100 * r['mfu']:.1f}% (6N+12LTD formula: {100 * r['mfu_standard_formula']:.1f}%) of "
+           f"{r['peak_flops_per_s'] / 1e9:.0f} GFLOP/s ({r['peak_source']}); compile {r['compile_s']:.1f} s"]
+  if "real_over_synthetic" in r:
+    lines.append(f"  real data step {1000 * r['step_time_real_data_s']:.1f} ms = "
+                 f"{r['real_over_synthetic']:.3f}x synthetic")
+  for batch in (1, 8):
+    key = f"decode_tokens_per_s_batch{batch}"
+    if key in r:
+      by_length = r[f"decode_s_per_token_batch{batch}_by_length"]
+      per = ", ".join(f"L={k}: {1000 * v:.2f} ms" for k, v in by_length.items())
+      lines.append(f"  decode batch {batch}: {r[key]:,.0f} tok/s; per token {per}")
+  if "compile_ratio_32_over_4" in r:
+    lines.append(f"  compile 4 layers {r['compile_s_4_layers']:.1f} s, 32 layers {r['compile_s_32_layers']:.1f} s "
+                 f"(ratio {r['compile_ratio_32_over_4']:.2f})")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+
+  def body() -> None:
+    for name in _CONFIGS.value:
+      preset_config(name)  # unknown names fail before any compile
+    results = run(_CONFIGS.value, _STEPS.value, _REPEATS.value, _WARMUP.value, _REAL_DATA.value, _DECODE.value,
+                  _COMPILE_DEPTH.value, _WORKDIR.value)
+    if _JSON.value:
+      with open(_JSON.value, "w", encoding="utf-8") as f:
+        json.dump({"argv": sys.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}, f,
+                  indent=2, default=str)
+
+  launch.run_main("llm_jax.bench", body)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=launch.parse_flags)
