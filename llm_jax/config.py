@@ -59,7 +59,7 @@ def _tokenizer_defaults() -> ml_collections.ConfigDict:
   s.model_type = "bpe"  # 'bpe', 'unigram' or 'char'.
   s.vocab_size = 2048
   s.byte_fallback = True  # Lossless on any UTF-8 text.
-  s.path = ""  # An existing sentencepiece .model to use instead of training one.
+  s.path = ""  # An existing tokenizer (sentencepiece .model or HF tokenizer.json) instead of training one.
   return s
 
 

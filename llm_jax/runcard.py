@@ -87,7 +87,10 @@ def start(workdir: str, config: ml_collections.ConfigDict, num_params: int) -> d
 
 def finish(workdir: str, card: dict[str, Any], status: str, final_metrics: dict[str, float],
            wall_time_s: float) -> None:
-  """Records how the run ended (`wall_time_s` of this invocation is added to earlier ones): 'finished', 'stopped' (stop_at_step or preemption) or 'failed'."""
+  """Records how the run ended: 'finished', 'stopped' (stop_at_step or preemption) or 'failed'.
+
+  `wall_time_s` of this invocation is added to the earlier ones'.
+  """
   card = {**card, "status": status, "end_time": _now(), "final_metrics": final_metrics,
           "wall_time_s": card["wall_time_s"] + wall_time_s}
   _write(workdir, card)

@@ -1,5 +1,8 @@
 """SentencePiece tokenizers: deterministic training, a cache keyed by corpus and settings, load, encode, decode.
 
+`load_tokenizer` also opens Hugging Face tokenizer.json files (`llm_jax.hf_tokenizer`), so converted
+pretrained models keep their own tokenizer; both classes share encode/decode/vocab_size/bos_id/eos_id/pad_id/path.
+
 Trained models use ids pad=0, unk=1, bos=2, eos=3, identity normalisation (the corpus is already NFKC) and
 byte fallback with full character coverage, so any text, accents, CJK and emoji included, round-trips
 exactly: decode(encode(s)) == s. Newline is a piece of its own, because documents keep one paragraph per line.
@@ -12,6 +15,8 @@ from typing import Sequence
 
 import ml_collections
 import sentencepiece as spm
+
+from llm_jax.hf_tokenizer import HFTokenizer
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram", "char")
@@ -68,6 +73,13 @@ class Tokenizer:
 
   def id_to_piece(self, token_id: int) -> str:
     return self._processor.id_to_piece(int(token_id))
+
+
+def load_tokenizer(path: str) -> "Tokenizer | HFTokenizer":
+  """Loads a Hugging Face tokenizer.json (any *.json) or else a SentencePiece .model file."""
+  if path.endswith(".json"):
+    return HFTokenizer.load(path)
+  return Tokenizer.load(path)
 
 
 def _training_lines(documents: Sequence[str], max_chars: int) -> list[str]:
@@ -127,14 +139,14 @@ def corpus_fingerprint(documents: Sequence[str]) -> str:
 
 
 def get_or_train_tokenizer(documents: Sequence[str], tok_cfg: ml_collections.ConfigDict,
-                           cache_dir: str) -> Tokenizer:
-  """Loads tok_cfg.path if set; otherwise reuses or trains a model cached in `cache_dir`.
+                           cache_dir: str) -> "Tokenizer | HFTokenizer":
+  """Loads tok_cfg.path (.model or tokenizer.json) if set; otherwise reuses or trains a model cached in `cache_dir`.
 
   The cache file name carries a hash of (corpus text, model_type, vocab_size, byte_fallback, recipe version),
   so the same corpus and settings reuse the file and anything else trains a new one.
   """
   if tok_cfg.get("path", ""):
-    return Tokenizer.load(os.path.expanduser(tok_cfg.path))
+    return load_tokenizer(os.path.expanduser(tok_cfg.path))
   settings = f"{_RECIPE_VERSION}|{tok_cfg.model_type}|{tok_cfg.vocab_size}|{bool(tok_cfg.byte_fallback)}"
   key = hashlib.sha256(f"{settings}|{corpus_fingerprint(documents)}".encode()).hexdigest()[:16]
   prefix = os.path.join(cache_dir, f"spm_{tok_cfg.model_type}_{tok_cfg.vocab_size}_{key}")

@@ -15,6 +15,8 @@ def pack_documents(token_docs: Sequence[Sequence[int]], seq_len: int, bos_id: in
                    eos_id: int) -> tuple[np.ndarray, np.ndarray]:
   """Concatenates [bos] + ids + [eos] per document and cuts the stream into rows of seq_len + 1 tokens.
 
+  bos_id < 0 means the tokenizer has no beginning-of-text token (GPT-2's): documents are then ids + [eos].
+
   Returns (tokens_NxL1, segment_ids_NxL1), both int32. Segment ids number the documents within each row
   from 1; a document cut by a row boundary continues in the next row as that row's first segment. The last
   row is padded with token PAD_ID and segment 0.
@@ -22,7 +24,8 @@ def pack_documents(token_docs: Sequence[Sequence[int]], seq_len: int, bos_id: in
   if seq_len < 1:
     raise ValueError(f"data.seq_len={seq_len} must be at least 1; pass e.g. --config.data.seq_len=128")
   row_len = seq_len + 1
-  lengths = np.array([len(doc) + 2 for doc in token_docs], dtype=np.int64)
+  has_bos = bos_id >= 0
+  lengths = np.array([len(doc) + 1 + has_bos for doc in token_docs], dtype=np.int64)
   total = int(lengths.sum())
   num_rows = -(-total // row_len)
   ends = np.cumsum(lengths)
@@ -32,10 +35,12 @@ def pack_documents(token_docs: Sequence[Sequence[int]], seq_len: int, bos_id: in
   doc_index = np.full(num_rows * row_len, -1, dtype=np.int64)
   doc_index[:total] = np.repeat(np.arange(len(lengths)), lengths)
   is_body = np.ones(total, dtype=bool)
-  is_body[starts] = False
+  if has_bos:
+    is_body[starts] = False
   is_body[ends - 1] = False
   if total:
-    tokens[starts] = bos_id
+    if has_bos:
+      tokens[starts] = bos_id
     tokens[ends - 1] = eos_id
     bodies = [np.asarray(doc, dtype=np.int32).reshape(-1) for doc in token_docs]
     tokens[:total][is_body] = np.concatenate(bodies)

@@ -1,0 +1,57 @@
+"""`python -m llm_jax.evaluate --workdir=DIR`: loss, perplexity and bits per byte, or zero-shot accuracy."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from absl import app
+from absl import flags
+
+from llm_jax import evaluation
+from llm_jax import launch
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A directory written by llm_jax.train or llm_jax.convert.")
+_STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint to evaluate; default the newest.")
+_SPLIT = flags.DEFINE_enum("split", "validation", ["validation", "train"], "Split of the run's corpus (config.json).")
+_TEXT_FILES = flags.DEFINE_string("text_files", "", "Comma-separated globs of UTF-8 text to evaluate instead; "
+                                  "each file is one document.")
+_ZERO_SHOT = flags.DEFINE_string("zero_shot", "", "A JSONL file of {context, choices, label} items: report "
+                                 "zero-shot accuracy instead of perplexity.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "Window in tokens; 0: the run's data.seq_len.")
+_STRIDE = flags.DEFINE_integer("stride", 0, "Tokens a window advances in long documents; 0: seq_len.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Rows scored per forward pass.")
+_OUTPUT = flags.DEFINE_string("output", "", "JSON report path; default DIR/eval_<split>_<step>.json or "
+                              "DIR/zero_shot_<name>_<step>.json.")
+flags.mark_flag_as_required("workdir")
+
+
+def _run() -> None:
+  workdir = _WORKDIR.value
+  if _ZERO_SHOT.value:
+    report = evaluation.zero_shot_workdir(workdir, _ZERO_SHOT.value, step=_STEP.value, batch_size=_BATCH_SIZE.value)
+    name = os.path.splitext(os.path.basename(_ZERO_SHOT.value))[0]
+    default = f"zero_shot_{name}_{report['checkpoint_step']}.json"
+    line = (f"zero-shot {name} at step {report['checkpoint_step']}: accuracy {report['accuracy']:.4f} "
+            f"(summed log-likelihood), {report['accuracy_norm']:.4f} (per token) on {report['items']} items")
+  else:
+    report = evaluation.evaluate_workdir(workdir, step=_STEP.value, split=_SPLIT.value, text_files=_TEXT_FILES.value,
+                                         seq_len=_SEQ_LEN.value, stride=_STRIDE.value, batch_size=_BATCH_SIZE.value)
+    default = f"eval_{report['split']}_{report['checkpoint_step']}.json"
+    line = (f"{report['split']} at step {report['checkpoint_step']}: loss {report['loss']:.4f} | perplexity "
+            f"{report['perplexity']:.3f} | bits/byte {report['bits_per_byte']:.4f} | {report['tokens']:,.0f} tokens "
+            f"| {report['tokens_per_s']:,.0f} tok/s")
+  output = _OUTPUT.value or os.path.join(workdir, default)
+  evaluation.write_report(output, report)
+  print(line, flush=True)
+  print(f"wrote {output}", flush=True)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  launch.run_main("llm_jax.evaluate", _run)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,185 @@
+"""Hugging Face checkpoint directories in and out of llm_jax workdirs: safetensors, config.json, tokenizer files.
+
+A converted workdir holds what a trained one does: a params-only checkpoint at step 0 (float32), `model.json`,
+the tokenizer (`tokenizer.json` + `tokenizer_config.json`, or a sentencepiece `tokenizer.model`) and a
+resolved `config.json`, so `generate`, `evaluate` and `train --config.init_params_from=DIR` all accept it.
+Nothing here needs torch, transformers or the internet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from llm_jax import checkpoint as checkpoint_lib
+from llm_jax import config as config_lib
+from llm_jax import conversion
+from llm_jax import hf_tokenizer
+from llm_jax import inference
+from llm_jax.model import ModelConfig
+from llm_jax.model import abstract_params
+from llm_jax.tokenizer import load_tokenizer
+
+HF_CONFIG_FILE = "config.json"
+HF_WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_JSON = "tokenizer.json"
+SENTENCEPIECE_MODEL = "tokenizer.model"
+# The longest evaluation window written into a converted workdir's config.json.
+MAX_EVAL_SEQ_LEN = 1024
+
+
+def read_hf_config(hf_dir: str) -> dict[str, Any]:
+  if not os.path.isdir(hf_dir):
+    raise FileNotFoundError(f"--from_hf={hf_dir} is not a directory; pass a local Hugging Face checkpoint directory")
+  path = os.path.join(hf_dir, HF_CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} is missing; a Hugging Face checkpoint directory has config.json")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
+  """Every tensor of every *.safetensors file in `hf_dir`, as float32 numpy (bfloat16 included)."""
+  paths = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+  if not paths:
+    raise FileNotFoundError(f"{hf_dir} has no *.safetensors weights (pytorch_model.bin is not read: re-save "
+                            "with save_pretrained(..., safe_serialization=True))")
+  tensors = {}
+  # The flax reader understands bfloat16, which numpy does not; read on the host, then free each copy.
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    for path in paths:
+      with safetensors.safe_open(path, framework="flax") as f:
+        for name in f.keys():
+          tensors[name] = np.asarray(f.get_tensor(name).astype(jnp.float32))
+  return tensors
+
+
+def _resolve_specials(specials: dict[str, Any], hf: dict[str, Any], id_to_token: Any) -> dict[str, Any]:
+  """Names bos/eos in the tokenizer config when only config.json's *_token_id says which they are."""
+  specials = dict(specials)
+  for key in ("eos_token", "bos_token"):
+    token_id = hf.get(f"{key}_id")
+    token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id
+    if not hf_tokenizer.token_content(specials.get(key)) and isinstance(token_id, int):
+      token = id_to_token(token_id)
+      if token is not None:
+        specials[key] = token
+  return specials
+
+
+def import_tokenizer(hf_dir: str, workdir: str, hf: dict[str, Any]) -> str:
+  """Copies (or, from vocab.json + merges.txt, builds) the tokenizer into `workdir`; returns its path."""
+  source = os.path.join(hf_dir, TOKENIZER_JSON)
+  vocab, merges = os.path.join(hf_dir, "vocab.json"), os.path.join(hf_dir, "merges.txt")
+  specials = hf_tokenizer.special_tokens(hf_dir)
+  target = os.path.join(workdir, TOKENIZER_JSON)
+  if os.path.isfile(source):
+    tokenizer = hf_tokenizer.read_tokenizer_json(source)
+    shutil.copyfile(source, target)
+  elif os.path.isfile(vocab) and os.path.isfile(merges):
+    eos = hf_tokenizer.token_content(specials.get("eos_token")) or hf_tokenizer.USUAL_EOS_TOKENS[0]
+    tokenizer = hf_tokenizer.byte_level_bpe(vocab, merges, eos)
+    tokenizer.save(target)
+  elif os.path.isfile(os.path.join(hf_dir, SENTENCEPIECE_MODEL)):
+    target = os.path.join(workdir, SENTENCEPIECE_MODEL)
+    shutil.copyfile(os.path.join(hf_dir, SENTENCEPIECE_MODEL), target)
+    return target
+  else:
+    raise FileNotFoundError(f"{hf_dir} has no tokenizer: expected tokenizer.json, vocab.json + merges.txt, "
+                            "or tokenizer.model")
+  specials = _resolve_specials(specials, hf, tokenizer.id_to_token)
+  with open(os.path.join(workdir, hf_tokenizer.CONFIG_FILE), "w", encoding="utf-8") as f:
+    json.dump(specials, f, indent=2, ensure_ascii=False)
+  return target
+
+
+def write_workdir_config(workdir: str, cfg: ModelConfig, tokenizer_path: str) -> None:
+  """A resolved llm_jax config.json with this model, so tools that rebuild data from it work."""
+  config = config_lib.get_config()
+  for field in dataclasses.fields(cfg):
+    config.model[field.name] = getattr(cfg, field.name)
+  config.tokenizer.path = os.path.abspath(tokenizer_path)
+  config.data.seq_len = min(MAX_EVAL_SEQ_LEN, cfg.max_len)
+  config_lib.validate(config)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def _check_empty(workdir: str) -> None:
+  directory = os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR)
+  if os.path.isdir(directory) and os.listdir(directory):
+    raise ValueError(f"--workdir={workdir} already holds checkpoints; convert into a new or empty directory")
+
+
+def import_hf(hf_dir: str, workdir: str) -> tuple[ModelConfig, int]:
+  """Converts a Hugging Face GPT-2 or Llama checkpoint directory into an llm_jax workdir.
+
+  Returns (model config, parameter count). Config and tokenizer are checked before the weights are read.
+  """
+  hf = read_hf_config(hf_dir)
+  cfg = conversion.model_config_from_hf(hf)
+  _check_empty(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer_path = import_tokenizer(hf_dir, workdir, hf)
+  tokenizer = load_tokenizer(tokenizer_path)
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise ValueError(f"the tokenizer in {hf_dir} has {tokenizer.vocab_size} ids but config.json vocab_size is "
+                     f"{cfg.vocab_size}; they do not belong together")
+  params = conversion.params_from_hf(read_safetensors(hf_dir), cfg, nn.unbox(abstract_params(cfg)))
+  params = jax.tree.map(jnp.asarray, params)
+  meta = {"model": dataclasses.asdict(cfg), "tokenizer_sha256": inference.file_sha256(tokenizer_path),
+          "converted_from": os.path.abspath(hf_dir)}
+  ckpt = checkpoint_lib.Checkpointer(workdir, every=1, keep=1, async_save=False)
+  try:
+    ckpt.save_params(0, params, meta)
+  finally:
+    ckpt.close()
+  inference.write_model_card(workdir, cfg, tokenizer_path)
+  write_workdir_config(workdir, cfg, tokenizer_path)
+  return cfg, sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def _export_tokenizer(tokenizer: Any, hf_dir: str) -> None:
+  """Copies the tokenizer file and writes a tokenizer_config.json naming its special tokens."""
+  path = tokenizer.path
+  config = hf_tokenizer.read_json(os.path.join(os.path.dirname(path), hf_tokenizer.CONFIG_FILE))
+  if path.endswith(".json"):
+    shutil.copyfile(path, os.path.join(hf_dir, TOKENIZER_JSON))
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+  else:
+    shutil.copyfile(path, os.path.join(hf_dir, SENTENCEPIECE_MODEL))
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+              "unk_token": tokenizer.id_to_piece(tokenizer.unk_id),
+              "pad_token": tokenizer.id_to_piece(tokenizer.pad_id)}
+  for key, token_id in (("eos_token", tokenizer.eos_id), ("bos_token", tokenizer.bos_id)):
+    if token_id >= 0 and not hf_tokenizer.token_content(config.get(key)):
+      config[key] = tokenizer.id_to_piece(token_id)
+  with open(os.path.join(hf_dir, hf_tokenizer.CONFIG_FILE), "w", encoding="utf-8") as f:
+    json.dump(config, f, indent=2, ensure_ascii=False)
+
+
+def export_hf(workdir: str, hf_dir: str, step: int | None = None) -> tuple[ModelConfig, int]:
+  """Writes checkpoint `step` (default newest) of `workdir` as a Hugging Face directory; returns (config, step)."""
+  loaded = inference.load_model(workdir, step)
+  cfg, tokenizer = loaded.cfg, loaded.tokenizer
+  hf_config = conversion.hf_config_from_model(cfg, tokenizer.bos_id, tokenizer.eos_id)
+  if os.path.isfile(os.path.join(hf_dir, HF_CONFIG_FILE)):
+    raise ValueError(f"--to_hf={hf_dir} already holds a model (config.json); pass a new or empty directory")
+  tensors = conversion.params_to_hf(jax.device_get(loaded.params), cfg)
+  os.makedirs(hf_dir, exist_ok=True)
+  safetensors.numpy.save_file(tensors, os.path.join(hf_dir, HF_WEIGHTS_FILE), metadata={"format": "pt"})
+  with open(os.path.join(hf_dir, HF_CONFIG_FILE), "w", encoding="utf-8") as f:
+    json.dump(hf_config, f, indent=2)
+  _export_tokenizer(tokenizer, hf_dir)
+  return cfg, loaded.step
