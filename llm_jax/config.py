@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import math
+import os
 
 import ml_collections
 
@@ -116,6 +117,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 200  # Steps between validation passes; 0 disables periodic evaluation.
   c.eval_batches = 8  # Validation batches per pass.
   c.eval_batch_size = 32
+  c.eval_text_files = ""  # Extra eval sets: comma-separated globs, one document per file (loss, bits/byte).
+  c.eval_zero_shot_files = ""  # Zero-shot JSONL files scored at every evaluation (accuracy).
   c.checkpoint_every = 200  # Steps between checkpoints (and always at the end).
   c.keep_checkpoints = 3  # Newest checkpoints kept on disk.
   c.peak_flops_per_device = 0.0  # For MFU; 0: datasheet value by device kind, measured on CPU.
@@ -205,6 +208,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for pattern in d.text_files.split(","):
       _require(bool(glob.glob(pattern.strip())), f"data.text_files={pattern.strip()!r} matches no "
                "files; pass an existing glob with --config.data.text_files=...")
+  for pattern in filter(None, (p.strip() for p in config.eval_text_files.split(","))):
+    _require(bool(glob.glob(pattern)), f"eval_text_files={pattern!r} matches no files; pass existing globs")
+  for path in filter(None, (p.strip() for p in config.eval_zero_shot_files.split(","))):
+    _require(os.path.exists(path), f"eval_zero_shot_files names {path!r}, which does not exist; pass "
+             "JSONL files such as experiments/data/zero_shot_example.jsonl")
   if d.corpus == "tfds":
     _require(bool(d.tfds_name), "data.corpus='tfds' needs --config.data.tfds_name=<catalog name>")
 

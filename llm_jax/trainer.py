@@ -8,6 +8,7 @@ import math
 import os
 import time
 from typing import Any
+from typing import Callable
 
 import jax
 import ml_collections
@@ -17,6 +18,7 @@ from jax.experimental import multihost_utils
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
 from llm_jax import dryrun
+from llm_jax import evaluation
 from llm_jax import faults
 from llm_jax import inference
 from llm_jax import metrics as metrics_lib
@@ -124,6 +126,21 @@ def _dry_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict
   return result
 
 
+def _extra_evaluator(config: ml_collections.ConfigDict, cfg: ModelConfig,
+                     tokenizer: Any) -> evaluation.TrainingEvaluator | None:
+  """The configured extra eval sets (text files, zero-shot JSONL), or None when there are none."""
+  text_files = config.eval_text_files.strip()
+  zero_shot = [p.strip() for p in config.eval_zero_shot_files.split(",") if p.strip()]
+  if not text_files and not zero_shot:
+    return None
+  if jax.process_count() > 1:
+    raise ValueError("eval_text_files and eval_zero_shot_files run on one process only; run "
+                     "python -m llm_jax.evaluate on the checkpoints instead")
+  text_sets = {"text_files": evaluation.text_files_documents(text_files)} if text_files else {}
+  return evaluation.TrainingEvaluator(cfg, tokenizer, text_sets=text_sets, zero_shot_files=zero_shot,
+                                      seq_len=config.data.seq_len, batch_size=config.eval_batch_size)
+
+
 def _adopt_pretrained(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Takes the model dimensions and tokenizer of `init_params_from`; run-time switches stay ours."""
   source_cfg, tokenizer_path = inference.read_model_card(config.init_params_from)
@@ -199,7 +216,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
                        config.num_train_steps)
     loop = _Loop(config, fns, train_iter, eval_batches, ckpt, writer, meta, clock,
                  nonfinite_steps=int(loop_state.get("nonfinite_steps", 0)),
-                 unlogged=list(loop_state.get("unlogged", [])))
+                 unlogged=list(loop_state.get("unlogged", [])),
+                 extra_eval=_extra_evaluator(config, cfg, data.tokenizer))
     card = runcard.start(workdir, config, count_params(state.params))
     started, status = time.perf_counter(), "failed"
     try:
@@ -245,6 +263,7 @@ class _Loop:
   clock: Throughput
   nonfinite_steps: int = 0
   unlogged: list[dict[str, float]] = dataclasses.field(default_factory=list)
+  extra_eval: Callable[[Any], dict[str, float]] | None = None
   final_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def run(self, state: steps_lib.TrainState, start_step: int) -> steps_lib.TrainState:
@@ -312,6 +331,8 @@ class _Loop:
 
   def _evaluate(self, step: int, state: steps_lib.TrainState) -> None:
     ev = evaluate(self.fns, state.params, self.eval_batches)
+    if self.extra_eval is not None:
+      ev.update(self.extra_eval(state.params))
     self.writer.write(step, ev)
     writers.console(f"step {step:>6d}/{self.config.num_train_steps} | validation loss {ev['val_loss']:.4f} | "
                     f"perplexity {ev['val_perplexity']:.2f}")

@@ -105,3 +105,18 @@ def test_every_experiment_config_loads_and_validates(path):
     c = module.get_config(variant) if variant else module.get_config()
     config_lib.validate(c)
     config_lib.model_config(c, c.tokenizer.vocab_size)
+
+
+def test_configured_eval_sets_are_scored_during_training(tmp_path):
+  text = tmp_path / "held_out.txt"
+  text.write_text("We the People of the United States, in Order to form a more perfect Union.\n")
+  c = smoke_config(num_train_steps=15, eval_every=15,
+                   eval_zero_shot_files=os.path.join(REPO, "experiments", "data", "zero_shot_example.jsonl"),
+                   eval_text_files=str(text))
+  trainer.train_and_evaluate(c, str(tmp_path / "run"))
+  records = [r for r in writers.read_metrics(str(tmp_path / "run")) if "val_loss" in r]
+  assert [r["step"] for r in records] == [15]
+  r = records[0]
+  assert 0.0 <= r["zero_shot/zero_shot_example/accuracy"] <= 1.0
+  assert r["eval/text_files/perplexity"] == pytest.approx(np.exp(r["eval/text_files/loss"]), rel=1e-6)
+  assert r["eval/text_files/bits_per_byte"] > 0
