@@ -2,8 +2,10 @@
 
 Command:  python -m llm_jax.train --config=experiments/smoke.py --workdir=/tmp/smoke
 Variants: `experiments/smoke.py:llama` trains the Llama family (RoPE, RMSNorm, SwiGLU, GQA).
-Hardware: 2-core x86 CPU, float32.
-Result:   see the table below (measured 2026-11-28).
+Hardware: 2-core x86-64 CPU, float32, one device (tests run it on 8 simulated devices: same losses).
+Wall time: about 10 s end to end (30 steps take ~1 s; the rest is start-up, compilation and sampling).
+Result (2026-11-28): train loss 5.0122 and validation loss 4.9765 (perplexity 145) at step 30, the
+golden values pinned in tests/test_train.py; the llama variant reaches validation loss 4.9913.
 """
 
 from llm_jax import config as config_lib
