@@ -43,14 +43,16 @@ _COMPILE_DEPTH = flags.DEFINE_bool("compile_depth", False, "Compare compile time
 _JSON = flags.DEFINE_string("json", None, "Write all results to this JSON file.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/llm_jax_bench", "Cache for the tokenizer and packed data.")
 
-# name: (family, layers, width, heads, kv_heads, seq_len, batch, vocab, compute dtype, attention impl)
+# The CPU presets recompute activations in the backward pass ("dots" remat): on XLA:CPU that is
+# faster than saving them (10m: 10.2 s vs 12.9 s per fwd+bwd; tiny: 48 vs 68 ms), because the saved
+# activations are re-laid-out by copy kernels for the weight gradients (see BENCHMARKS.md).
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(family="gpt2", num_layers=2, d_model=64, num_heads=4, num_kv_heads=4, seq_len=64,
                   batch=8, vocab=512),
     "tiny": dict(family="gpt2", num_layers=4, d_model=128, num_heads=4, num_kv_heads=4, seq_len=64,
-                 batch=12, vocab=512),
+                 batch=12, vocab=512, remat_policy="dots"),
     "10m": dict(family="gpt2", num_layers=6, d_model=384, num_heads=6, num_kv_heads=6, seq_len=256,
-                batch=64, vocab=512),
+                batch=64, vocab=512, remat_policy="dots"),
     "llama_500m": dict(family="llama", num_layers=24, d_model=1280, num_heads=20, num_kv_heads=4,
                        seq_len=2048, batch=16, vocab=32000, compute_dtype="bfloat16", attention_impl="jax",
                        remat_policy="dots"),
@@ -168,11 +170,12 @@ def bench_compile_depth(name: str) -> dict:
 def bench_decode(name: str, repeats: int) -> dict:
   """Decode tokens/s at batch 1 and 8, and per-token time at growing lengths (KV cache keeps it flat)."""
   c = preset_config(name)
+  c.model.max_len = max(c.data.seq_len, 512)  # room to show per-token time against length
   cfg = config_lib.model_config(c, c.model.vocab_size)
   params = nn.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(0), jax.numpy.zeros((1, 8), "int32"))["params"])
   params = jax.device_put(params, jax.devices()[0])
   out: dict[str, Any] = {}
-  lengths = [n for n in (64, 128, 256) if n <= cfg.max_len]
+  lengths = [n for n in (64, 128, 256, 512) if n <= cfg.max_len]
   for batch in (1, 8):
     per_token = {}
     for length in lengths:
@@ -185,7 +188,22 @@ def bench_decode(name: str, repeats: int) -> dict:
       per_token[length] = statistics.median(times[1:]) / (length - 4)  # first call compiles
     out[f"decode_tokens_per_s_batch{batch}"] = batch / per_token[lengths[-1]]
     out[f"decode_s_per_token_batch{batch}_by_length"] = per_token
+    # What one token costs without a cache: a full forward over the whole prefix.
+    out[f"no_cache_s_per_token_batch{batch}_by_length"] = {
+        length: _median_forward_s(params, cfg, batch, length, repeats) for length in lengths}
   return out
+
+
+def _median_forward_s(params: Any, cfg: Any, batch: int, length: int, repeats: int) -> float:
+  forward = jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t)[0])
+  tokens = jax.numpy.zeros((batch, length), "int32")
+  forward(params, tokens).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    forward(params, tokens).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
 
 
 def run(configs: Sequence[str], steps: int, repeats: int, warmup: int, real_data: bool, decode: bool,
@@ -216,6 +234,9 @@ def format_result(r: dict) -> str:
       by_length = r[f"decode_s_per_token_batch{batch}_by_length"]
       per = ", ".join(f"L={k}: {1000 * v:.2f} ms" for k, v in by_length.items())
       lines.append(f"  decode batch {batch}: {r[key]:,.0f} tok/s; per token {per}")
+      no_cache = r[f"no_cache_s_per_token_batch{batch}_by_length"]
+      lines.append("    without a cache (full forward per token): " +
+                   ", ".join(f"L={k}: {1000 * v:.2f} ms" for k, v in no_cache.items()))
   if "compile_ratio_32_over_4" in r:
     lines.append(f"  compile 4 layers {r['compile_s_4_layers']:.1f} s, 32 layers {r['compile_s_32_layers']:.1f} s "
                  f"(ratio {r['compile_ratio_32_over_4']:.2f})")
