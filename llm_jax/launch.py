@@ -40,6 +40,14 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def distributed_args() -> tuple[str, ...]:
+  """This process's multi-controller flags, to hand on to child training processes."""
+  if _COORDINATOR.value:
+    return (f"--coordinator_address={_COORDINATOR.value}", f"--num_processes={_NUM_PROCESSES.value}",
+            f"--process_id={_PROCESS_ID.value}")
+  return ("--distributed",) if _DISTRIBUTED.value else ()
+
+
 def quiet_logs() -> None:
   """Library INFO and WARNING logs (orbax, tfds) stay off unless --verbosity asks; ours are printed."""
   if not flags.FLAGS["verbosity"].present:

@@ -62,18 +62,25 @@ def _format_duration(seconds: float) -> str:
 
 @dataclasses.dataclass
 class Throughput:
-  """Turns wall time between log lines into tokens/s, MFU and ETA."""
+  """Turns wall time between log lines into tokens/s, MFU and ETA.
+
+  `reset` after anything that is not training (evaluation), so only training steps are timed.
+  """
 
   tokens_per_step: int
   flops_per_token: float
   peak_flops: float
   total_steps: int
+  last_step: int = 0
   last_time: float = dataclasses.field(default_factory=time.perf_counter)
 
-  def measure(self, step: int, steps_done: int) -> dict[str, float]:
+  def reset(self, step: int) -> None:
+    self.last_step, self.last_time = step, time.perf_counter()
+
+  def measure(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
-    step_time = (now - self.last_time) / max(steps_done, 1)
-    self.last_time = now
+    step_time = (now - self.last_time) / max(step - self.last_step, 1)
+    self.reset(step)
     tokens_per_s = self.tokens_per_step / step_time
     return {"step_time_s": step_time, "tokens_per_s": tokens_per_s,
             "mfu": metrics_lib.mfu(tokens_per_s, self.flops_per_token, self.peak_flops),
@@ -213,7 +220,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
         f"mesh {dict(mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source}); "
         f"{'resuming from step ' + str(start_step) if start_step else 'starting from scratch'}")
     clock = Throughput(config.global_batch_size * config.data.seq_len, flops["causal"], peak,
-                       config.num_train_steps)
+                       config.num_train_steps, last_step=start_step)
     loop = _Loop(config, fns, train_iter, eval_batches, ckpt, writer, meta, clock,
                  nonfinite_steps=int(loop_state.get("nonfinite_steps", 0)),
                  unlogged=list(loop_state.get("unlogged", [])),
@@ -322,7 +329,7 @@ class _Loop:
     m = {k: float(np.mean(np.asarray([g[k] for g in good], np.float64))) for k in ("loss", "accuracy", "grad_norm")}
     m["learning_rate"] = float(fetched[-1]["learning_rate"])
     m["nonfinite_steps"] = float(self.nonfinite_steps)
-    m.update(self.clock.measure(step, len(pending)))
+    m.update(self.clock.measure(step))
     self.writer.write(step, m)
     writers.console(_log_line(step, self.config.num_train_steps, m))
     if bad:
@@ -337,4 +344,4 @@ class _Loop:
     writers.console(f"step {step:>6d}/{self.config.num_train_steps} | validation loss {ev['val_loss']:.4f} | "
                     f"perplexity {ev['val_perplexity']:.2f}")
     self.final_metrics.update(ev)
-    self.clock.last_time = time.perf_counter()  # evaluation time is not training throughput
+    self.clock.reset(step)  # evaluation time is not training throughput
