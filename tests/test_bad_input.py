@@ -100,3 +100,22 @@ def test_generate_refuses_a_tokenizer_that_does_not_match_the_checkpoint(trained
   result = run_module("llm_jax.generate", f"--workdir={copy}")
   assert result.returncode == 2
   assert "is not the one checkpoint" in result.stderr
+
+
+OTHER_CASES = [
+    ("llm_jax.evaluate", ["--workdir=/nonexistent/run"], "does not exist"),
+    ("llm_jax.evaluate", ["--workdir={run}", "--zero_shot=/nonexistent.jsonl"], "zero-shot file"),
+    ("llm_jax.evaluate", ["--workdir={run}", "--text_files=/nonexistent/*.txt"], "matches no files"),
+    ("llm_jax.convert", ["--workdir={tmp}"], "pass exactly one of --from_hf"),
+    ("llm_jax.convert", ["--from_hf=/nonexistent", "--workdir={tmp}"], "is not a directory"),
+    ("llm_jax.sweep", ["--sweep=/nonexistent.py", "--root={tmp}"], "sweep file /nonexistent.py does not exist"),
+    ("llm_jax.bench", ["--configs=huge"], "unknown bench config 'huge'"),
+]
+
+
+@pytest.mark.parametrize("module, args, fragment", OTHER_CASES, ids=[f"{c[0]} {c[2]}" for c in OTHER_CASES])
+def test_other_entry_points_reject_bad_input(module, args, fragment, trained, tmp_path):
+  result = run_module(module, *[a.format(run=trained, tmp=tmp_path) for a in args])
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and fragment in lines[0], result.stderr[-2000:]
