@@ -283,6 +283,11 @@ class _Loop:
       for step in range(start_step + 1, last + 1):
         state, step_metrics = self.fns.train(state, to_global(next(self.train_iter), self.fns.batch_sharding))
         pending.append((step, step_metrics))
+        if step == start_step + 1:  # one sync, so compilation does not count as training throughput
+          jax.block_until_ready(step_metrics)
+          writers.console(f"step {step:>6d} | compiled and ran the first step in "
+                          f"{time.perf_counter() - self.clock.last_time:.1f} s")
+          self.clock.reset(step)
         preempted = preemption.should_stop(step)
         if step % c.log_every == 0 or step == last:
           self._log(step, pending)
