@@ -1,13 +1,23 @@
-"""Ablation: GPT-2 family (learned positions, LayerNorm, GELU, biases) against the Llama family (RoPE,
-RMSNorm, SwiGLU, 4 query heads sharing 2 KV heads) at the same width and depth, on the built-in corpus.
+"""Ablation: the GPT-2 family (learned positions, LayerNorm, GELU, biases) against the Llama family (RoPE,
+RMSNorm, SwiGLU, 4 query heads sharing 2 KV heads) at the same width and depth on the built-in corpus.
 
-Command:  python -m llm_jax.sweep --sweep=experiments/ablation_family.py --root=workdirs/ablation_family
-          python -m llm_jax.sweep --sweep=experiments/ablation_family.py --root=workdirs/ablation_family --report
-Hardware: 2-core x86-64 CPU, float32, one device.
-Result:   experiments/results/ablation_family/README.md (table, plots, conclusion, wall time).
+Command:  python -m llm_jax.sweep --sweep=experiments/ablation_family.py --root=/tmp/ablation_family
+          python -m llm_jax.sweep --report --root=/tmp/ablation_family
+Runs:     2 families × 3 seeds of experiments/sotu_small.py, shortened to 300 steps of 16 × 128 tokens.
+Hardware: 2-core x86-64 CPU, float32, one device; 2m20s–2m40s a run on a quiet machine (about 15 minutes
+          for the six), 17m23s measured while other jobs shared the cores (2026-11-28).
+Result:   GPT-2 4.5101 ± 0.0481, Llama 4.6032 ± 0.0640 final validation loss (mean ± std over 3 seeds);
+          the gap sits at the seed-noise threshold and flips with a shorter warm-up. Table, plots and
+          conclusion: experiments/results/ablation_family/README.md.
 """
 
 BASE = "experiments/sotu_small.py"
-SEEDS = (0, 1)
-ZIP = {"model.family": ["gpt2", "llama"], "model.num_kv_heads": [0, 2]}  # each family as it is usually built
-OVERRIDES = {"num_train_steps": 300, "optim.warmup_steps": 30, "eval_every": 50, "checkpoint_every": 100}
+SEEDS = (0, 1, 2)
+# Each family as it is usually built: the Llama family with grouped-query attention.
+ZIP = {"model.family": ["gpt2", "llama"], "model.num_kv_heads": [0, 2]}
+OVERRIDES = {
+    "num_train_steps": 300,  # sotu_small's 400 steps × 6 runs would take about 20 minutes here
+    "optim.warmup_steps": 30,  # 10% of the run, as sotu_small's 40 of 400
+    "eval_every": 50,  # six points per validation curve
+    "checkpoint_every": 150,
+}

@@ -1,7 +1,13 @@
-"""`python -m llm_jax.sweep --sweep=experiments/<sweep>.py --root=DIR [--dry_run | --report]`."""
+"""`python -m llm_jax.sweep --sweep=experiments/<sweep>.py --root=DIR [--dry_run]`, or `--report --root=DIR`.
+
+Runs every point of a sweep (format: `llm_jax/sweeps.py`) one after another, each in its own workdir
+under --root; rerunning skips finished runs and resumes the others. `--report` writes results.csv,
+runs.csv, results.md and PNG plots into --root (`llm_jax/report.py`).
+"""
 
 from __future__ import annotations
 
+import os
 import shlex
 from typing import Sequence
 
@@ -12,37 +18,59 @@ from llm_jax import launch
 from llm_jax import report
 from llm_jax import sweeps
 
-_SWEEP = flags.DEFINE_string("sweep", None, "Sweep file (see llm_jax/sweeps.py for its format).")
+_SWEEP = flags.DEFINE_string("sweep", None, "Sweep file (format: llm_jax/sweeps.py); optional with --report.")
 _ROOT = flags.DEFINE_string("root", None, "Directory holding one workdir per run.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs, their status and exact commands; run nothing.")
-_REPORT = flags.DEFINE_bool("report", False, "Collect finished runs into results.csv, results.md and PNGs.")
-flags.mark_flags_as_required(["sweep", "root"])
+_REPORT = flags.DEFINE_bool("report", False, "Collect finished runs into results.csv, results.md and PNG plots.")
+flags.mark_flag_as_required("root")
+
+
+def _report() -> None:
+  if not os.path.isdir(_ROOT.value):
+    raise FileNotFoundError(f"--root={_ROOT.value} does not exist; pass the --root the sweep ran in")
+  sweep = sweeps.load_sweep(_SWEEP.value) if _SWEEP.value else sweeps.read_manifest(_ROOT.value)
+  result = report.write_report(sweep, _ROOT.value)
+  print(result.table, end="")
+  if result.missing:
+    print(f"not finished yet (left out): {', '.join(result.missing)}")
+  print("wrote " + ", ".join(result.files))
+
+
+def _sweep() -> None:
+  if not _SWEEP.value:
+    raise ValueError("--sweep is missing; pass --sweep=experiments/<sweep>.py (or --report to summarise a root)")
+  sweep = sweeps.load_sweep(_SWEEP.value)
+  extra = launch.distributed_args()
+  runs = sweeps.expand(sweep, _ROOT.value, extra)
+  if _DRY_RUN.value:
+    for run in runs:
+      stale = sweeps.stale_settings(run)
+      note = f"; recorded with other settings: {sorted(stale)}" if stale else ""
+      print(f"# {run.name} [{sweeps.status(run)}{note}]\n{shlex.join(run.command)}")
+    print(f"# {len(runs)} runs, {sum(sweeps.status(r) == 'finished' for r in runs)} finished")
+    return
+  sweeps.check_not_stale(runs)
+  sweeps.write_manifest(sweep, runs, _ROOT.value)
+  try:
+    outcome = sweeps.run_all(runs, skip_finished=not extra)
+  except KeyboardInterrupt:
+    launch.fail("llm_jax.sweep", RuntimeError("interrupted; rerun the same command to resume"))
+  failed = [name for name, result in outcome.items() if result.startswith("failed")]
+  if failed:
+    raise ValueError(f"{len(failed)} of {len(runs)} runs failed ({', '.join(failed)}); see their train.log, "
+                     "then rerun the same command to retry them")
+  print(f"all {len(runs)} runs finished; summarise them with: python -m llm_jax.sweep --report "
+        f"--root={shlex.quote(_ROOT.value)}")
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-
-  def body() -> None:
-    sweep = sweeps.load_sweep(_SWEEP.value)
-    if _REPORT.value:
-      result = report.write_report(sweep, _ROOT.value)
-      print(result["table"], end="")
-      if result["missing"]:
-        print(f"not yet finished: {', '.join(result['missing'])}")
-      print(f"wrote {_ROOT.value}/results.csv, results.md, runs.csv and {len(result['plots'])} plots")
-      return
-    runs = sweeps.expand(sweep, _ROOT.value, launch.distributed_args())
-    if _DRY_RUN.value:
-      for run in runs:
-        print(f"# {run.name} [{sweeps.status(run)}]\n{shlex.join(run.command)}")
-      return
-    outcome = sweeps.run_all(runs)
-    failed = [name for name, result in outcome.items() if result.startswith("failed")]
-    if failed:
-      launch.fail("llm_jax.sweep", ValueError(f"{len(failed)} of {len(runs)} runs failed: {', '.join(failed)}"))
-
-  launch.run_main("llm_jax.sweep", body)
+  if not _ROOT.value.strip():
+    launch.fail("llm_jax.sweep", ValueError("--root is empty; pass the directory that holds the runs"))
+  if _REPORT.value and _DRY_RUN.value:
+    launch.fail("llm_jax.sweep", ValueError("--dry_run and --report exclude each other; pass one of them"))
+  launch.run_main("llm_jax.sweep", _report if _REPORT.value else _sweep)
 
 
 if __name__ == "__main__":
