@@ -196,14 +196,7 @@ def bench_decode(name: str, repeats: int) -> dict:
 
 def _median_forward_s(params: Any, cfg: Any, batch: int, length: int, repeats: int) -> float:
   forward = jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t)[0])
-  tokens = jax.numpy.zeros((batch, length), "int32")
-  forward(params, tokens).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    forward(params, tokens).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return metrics_lib.median_seconds(forward, params, jax.numpy.zeros((batch, length), "int32"), repeats=repeats)
 
 
 def run(configs: Sequence[str], steps: int, repeats: int, warmup: int, real_data: bool, decode: bool,

@@ -53,19 +53,23 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
   return {"standard": float(standard), "causal": float(causal), "non_embedding_params": float(n)}
 
 
+def median_seconds(fn, *args, repeats: int = 5) -> float:
+  """Median wall time of `fn(*args)` to completion, after one untimed call (compilation)."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
 def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
   """Achieved float32 FLOP/s of an n³ matmul on the first device: the CPU 'peak' for MFU."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   a, b = jax.device_put(a, jax.devices()[0]), jax.device_put(b, jax.devices()[0])
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, b).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    f(a, b).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * n**3 / float(np.median(times))
+  return 2 * n**3 / median_seconds(jax.jit(lambda x, y: x @ y), a, b, repeats=repeats)
 
 
 def peak_flops_total(per_device: float = 0.0) -> tuple[float, str]:
