@@ -18,8 +18,6 @@ import gzip
 import json
 import os
 import re
-import statistics
-import time
 
 import flax.linen as nn
 import jax
@@ -30,6 +28,7 @@ from absl import flags
 
 from llm_jax import bench
 from llm_jax import config as config_lib
+from llm_jax import metrics
 from llm_jax import steps as steps_lib
 
 _PRESET = flags.DEFINE_string("preset", "tiny", "Bench preset to profile.")
@@ -38,16 +37,6 @@ _TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Write a jax.profiler trace 
 
 _SHAPE = re.compile(r"= (f32|s32|pred|u32)\[([0-9,]*)\]")
 _BYTES = {"f32": 4, "s32": 4, "u32": 4, "pred": 1}
-
-
-def _median_ms(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1000 * statistics.median(times)
 
 
 def layout_copies(hlo_text: str) -> dict[str, float]:
@@ -104,8 +93,8 @@ def main(argv):
     params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch["inputs"][:1])["params"])
     loss = lambda p, bt, model=model: steps_lib._forward_loss(p, model, bt, None)[0]  # pylint: disable=protected-access
     forward, grad = jax.jit(loss), jax.jit(jax.grad(loss))
-    fwd_ms = _median_ms(forward, params, batch, repeats=_TIMES.value)
-    grad_ms = _median_ms(grad, params, batch, repeats=_TIMES.value)
+    fwd_ms = 1000 * metrics.median_seconds(forward, params, batch, repeats=_TIMES.value)
+    grad_ms = 1000 * metrics.median_seconds(grad, params, batch, repeats=_TIMES.value)
     stats = layout_copies(grad.lower(params, batch).compile().as_text())
     print(f"remat={policy:<5s} forward {fwd_ms:8.1f} ms | forward+backward {grad_ms:8.1f} ms "
           f"({grad_ms / fwd_ms:.1f}x forward) | HLO: {stats['copies']} copies writing "

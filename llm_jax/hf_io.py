@@ -27,6 +27,7 @@ from llm_jax import config as config_lib
 from llm_jax import conversion
 from llm_jax import hf_tokenizer
 from llm_jax import inference
+from llm_jax import tokenizer as tokenizer_lib
 from llm_jax.model import ModelConfig
 from llm_jax.model import abstract_params
 from llm_jax.tokenizer import load_tokenizer
@@ -138,7 +139,7 @@ def import_hf(hf_dir: str, workdir: str) -> tuple[ModelConfig, int]:
                      f"{cfg.vocab_size}; they do not belong together")
   params = conversion.params_from_hf(read_safetensors(hf_dir), cfg, nn.unbox(abstract_params(cfg)))
   params = jax.tree.map(jnp.asarray, params)
-  meta = {"model": dataclasses.asdict(cfg), "tokenizer_sha256": inference.file_sha256(tokenizer_path),
+  meta = {"model": dataclasses.asdict(cfg), "tokenizer_sha256": tokenizer_lib.file_sha256(tokenizer_path),
           "converted_from": os.path.abspath(hf_dir)}
   ckpt = checkpoint_lib.Checkpointer(workdir, every=1, keep=1, async_save=False)
   try:

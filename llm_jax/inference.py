@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from typing import Any
@@ -18,6 +17,7 @@ from llm_jax.hf_tokenizer import HFTokenizer
 from llm_jax.model import ModelConfig
 from llm_jax.model import abstract_params
 from llm_jax.tokenizer import Tokenizer
+from llm_jax.tokenizer import file_sha256
 from llm_jax.tokenizer import load_tokenizer
 
 MODEL_FILE = "model.json"
@@ -48,11 +48,6 @@ def read_model_card(workdir: str) -> tuple[ModelConfig, str]:
   with open(path, encoding="utf-8") as f:
     card = json.load(f)
   return ModelConfig(**card["model"]), os.path.join(workdir, card["tokenizer"])
-
-
-def file_sha256(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
 
 
 def load_model(workdir: str, step: int | None = None) -> LoadedModel:

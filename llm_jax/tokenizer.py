@@ -128,6 +128,12 @@ def train_tokenizer(documents: Sequence[str], model_prefix: str, *, model_type: 
   return Tokenizer.load(path)
 
 
+def file_sha256(path: str) -> str:
+  """Identity of a tokenizer (or any) file: checkpoints and the packed-data cache are keyed by it."""
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
 def corpus_fingerprint(documents: Sequence[str]) -> str:
   """Returns a SHA-256 hex digest of the documents, their order and boundaries."""
   digest = hashlib.sha256()

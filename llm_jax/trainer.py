@@ -26,6 +26,7 @@ from llm_jax import optim
 from llm_jax import runcard
 from llm_jax import sharding
 from llm_jax import steps as steps_lib
+from llm_jax import tokenizer as tokenizer_lib
 from llm_jax import writers
 from llm_jax.data import pipeline
 from llm_jax.model import ModelConfig
@@ -202,7 +203,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
     train_iter = pipeline.make_train_iterator(
         data, global_batch_size=config.global_batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
-    meta = {"model": dataclasses.asdict(cfg), "tokenizer_sha256": inference.file_sha256(data.tokenizer.path)}
+    meta = {"model": dataclasses.asdict(cfg), "tokenizer_sha256": tokenizer_lib.file_sha256(data.tokenizer.path)}
     start_step, state, loop_state = _restore_or_init(ckpt, fns, train_iter, config.init_params_from, meta)
     eval_batches = pipeline.make_eval_batches(
         data, batch_size=config.eval_batch_size, max_batches=config.eval_batches,

@@ -20,6 +20,7 @@ from llm_jax.data.packing import make_example
 from llm_jax.data.packing import pack_documents
 from llm_jax.tokenizer import Tokenizer
 from llm_jax.tokenizer import corpus_fingerprint
+from llm_jax.tokenizer import file_sha256
 from llm_jax.tokenizer import get_or_train_tokenizer
 
 # Part of the packed-array cache key: bump it whenever tokenising or packing changes.
@@ -52,11 +53,6 @@ class PreparedData:
   @property
   def seq_len(self) -> int:
     return self.train_tokens.shape[1] - 1
-
-
-def _file_sha256(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
@@ -106,7 +102,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PreparedDat
   val_docs = load_documents(config.data, "validation")
   tokenizer = get_or_train_tokenizer(train_docs, config.tokenizer, cache_dir=os.path.join(workdir, "tokenizer"))
   seq_len = config.data.seq_len
-  key_text = "|".join([_PACK_VERSION, _file_sha256(tokenizer.path), str(seq_len), corpus_fingerprint(train_docs),
+  key_text = "|".join([_PACK_VERSION, file_sha256(tokenizer.path), str(seq_len), corpus_fingerprint(train_docs),
                        corpus_fingerprint(val_docs)])
   prefix = os.path.join(workdir, "data", hashlib.sha256(key_text.encode()).hexdigest()[:16])
   arrays, counts = _load_or_pack(prefix, tokenizer, train_docs, val_docs, seq_len)
