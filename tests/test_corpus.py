@@ -5,23 +5,20 @@ import hashlib
 import os
 import time
 
-import ml_collections
 import pytest
 import tensorflow_datasets as tfds
 
 from llm_jax.data import corpus
 from llm_jax.data import sotu
+from llm_jax.data.corpus import DataConfig
 from llm_jax.data.corpus import load_documents
 from llm_jax.data.text import clean_text
 
 ONE_LINE = "^[^\n]*$"
 
 
-def _data_config(**overrides) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "corpus": "sotu", "text_files": "", "tfds_name": "", "tfds_text_key": "text", "tfds_train_split": "train",
-      "tfds_validation_split": "validation", "data_dir": "", "validation_fraction": 0.05, "seq_len": 128,
-      **overrides})
+def _data_config(**overrides) -> DataConfig:
+  return DataConfig(**overrides)
 
 
 def _reference_is_validation(key: str, fraction: float) -> bool:

@@ -40,7 +40,7 @@ def run(tmp_path_factory):
   tok = train_tokenizer(tiny_hf.TEXTS, os.path.join(workdir, "tokenizer", "spm"), model_type="bpe", vocab_size=400)
   params = nn.unbox(Transformer(CFG).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   params = jax.tree.map(lambda x: x * 5, params)  # sharper than initialisation, so losses differ from ln V
-  ckpt = Checkpointer(workdir, every=1, keep=1, async_save=False)
+  ckpt = Checkpointer(workdir, keep=1, async_save=False)
   ckpt.save_params(0, params, {"model": dataclasses.asdict(CFG), "tokenizer_sha256": tokenizer.file_sha256(tok.path)})
   ckpt.close()
   inference.write_model_card(workdir, CFG, tok.path)
@@ -107,7 +107,7 @@ def test_windows_score_every_token_once(n, seq_len, stride):
 def test_validation_split_from_the_run_config(run):
   workdir, config = run
   report = evaluation.evaluate_workdir(workdir, batch_size=4)
-  val_docs = corpus.load_documents(config.data, "validation")
+  val_docs = corpus.load_documents(config_lib.data_config(config), "validation")
   assert report["split"] == "validation" and report["seq_len"] == 32 and report["checkpoint_step"] == 0
   assert report["documents"] == len(val_docs) and report["bytes"] == sum(len(d.encode()) for d in val_docs)
   with pytest.raises(ValueError, match="matches no files"):

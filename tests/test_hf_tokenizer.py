@@ -2,7 +2,6 @@
 
 import json
 
-import ml_collections
 import numpy as np
 import pytest
 import tiny_hf
@@ -11,6 +10,7 @@ from llm_jax import hf_tokenizer
 from llm_jax.data.packing import pack_documents
 from llm_jax.hf_tokenizer import HFTokenizer
 from llm_jax.tokenizer import Tokenizer
+from llm_jax.tokenizer import TokenizerConfig
 from llm_jax.tokenizer import get_or_train_tokenizer
 from llm_jax.tokenizer import load_tokenizer
 from llm_jax.tokenizer import train_tokenizer
@@ -74,8 +74,7 @@ def test_bad_files(tmp_path):
 def test_dispatch_by_file_name(tmp_path, gpt2_style):
   sp = train_tokenizer(tiny_hf.TEXTS[:50], str(tmp_path / "sp"), model_type="bpe", vocab_size=400)
   assert isinstance(load_tokenizer(sp.path), Tokenizer)
-  config = ml_collections.ConfigDict({"model_type": "bpe", "vocab_size": 512, "byte_fallback": True,
-                                      "path": gpt2_style.path})
+  config = TokenizerConfig(model_type="bpe", vocab_size=512, byte_fallback=True, path=gpt2_style.path)
   assert isinstance(get_or_train_tokenizer(["unused"], config, str(tmp_path / "cache")), HFTokenizer)
 
 

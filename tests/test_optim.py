@@ -12,10 +12,10 @@ from llm_jax import config as config_lib
 from llm_jax import optim
 
 
-def _optim_cfg(**kw):
-  c = config_lib.get_config().optim
-  c.update({"learning_rate": 1e-3, "warmup_steps": 10, "min_lr_ratio": 0.1, **kw})
-  return c
+def _optim_cfg(**kw) -> optim.OptimConfig:
+  c = config_lib.get_config()
+  c.optim.update({"learning_rate": 1e-3, "warmup_steps": 10, "min_lr_ratio": 0.1, **kw})
+  return config_lib.optim_config(c)
 
 
 @pytest.mark.parametrize("name", ["constant", "linear", "cosine", "rsqrt", "wsd"])

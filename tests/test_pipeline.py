@@ -8,14 +8,18 @@ import ml_collections
 import numpy as np
 import pytest
 
+from llm_jax import config as config_lib
 from llm_jax.data import pipeline
 from llm_jax.data.corpus import load_documents
 from llm_jax.data.pipeline import PreparedData
 from llm_jax.data.pipeline import make_eval_batches
 from llm_jax.data.pipeline import make_train_iterator
-from llm_jax.data.pipeline import prepare_data
 
 KEYS = {"inputs", "targets", "segment_ids", "positions", "loss_mask"}
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> pipeline.PreparedData:
+  return pipeline.prepare_data(config_lib.data_config(config), config_lib.tokenizer_config(config), workdir)
 
 
 def _config(data_dir: str, **data) -> ml_collections.ConfigDict:
@@ -53,7 +57,7 @@ def test_prepare_text_files_round_trips_and_caches(tmp_path, monkeypatch):
   tokenizer = prepared.tokenizer
   for split, tokens, segment_ids in [("train", prepared.train_tokens, prepared.train_segment_ids),
                                      ("validation", prepared.val_tokens, prepared.val_segment_ids)]:
-    docs = load_documents(cfg.data, split)
+    docs = load_documents(config_lib.data_config(cfg), split)
     ids = [tokenizer.encode(d) for d in docs]
     stream = [t for x in ids for t in [tokenizer.bos_id, *x, tokenizer.eos_id]]
     assert tokens.shape[1] == 65 and tokens.dtype == np.int32

@@ -38,7 +38,7 @@ def _batch():
 
 def _one_step(c, mesh_shape, accum=1):
   cfg = config_lib.model_config(c, VOCAB)
-  tx, schedule = optim.make_optimizer(c.optim, 10)
+  tx, schedule = optim.make_optimizer(config_lib.optim_config(c), 10)
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
   with jax.set_mesh(mesh):
     fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=0, seq_len=SEQ, accum=accum)
@@ -70,7 +70,7 @@ def test_parameter_and_optimizer_shardings_follow_the_rules():
   c = _config("llama")
   c.optim.name = "adamw"
   cfg = config_lib.model_config(c, VOCAB)
-  tx, schedule = optim.make_optimizer(c.optim, 10)
+  tx, schedule = optim.make_optimizer(config_lib.optim_config(c), 10)
   mesh = sharding.make_mesh((2, 2, 2))
   with jax.set_mesh(mesh):
     fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=0, seq_len=SEQ, accum=1)
@@ -92,7 +92,7 @@ def test_parameter_and_optimizer_shardings_follow_the_rules():
 def test_replicated_fraction_counts_bytes():
   c = _config("gpt2")
   cfg = config_lib.model_config(c, VOCAB)
-  tx, _ = optim.make_optimizer(c.optim, 10)
+  tx, _ = optim.make_optimizer(config_lib.optim_config(c), 10)
   mesh = sharding.make_mesh((8, 1, 1))
   abstract, shardings, params_sh = steps_lib.state_shardings(cfg, tx, mesh, 0, SEQ)
   # Pure data parallelism replicates everything.
@@ -114,7 +114,7 @@ def test_dimension_that_does_not_divide_is_refused_before_compiling():
   c = _config("llama")
   c.model.num_kv_heads = 2  # 2 KV heads cannot be split over tensor=8
   cfg = config_lib.model_config(c, VOCAB)
-  tx, schedule = optim.make_optimizer(c.optim, 10)
+  tx, schedule = optim.make_optimizer(config_lib.optim_config(c), 10)
   mesh = sharding.make_mesh((1, 1, 8))
   with pytest.raises(sharding.MeshError, match=r"dimension 2 that does not divide over mesh axes"):
     steps_lib.build_steps(cfg, tx, schedule, mesh, seed=0, seq_len=SEQ, accum=1)

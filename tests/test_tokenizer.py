@@ -3,12 +3,12 @@
 import os
 from pydoc_data.topics import topics
 
-import ml_collections
 import pytest
 
 from llm_jax import tokenizer as tokenizer_lib
 from llm_jax.data.text import clean_text
 from llm_jax.tokenizer import Tokenizer
+from llm_jax.tokenizer import TokenizerConfig
 from llm_jax.tokenizer import get_or_train_tokenizer
 from llm_jax.tokenizer import train_tokenizer
 
@@ -22,9 +22,9 @@ HARD_TEXTS = [
 ]
 
 
-def _config(**overrides) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({"model_type": "bpe", "vocab_size": 512, "byte_fallback": True, "path": "",
-                                    **overrides})
+def _config(**overrides) -> TokenizerConfig:
+  return TokenizerConfig(**{"model_type": "bpe", "vocab_size": 512, "byte_fallback": True, "path": "",
+                            **overrides})
 
 
 @pytest.fixture(scope="module", params=["bpe", "unigram"])

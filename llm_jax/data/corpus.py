@@ -4,6 +4,7 @@ Splits are made per document by a stable hash of its name (`validation_keys`), s
 file order, Python's hash seed or the machine.
 """
 
+import dataclasses
 import fcntl
 import glob
 import hashlib
@@ -11,13 +12,26 @@ import math
 import os
 from typing import Sequence
 
-import ml_collections
-
 from llm_jax.data.text import clean_text
 
 CORPORA = ("sotu", "text_files", "tfds")
 SPLITS = ("train", "validation")
 DEFAULT_DATA_DIR = "~/.cache/llm_jax/tfds"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Which corpus to read and how to cut it (config.py documents each field and builds this)."""
+
+  corpus: str = "sotu"
+  text_files: str = ""
+  tfds_name: str = ""
+  tfds_text_key: str = "text"
+  tfds_train_split: str = "train"
+  tfds_validation_split: str = "validation"
+  data_dir: str = ""
+  validation_fraction: float = 0.05
+  seq_len: int = 128
 
 
 def _unit_hash(key: str) -> float:
@@ -54,12 +68,12 @@ def read_utf8(path: str) -> str:
   return text.removeprefix("\ufeff")  # A byte-order mark is not text.
 
 
-def data_dir(data_cfg: ml_collections.ConfigDict) -> str:
+def data_dir(data_cfg: DataConfig) -> str:
   """Returns the TFDS data directory: data.data_dir, or ~/.cache/llm_jax/tfds when it is empty."""
   return os.path.expanduser(data_cfg.data_dir or DEFAULT_DATA_DIR)
 
 
-def load_documents(data_cfg: ml_collections.ConfigDict, split: str) -> list[str]:
+def load_documents(data_cfg: DataConfig, split: str) -> list[str]:
   """Returns the cleaned, non-empty documents of `split` ('train' or 'validation') of corpus data.corpus.
 
   'sotu' fixes its split when the dataset is built (sotu.VALIDATION_FRACTION) and ignores
@@ -76,7 +90,7 @@ def load_documents(data_cfg: ml_collections.ConfigDict, split: str) -> list[str]
   raise ValueError(f"data.corpus={data_cfg.corpus!r} is not one of {CORPORA}; pass e.g. --config.data.corpus=sotu")
 
 
-def _load_sotu(data_cfg: ml_collections.ConfigDict, split: str) -> list[str]:
+def _load_sotu(data_cfg: DataConfig, split: str) -> list[str]:
   """Prepares the sotu builder under data_dir on first use (seconds), then reads it back."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
@@ -103,7 +117,7 @@ def _text_file_paths(pattern: str) -> list[str]:
   return sorted(paths)
 
 
-def _load_text_files(data_cfg: ml_collections.ConfigDict, split: str) -> list[str]:
+def _load_text_files(data_cfg: DataConfig, split: str) -> list[str]:
   """Each file is one document, split by a stable hash of its path.
 
   With only one or two non-empty files a per-file split would leave a side empty or make it a whole file,
@@ -135,7 +149,7 @@ def _load_text_files(data_cfg: ml_collections.ConfigDict, split: str) -> list[st
   return documents
 
 
-def _load_tfds(data_cfg: ml_collections.ConfigDict, split: str) -> list[str]:
+def _load_tfds(data_cfg: DataConfig, split: str) -> list[str]:
   """Reads an already prepared TFDS dataset; it never downloads, so it fails fast when data is missing."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
@@ -156,7 +170,7 @@ def _load_tfds(data_cfg: ml_collections.ConfigDict, split: str) -> list[str]:
     raise ValueError(f"TFDS dataset {name!r} under {directory!r} is stored as {file_format}, which needs "
                      f"TensorFlow; rebuild it with `tfds build {name} --file_format=array_record --data_dir=...`")
   key = "tfds_train_split" if split == "train" else "tfds_validation_split"
-  split_name = data_cfg[key]
+  split_name = getattr(data_cfg, key)
   if split_name.split("[")[0] not in builder.info.splits:
     raise ValueError(f"data.{key}={split_name!r} is not a split of {name!r} (it has "
                      f"{sorted(builder.info.splits)}); pass --config.data.{key}=...")

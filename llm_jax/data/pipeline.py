@@ -12,13 +12,14 @@ import os
 from typing import Any
 
 import grain
-import ml_collections
 import numpy as np
 
+from llm_jax.data.corpus import DataConfig
 from llm_jax.data.corpus import load_documents
 from llm_jax.data.packing import make_example
 from llm_jax.data.packing import pack_documents
 from llm_jax.tokenizer import Tokenizer
+from llm_jax.tokenizer import TokenizerConfig
 from llm_jax.tokenizer import corpus_fingerprint
 from llm_jax.tokenizer import file_sha256
 from llm_jax.tokenizer import get_or_train_tokenizer
@@ -92,22 +93,22 @@ def _load_or_pack(prefix: str, tokenizer: Tokenizer, train_docs: list[str], val_
   return arrays, counts
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PreparedData:
+def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, workdir: str) -> PreparedData:
   """Loads both splits, gets the tokenizer, and tokenises and packs them, reusing `workdir/data` caches.
 
   The packed arrays are cached as .npy files keyed by (tokenizer file hash, seq_len, corpus text hash), so a
   restart re-reads the documents (to hash them) but does not re-tokenise.
   """
-  train_docs = load_documents(config.data, "train")
-  val_docs = load_documents(config.data, "validation")
-  tokenizer = get_or_train_tokenizer(train_docs, config.tokenizer, cache_dir=os.path.join(workdir, "tokenizer"))
-  seq_len = config.data.seq_len
+  train_docs = load_documents(data_cfg, "train")
+  val_docs = load_documents(data_cfg, "validation")
+  tokenizer = get_or_train_tokenizer(train_docs, tok_cfg, cache_dir=os.path.join(workdir, "tokenizer"))
+  seq_len = data_cfg.seq_len
   key_text = "|".join([_PACK_VERSION, file_sha256(tokenizer.path), str(seq_len), corpus_fingerprint(train_docs),
                        corpus_fingerprint(val_docs)])
   prefix = os.path.join(workdir, "data", hashlib.sha256(key_text.encode()).hexdigest()[:16])
   arrays, counts = _load_or_pack(prefix, tokenizer, train_docs, val_docs, seq_len)
   if len(arrays["val_tokens"]) == 0:
-    raise ValueError(f"the validation split of data.corpus={config.data.corpus!r} is empty; raise "
+    raise ValueError(f"the validation split of data.corpus={data_cfg.corpus!r} is empty; raise "
                      "--config.data.validation_fraction or add documents")
   return PreparedData(tokenizer=tokenizer, **arrays, **counts)
 
