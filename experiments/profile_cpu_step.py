@@ -4,7 +4,7 @@ Command:  python experiments/profile_cpu_step.py --preset=tiny [--trace_dir=/tmp
 Hardware: 2-core x86-64 CPU, float32, one device.
 Result:   see BENCHMARKS.md ("What limits the CPU figures"), measured 2026-11-28.
 
-It times the jitted forward and forward+backward of a bench preset (`llm_jax.bench.PRESETS`) with
+It times the jitted forward and forward+backward of a bench shape (a variant of `experiments/bench.py`) with
 each remat policy, and inspects the optimized HLO of the gradient: how many `copy` and `transpose`
 instructions XLA:CPU emits and how many bytes they write per step, the layout changes that make the
 backward pass cost several times the forward. `--trace_dir` also writes a `jax.profiler` trace of a
@@ -26,12 +26,13 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from llm_jax import bench
+from llm_jax import batch as batch_lib
 from llm_jax import config as config_lib
 from llm_jax import metrics
 from llm_jax import steps as steps_lib
 
-_PRESET = flags.DEFINE_string("preset", "tiny", "Bench preset to profile.")
+_PRESET = flags.DEFINE_string("preset", "tiny", "Variant of experiments/bench.py to profile.")
+_BENCH_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
 _TIMES = flags.DEFINE_integer("timed_calls", 5, "Timed calls per measurement (medians reported).")
 _TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Write a jax.profiler trace of the gradient here.")
 
@@ -77,15 +78,10 @@ def top_ops(trace_dir: str, top: int = 12) -> list[tuple[str, float]]:
 
 def main(argv):
   del argv
-  c = bench.preset_config(_PRESET.value)
+  c = config_lib.from_file(f"{_BENCH_FILE}:{_PRESET.value}")
   base = dataclasses.replace(config_lib.model_config(c, c.model.vocab_size), remat_policy="none")
   b, l = c.global_batch_size, c.data.seq_len
-  rng = np.random.default_rng(0)
-  batch = {"inputs": jnp.asarray(rng.integers(0, base.vocab_size, (b, l), dtype=np.int32)),
-           "targets": jnp.asarray(rng.integers(0, base.vocab_size, (b, l), dtype=np.int32)),
-           "segment_ids": jnp.ones((b, l), jnp.int32),
-           "positions": jnp.tile(jnp.arange(l, dtype=jnp.int32), (b, 1)),
-           "loss_mask": jnp.ones((b, l), jnp.float32)}
+  batch = jax.tree.map(jnp.asarray, batch_lib.synthetic(b, l, base.vocab_size))
   print(f"preset {_PRESET.value}: batch {b} x {l} tokens, {base.num_layers} layers, width {base.d_model}")
   for policy in ("none", "dots", "full"):
     cfg = dataclasses.replace(base, remat_policy=policy)

@@ -6,6 +6,7 @@ before each config; on GPU/TPU the bf16 datasheet peak of the device kind (`llm_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -17,23 +18,22 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-import numpy as np
+import ml_collections
 from absl import app
 from absl import flags
 
+from llm_jax import batch as batch_lib
 from llm_jax import config as config_lib
-from llm_jax import dryrun
 from llm_jax import launch
 from llm_jax import metrics as metrics_lib
-from llm_jax import optim
 from llm_jax import sampling
 from llm_jax import sharding
-from llm_jax import steps as steps_lib
 from llm_jax import trainer
 from llm_jax.data import pipeline
 from llm_jax.model import Transformer
 
-_CONFIGS = flags.DEFINE_list("configs", ["tiny", "10m"], "Bench presets (see PRESETS) to measure.")
+_CONFIGS = flags.DEFINE_list("configs", ["tiny", "10m"], "Variants of experiments/bench.py, or config files "
+                             "(path.py[:variant]), to measure.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Repeats; medians are reported.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
@@ -43,39 +43,13 @@ _COMPILE_DEPTH = flags.DEFINE_bool("compile_depth", False, "Compare compile time
 _JSON = flags.DEFINE_string("json", None, "Write all results to this JSON file.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/llm_jax_bench", "Cache for the tokenizer and packed data.")
 
-# The CPU presets recompute activations in the backward pass ("dots" remat): on XLA:CPU that is
-# faster than saving them (10m: 10.2 s vs 12.9 s per fwd+bwd; tiny: 48 vs 68 ms), because the saved
-# activations are re-laid-out by copy kernels for the weight gradients (see BENCHMARKS.md).
-PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(family="gpt2", num_layers=2, d_model=64, num_heads=4, num_kv_heads=4, seq_len=64,
-                  batch=8, vocab=512),
-    "tiny": dict(family="gpt2", num_layers=4, d_model=128, num_heads=4, num_kv_heads=4, seq_len=64,
-                 batch=12, vocab=512, remat_policy="dots"),
-    "10m": dict(family="gpt2", num_layers=6, d_model=384, num_heads=6, num_kv_heads=6, seq_len=256,
-                batch=64, vocab=512, remat_policy="dots"),
-    "llama_500m": dict(family="llama", num_layers=24, d_model=1280, num_heads=20, num_kv_heads=4,
-                       seq_len=2048, batch=16, vocab=32000, compute_dtype="bfloat16", attention_impl="jax",
-                       remat_policy="dots"),
-}
+# Bare names in --configs are variants of this experiment file (relative to the repository).
+BENCH_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "bench.py")
 
 
-def preset_config(name: str, **overrides: Any):
-  """A full experiment config for a bench preset (AdamW, constant learning rate, no eval)."""
-  if name not in PRESETS:
-    raise ValueError(f"unknown bench config {name!r}; choose from {', '.join(PRESETS)}")
-  p = {**PRESETS[name], **overrides}
-  c = config_lib.get_config()
-  c.model.update({k: p[k] for k in ("family", "num_layers", "d_model", "num_heads", "num_kv_heads")})
-  c.model.vocab_size = p["vocab"]
-  c.model.compute_dtype = p.get("compute_dtype", "float32")
-  c.model.attention_impl = p.get("attention_impl", "einsum")
-  c.model.remat_policy = p.get("remat_policy", "none")
-  c.tokenizer.vocab_size = p["vocab"]
-  c.data.seq_len = p["seq_len"]
-  c.global_batch_size = p["batch"]
-  c.optim.schedule = "constant"
-  c.optim.warmup_steps = 0
-  return c
+def bench_config(spec: str) -> ml_collections.ConfigDict:
+  """The experiment config `spec` names: 'tiny' (a variant of experiments/bench.py) or 'path.py[:variant]'."""
+  return config_lib.from_file(spec if ".py" in spec else f"{BENCH_FILE}:{spec}")
 
 
 def _median_step_time(train, state, batches, steps: int, repeats: int, warmup: int):
@@ -96,31 +70,24 @@ def _median_step_time(train, state, batches, steps: int, repeats: int, warmup: i
 def bench_train(name: str, steps: int, repeats: int, warmup: int, real_data: bool, workdir: str) -> dict:
   """Compile time, memory, and median step time with synthetic (and optionally real) batches."""
 
-  c = preset_config(name)
-  cfg = config_lib.model_config(c, c.model.vocab_size)
+  c = bench_config(name)
   peak, peak_source = metrics_lib.peak_flops_total()
   mesh = sharding.make_mesh((-1, 1, 1))
-  tx, schedule = optim.make_optimizer(c.optim, 1000)
   b, l = c.global_batch_size, c.data.seq_len
   with jax.set_mesh(mesh):
-    fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=0, seq_len=l, accum=1)
-    state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            fns.abstract_state, fns.state_shardings)
+    cfg, fns = trainer.make_steps(c, mesh, c.model.vocab_size)
     start = time.perf_counter()
-    compiled = fns.train.lower(state_in, dryrun.abstract_batch(b, l, fns.batch_sharding)).compile()
+    compiled = fns.lower_train(b, l).compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
-    rng = np.random.default_rng(0)
-    synthetic = {"inputs": rng.integers(0, cfg.vocab_size, (b, l), dtype=np.int32),
-                 "targets": rng.integers(0, cfg.vocab_size, (b, l), dtype=np.int32),
-                 "segment_ids": np.ones((b, l), np.int32),
-                 "positions": np.tile(np.arange(l, dtype=np.int32), (b, 1)), "loss_mask": np.ones((b, l), np.float32)}
-    on_device = trainer.to_global(synthetic, fns.batch_sharding)
+    on_device = trainer.to_global(batch_lib.synthetic(b, l, cfg.vocab_size), fns.batch_sharding)
     state = fns.init()
     step_s, state = _median_step_time(compiled, state, lambda i: on_device, steps, repeats, warmup)
-    result = {"config": name, "model": dict(PRESETS[name]), "compile_s": compile_s, "step_time_s": step_s}
+    result = {"config": name, "model": dataclasses.asdict(cfg), "global_batch_size": b, "compile_s": compile_s,
+              "step_time_s": step_s}
     if real_data:
-      data = pipeline.prepare_data(c, os.path.join(workdir, f"{name}"))
+      data = pipeline.prepare_data(config_lib.data_config(c), config_lib.tokenizer_config(c),
+                                   os.path.join(workdir, f"{name}"))
       it = pipeline.make_train_iterator(data, global_batch_size=b, seed=0, process_index=0, process_count=1)
       real_s, state = _median_step_time(compiled, state, lambda i: trainer.to_global(next(it), fns.batch_sharding),
                                         steps, repeats, warmup)
@@ -150,18 +117,13 @@ def bench_compile_depth(name: str) -> dict:
   out = {}
   jax.config.update("jax_enable_compilation_cache", False)
   for layers in (4, 32):
-    c = preset_config(name)
+    c = bench_config(name)
     c.model.num_layers = layers
-    cfg = config_lib.model_config(c, c.model.vocab_size)
     mesh = sharding.make_mesh((-1, 1, 1))
-    tx, schedule = optim.make_optimizer(c.optim, 1000)
     with jax.set_mesh(mesh):
-      fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=0, seq_len=c.data.seq_len, accum=1)
-      state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              fns.abstract_state, fns.state_shardings)
+      _, fns = trainer.make_steps(c, mesh, c.model.vocab_size)
       start = time.perf_counter()
-      fns.train.lower(state_in, dryrun.abstract_batch(c.global_batch_size, c.data.seq_len,
-                                                      fns.batch_sharding)).compile()
+      fns.lower_train(c.global_batch_size, c.data.seq_len).compile()
       out[f"compile_s_{layers}_layers"] = time.perf_counter() - start
   out["compile_ratio_32_over_4"] = out["compile_s_32_layers"] / out["compile_s_4_layers"]
   return out
@@ -169,7 +131,7 @@ def bench_compile_depth(name: str) -> dict:
 
 def bench_decode(name: str, repeats: int) -> dict:
   """Decode tokens/s at batch 1 and 8, and per-token time at growing lengths (KV cache keeps it flat)."""
-  c = preset_config(name)
+  c = bench_config(name)
   c.model.max_len = max(c.data.seq_len, 512)  # room to show per-token time against length
   cfg = config_lib.model_config(c, c.model.vocab_size)
   params = nn.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(0), jax.numpy.zeros((1, 8), "int32"))["params"])
@@ -241,8 +203,10 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
 
   def body() -> None:
+    if not _CONFIGS.value:
+      raise ValueError("--configs is empty; name at least one, e.g. --configs=tiny")
     for name in _CONFIGS.value:
-      preset_config(name)  # unknown names fail before any compile
+      bench_config(name)  # unknown names and files fail before any compile
     results = run(_CONFIGS.value, _STEPS.value, _REPEATS.value, _WARMUP.value, _REAL_DATA.value, _DECODE.value,
                   _COMPILE_DEPTH.value, _WORKDIR.value)
     if _JSON.value:

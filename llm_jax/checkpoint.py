@@ -10,6 +10,8 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from llm_jax import sharding
+
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -17,18 +19,11 @@ class CheckpointError(RuntimeError):
   """No usable checkpoint where one was required."""
 
 
-def abstract_target(abstract_tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs carrying the *current* run's shardings, so restore works on any mesh."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract_tree, shardings)
-
-
 class Checkpointer:
-  """Saves every `every` steps (asynchronously) and keeps the newest `keep`."""
+  """Saves checkpoints when told to (asynchronously by default), keeps the newest `keep` (None: all), restores."""
 
-  def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str, *, keep: int | None = None, async_save: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-    self.every = every
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -40,11 +35,8 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state: Any, data_state: dict[str, Any], meta: dict[str, Any], *,
-           force: bool = False) -> bool:
-    """Starts an async save if `step` is on the interval (or forced); returns whether it saved."""
-    if not force and step % self.every:
-      return False
+  def save(self, step: int, state: Any, data_state: dict[str, Any], meta: dict[str, Any]) -> bool:
+    """Starts saving step `step` (asynchronously unless `async_save=False`); returns whether it started."""
     return self.manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)))
@@ -73,7 +65,7 @@ class Checkpointer:
     if step is not None and step not in self.steps():
       raise CheckpointError(f"no checkpoint at step {step} in {self.directory}; available: "
                             f"{self.steps() or 'none'}")
-    target = abstract_target(abstract_state, shardings)
+    target = sharding.with_shardings(abstract_state, shardings)
     for candidate in candidates:
       try:
         meta = self.restore_meta(candidate)
@@ -106,7 +98,7 @@ class Checkpointer:
     step = steps[-1] if step is None else step
     if step not in steps:
       raise CheckpointError(f"no checkpoint at step {step} in {self.directory}; available: {steps}")
-    target = {"params": abstract_target(abstract_params, shardings)}
+    target = {"params": sharding.with_shardings(abstract_params, shardings)}
     restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)))
@@ -127,9 +119,6 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f"llm_jax:quarantine:{step}")
     self.manager.reload()
     return target
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -6,7 +6,6 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
@@ -24,12 +23,6 @@ def per_device_bytes(abstract_tree: Any, shardings: Any) -> int:
   return total
 
 
-def abstract_batch(global_batch_size: int, seq_len: int, batch_sharding: NamedSharding) -> dict:
-  def leaf(dtype):
-    return jax.ShapeDtypeStruct((global_batch_size, seq_len), dtype, sharding=batch_sharding)
-  return {k: leaf(jnp.float32 if k == "loss_mask" else jnp.int32) for k in steps_lib.BATCH_KEYS}
-
-
 def largest_arrays(abstract_params: Any, shardings: Any, top: int = 6) -> list[tuple[str, tuple, str]]:
   flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
   flat_sh = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
@@ -41,9 +34,7 @@ def largest_arrays(abstract_params: Any, shardings: Any, top: int = 6) -> list[t
 def report(cfg: ModelConfig, fns: steps_lib.StepFns, *, global_batch_size: int, seq_len: int,
            replicated_share: float) -> dict[str, Any]:
   """Compiles `fns.train` on abstract inputs and returns per-device memory, FLOPs and placements."""
-  state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          fns.abstract_state, fns.state_shardings)
-  compiled = fns.train.lower(state_in, abstract_batch(global_batch_size, seq_len, fns.batch_sharding)).compile()
+  compiled = fns.lower_train(global_batch_size, seq_len).compile()
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis() or {}
   flops = metrics_lib.flops_per_token(cfg, seq_len)

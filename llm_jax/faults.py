@@ -94,9 +94,3 @@ def check_drift(saved_meta: dict[str, Any], model: dict[str, Any], tokenizer_sha
     raise RunError("the tokenizer does not match the one the checkpoint was trained with (sha256 differs); "
                    "restore the workdir's tokenizer settings or use a new --workdir")
 
-
-def first_nonfinite_step(steps: list[int], flags: list[float]) -> int | None:
-  for step, flag in zip(steps, flags):
-    if flag:
-      return step
-  return None

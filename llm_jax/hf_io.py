@@ -141,7 +141,7 @@ def import_hf(hf_dir: str, workdir: str) -> tuple[ModelConfig, int]:
   params = jax.tree.map(jnp.asarray, params)
   meta = {"model": dataclasses.asdict(cfg), "tokenizer_sha256": tokenizer_lib.file_sha256(tokenizer_path),
           "converted_from": os.path.abspath(hf_dir)}
-  ckpt = checkpoint_lib.Checkpointer(workdir, every=1, keep=1, async_save=False)
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=1, async_save=False)
   try:
     ckpt.save_params(0, params, meta)
   finally:

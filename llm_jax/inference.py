@@ -62,7 +62,7 @@ def load_model(workdir: str, step: int | None = None) -> LoadedModel:
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   params_abstract = nn.unbox(abstract_params(cfg))
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh), params_abstract)
-  ckpt = checkpoint_lib.Checkpointer(workdir, every=1, keep=1_000_000, async_save=False)
+  ckpt = checkpoint_lib.Checkpointer(workdir, async_save=False)
   try:
     restored_step, params = ckpt.restore_params(params_abstract, shardings, step)
     saved_sha = ckpt.restore_meta(restored_step).get("tokenizer_sha256")

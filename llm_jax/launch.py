@@ -1,4 +1,5 @@
-"""Process start-up shared by every entry point: JAX's multi-controller runtime and one-line errors."""
+"""What every entry point shares at start-up: flag parsing with one-line errors, quiet library logs, and the
+multi-controller flags for the entry points that start several processes."""
 
 from __future__ import annotations
 
@@ -14,38 +15,42 @@ from absl import logging
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import faults
 
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", os.environ.get("LLM_JAX_COORDINATOR_ADDRESS"),
-    "host:port of process 0 for a multi-process run (env LLM_JAX_COORDINATOR_ADDRESS).")
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", int(os.environ.get("LLM_JAX_NUM_PROCESSES", "0")) or None,
-    "Processes in a multi-process run (env LLM_JAX_NUM_PROCESSES).")
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", int(os.environ["LLM_JAX_PROCESS_ID"]) if "LLM_JAX_PROCESS_ID" in os.environ else None,
-    "This process's index in a multi-process run (env LLM_JAX_PROCESS_ID).")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() with auto-detection (Cloud TPU VMs, "
-    "SLURM, ...); implied by --coordinator_address.")
-
 # Errors a user can fix from the command line: shown as one line, never as a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, checkpoint_lib.CheckpointError, faults.RunError)
 
 
-def initialize_distributed() -> None:
-  """Joins the multi-controller runtime when asked to; a single process needs nothing."""
-  if _COORDINATOR.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  elif _DISTRIBUTED.value:
-    jax.distributed.initialize()
+class DistributedFlags:
+  """The multi-controller flags, defined only by the entry points that start (or hand on) a multi-process run."""
 
+  def __init__(self):
+    env = os.environ
+    self._coordinator = flags.DEFINE_string(
+        "coordinator_address", env.get("LLM_JAX_COORDINATOR_ADDRESS"),
+        "host:port of process 0 for a multi-process run (env LLM_JAX_COORDINATOR_ADDRESS).")
+    self._num_processes = flags.DEFINE_integer(
+        "num_processes", int(env.get("LLM_JAX_NUM_PROCESSES", "0")) or None,
+        "Processes in a multi-process run (env LLM_JAX_NUM_PROCESSES).")
+    self._process_id = flags.DEFINE_integer(
+        "process_id", int(env["LLM_JAX_PROCESS_ID"]) if "LLM_JAX_PROCESS_ID" in env else None,
+        "This process's index in a multi-process run (env LLM_JAX_PROCESS_ID).")
+    self._distributed = flags.DEFINE_bool(
+        "distributed", False, "Call jax.distributed.initialize() with auto-detection (Cloud TPU VMs, "
+        "SLURM, ...); implied by --coordinator_address.")
 
-def distributed_args() -> tuple[str, ...]:
-  """This process's multi-controller flags, to hand on to child training processes."""
-  if _COORDINATOR.value:
-    return (f"--coordinator_address={_COORDINATOR.value}", f"--num_processes={_NUM_PROCESSES.value}",
-            f"--process_id={_PROCESS_ID.value}")
-  return ("--distributed",) if _DISTRIBUTED.value else ()
+  def initialize(self) -> None:
+    """Joins the multi-controller runtime when asked to; a single process needs nothing."""
+    if self._coordinator.value:
+      jax.distributed.initialize(coordinator_address=self._coordinator.value,
+                                 num_processes=self._num_processes.value, process_id=self._process_id.value)
+    elif self._distributed.value:
+      jax.distributed.initialize()
+
+  def args(self) -> tuple[str, ...]:
+    """This process's multi-controller flags, to hand on to child training processes."""
+    if self._coordinator.value:
+      return (f"--coordinator_address={self._coordinator.value}", f"--num_processes={self._num_processes.value}",
+              f"--process_id={self._process_id.value}")
+    return ("--distributed",) if self._distributed.value else ()
 
 
 def quiet_logs() -> None:

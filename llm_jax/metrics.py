@@ -1,7 +1,11 @@
-"""Pure metric functions: masked cross-entropy, accuracy, model FLOPs per token, peak FLOP/s and MFU."""
+"""Metrics: masked cross-entropy and accuracy, perplexity, model FLOPs per token, MFU and the peak it divides by.
+
+All are pure functions except the peak, which on devices without a datasheet figure is measured by timing a matmul.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 
 import jax
@@ -36,6 +40,15 @@ def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
   mask = mask_BxL.astype(jnp.float32)
   correct = (jnp.argmax(logits, axis=-1) == targets_BxL).astype(jnp.float32)
   return jnp.sum(nll_BxL * mask), jnp.sum(mask), jnp.sum(correct * mask)
+
+
+# exp() of larger losses overflows float64; such a run has diverged and its perplexity is shown capped.
+_MAX_LOG_PERPLEXITY = 700.0
+
+
+def perplexity(loss: float) -> float:
+  """exp(loss) of a mean loss in nats, capped at exp(700) so a diverged run still logs a number."""
+  return math.exp(min(loss, _MAX_LOG_PERPLEXITY))
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from typing import Any
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -35,6 +36,11 @@ ATTENTION_IMPLS = ("einsum", "jax")
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Every dimension and switch of the model; no ConfigDict reaches the layers."""
+
+  # Fields that may differ between a checkpoint and the run resuming (or starting from) it: they change
+  # how the same parameters are computed with, not what the parameters are.
+  RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("dropout_rate", "compute_dtype", "scan_layers", "remat_policy",
+                                               "attention_impl")
 
   family: str = "gpt2"
   vocab_size: int = 2048
@@ -62,6 +68,11 @@ class ModelConfig:
   @property
   def is_llama(self) -> bool:
     return self.family == "llama"
+
+  @property
+  def position_limit(self) -> int | None:
+    """The longest sequence the model can read: its learned position table (gpt2); None for RoPE (llama)."""
+    return None if self.is_llama else self.max_len
 
   @property
   def dtype(self) -> jnp.dtype:
@@ -167,7 +178,6 @@ class Attention(nn.Module):
   """Causal self-attention with grouped-query heads, optional RoPE and an optional KV cache."""
 
   cfg: ModelConfig
-  deterministic: bool
 
   def _proj(self, name: str, x_BxLxD: Array, heads: int, axis: str) -> Array:
     cfg = self.cfg
@@ -198,7 +208,8 @@ class Attention(nn.Module):
       # Causal by slot, not by position: positions restart inside packed rows.
       q_pos_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
       k_BxSxGxK, v_BxSxGxK = k_BxLxGxK, v_BxLxGxK
-      k_pos_BxS, k_seg_BxS = q_pos_BxL, segment_ids_BxL
+      k_pos_BxS = q_pos_BxL
+      q_seg_BxL = k_seg_BxS = segment_ids_BxL
     else:
       # Decoding: all rows share one start position, so one dynamic slice writes the new keys.
       start = positions_BxL[0, 0]
@@ -209,11 +220,10 @@ class Attention(nn.Module):
       cache = {"k": k_BxSxGxK, "v": v_BxSxGxK}
       s = k_BxSxGxK.shape[1]
       k_pos_BxS = jnp.broadcast_to(jnp.arange(s, dtype=positions_BxL.dtype), (x_BxLxD.shape[0], s))
-      k_seg_BxS = None
+      q_seg_BxL = k_seg_BxS = None  # one sequence per row while decoding
       q_pos_BxL = start + jnp.broadcast_to(jnp.arange(l, dtype=positions_BxL.dtype), (b, l))
 
-    mask_BxLxS = attention_mask(q_pos_BxL, k_pos_BxS,
-                                segment_ids_BxL if k_seg_BxS is not None else None, k_seg_BxS)
+    mask_BxLxS = attention_mask(q_pos_BxL, k_pos_BxS, q_seg_BxL, k_seg_BxS)
     out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS,
                                         cfg.attention_impl)
     w_HxKxD = param_with_axes(self, "out", init_normal(0.02 / (2 * cfg.num_layers) ** 0.5),
@@ -264,7 +274,7 @@ class Block(nn.Module):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
     h_BxLxD = Norm(cfg.is_llama, cfg.norm_eps, name="attn_norm")(x_BxLxD)
-    h_BxLxD, cache = Attention(cfg, self.deterministic, name="attn")(
+    h_BxLxD, cache = Attention(cfg, name="attn")(
         h_BxLxD, positions_BxL, segment_ids_BxL, cache)
     x_BxLxD = x_BxLxD + drop(h_BxLxD)
     h_BxLxD = Mlp(cfg, name="mlp")(Norm(cfg.is_llama, cfg.norm_eps, name="mlp_norm")(x_BxLxD))

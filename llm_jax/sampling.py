@@ -59,9 +59,9 @@ def _validate(cfg: ModelConfig, prompt_len: int, max_length: int, num_return_seq
   if max_length <= prompt_len:
     raise ValueError(f"--max_length={max_length} is not longer than the prompt ({prompt_len} tokens); "
                      "raise --max_length")
-  if not cfg.is_llama and max_length > cfg.max_len:
-    raise ValueError(f"--max_length={max_length} exceeds the {cfg.max_len} learned positions of this "
-                     f"{cfg.family} model; lower --max_length to at most {cfg.max_len}")
+  if cfg.position_limit and max_length > cfg.position_limit:
+    raise ValueError(f"--max_length={max_length} exceeds the {cfg.position_limit} learned positions of this "
+                     f"{cfg.family} model; lower --max_length to at most {cfg.position_limit}")
   if num_return_sequences < 1:
     raise ValueError(f"--num_return_sequences={num_return_sequences} must be at least 1")
   if temperature < 0:

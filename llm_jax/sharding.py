@@ -84,6 +84,11 @@ def param_shardings(abstract_boxed_params: Any, mesh: Mesh) -> Any:
                       is_leaf=lambda x: isinstance(x, P))
 
 
+def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying `shardings`: restore and compile targets for the *current* mesh."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension over (data, fsdp); the rest replicated."""
   return NamedSharding(mesh, P(("data", "fsdp")))

@@ -15,13 +15,13 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from llm_jax import batch as batch_lib
 from llm_jax import metrics as metrics_lib
 from llm_jax import sharding
 from llm_jax.model import ModelConfig
 from llm_jax.model import Transformer
 
-Batch = dict[str, jax.Array]
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+Batch = dict[str, jax.Array]  # the layout of llm_jax.batch
 
 
 @flax.struct.dataclass
@@ -44,6 +44,11 @@ class StepFns:
   abstract_state: Any = flax.struct.field(pytree_node=False)
   batch_sharding: NamedSharding = flax.struct.field(pytree_node=False)
 
+  def lower_train(self, global_batch_size: int, seq_len: int) -> jax.stages.Lowered:
+    """The train step lowered for abstract inputs of this placement (compile it to see memory and FLOPs)."""
+    state = sharding.with_shardings(self.abstract_state, self.state_shardings)
+    return self.train.lower(state, batch_lib.abstract(global_batch_size, seq_len, self.batch_sharding))
+
 
 def _forward_loss(params: Any, model: Transformer, batch: Batch, dropout_key: jax.Array | None):
   deterministic = dropout_key is None
@@ -65,8 +70,7 @@ def _micro_batches(batch: Batch, accum: int) -> Batch:
 
 
 def train_step(state: TrainState, batch: Batch, *, model: Transformer, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, accum: int, inject_nonfinite_at: int = 0
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               schedule: optax.Schedule, accum: int) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update on the mean next-token loss of the global batch (summed over micro-batches).
 
   A non-finite loss or gradient norm leaves parameters and optimizer state untouched and sets the
@@ -92,8 +96,6 @@ def train_step(state: TrainState, batch: Batch, *, model: Transformer, tx: optax
     else:
       carry, _ = jax.lax.scan(micro_step, init, (_micro_batches(batch, accum), jnp.arange(accum)))
     grads_sum, nll_sum, count, correct = carry
-    if inject_nonfinite_at:  # fault injection for testing the divergence policy
-      nll_sum = nll_sum * jnp.where(state.step + 1 == inject_nonfinite_at, jnp.nan, 1.0)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads_sum)
     grad_norm = optax.global_norm(grads)
@@ -145,17 +147,16 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
 
 
 def build_steps(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                mesh: Mesh, *, seed: int, seq_len: int, accum: int, inject_nonfinite_at: int = 0) -> StepFns:
+                mesh: Mesh, *, seed: int, seq_len: int, accum: int) -> StepFns:
   """Jits init, train and eval once, with explicit in/out shardings and the state donated."""
   model = Transformer(cfg)
   abstract_state, state_sh, params_sh = state_shardings(cfg, tx, mesh, seed, seq_len)
   sharding.check_divisible(abstract_state.params, params_sh, mesh)
   batch_sh = sharding.batch_sharding(mesh)
-  batch_shardings = {k: batch_sh for k in BATCH_KEYS}
+  batch_shardings = {k: batch_sh for k in batch_lib.KEYS}
   replicated = sharding.replicated(mesh)
   init = jax.jit(lambda: _init_state(cfg, tx, seed, seq_len)[0], out_shardings=state_sh)
-  train = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule, accum=accum,
-                                    inject_nonfinite_at=inject_nonfinite_at),
+  train = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule, accum=accum),
                   in_shardings=(state_sh, batch_shardings), out_shardings=(state_sh, replicated),
                   donate_argnums=(0,))
   evaluate = jax.jit(functools.partial(eval_step, model=model),

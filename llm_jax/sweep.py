@@ -23,6 +23,7 @@ _ROOT = flags.DEFINE_string("root", None, "Directory holding one workdir per run
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs, their status and exact commands; run nothing.")
 _REPORT = flags.DEFINE_bool("report", False, "Collect finished runs into results.csv, results.md and PNG plots.")
 flags.mark_flag_as_required("root")
+_DISTRIBUTED = launch.DistributedFlags()
 
 
 def _report() -> None:
@@ -40,7 +41,7 @@ def _sweep() -> None:
   if not _SWEEP.value:
     raise ValueError("--sweep is missing; pass --sweep=experiments/<sweep>.py (or --report to summarise a root)")
   sweep = sweeps.load_sweep(_SWEEP.value)
-  extra = launch.distributed_args()
+  extra = _DISTRIBUTED.args()
   runs = sweeps.expand(sweep, _ROOT.value, extra)
   if _DRY_RUN.value:
     for run in runs:

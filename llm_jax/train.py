@@ -16,6 +16,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "--config.<key>=<value>.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer, logs.")
 flags.mark_flags_as_required(["config", "workdir"])
+_DISTRIBUTED = launch.DistributedFlags()
 
 
 def main(argv: Sequence[str]) -> None:
@@ -23,8 +24,12 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not _WORKDIR.value.strip():
     launch.fail("llm_jax.train", ValueError("--workdir is empty; pass the directory for checkpoints and logs"))
-  launch.initialize_distributed()
-  launch.run_main("llm_jax.train", lambda: trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value))
+  _DISTRIBUTED.initialize()
+  config = _CONFIG.value
+  if config.dry_run:
+    launch.run_main("llm_jax.train", lambda: trainer.dry_run(config))
+  else:
+    launch.run_main("llm_jax.train", lambda: trainer.train_and_evaluate(config, _WORKDIR.value))
 
 
 if __name__ == "__main__":

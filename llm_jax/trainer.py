@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import math
 import os
 import time
 from typing import Any
@@ -32,9 +30,6 @@ from llm_jax.data import pipeline
 from llm_jax.model import ModelConfig
 from llm_jax.model import count_params
 
-# Model fields a run may choose for itself when it starts from another run's weights.
-RUNTIME_MODEL_FIELDS = ("dropout_rate", "compute_dtype", "scan_layers", "remat_policy", "attention_impl")
-
 
 def to_global(local_batch: dict[str, np.ndarray], batch_sharding: jax.sharding.NamedSharding) -> dict:
   """Assembles the global batch from each process's own rows."""
@@ -52,7 +47,7 @@ def evaluate(fns: steps_lib.StepFns, params: Any, batches: list[dict[str, np.nda
     for k in totals:
       totals[k] += float(out[k])
   loss = totals["nll_sum"] / max(totals["tokens"], 1.0)
-  return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
+  return {"val_loss": loss, "val_perplexity": metrics_lib.perplexity(loss),
           "val_accuracy": totals["correct"] / max(totals["tokens"], 1.0)}
 
 
@@ -78,6 +73,9 @@ class Throughput:
   def reset(self, step: int) -> None:
     self.last_step, self.last_time = step, time.perf_counter()
 
+  def seconds_since_reset(self) -> float:
+    return time.perf_counter() - self.last_time
+
   def measure(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
     step_time = (now - self.last_time) / max(step - self.last_step, 1)
@@ -97,7 +95,7 @@ def _restore_or_init(ckpt: checkpoint_lib.Checkpointer, fns: steps_lib.StepFns, 
   if restored is None:
     state = fns.init()
     if init_params_from:
-      source = checkpoint_lib.Checkpointer(init_params_from, every=1, keep=1_000_000, async_save=False)
+      source = checkpoint_lib.Checkpointer(init_params_from, async_save=False)
       try:
         _, params = source.restore_params(fns.abstract_state.params, fns.state_shardings.params)
       finally:
@@ -109,24 +107,39 @@ def _restore_or_init(ckpt: checkpoint_lib.Checkpointer, fns: steps_lib.StepFns, 
   return step, state, data_state
 
 
+def make_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+               vocab_size: int) -> tuple[ModelConfig, steps_lib.StepFns]:
+  """The model config and the jitted steps an experiment config asks for; call under `jax.set_mesh(mesh)`.
+
+  The one place that turns a config into steps: training, the dry run and the benchmark all use it.
+  """
+  cfg = config_lib.model_config(config, vocab_size)
+  tx, schedule = optim.make_optimizer(config_lib.optim_config(config), config.num_train_steps)
+  fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=config.seed, seq_len=config.data.seq_len,
+                              accum=config.grad_accum_steps)
+  sharding.check_replication(fns.abstract_state.params, fns.state_shardings.params, mesh,
+                             config.max_replicated_share)
+  return cfg, fns
+
+
 def _prepare_data_once(config: ml_collections.ConfigDict, workdir: str) -> pipeline.PreparedData:
   """Process 0 trains the tokenizer and packs the corpus into the workdir cache; the others then read it."""
+  prepare = lambda: pipeline.prepare_data(config_lib.data_config(config), config_lib.tokenizer_config(config),
+                                          workdir)
   if jax.process_count() == 1:
-    return pipeline.prepare_data(config, workdir)
-  data = pipeline.prepare_data(config, workdir) if jax.process_index() == 0 else None
+    return prepare()
+  data = prepare() if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices("llm_jax:prepare_data")
-  return data if data is not None else pipeline.prepare_data(config, workdir)
+  return data if data is not None else prepare()
 
 
-def _dry_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, Any]:
-  """Compiles the step on the devices present (no data, no tokenizer) and prints what it needs."""
-  cfg = config_lib.model_config(config, config.model.vocab_size or config.tokenizer.vocab_size)
-  tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
+def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Compiles the step on the devices present (no data, no tokenizer), prints what it needs and returns it."""
+  config = _resolved(config)
+  mesh = _mesh(config)
   with jax.set_mesh(mesh):
-    fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=config.seed, seq_len=config.data.seq_len,
-                                accum=config.grad_accum_steps)
-    share = sharding.check_replication(fns.abstract_state.params, fns.state_shardings.params, mesh,
-                                       config.max_replicated_share)
+    cfg, fns = make_steps(config, mesh, config.model.vocab_size or config.tokenizer.vocab_size)
+    share = sharding.replicated_fraction(fns.abstract_state.params, fns.state_shardings.params)
     result = dryrun.report(cfg, fns, global_batch_size=config.global_batch_size,
                            seq_len=config.data.seq_len, replicated_share=share)
   writers.console(f"model {cfg.family}: {metrics_lib.flops_per_token(cfg, 1)['non_embedding_params']:,.0f} "
@@ -149,17 +162,21 @@ def _extra_evaluator(config: ml_collections.ConfigDict, cfg: ModelConfig,
                                       seq_len=config.data.seq_len, batch_size=config.eval_batch_size)
 
 
-def _adopt_pretrained(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Takes the model dimensions and tokenizer of `init_params_from`; run-time switches stay ours."""
+def _resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The validated config, with the model dimensions and tokenizer of `init_params_from` when it is set."""
+  config_lib.validate(config)
+  if not config.init_params_from:
+    return config
   source_cfg, tokenizer_path = inference.read_model_card(config.init_params_from)
-  config = copy.deepcopy(config)
-  with config.unlocked():
-    for field in dataclasses.fields(source_cfg):
-      if field.name not in RUNTIME_MODEL_FIELDS:
-        config.model[field.name] = getattr(source_cfg, field.name)
-    config.tokenizer.path = tokenizer_path
+  config = config_lib.with_model(config, source_cfg, tokenizer_path=tokenizer_path, keep_runtime_fields=True)
   config_lib.validate(config)
   return config
+
+
+def _mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
+  config_lib.validate_for_devices(config, dict(mesh.shape))
+  return mesh
 
 
 def _log_line(step: int, total: int, m: dict[str, float]) -> str:
@@ -170,13 +187,11 @@ def _log_line(step: int, total: int, m: dict[str, float]) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from the newest checkpoint in `workdir`), evaluates, samples; returns final metrics."""
-  config_lib.validate(config)
-  if config.init_params_from:
-    config = _adopt_pretrained(config)
-  mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
-  config_lib.validate_for_devices(config, dict(mesh.shape))
   if config.dry_run:
-    return _dry_run(config, mesh)
+    raise ValueError("dry_run=True compiles without training: call trainer.dry_run(config) (the train command "
+                     "does), or pass --config.dry_run=False")
+  config = _resolved(config)
+  mesh = _mesh(config)
   os.makedirs(workdir, exist_ok=True)
   lock = faults.WorkdirLock(workdir)
   lock.acquire()
@@ -189,17 +204,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> dict[str, float]:
   data = _prepare_data_once(config, workdir)
   peak, peak_source = metrics_lib.peak_flops_total(config.peak_flops_per_device)
-  cfg = config_lib.model_config(config, data.tokenizer.vocab_size)
   if config.model.vocab_size and data.tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(f"tokenizer has {data.tokenizer.vocab_size} ids but model.vocab_size="
                      f"{config.model.vocab_size}; raise model.vocab_size or set it to 0")
-  tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
   with jax.set_mesh(mesh):
-    fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=config.seed, seq_len=config.data.seq_len,
-                                accum=config.grad_accum_steps, inject_nonfinite_at=config.inject_nonfinite_at_step)
-    sharding.check_replication(fns.abstract_state.params, fns.state_shardings.params, mesh,
-                               config.max_replicated_share)
-    ckpt = checkpoint_lib.Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
+    cfg, fns = make_steps(config, mesh, data.tokenizer.vocab_size)
+    ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     train_iter = pipeline.make_train_iterator(
         data, global_batch_size=config.global_batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
@@ -245,7 +255,7 @@ def _print_samples(config: ml_collections.ConfigDict, cfg: ModelConfig, params: 
   if jax.process_count() > 1:
     params = multihost_utils.process_allgather(params, tiled=True)
   s = config.sample
-  max_length = s.max_length if cfg.is_llama else min(s.max_length, cfg.max_len)
+  max_length = min(s.max_length, cfg.position_limit or s.max_length)
   texts = inference.generate_texts(params, cfg, tokenizer, s.prompt, max_length=max_length,
                                    num_return_sequences=s.num_return_sequences, temperature=s.temperature,
                                    top_k=s.top_k, top_p=s.top_p, seed=config.seed)
@@ -287,7 +297,7 @@ class _Loop:
         if step == start_step + 1:  # one sync, so compilation does not count as training throughput
           jax.block_until_ready(step_metrics)
           writers.console(f"step {step:>6d} | compiled and ran the first step in "
-                          f"{time.perf_counter() - self.clock.last_time:.1f} s")
+                          f"{self.clock.seconds_since_reset():.1f} s")
           self.clock.reset(step)
         preempted = preemption.should_stop(step)
         if step % c.log_every == 0 or step == last:
@@ -311,7 +321,7 @@ class _Loop:
     window = self.unlogged + [{k: float(v) for k, v in m.items()} for m in jax.device_get([m for _, m in pending])]
     data_state = {"iterator": self.train_iter.get_state(), "nonfinite_steps": self.nonfinite_steps,
                   "unlogged": window}
-    self.ckpt.save(step, state, data_state, self.meta, force=True)
+    self.ckpt.save(step, state, data_state, self.meta)
 
   def _check_finite(self, pending: list[tuple[int, dict[str, jax.Array]]]) -> list[int]:
     """Steps of `pending` whose update was non-finite; under 'stop', refuses to go on."""

@@ -46,6 +46,9 @@ def test_bench_fast_mode_json_has_every_field(tmp_path):
               "peak_device_memory_bytes", "host_rss_bytes", "step_time_real_data_s", "real_over_synthetic",
               "decode_tokens_per_s_batch1", "decode_tokens_per_s_batch8", "decode_s_per_token_batch1_by_length"):
     assert key in r, key
-  assert r["mfu"] == pytest.approx(r["achieved_flops_per_s"] / r["peak_flops_per_s"])
+  # The smoke shape by hand (2 layers, width 64, vocabulary 512, context 64): N = 100,096 as counted above.
+  assert r["flops_per_token_causal"] == 6 * (100096 + 64 * 512) + 6 * 2 * 64 * 64
   assert r["tokens_per_s"] == pytest.approx(8 * 64 / r["step_time_s"])
+  assert r["achieved_flops_per_s"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token_causal"])
+  assert 0.0 < r["mfu"] < 1.0  # a step cannot beat the machine's own matmul peak
   assert "[smoke]" in result.stdout

@@ -23,6 +23,7 @@ from llm_jax import sharding
 from llm_jax import steps as steps_lib
 from llm_jax import trainer
 from llm_jax import writers
+from llm_jax.data import pipeline
 
 STEPS = 40
 
@@ -85,7 +86,7 @@ def test_sigterm_checkpoints_the_step_reached_and_exits_zero(tmp_path, uninterru
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out[-3000:]
-  saved = checkpoint_lib.Checkpointer(workdir, every=1, keep=100, async_save=False)
+  saved = checkpoint_lib.Checkpointer(workdir, keep=100, async_save=False)
   latest = saved.latest()
   saved.close()
   if "preempted (SIGTERM)" in out:
@@ -116,7 +117,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, un
 
 
 def _state_on(mesh_shape, c, cfg):
-  tx, schedule = optim.make_optimizer(c.optim, 10)
+  tx, schedule = optim.make_optimizer(config_lib.optim_config(c), 10)
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
   with jax.set_mesh(mesh):
     fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=3, seq_len=16, accum=1)
@@ -131,13 +132,13 @@ def test_checkpoint_restores_onto_other_meshes_and_one_device(tmp_path):
   source = _state_on((2, 2, 2), c, cfg)
   with jax.set_mesh(source.batch_sharding.mesh):
     state = source.init()
-  saver = checkpoint_lib.Checkpointer(str(tmp_path), every=1, keep=2)
-  saver.save(1, state, {"iterator": {}}, {"model": {}}, force=True)
+  saver = checkpoint_lib.Checkpointer(str(tmp_path), keep=2)
+  saver.save(1, state, {"iterator": {}}, {"model": {}})
   saver.close()
   expected = jax.device_get(state)
   for shape in [(8, 1, 1), (1, 1, 1)]:
     target = _state_on(shape, c, cfg)
-    reader = checkpoint_lib.Checkpointer(str(tmp_path), every=1, keep=2)
+    reader = checkpoint_lib.Checkpointer(str(tmp_path), keep=2)
     step, restored, _, _ = reader.restore(target.abstract_state, target.state_shardings)
     reader.close()
     assert step == 1
@@ -147,17 +148,49 @@ def test_checkpoint_restores_onto_other_meshes_and_one_device(tmp_path):
       np.testing.assert_array_equal(a, b)
 
 
-def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
-  final = trainer.train_and_evaluate(
-      smoke_config(num_train_steps=20, inject_nonfinite_at_step=12, on_nonfinite="skip"), str(tmp_path))
+class _PoisonedIterator:
+  """The real training iterator with one step's batch poisoned (NaN loss weights): divergence from outside the step."""
+
+  def __init__(self, inner, poison_step: int):
+    self.inner, self.poison_step, self.step = inner, poison_step, 0
+
+  def __next__(self):
+    batch = next(self.inner)
+    self.step += 1
+    if self.step == self.poison_step:
+      batch = {**batch, "loss_mask": np.full_like(batch["loss_mask"], np.nan)}
+    return batch
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+    self.step = state["next_index"]
+
+
+@pytest.fixture(name="poison_step")
+def poison_step_fixture(monkeypatch):
+  """Sets which step's batch the trainer's data pipeline poisons."""
+  make = pipeline.make_train_iterator
+  poisoned = {}
+  monkeypatch.setattr(pipeline, "make_train_iterator",
+                      lambda *a, **k: _PoisonedIterator(make(*a, **k), poisoned["step"]))
+  return lambda step: poisoned.update(step=step)
+
+
+def test_nonfinite_loss_is_skipped_and_counted(tmp_path, poison_step):
+  poison_step(12)
+  final = trainer.train_and_evaluate(smoke_config(num_train_steps=20, on_nonfinite="skip"), str(tmp_path))
   assert final["nonfinite_steps"] == 1.0
   assert np.isfinite(final["loss"]) and np.isfinite(final["val_loss"])
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, poison_step):
+  poison_step(15)
   with pytest.raises(faults.RunError, match="non-finite loss or gradient norm at step 15"):
-    trainer.train_and_evaluate(smoke_config(num_train_steps=20, inject_nonfinite_at_step=15), str(tmp_path))
-  reader = checkpoint_lib.Checkpointer(str(tmp_path), every=1, keep=100)
+    trainer.train_and_evaluate(smoke_config(num_train_steps=20), str(tmp_path))
+  reader = checkpoint_lib.Checkpointer(str(tmp_path), keep=100)
   assert reader.steps() == [10]
   reader.close()
   assert max(r["step"] for r in writers.read_metrics(str(tmp_path))) == 10

@@ -32,7 +32,7 @@ def smoke_config(**overrides):
 
 
 def restored_params(workdir: str, step: int):
-  ckpt = checkpoint_lib.Checkpointer(workdir, every=1, keep=100, async_save=False)
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=100, async_save=False)
   try:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _abstract_state(workdir))
     shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)

@@ -8,6 +8,8 @@ from typing import Sequence
 
 import numpy as np
 
+from llm_jax import batch as batch_lib
+
 PAD_ID = 0
 
 
@@ -67,10 +69,10 @@ def make_example(tokens_L1: np.ndarray, segment_ids_L1: np.ndarray) -> dict[str,
   is_start_L[..., 1:] = segment_ids_L[..., 1:] != segment_ids_L[..., :-1]
   segment_start_L = np.maximum.accumulate(np.where(is_start_L, index_L, 0), axis=-1)
   same_document_L = (segment_ids_L == segment_ids_L1[..., 1:]) & (segment_ids_L > 0)
-  return {
-      "inputs": np.ascontiguousarray(tokens_L1[..., :-1]),
-      "targets": np.ascontiguousarray(tokens_L1[..., 1:]),
-      "segment_ids": np.ascontiguousarray(segment_ids_L),
-      "positions": np.where(segment_ids_L > 0, index_L - segment_start_L, 0).astype(np.int32),
-      "loss_mask": same_document_L.astype(np.float32),
-  }
+  return batch_lib.make(
+      inputs=tokens_L1[..., :-1],
+      targets=tokens_L1[..., 1:],
+      segment_ids=segment_ids_L,
+      positions=np.where(segment_ids_L > 0, index_L - segment_start_L, 0),
+      loss_mask=same_document_L,
+  )

@@ -1,0 +1,46 @@
+"""The shapes `python -m llm_jax.bench` measures, as variants of one experiment file (see BENCHMARKS.md).
+
+Command:  python -m llm_jax.bench --configs=tiny,10m   (a bare name is a variant of this file; any
+          `path.py:variant` works too, e.g. --configs=experiments/sotu_small.py)
+Variants: smoke       2 layers x 64, context 64, batch 8: the bench's own test
+          tiny        4 layers x 128, 4 heads, context 64, batch 12 (the nanoGPT "small recipe" shape)
+          10m         6 layers x 384, 6 heads, context 256, batch 64 (10.6M parameters)
+          llama_500m  24 layers x 1280, 20 heads sharing 4 KV heads, context 2048, batch 16, bf16, cuDNN
+                      attention: for GPU/TPU
+Hardware and results: BENCHMARKS.md (2026-11-28: tiny 49.9 ms/step, 10m 10.35 s/step on 2 CPU cores).
+Every variant: AdamW at a constant learning rate (no warm-up), vocabulary 512 (llama_500m: 32,000).
+The CPU shapes recompute activations in the backward pass (remat 'dots'): on XLA:CPU that is faster than
+saving them (10m: 10.2 s vs 12.9 s per fwd+bwd; tiny: 48 vs 68 ms), because saved activations are
+re-laid-out by copy kernels for the weight gradients.
+"""
+
+from llm_jax import config as config_lib
+
+VARIANTS = ("smoke", "tiny", "10m", "llama_500m")
+_SHAPES = {
+    # layers, width, heads, kv heads, context, batch, vocabulary
+    "smoke": (2, 64, 4, 4, 64, 8, 512),
+    "tiny": (4, 128, 4, 4, 64, 12, 512),
+    "10m": (6, 384, 6, 6, 256, 64, 512),
+    "llama_500m": (24, 1280, 20, 4, 2048, 16, 32000),
+}
+
+
+def get_config(variant: str = "tiny"):
+  if variant not in _SHAPES:
+    raise ValueError(f"unknown bench config {variant!r}; choose from {', '.join(VARIANTS)}")
+  layers, width, heads, kv_heads, context, batch, vocab = _SHAPES[variant]
+  c = config_lib.get_config()
+  c.model.update({"num_layers": layers, "d_model": width, "num_heads": heads, "num_kv_heads": kv_heads,
+                  "vocab_size": vocab})
+  c.tokenizer.vocab_size = vocab
+  c.data.seq_len = context
+  c.global_batch_size = batch
+  c.num_train_steps = 1000
+  c.optim.schedule = "constant"
+  c.optim.warmup_steps = 0
+  if variant != "smoke":
+    c.model.remat_policy = "dots"
+  if variant == "llama_500m":
+    c.model.update({"family": "llama", "compute_dtype": "bfloat16", "attention_impl": "jax"})
+  return c

@@ -1,0 +1,86 @@
+"""The layering, enforced: lower modules never import higher ones (read from the source, lazy imports included)."""
+
+import ast
+import os
+
+import pytest
+from conftest import REPO
+
+PACKAGE = os.path.join(REPO, "llm_jax")
+ENTRY_POINTS = {"llm_jax.train", "llm_jax.generate", "llm_jax.evaluate", "llm_jax.convert", "llm_jax.sweep",
+                "llm_jax.bench"}
+# The model and its step: no experiment-config types, no flags, no data pipeline, no trainer.
+CORE = {"llm_jax.model", "llm_jax.steps", "llm_jax.optim", "llm_jax.metrics", "llm_jax.sharding", "llm_jax.batch"}
+CORE_MAY_NOT_REACH = ("ml_collections", "absl", "llm_jax.data", "llm_jax.trainer")
+
+
+def _module_name(path: str) -> str:
+  rel = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
+  return rel.removesuffix(".__init__")
+
+
+def _modules() -> dict[str, str]:
+  found = {}
+  for root, _, files in os.walk(PACKAGE):
+    for name in files:
+      if name.endswith(".py"):
+        found[_module_name(os.path.join(root, name))] = os.path.join(root, name)
+  return found
+
+
+MODULES = _modules()
+
+
+def imports_of(module: str) -> set[str]:
+  """Every module `module` imports, anywhere in its source: llm_jax modules by full name, others by top package."""
+  with open(MODULES[module], encoding="utf-8") as f:
+    tree = ast.parse(f.read())
+  names = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names.add(node.module)
+      names.update(f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in MODULES)
+  return {n if n.startswith("llm_jax") else n.split(".")[0] for n in names} - {module}
+
+
+def reach(module: str) -> set[str]:
+  """The transitive closure of `imports_of` within llm_jax, plus the third-party packages it touches."""
+  seen, todo = set(), [module]
+  while todo:
+    for name in imports_of(todo.pop()):
+      if name not in seen:
+        seen.add(name)
+        if name in MODULES:
+          todo.append(name)
+  return seen
+
+
+def test_the_rules_see_every_layer():
+  assert CORE <= set(MODULES) and ENTRY_POINTS <= set(MODULES)
+  assert "llm_jax.model" in reach("llm_jax.steps") and "ml_collections" in reach("llm_jax.trainer")
+
+
+@pytest.mark.parametrize("module", sorted(CORE))
+def test_core_reaches_no_config_flags_data_or_trainer(module):
+  bad = sorted(n for n in reach(module) if n.startswith(CORE_MAY_NOT_REACH))
+  assert not bad, f"{module} reaches {bad}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("llm_jax.data")))
+def test_data_imports_neither_the_model_nor_the_steps(module):
+  bad = sorted(n for n in reach(module) if n in ("llm_jax.model", "llm_jax.steps", "llm_jax.trainer"))
+  assert not bad, f"{module} reaches {bad}"
+
+
+@pytest.mark.parametrize("module", sorted(set(MODULES) - ENTRY_POINTS - {"llm_jax.launch"}))
+def test_library_modules_import_no_entry_point_and_not_launch(module):
+  bad = sorted(n for n in imports_of(module) if n in ENTRY_POINTS | {"llm_jax.launch"})
+  assert not bad, f"{module} imports {bad}"
+
+
+@pytest.mark.parametrize("module", sorted(ENTRY_POINTS))
+def test_entry_points_never_import_each_other(module):
+  bad = sorted(n for n in imports_of(module) if n in ENTRY_POINTS)
+  assert not bad, f"{module} imports {bad}"
