@@ -120,6 +120,10 @@ class Checkpointer:
     self.manager.reload()
     return target
 
+  def wait_until_saved(self) -> None:
+    """Blocks until every started save has committed (is a complete checkpoint on storage)."""
+    self.manager.wait_until_finished()
+
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
 from typing import Any
+from typing import Iterator
 
 import jax
 from jax.experimental import multihost_utils
@@ -19,6 +21,35 @@ RESUMABLE_MODEL_FIELDS = ("dropout_rate", "compute_dtype", "scan_layers", "remat
 
 class RunError(RuntimeError):
   """A run that must stop; the message says why and what to do."""
+
+
+class Interrupted(RunError):
+  """SIGTERM or SIGINT before there was anything to checkpoint; `exit_code` is the shell's 128 + signal."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def interruptible(what: str) -> Iterator[None]:
+  """Turns SIGTERM/SIGINT during `what` into an `Interrupted` error that says so, instead of a silent exit 143
+  or a KeyboardInterrupt traceback. Everything written before it is kept: each file is written atomically."""
+
+  def handle(signum: int, frame: Any) -> None:  # pylint: disable=unused-argument
+    raise Interrupted(f"{signal.Signals(signum).name} while {what}, before the first checkpoint of this "
+                      "invocation; files already written are complete and reused, so rerun the same command "
+                      "to continue", signum)
+
+  if jax.process_count() > 1:  # JAX's preemption notifier owns SIGTERM in multi-process runs
+    yield
+    return
+  previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
 
 
 class WorkdirLock:
@@ -51,32 +82,42 @@ class WorkdirLock:
 
 
 class Preemption:
-  """Turns SIGTERM (how a Cloud TPU VM announces preemption) into a stop after the current step.
+  """Turns SIGTERM (how a Cloud TPU VM announces preemption) and SIGINT (Ctrl-C) into a stop after the current
+  step, with a checkpoint; further signals are absorbed until `uninstall`, after that checkpoint has committed.
 
-  With several processes JAX's own preemption notifier catches the signal and
+  With several processes JAX's own preemption notifier catches SIGTERM and
   `reached_preemption_sync_point` makes every process agree on the same step.
   """
 
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.reason = ""
+    self._previous: dict[int, Any] = {}
 
   def install(self) -> None:
     if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
   def _handle(self, signum: int, frame: Any) -> None:  # pylint: disable=unused-argument
+    if not self.requested:
+      name = signal.Signals(signum).name
+      self.reason = "preempted (SIGTERM)" if signum == signal.SIGTERM else f"interrupted ({name})"
     self.requested = True
 
   def should_stop(self, step: int) -> bool:
     if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.reason = "preempted (SIGTERM)"
+        return True
+      return False
     return self.requested
 
   def uninstall(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
 
 def check_drift(saved_meta: dict[str, Any], model: dict[str, Any], tokenizer_sha256: str) -> None:

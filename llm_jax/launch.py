@@ -3,7 +3,9 @@ multi-controller flags for the entry points that start several processes."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import sys
 from typing import Callable
 from typing import NoReturn
@@ -92,10 +94,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(program, ValueError(_config_error_line(e, argv)))
 
 
-def fail(program: str, error: BaseException) -> NoReturn:
+def fail(program: str, error: BaseException, exit_code: int = 2) -> NoReturn:
   first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
   print(f"{program}: error: {first_line}", file=sys.stderr, flush=True)
-  sys.exit(2)
+  sys.exit(exit_code)
 
 
 def run_main(program: str, body: Callable[[], None]) -> None:
@@ -103,5 +105,34 @@ def run_main(program: str, body: Callable[[], None]) -> None:
   quiet_logs()
   try:
     body()
+  except faults.Interrupted as e:
+    fail(program, e, exit_code=e.exit_code)
   except USER_ERRORS as e:
     fail(program, e)
+  except Exception as e:  # pylint: disable=broad-except  # storage errors arrive wrapped by orbax, tfds, ...
+    line = storage_error_line(e)
+    if line is None:
+      raise
+    fail(program, ValueError(line))
+
+
+# Storage conditions a user fixes outside the program: one line naming the path, not a traceback.
+_STORAGE_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
+                   errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+
+def storage_error_line(error: BaseException) -> str | None:
+  """'no space left writing PATH (N MB free on that file system)...' if `error` (or its cause) is one."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+      path = error.filename or "the workdir"
+      where = os.path.abspath(str(path)) if error.filename else os.getcwd()
+      while where and not os.path.exists(where):
+        where = os.path.dirname(where)
+      free = shutil.disk_usage(where).free / 1e6 if where else float("nan")
+      return (f"{_STORAGE_ERRNOS[error.errno]} writing {path} ({free:,.0f} MB free on that file system); "
+              "free space or fix permissions, then rerun the same command: completed checkpoints are kept")
+    error = error.__cause__ or error.__context__
+  return None

@@ -77,8 +77,12 @@ class Throughput:
     return time.perf_counter() - self.last_time
 
   def measure(self, step: int) -> dict[str, float]:
-    now = time.perf_counter()
-    step_time = (now - self.last_time) / max(step - self.last_step, 1)
+    """Throughput of the steps since the last reset; nothing when none were timed (a window that only held the
+    first, compiling step after a start or resume), rather than one step's figure over a fraction of its time."""
+    now, timed = time.perf_counter(), step - self.last_step
+    if timed <= 0:
+      return {}
+    step_time = (now - self.last_time) / timed
     self.reset(step)
     tokens_per_s = self.tokens_per_step / step_time
     return {"step_time_s": step_time, "tokens_per_s": tokens_per_s,
@@ -180,8 +184,10 @@ def _mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 
 
 def _log_line(step: int, total: int, m: dict[str, float]) -> str:
-  return (f"step {step:>6d}/{total} | loss {m['loss']:.4f} | lr {m['learning_rate']:.2e} | "
-          f"gnorm {m['grad_norm']:.3f} | {m['tokens_per_s']:,.0f} tok/s | MFU {100 * m['mfu']:.1f}% | "
+  line = f"step {step:>6d}/{total} | loss {m['loss']:.4f} | lr {m['learning_rate']:.2e} | gnorm {m['grad_norm']:.3f}"
+  if "tokens_per_s" not in m:
+    return line + " | (no step timed in this window)"
+  return (f"{line} | {m['tokens_per_s']:,.0f} tok/s | MFU {100 * m['mfu']:.1f}% | "
           f"{1000 * m['step_time_s']:.0f} ms/step | ETA {_format_duration(m['eta_s'])}")
 
 
@@ -202,7 +208,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> dict[str, float]:
-  data = _prepare_data_once(config, workdir)
+  with faults.interruptible("preparing the tokenizer and data"):
+    data = _prepare_data_once(config, workdir)
   peak, peak_source = metrics_lib.peak_flops_total(config.peak_flops_per_device)
   if config.model.vocab_size and data.tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(f"tokenizer has {data.tokenizer.vocab_size} ids but model.vocab_size="
@@ -242,9 +249,17 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
       state = loop.run(state, start_step)
       status = "finished" if int(state.step) == config.num_train_steps else "stopped"
     finally:
-      ckpt.close()
-      writer.close()
-      runcard.finish(workdir, card, status, loop.final_metrics, time.perf_counter() - started)
+      # A close that fails (a full disk, say) must not keep run.json from saying how the run ended.
+      try:
+        ckpt.close()
+      except BaseException:
+        status = "failed"
+        raise
+      finally:
+        try:
+          writer.close()
+        finally:
+          runcard.finish(workdir, card, status, loop.final_metrics, time.perf_counter() - started)
     final_metrics = loop.final_metrics
   _print_samples(config, cfg, state.params, data.tokenizer)
   return final_metrics
@@ -291,6 +306,8 @@ class _Loop:
     preemption.install()
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     try:
+      # Logs and evaluations fall on their intervals and at the true end only, never where a slice
+      # (stop_at_step) or a preemption cuts the run: a cut window travels in the checkpoint (`unlogged`).
       for step in range(start_step + 1, last + 1):
         state, step_metrics = self.fns.train(state, to_global(next(self.train_iter), self.fns.batch_sharding))
         pending.append((step, step_metrics))
@@ -300,16 +317,19 @@ class _Loop:
                           f"{self.clock.seconds_since_reset():.1f} s")
           self.clock.reset(step)
         preempted = preemption.should_stop(step)
-        if step % c.log_every == 0 or step == last:
+        if step % c.log_every == 0 or step == c.num_train_steps:
           self._log(step, pending)
           pending = []
-        if (c.eval_every and step % c.eval_every == 0) or step == last:
+        if (c.eval_every and step % c.eval_every == 0) or step == c.num_train_steps:
           self._check_finite(pending)
           self._evaluate(step, state)
         if preempted or step == last or step % c.checkpoint_every == 0:
           self._save(step, state, pending)
         if preempted:
-          writers.console(f"step {step:>6d} | preempted (SIGTERM): checkpoint written, exiting")
+          # Signals stay caught until the save has committed: a second SIGTERM must not leave only a
+          # partial *.orbax-checkpoint-tmp behind.
+          self.ckpt.wait_until_saved()
+          writers.console(f"step {step:>6d} | {preemption.reason}: checkpoint {step} written, exiting")
           break
     finally:
       preemption.uninstall()

@@ -1,0 +1,121 @@
+"""The training loop's honesty under interruption: throughput windows, sliced runs, signals and failed closes."""
+
+import errno
+import json
+import os
+import signal
+
+import pytest
+from test_train import smoke_config
+
+from llm_jax import checkpoint as checkpoint_lib
+from llm_jax import faults
+from llm_jax import launch
+from llm_jax import trainer
+from llm_jax import writers
+from llm_jax.data import pipeline
+
+
+def _records(workdir: str) -> list[dict]:
+  return writers.read_metrics(workdir)
+
+
+@pytest.fixture(name="uninterrupted_20", scope="module")
+def uninterrupted_20_fixture(tmp_path_factory) -> str:
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  trainer.train_and_evaluate(smoke_config(num_train_steps=20), workdir)
+  return workdir
+
+
+def test_slices_write_the_records_of_an_uninterrupted_run_and_time_only_timed_steps(tmp_path, uninterrupted_20):
+  # Slices ending off the log interval (7, 19): no extra records, and the first window after the resume at
+  # 19 holds only step 20, the compiling step, so it must report no throughput rather than one step's worth.
+  workdir = str(tmp_path)
+  for stop in (7, 19, 0):
+    trainer.train_and_evaluate(smoke_config(num_train_steps=20, stop_at_step=stop), workdir)
+  sliced, straight = _records(workdir), _records(uninterrupted_20)
+  assert [r["step"] for r in sliced] == [r["step"] for r in straight]
+  assert [r.get("loss") for r in sliced] == [r.get("loss") for r in straight]
+  last_train = [r for r in sliced if "loss" in r][-1]
+  assert last_train["step"] == 20 and "mfu" not in last_train and "tokens_per_s" not in last_train
+  assert all(0.0 < r["mfu"] < 1.0 for r in sliced if "mfu" in r)
+
+
+def _signal_at(monkeypatch, step: int, *signums: int) -> None:
+  """Makes the data pipeline deliver `signums` to this process while producing the batch of `step`."""
+  make = pipeline.make_train_iterator
+
+  class Signalling:
+    def __init__(self, inner):
+      self.inner, self.step = inner, 0
+
+    def __next__(self):
+      self.step += 1
+      if self.step == step:
+        for signum in signums:
+          os.kill(os.getpid(), signum)
+      return next(self.inner)
+
+    def get_state(self):
+      return self.inner.get_state()
+
+    def set_state(self, state):
+      self.inner.set_state(state)
+      self.step = state["next_index"]
+
+  monkeypatch.setattr(pipeline, "make_train_iterator", lambda *a, **k: Signalling(make(*a, **k)))
+
+
+@pytest.mark.parametrize("signums,said", [((signal.SIGINT,), "interrupted (SIGINT)"),
+                                          ((signal.SIGTERM, signal.SIGTERM), "preempted (SIGTERM)")])
+def test_sigint_and_repeated_sigterm_stop_with_a_committed_checkpoint(tmp_path, monkeypatch, capsys, signums, said):
+  _signal_at(monkeypatch, 13, *signums)
+  seen_at_message = []
+  console = writers.console
+
+  def watch(message: str) -> None:
+    if "written, exiting" in message:  # the checkpoint must be complete on disk when we say so
+      directory = os.path.join(str(tmp_path), "checkpoints")
+      seen_at_message.extend(sorted(os.listdir(directory)))
+    console(message)
+
+  monkeypatch.setattr(writers, "console", watch)
+  trainer.train_and_evaluate(smoke_config(num_train_steps=30), str(tmp_path))
+  out = capsys.readouterr().out
+  assert f"step     13 | {said}: checkpoint 13 written, exiting" in out
+  assert "13" in seen_at_message and not [d for d in seen_at_message if "tmp" in d]
+  reader = checkpoint_lib.Checkpointer(str(tmp_path))
+  assert reader.latest() == 13
+  reader.close()
+  with open(os.path.join(str(tmp_path), "run.json"), encoding="utf-8") as f:
+    assert json.load(f)["status"] == "stopped"
+
+
+def test_sigterm_while_preparing_data_says_so(tmp_path, monkeypatch):
+  prepare = pipeline.prepare_data
+
+  def interrupted(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return prepare(*args, **kwargs)
+
+  monkeypatch.setattr(pipeline, "prepare_data", interrupted)
+  with pytest.raises(faults.Interrupted, match="SIGTERM while preparing the tokenizer and data") as caught:
+    trainer.train_and_evaluate(smoke_config(num_train_steps=10), str(tmp_path))
+  assert caught.value.exit_code == 128 + signal.SIGTERM
+
+
+def test_a_failing_close_still_records_how_the_run_ended(tmp_path, monkeypatch):
+  def full_disk(self):
+    raise OSError(errno.ENOSPC, "No space left on device", os.path.join(self.directory, "10"))
+
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "close", full_disk)
+  with pytest.raises(OSError) as caught:
+    trainer.train_and_evaluate(smoke_config(num_train_steps=10), str(tmp_path))
+  with open(os.path.join(str(tmp_path), "run.json"), encoding="utf-8") as f:
+    assert json.load(f)["status"] == "failed"
+  assert launch.storage_error_line(RuntimeError("not a storage error")) is None
+  wrapped = RuntimeError("orbax: save failed")
+  wrapped.__cause__ = caught.value
+  line = launch.storage_error_line(wrapped)
+  assert line.startswith(f"no space left writing {os.path.join(str(tmp_path), 'checkpoints', '10')} (")
+  assert "MB free on that file system" in line and "\n" not in line
