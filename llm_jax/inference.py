@@ -13,7 +13,7 @@ import jax
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import sampling
 from llm_jax import sharding
-from llm_jax.hf_tokenizer import HFTokenizer
+from llm_jax.hf.tokenizer import HFTokenizer
 from llm_jax.model import ModelConfig
 from llm_jax.model import abstract_params
 from llm_jax.tokenizer import Tokenizer

@@ -18,19 +18,19 @@ from jax.experimental import multihost_utils
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
 from llm_jax import dryrun
-from llm_jax import evaluation
 from llm_jax import faults
 from llm_jax import inference
 from llm_jax import metrics as metrics_lib
 from llm_jax import optim
-from llm_jax import runcard
 from llm_jax import sharding
 from llm_jax import steps as steps_lib
 from llm_jax import tokenizer as tokenizer_lib
 from llm_jax import writers
 from llm_jax.data import pipeline
+from llm_jax.evals import documents as doc_eval
 from llm_jax.model import ModelConfig
 from llm_jax.model import count_params
+from llm_jax.sweeps import runcard
 
 # Model fields a run may choose for itself when it starts from another run's weights.
 RUNTIME_MODEL_FIELDS = ("dropout_rate", "compute_dtype", "scan_layers", "remat_policy", "attention_impl")
@@ -135,7 +135,7 @@ def _dry_run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict
 
 
 def _extra_evaluator(config: ml_collections.ConfigDict, cfg: ModelConfig,
-                     tokenizer: Any) -> evaluation.TrainingEvaluator | None:
+                     tokenizer: Any) -> doc_eval.TrainingEvaluator | None:
   """The configured extra eval sets (text files, zero-shot JSONL), or None when there are none."""
   text_files = config.eval_text_files.strip()
   zero_shot = [p.strip() for p in config.eval_zero_shot_files.split(",") if p.strip()]
@@ -144,8 +144,8 @@ def _extra_evaluator(config: ml_collections.ConfigDict, cfg: ModelConfig,
   if jax.process_count() > 1:
     raise ValueError("eval_text_files and eval_zero_shot_files run on one process only; run "
                      "python -m llm_jax.evaluate on the checkpoints instead")
-  text_sets = {"text_files": evaluation.text_files_documents(text_files)} if text_files else {}
-  return evaluation.TrainingEvaluator(cfg, tokenizer, text_sets=text_sets, zero_shot_files=zero_shot,
+  text_sets = {"text_files": doc_eval.text_files_documents(text_files)} if text_files else {}
+  return doc_eval.TrainingEvaluator(cfg, tokenizer, text_sets=text_sets, zero_shot_files=zero_shot,
                                       seq_len=config.data.seq_len, batch_size=config.eval_batch_size)
 
 

@@ -17,11 +17,11 @@ import tiny_hf  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from llm_jax import conversion  # noqa: E402
-from llm_jax import evaluation  # noqa: E402
-from llm_jax import hf_io  # noqa: E402
 from llm_jax import inference  # noqa: E402
 from llm_jax import sampling  # noqa: E402
+from llm_jax.evals import documents as doc_eval  # noqa: E402
+from llm_jax.hf import files as hf_files  # noqa: E402
+from llm_jax.hf import weights  # noqa: E402
 from llm_jax.model import Transformer  # noqa: E402
 
 FAMILIES = ("gpt2", "llama")
@@ -37,7 +37,7 @@ def converted(tmp_path_factory):
   for family, build in (("gpt2", tiny_hf.gpt2_dir), ("llama", tiny_hf.llama_dir)):
     hf_dir, workdir = str(root / f"hf_{family}"), str(root / f"wd_{family}")
     model = build(hf_dir)
-    hf_io.import_hf(hf_dir, workdir)
+    hf_files.import_hf(hf_dir, workdir)
     out[family] = (model, hf_dir, workdir)
   return out
 
@@ -92,7 +92,7 @@ def test_greedy_generation_matches_transformers(converted, family):
 def test_round_trip_through_to_hf(converted, family, tmp_path, caplog):
   model, _, workdir = converted[family]
   hf_out = str(tmp_path / "back")
-  hf_io.export_hf(workdir, hf_out)
+  hf_files.export_hf(workdir, hf_out)
   transformers.utils.logging.enable_propagation()  # its logger does not propagate to caplog by default
   try:
     with caplog.at_level(logging.WARNING):
@@ -117,7 +117,7 @@ def test_perplexity_equals_transformers_loss(converted, family):
   model, _, workdir = converted[family]
   loaded = inference.load_model(workdir)
   text = "Assignment statements are used to (re)bind names to values."
-  got = evaluation.evaluate_documents(loaded.params, loaded.cfg, loaded.tokenizer, [text], seq_len=64, batch_size=2)
+  got = doc_eval.evaluate_documents(loaded.params, loaded.cfg, loaded.tokenizer, [text], seq_len=64, batch_size=2)
   tok = loaded.tokenizer
   ids = [tok.bos_id if tok.bos_id >= 0 else tok.eos_id] + tok.encode(text)
   with torch.no_grad():
@@ -162,7 +162,7 @@ def test_unsupported_configs(converted, tmp_path, change, message):
   config.update(change)
   tiny_hf.write_json(os.path.join(hf_dir, "config.json"), config)
   with pytest.raises(ValueError, match="^[^\n]*$") as excinfo:
-    hf_io.import_hf(hf_dir, str(tmp_path / "wd"))
+    hf_files.import_hf(hf_dir, str(tmp_path / "wd"))
   assert message in str(excinfo.value)
 
 
@@ -176,7 +176,7 @@ def test_missing_files(converted, tmp_path, remove, message):
   shutil.copytree(converted["llama"][1], hf_dir)
   os.remove(os.path.join(hf_dir, remove))
   with pytest.raises(FileNotFoundError) as excinfo:
-    hf_io.import_hf(hf_dir, str(tmp_path / "wd"))
+    hf_files.import_hf(hf_dir, str(tmp_path / "wd"))
   assert message in str(excinfo.value)
 
 
@@ -187,12 +187,12 @@ def test_weights_that_do_not_fit_the_config(converted, tmp_path):
     config = json.load(f)
   tiny_hf.write_json(os.path.join(hf_dir, "config.json"), {**config, "n_layer": 1})
   with pytest.raises(ValueError, match="weight\\(s\\) a gpt2 model does not use, e.g. h.1."):
-    hf_io.import_hf(hf_dir, str(tmp_path / "wd"))
+    hf_files.import_hf(hf_dir, str(tmp_path / "wd"))
 
 
 def test_conversion_into_a_used_workdir_is_refused(converted):
   with pytest.raises(ValueError, match="already holds checkpoints"):
-    hf_io.import_hf(converted["gpt2"][1], converted["gpt2"][2])
+    hf_files.import_hf(converted["gpt2"][1], converted["gpt2"][2])
 
 
 def test_command_line(converted, tmp_path):
@@ -210,8 +210,8 @@ def test_command_line(converted, tmp_path):
 def test_unscanned_params_export_like_scanned(converted):
   loaded = inference.load_model(converted["llama"][2])
   unrolled = {k: v for k, v in loaded.params.items() if k != "layers"}
-  for i, layer in enumerate(conversion.layer_trees(loaded.params, loaded.cfg)):
+  for i, layer in enumerate(weights.layer_trees(loaded.params, loaded.cfg)):
     unrolled[f"layers_{i}"] = layer
-  scanned = conversion.params_to_hf(loaded.params, loaded.cfg)
-  for name, x in conversion.params_to_hf(unrolled, loaded.cfg).items():
+  scanned = weights.params_to_hf(loaded.params, loaded.cfg)
+  for name, x in weights.params_to_hf(unrolled, loaded.cfg).items():
     np.testing.assert_array_equal(x, scanned[name])

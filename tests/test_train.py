@@ -10,9 +10,9 @@ import pytest
 
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
-from llm_jax import runcard
 from llm_jax import trainer
 from llm_jax import writers
+from llm_jax.sweeps import runcard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

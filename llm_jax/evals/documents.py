@@ -13,7 +13,6 @@ stride < seq_len every target but the first `seq_len` sees at least seq_len - st
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -25,9 +24,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from llm_jax import inference
-from llm_jax import scoring
 from llm_jax.data import corpus
 from llm_jax.data.text import clean_text
+from llm_jax.data.text import read_utf8
+from llm_jax.data.text import text_file_paths
+from llm_jax.evals import scoring
 from llm_jax.model import ModelConfig
 
 
@@ -115,11 +116,8 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 def text_files_documents(pattern: str) -> list[str]:
   """Each file of the comma-separated globs as one whole document, cleaned as training corpora are."""
-  globs = [g.strip() for g in pattern.split(",") if g.strip()]
-  paths = sorted({p for g in globs for p in glob.glob(os.path.expanduser(g), recursive=True) if os.path.isfile(p)})
-  if not paths:
-    raise ValueError(f"--text_files={pattern!r} matches no files; pass an existing glob")
-  documents = [doc for doc in (clean_text(corpus.read_utf8(p)) for p in paths) if doc]
+  paths = text_file_paths(pattern, "--text_files")
+  documents = [doc for doc in (clean_text(read_utf8(p)) for p in paths) if doc]
   if not documents:
     raise ValueError(f"--text_files={pattern!r} has no text left after cleaning")
   return documents

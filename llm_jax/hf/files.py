@@ -24,10 +24,10 @@ import safetensors.numpy
 
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
-from llm_jax import conversion
-from llm_jax import hf_tokenizer
 from llm_jax import inference
 from llm_jax import tokenizer as tokenizer_lib
+from llm_jax.hf import tokenizer as hf_tokenizer
+from llm_jax.hf import weights
 from llm_jax.model import ModelConfig
 from llm_jax.model import abstract_params
 from llm_jax.tokenizer import load_tokenizer
@@ -129,7 +129,7 @@ def import_hf(hf_dir: str, workdir: str) -> tuple[ModelConfig, int]:
   Returns (model config, parameter count). Config and tokenizer are checked before the weights are read.
   """
   hf = read_hf_config(hf_dir)
-  cfg = conversion.model_config_from_hf(hf)
+  cfg = weights.model_config_from_hf(hf)
   _check_empty(workdir)
   os.makedirs(workdir, exist_ok=True)
   tokenizer_path = import_tokenizer(hf_dir, workdir, hf)
@@ -137,7 +137,7 @@ def import_hf(hf_dir: str, workdir: str) -> tuple[ModelConfig, int]:
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"the tokenizer in {hf_dir} has {tokenizer.vocab_size} ids but config.json vocab_size is "
                      f"{cfg.vocab_size}; they do not belong together")
-  params = conversion.params_from_hf(read_safetensors(hf_dir), cfg, nn.unbox(abstract_params(cfg)))
+  params = weights.params_from_hf(read_safetensors(hf_dir), cfg, nn.unbox(abstract_params(cfg)))
   params = jax.tree.map(jnp.asarray, params)
   meta = {"model": dataclasses.asdict(cfg), "tokenizer_sha256": tokenizer_lib.file_sha256(tokenizer_path),
           "converted_from": os.path.abspath(hf_dir)}
@@ -174,10 +174,10 @@ def export_hf(workdir: str, hf_dir: str, step: int | None = None) -> tuple[Model
   """Writes checkpoint `step` (default newest) of `workdir` as a Hugging Face directory; returns (config, step)."""
   loaded = inference.load_model(workdir, step)
   cfg, tokenizer = loaded.cfg, loaded.tokenizer
-  hf_config = conversion.hf_config_from_model(cfg, tokenizer.bos_id, tokenizer.eos_id)
+  hf_config = weights.hf_config_from_model(cfg, tokenizer.bos_id, tokenizer.eos_id)
   if os.path.isfile(os.path.join(hf_dir, HF_CONFIG_FILE)):
     raise ValueError(f"--to_hf={hf_dir} already holds a model (config.json); pass a new or empty directory")
-  tensors = conversion.params_to_hf(jax.device_get(loaded.params), cfg)
+  tensors = weights.params_to_hf(jax.device_get(loaded.params), cfg)
   os.makedirs(hf_dir, exist_ok=True)
   safetensors.numpy.save_file(tensors, os.path.join(hf_dir, HF_WEIGHTS_FILE), metadata={"format": "pt"})
   with open(os.path.join(hf_dir, HF_CONFIG_FILE), "w", encoding="utf-8") as f:
