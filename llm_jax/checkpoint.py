@@ -10,11 +10,14 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-CHECKPOINT_DIR = "checkpoints"
-
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint where one was required."""
+
+
+def unusable_dir(directory: str) -> str:
+  """Where checkpoints of `directory` that fail to load are moved: beside it, as unusable_<its name>."""
+  return os.path.join(os.path.dirname(directory), "unusable_" + os.path.basename(directory))
 
 
 def abstract_target(abstract_tree: Any, shardings: Any) -> Any:
@@ -24,10 +27,10 @@ def abstract_target(abstract_tree: Any, shardings: Any) -> Any:
 
 
 class Checkpointer:
-  """Saves every `every` steps (asynchronously) and keeps the newest `keep`."""
+  """Saves every `every` steps (asynchronously) into `directory` and keeps the newest `keep`."""
 
-  def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
     self.every = every
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True)
@@ -115,7 +118,7 @@ class Checkpointer:
   def _quarantine(self, step: int) -> str:
     """Moves an unusable checkpoint out of the manager's sight (never deletes it), so the step can be redone."""
     source = os.path.join(self.directory, str(step))
-    target = os.path.join(os.path.dirname(self.directory), "unusable_checkpoints", f"{step}")
+    target = os.path.join(unusable_dir(self.directory), f"{step}")
     if jax.process_index() == 0 and os.path.exists(source):
       os.makedirs(os.path.dirname(target), exist_ok=True)
       suffix = 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from typing import Any
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -59,6 +60,11 @@ class ModelConfig:
   remat_policy: str = "none"
   attention_impl: str = "einsum"
 
+  # Fields that may change between a checkpoint and the run resuming (or starting from) it: they alter how
+  # the same parameters are computed with, not what the parameters are.
+  RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("dropout_rate", "compute_dtype", "scan_layers", "remat_policy",
+                                               "attention_impl")
+
   @property
   def is_llama(self) -> bool:
     return self.family == "llama"
@@ -66,6 +72,13 @@ class ModelConfig:
   @property
   def dtype(self) -> jnp.dtype:
     return jnp.dtype(self.compute_dtype)
+
+
+def check_vocab_fits(cfg_vocab_size: int, tokenizer_vocab_size: int, where: str) -> None:
+  """Refuses a tokenizer with ids the embedding has no row for; `where` ends the message with the model's side
+  and the fix."""
+  if tokenizer_vocab_size > cfg_vocab_size:
+    raise ValueError(f"the tokenizer has {tokenizer_vocab_size} ids but {where}")
 
 
 def init_normal(stddev: float) -> nn.initializers.Initializer:

@@ -19,21 +19,19 @@ from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
 from llm_jax import dryrun
 from llm_jax import faults
-from llm_jax import inference
 from llm_jax import metrics as metrics_lib
 from llm_jax import optim
+from llm_jax import sampling
 from llm_jax import sharding
 from llm_jax import steps as steps_lib
-from llm_jax import tokenizer as tokenizer_lib
+from llm_jax import workdir as workdir_lib
 from llm_jax import writers
 from llm_jax.data import pipeline
 from llm_jax.evals import documents as doc_eval
 from llm_jax.model import ModelConfig
+from llm_jax.model import check_vocab_fits
 from llm_jax.model import count_params
 from llm_jax.sweeps import runcard
-
-# Model fields a run may choose for itself when it starts from another run's weights.
-RUNTIME_MODEL_FIELDS = ("dropout_rate", "compute_dtype", "scan_layers", "remat_policy", "attention_impl")
 
 
 def to_global(local_batch: dict[str, np.ndarray], batch_sharding: jax.sharding.NamedSharding) -> dict:
@@ -89,15 +87,17 @@ class Throughput:
 
 
 def _restore_or_init(ckpt: checkpoint_lib.Checkpointer, fns: steps_lib.StepFns, train_iter: Any,
-                     init_params_from: str, meta: dict[str, Any]) -> tuple[int, steps_lib.TrainState, dict]:
+                     init_params_from: str, meta: dict[str, Any],
+                     tokenizer_path: str) -> tuple[int, steps_lib.TrainState, dict]:
   """(step, state, saved loop state): the newest usable checkpoint, else a fresh start, optionally from
   another run's weights."""
-  check = lambda saved: faults.check_drift(saved, meta["model"], meta["tokenizer_sha256"])
+  check = lambda saved: workdir_lib.check_resumable(saved, meta, tokenizer_path)
   restored = ckpt.restore(fns.abstract_state, fns.state_shardings, check_meta=check)
   if restored is None:
     state = fns.init()
     if init_params_from:
-      source = checkpoint_lib.Checkpointer(init_params_from, every=1, keep=1_000_000, async_save=False)
+      source = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(init_params_from), every=1, keep=1_000_000,
+                                           async_save=False)
       try:
         _, params = source.restore_params(fns.abstract_state.params, fns.state_shardings.params)
       finally:
@@ -151,11 +151,11 @@ def _extra_evaluator(config: ml_collections.ConfigDict, cfg: ModelConfig,
 
 def _adopt_pretrained(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Takes the model dimensions and tokenizer of `init_params_from`; run-time switches stay ours."""
-  source_cfg, tokenizer_path = inference.read_model_card(config.init_params_from)
+  source_cfg, tokenizer_path = workdir_lib.read_model_card(config.init_params_from)
   config = copy.deepcopy(config)
   with config.unlocked():
     for field in dataclasses.fields(source_cfg):
-      if field.name not in RUNTIME_MODEL_FIELDS:
+      if field.name not in ModelConfig.RUNTIME_FIELDS:
         config.model[field.name] = getattr(source_cfg, field.name)
     config.tokenizer.path = tokenizer_path
   config_lib.validate(config)
@@ -178,7 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.dry_run:
     return _dry_run(config, mesh)
   os.makedirs(workdir, exist_ok=True)
-  lock = faults.WorkdirLock(workdir)
+  lock = faults.WorkdirLock(workdir_lib.lock_path(workdir))
   lock.acquire()
   try:
     return _train_locked(config, workdir, mesh)
@@ -190,28 +190,29 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
   data = _prepare_data_once(config, workdir)
   peak, peak_source = metrics_lib.peak_flops_total(config.peak_flops_per_device)
   cfg = config_lib.model_config(config, data.tokenizer.vocab_size)
-  if config.model.vocab_size and data.tokenizer.vocab_size > config.model.vocab_size:
-    raise ValueError(f"tokenizer has {data.tokenizer.vocab_size} ids but model.vocab_size="
-                     f"{config.model.vocab_size}; raise model.vocab_size or set it to 0")
+  if config.model.vocab_size:
+    check_vocab_fits(config.model.vocab_size, data.tokenizer.vocab_size,
+                     f"model.vocab_size={config.model.vocab_size}; raise model.vocab_size or set it to 0")
   tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
   with jax.set_mesh(mesh):
     fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=config.seed, seq_len=config.data.seq_len,
                                 accum=config.grad_accum_steps, inject_nonfinite_at=config.inject_nonfinite_at_step)
     sharding.check_replication(fns.abstract_state.params, fns.state_shardings.params, mesh,
                                config.max_replicated_share)
-    ckpt = checkpoint_lib.Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints)
+    ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir), every=config.checkpoint_every,
+                                       keep=config.keep_checkpoints)
     train_iter = pipeline.make_train_iterator(
         data, global_batch_size=config.global_batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
-    meta = {"model": dataclasses.asdict(cfg), "tokenizer_sha256": tokenizer_lib.file_sha256(data.tokenizer.path)}
-    start_step, state, loop_state = _restore_or_init(ckpt, fns, train_iter, config.init_params_from, meta)
+    meta = workdir_lib.checkpoint_meta(cfg, data.tokenizer.path)
+    start_step, state, loop_state = _restore_or_init(ckpt, fns, train_iter, config.init_params_from, meta,
+                                                     data.tokenizer.path)
     eval_batches = pipeline.make_eval_batches(
         data, batch_size=config.eval_batch_size, max_batches=config.eval_batches,
         process_index=jax.process_index(), process_count=jax.process_count())
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2))
-      inference.write_model_card(workdir, cfg, data.tokenizer.path)
+      workdir_lib.write_run_config(workdir, config.to_json_best_effort(indent=2))
+      workdir_lib.write_model_card(workdir, cfg, data.tokenizer.path)
 
     writer = writers.MetricWriter(workdir, resume_step=start_step)
     flops = metrics_lib.flops_per_token(cfg, config.data.seq_len)
@@ -246,9 +247,9 @@ def _print_samples(config: ml_collections.ConfigDict, cfg: ModelConfig, params: 
     params = multihost_utils.process_allgather(params, tiled=True)
   s = config.sample
   max_length = s.max_length if cfg.is_llama else min(s.max_length, cfg.max_len)
-  texts = inference.generate_texts(params, cfg, tokenizer, s.prompt, max_length=max_length,
-                                   num_return_sequences=s.num_return_sequences, temperature=s.temperature,
-                                   top_k=s.top_k, top_p=s.top_p, seed=config.seed)
+  texts = sampling.generate_texts(params, cfg, tokenizer, s.prompt, max_length=max_length,
+                                  num_return_sequences=s.num_return_sequences, temperature=s.temperature,
+                                  top_k=s.top_k, top_p=s.top_p, seed=config.seed)
   for i, text in enumerate(texts, 1):
     writers.console(f"--- sample {i}: {text}")
 

@@ -17,8 +17,8 @@ import tiny_hf  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from llm_jax import inference  # noqa: E402
-from llm_jax import sampling  # noqa: E402
+from llm_jax import sampling  # noqa: E402  # noqa: E402
+from llm_jax import workdir as workdir_lib  # noqa: E402
 from llm_jax.evals import documents as doc_eval  # noqa: E402
 from llm_jax.hf import files as hf_files  # noqa: E402
 from llm_jax.hf import weights  # noqa: E402
@@ -43,7 +43,7 @@ def converted(tmp_path_factory):
 
 
 def _our_logits(workdir: str, ids: np.ndarray) -> np.ndarray:
-  loaded = inference.load_model(workdir)
+  loaded = workdir_lib.load_model(workdir)
   return np.asarray(Transformer(loaded.cfg).apply({"params": loaded.params}, jnp.asarray(ids))[0])
 
 
@@ -61,10 +61,10 @@ def test_logits_match_transformers(converted, family):
 
 
 def test_converted_config(converted):
-  cfg, _ = inference.read_model_card(converted["llama"][2])
+  cfg, _ = workdir_lib.read_model_card(converted["llama"][2])
   assert (cfg.family, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model) == ("llama", 4, 2, 32, 64)
   assert (cfg.rope_scaling_factor, cfg.rope_original_max_len, cfg.tie_embeddings) == (4.0, 32, False)
-  gpt2_cfg, tokenizer_path = inference.read_model_card(converted["gpt2"][2])
+  gpt2_cfg, tokenizer_path = workdir_lib.read_model_card(converted["gpt2"][2])
   assert gpt2_cfg.tie_embeddings and os.path.basename(tokenizer_path) == "tokenizer.json"
   with open(os.path.join(converted["gpt2"][2], "config.json")) as f:
     assert json.load(f)["model"]["max_len"] == 64
@@ -73,7 +73,7 @@ def test_converted_config(converted):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_matches_transformers(converted, family):
   model, _, workdir = converted[family]
-  loaded = inference.load_model(workdir)
+  loaded = workdir_lib.load_model(workdir)
   tok = loaded.tokenizer
   prompt_ids = ([tok.bos_id] if tok.bos_id >= 0 else []) + tok.encode(PROMPT)
   ours = sampling.generate(loaded.params, loaded.cfg, prompt_ids, max_length=40, temperature=0.0, eos_id=tok.eos_id)
@@ -82,8 +82,8 @@ def test_greedy_generation_matches_transformers(converted, family):
                          pad_token_id=tok.eos_id).numpy()[0]
   ref = np.concatenate([ref, np.full(40 - len(ref), tok.eos_id)])  # HF stops early at eos; we pad with it
   np.testing.assert_array_equal(ours[0], ref)
-  text = inference.generate_texts(loaded.params, loaded.cfg, tok, PROMPT, max_length=40, num_return_sequences=1,
-                                  temperature=0.0, top_k=0, top_p=1.0, seed=0)[0]
+  text = sampling.generate_texts(loaded.params, loaded.cfg, tok, PROMPT, max_length=40, num_return_sequences=1,
+                                 temperature=0.0, top_k=0, top_p=1.0, seed=0)[0]
   assert text == tok.decode([t for t in ref if t != tok.eos_id])
   print(f"{family} greedy ids {ours[0].tolist()} text {text!r}")
 
@@ -108,14 +108,14 @@ def test_round_trip_through_to_hf(converted, family, tmp_path, caplog):
   print(f"{family} llm_jax -> HF max |logit difference| {diff_ours:.2e} (vs the original HF model {diff_orig:.2e})")
   assert diff_ours <= 1e-4 and diff_orig <= 1e-4
   hf_tok = transformers.AutoTokenizer.from_pretrained(hf_out)
-  ours = inference.load_model(workdir).tokenizer
+  ours = workdir_lib.load_model(workdir).tokenizer
   assert hf_tok(PROMPT).input_ids == ([ours.bos_id] if ours.bos_id >= 0 else []) + ours.encode(PROMPT)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_perplexity_equals_transformers_loss(converted, family):
   model, _, workdir = converted[family]
-  loaded = inference.load_model(workdir)
+  loaded = workdir_lib.load_model(workdir)
   text = "Assignment statements are used to (re)bind names to values."
   got = doc_eval.evaluate_documents(loaded.params, loaded.cfg, loaded.tokenizer, [text], seq_len=64, batch_size=2)
   tok = loaded.tokenizer
@@ -142,8 +142,8 @@ def test_continued_training_from_converted_weights(converted, tmp_path):
   final = trainer.train_and_evaluate(config, str(tmp_path / "run"))
   assert math.isfinite(final["loss"]) and math.isfinite(final["val_loss"])
   # Two small AdamW steps move each weight by under 2 * lr; a fresh initialisation would be ~0.1 away.
-  start = inference.load_model(converted["gpt2"][2]).params["embed"]
-  trained = inference.load_model(str(tmp_path / "run")).params["embed"]
+  start = workdir_lib.load_model(converted["gpt2"][2]).params["embed"]
+  trained = workdir_lib.load_model(str(tmp_path / "run")).params["embed"]
   assert 0 < np.abs(np.asarray(trained) - np.asarray(start)).max() < 2.5 * config.optim.learning_rate
 
 
@@ -208,7 +208,7 @@ def test_command_line(converted, tmp_path):
 
 
 def test_unscanned_params_export_like_scanned(converted):
-  loaded = inference.load_model(converted["llama"][2])
+  loaded = workdir_lib.load_model(converted["llama"][2])
   unrolled = {k: v for k, v in loaded.params.items() if k != "layers"}
   for i, layer in enumerate(weights.layer_trees(loaded.params, loaded.cfg)):
     unrolled[f"layers_{i}"] = layer

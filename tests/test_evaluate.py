@@ -15,8 +15,8 @@ import pytest
 import tiny_hf
 
 from llm_jax import config as config_lib
-from llm_jax import inference
 from llm_jax import tokenizer
+from llm_jax import workdir as workdir_lib
 from llm_jax.checkpoint import Checkpointer
 from llm_jax.data import corpus
 from llm_jax.evals import documents as doc_eval
@@ -40,10 +40,10 @@ def run(tmp_path_factory):
   tok = train_tokenizer(tiny_hf.TEXTS, os.path.join(workdir, "tokenizer", "spm"), model_type="bpe", vocab_size=400)
   params = nn.unbox(Transformer(CFG).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   params = jax.tree.map(lambda x: x * 5, params)  # sharper than initialisation, so losses differ from ln V
-  ckpt = Checkpointer(workdir, every=1, keep=1, async_save=False)
+  ckpt = Checkpointer(workdir_lib.checkpoint_dir(workdir), every=1, keep=1, async_save=False)
   ckpt.save_params(0, params, {"model": dataclasses.asdict(CFG), "tokenizer_sha256": tokenizer.file_sha256(tok.path)})
   ckpt.close()
-  inference.write_model_card(workdir, CFG, tok.path)
+  workdir_lib.write_model_card(workdir, CFG, tok.path)
   config = config_lib.get_config()
   config.data.corpus, config.data.text_files, config.data.seq_len = "text_files", str(root / "*.txt"), 32
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -62,7 +62,7 @@ def _reference_nll(loaded, ids: list[int], last: int = 0) -> float:
 
 
 def test_perplexity_and_bits_per_byte_by_definition(run):
-  loaded = inference.load_model(run[0])
+  loaded = workdir_lib.load_model(run[0])
   got = doc_eval.evaluate_documents(loaded.params, loaded.cfg, loaded.tokenizer, SHORT_DOCS, seq_len=64)
   token_ids = [[loaded.tokenizer.bos_id] + loaded.tokenizer.encode(doc) for doc in SHORT_DOCS]
   nll = sum(_reference_nll(loaded, ids) for ids in token_ids)
@@ -77,7 +77,7 @@ def test_perplexity_and_bits_per_byte_by_definition(run):
 
 
 def test_disjoint_windows_of_a_long_document(run):
-  loaded = inference.load_model(run[0])
+  loaded = workdir_lib.load_model(run[0])
   doc = tiny_hf.TEXTS[3][:1500]
   ids = [loaded.tokenizer.bos_id] + loaded.tokenizer.encode(doc)
   assert len(ids) > 3 * 32
@@ -115,7 +115,7 @@ def test_validation_split_from_the_run_config(run):
 
 
 def test_training_evaluator_matches_the_library(run):
-  loaded = inference.load_model(run[0])
+  loaded = workdir_lib.load_model(run[0])
   evaluator = doc_eval.TrainingEvaluator(loaded.cfg, loaded.tokenizer, text_sets={"short": SHORT_DOCS},
                                            zero_shot_files=[EXAMPLE], seq_len=64, batch_size=4)
   got = evaluator(loaded.params)

@@ -11,6 +11,7 @@ import pytest
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
 from llm_jax import trainer
+from llm_jax import workdir as workdir_lib
 from llm_jax import writers
 from llm_jax.sweeps import runcard
 
@@ -32,7 +33,7 @@ def smoke_config(**overrides):
 
 
 def restored_params(workdir: str, step: int):
-  ckpt = checkpoint_lib.Checkpointer(workdir, every=1, keep=100, async_save=False)
+  ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir), every=1, keep=100, async_save=False)
   try:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _abstract_state(workdir))
     shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
@@ -45,9 +46,8 @@ def restored_params(workdir: str, step: int):
 def _abstract_state(workdir: str):
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
 
-  from llm_jax import inference  # pylint: disable=import-outside-toplevel
   from llm_jax.model import abstract_params  # pylint: disable=import-outside-toplevel
-  cfg, _ = inference.read_model_card(workdir)
+  cfg, _ = workdir_lib.read_model_card(workdir)
   return nn.unbox(abstract_params(cfg))
 
 

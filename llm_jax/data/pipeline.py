@@ -15,6 +15,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from llm_jax import workdir as workdir_lib
 from llm_jax.data.corpus import load_documents
 from llm_jax.data.packing import make_example
 from llm_jax.data.packing import pack_documents
@@ -100,11 +101,13 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PreparedDat
   """
   train_docs = load_documents(config.data, "train")
   val_docs = load_documents(config.data, "validation")
-  tokenizer = get_or_train_tokenizer(train_docs, config.tokenizer, cache_dir=os.path.join(workdir, "tokenizer"))
+  tokenizer = get_or_train_tokenizer(train_docs, config.tokenizer,
+                                     cache_dir=workdir_lib.path(workdir, workdir_lib.TOKENIZER_DIR))
   seq_len = config.data.seq_len
   key_text = "|".join([_PACK_VERSION, file_sha256(tokenizer.path), str(seq_len), corpus_fingerprint(train_docs),
                        corpus_fingerprint(val_docs)])
-  prefix = os.path.join(workdir, "data", hashlib.sha256(key_text.encode()).hexdigest()[:16])
+  cache_key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
+  prefix = os.path.join(workdir_lib.path(workdir, workdir_lib.DATA_DIR), cache_key)
   arrays, counts = _load_or_pack(prefix, tokenizer, train_docs, val_docs, seq_len)
   if len(arrays["val_tokens"]) == 0:
     raise ValueError(f"the validation split of data.corpus={config.data.corpus!r} is empty; raise "

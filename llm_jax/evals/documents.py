@@ -21,9 +21,8 @@ from typing import Any
 from typing import Sequence
 
 import jax.numpy as jnp
-import ml_collections
 
-from llm_jax import inference
+from llm_jax import workdir as workdir_lib
 from llm_jax.data import corpus
 from llm_jax.data.text import clean_text
 from llm_jax.data.text import read_utf8
@@ -105,15 +104,6 @@ def check_seq_len(cfg: ModelConfig, seq_len: int) -> None:
     raise ValueError(f"--seq_len={seq_len} must be between 1 and the model's {cfg.max_len} positions")
 
 
-def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a training run (or a conversion) wrote into `workdir`."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} is missing, so the validation split is unknown; pass --text_files=<glob>")
-  with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
 def text_files_documents(pattern: str) -> list[str]:
   """Each file of the comma-separated globs as one whole document, cleaned as training corpora are."""
   paths = text_file_paths(pattern, "--text_files")
@@ -133,19 +123,22 @@ def zero_shot_metrics(params: Any, cfg: ModelConfig, tokenizer: Any, path: str,
 
 def default_seq_len(workdir: str, cfg: ModelConfig) -> int:
   """The run's data.seq_len when its config.json says, else the model's positions (at most 1024)."""
-  path = os.path.join(workdir, "config.json")
-  seq_len = read_run_config(workdir).data.seq_len if os.path.isfile(path) else min(cfg.max_len, 1024)
+  has_config = workdir_lib.has_run_config(workdir)
+  seq_len = workdir_lib.read_run_config(workdir).data.seq_len if has_config else min(cfg.max_len, 1024)
   return seq_len if cfg.is_llama else min(seq_len, cfg.max_len)
 
 
 def evaluate_workdir(workdir: str, *, step: int | None = None, split: str = "validation", text_files: str = "",
                      seq_len: int = 0, stride: int = 0, batch_size: int = 8) -> dict[str, Any]:
   """Text metrics of checkpoint `step` (default newest) on the run's `split` or on `text_files`."""
-  loaded = inference.load_model(workdir, step)
+  loaded = workdir_lib.load_model(workdir, step)
   if text_files:
     split, documents = "text_files", text_files_documents(text_files)
   else:
-    documents = corpus.load_documents(read_run_config(workdir).data, split)
+    if not workdir_lib.has_run_config(workdir):
+      raise FileNotFoundError(f"{workdir_lib.path(workdir, workdir_lib.RUN_CONFIG_FILE)} is missing, so the "
+                              "validation split is unknown; pass --text_files=<glob>")
+    documents = corpus.load_documents(workdir_lib.read_run_config(workdir).data, split)
   seq_len = seq_len or default_seq_len(workdir, loaded.cfg)
   metrics = evaluate_documents(loaded.params, loaded.cfg, loaded.tokenizer, documents, seq_len=seq_len,
                                stride=stride, batch_size=batch_size)
@@ -155,7 +148,7 @@ def evaluate_workdir(workdir: str, *, step: int | None = None, split: str = "val
 
 def zero_shot_workdir(workdir: str, path: str, *, step: int | None = None, batch_size: int = 8) -> dict[str, Any]:
   """Zero-shot accuracies of checkpoint `step` on a JSONL file, with every item's scores."""
-  loaded = inference.load_model(workdir, step)
+  loaded = workdir_lib.load_model(workdir, step)
   items = scoring.read_items(path)
   result = scoring.zero_shot(loaded.params, loaded.cfg, loaded.tokenizer, items, batch_size)
   return {"workdir": workdir, "checkpoint_step": loaded.step, "zero_shot_file": path, "items": len(items),
