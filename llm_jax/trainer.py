@@ -146,7 +146,7 @@ def _extra_evaluator(config: ml_collections.ConfigDict, cfg: ModelConfig,
                      "python -m llm_jax.evaluate on the checkpoints instead")
   text_sets = {"text_files": doc_eval.text_files_documents(text_files)} if text_files else {}
   return doc_eval.TrainingEvaluator(cfg, tokenizer, text_sets=text_sets, zero_shot_files=zero_shot,
-                                      seq_len=config.data.seq_len, batch_size=config.eval_batch_size)
+                                    seq_len=config.data.seq_len, batch_size=config.eval_batch_size)
 
 
 def _adopt_pretrained(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

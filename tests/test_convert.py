@@ -123,8 +123,8 @@ def test_perplexity_equals_transformers_loss(converted, family):
   with torch.no_grad():
     hf_loss = float(model(torch.tensor([ids]), labels=torch.tensor([ids])).loss)  # mean NLL of ids[1:]
   assert got["tokens"] == len(ids) - 1
-  assert math.isclose(got["loss"], hf_loss, rel_tol=1e-5)
-  assert math.isclose(got["perplexity"], math.exp(hf_loss), rel_tol=1e-5)
+  assert math.isclose(got["doc_loss"], hf_loss, rel_tol=1e-5)
+  assert math.isclose(got["doc_perplexity"], math.exp(hf_loss), rel_tol=1e-5)
   assert math.isclose(got["bits_per_byte"], hf_loss * (len(ids) - 1) / math.log(2) / len(text.encode()), rel_tol=1e-5)
 
 

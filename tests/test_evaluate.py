@@ -20,6 +20,7 @@ from llm_jax import workdir as workdir_lib
 from llm_jax.checkpoint import Checkpointer
 from llm_jax.data import corpus
 from llm_jax.evals import documents as doc_eval
+from llm_jax.evals import scoring
 from llm_jax.model import ModelConfig
 from llm_jax.model import Transformer
 from llm_jax.tokenizer import train_tokenizer
@@ -69,10 +70,10 @@ def test_perplexity_and_bits_per_byte_by_definition(run):
   tokens = sum(len(ids) - 1 for ids in token_ids)
   num_bytes = sum(len(doc.encode("utf-8")) for doc in SHORT_DOCS)
   assert got["tokens"] == tokens and got["bytes"] == num_bytes and got["documents"] == 2
-  assert math.isclose(got["loss"], nll / tokens, rel_tol=1e-5)
-  assert math.isclose(got["perplexity"], math.exp(nll / tokens), rel_tol=1e-5)
+  assert math.isclose(got["doc_loss"], nll / tokens, rel_tol=1e-5)
+  assert math.isclose(got["doc_perplexity"], math.exp(nll / tokens), rel_tol=1e-5)
   assert math.isclose(got["bits_per_byte"], nll / math.log(2) / num_bytes, rel_tol=1e-5)
-  assert got["loss"] > 0.5 and abs(got["loss"] - math.log(400)) > 0.1
+  assert got["doc_loss"] > 0.5 and abs(got["doc_loss"] - math.log(400)) > 0.1
   assert got["tokens_per_s"] > 0
 
 
@@ -89,7 +90,7 @@ def test_disjoint_windows_of_a_long_document(run):
     nll += _reference_nll(loaded, ids[max(0, end - 32):end + 1], last=end - start)
   got = doc_eval.evaluate_documents(loaded.params, loaded.cfg, loaded.tokenizer, [doc], seq_len=32, batch_size=4)
   assert got["tokens"] == len(ids) - 1
-  assert math.isclose(got["loss"] * got["tokens"], nll, rel_tol=1e-5)
+  assert math.isclose(got["doc_loss"] * got["tokens"], nll, rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("n, seq_len, stride", [(1, 8, 8), (8, 8, 8), (9, 8, 8), (50, 8, 3), (50, 16, 1), (7, 4, 2)])
@@ -117,11 +118,12 @@ def test_validation_split_from_the_run_config(run):
 def test_training_evaluator_matches_the_library(run):
   loaded = workdir_lib.load_model(run[0])
   evaluator = doc_eval.TrainingEvaluator(loaded.cfg, loaded.tokenizer, text_sets={"short": SHORT_DOCS},
-                                           zero_shot_files=[EXAMPLE], seq_len=64, batch_size=4)
+                                         zero_shot_files=[EXAMPLE], seq_len=64, batch_size=4)
   got = evaluator(loaded.params)
   text = doc_eval.evaluate_documents(loaded.params, loaded.cfg, loaded.tokenizer, SHORT_DOCS, seq_len=64)
-  zero_shot = doc_eval.zero_shot_metrics(loaded.params, loaded.cfg, loaded.tokenizer, EXAMPLE)
-  assert sorted(got) == sorted(["eval/short/loss", "eval/short/perplexity", "eval/short/bits_per_byte",
+  result = scoring.zero_shot(loaded.params, loaded.cfg, loaded.tokenizer, scoring.read_items(EXAMPLE))
+  zero_shot = {f"zero_shot/zero_shot_example/{k}": v for k, v in result.accuracies().items()}
+  assert sorted(got) == sorted(["eval/short/doc_loss", "eval/short/doc_perplexity", "eval/short/bits_per_byte",
                                 *zero_shot])
   assert math.isclose(got["eval/short/bits_per_byte"], text["bits_per_byte"], rel_tol=1e-6)
   assert all(got[k] == v for k, v in zero_shot.items())
@@ -135,9 +137,9 @@ def test_command_line(run, tmp_path):
                        capture_output=True, text=True, check=True, env=env)
   with open(os.path.join(workdir, "eval_text_files_0.json")) as f:
     report = json.load(f)
-  assert f"loss {report['loss']:.4f}" in out.stdout and "bits/byte" in out.stdout
+  assert f"doc_loss {report['doc_loss']:.4f}" in out.stdout and "bits/byte" in out.stdout
   expected = doc_eval.evaluate_workdir(workdir, text_files=files)
-  assert math.isclose(report["loss"], expected["loss"], rel_tol=1e-6) and report["tokens"] == expected["tokens"]
+  assert math.isclose(report["doc_loss"], expected["doc_loss"], rel_tol=1e-6) and report["tokens"] == expected["tokens"]
   out = subprocess.run([sys.executable, "-m", "llm_jax.evaluate", f"--workdir={workdir}", f"--zero_shot={EXAMPLE}",
                         f"--output={tmp_path / 'zs.json'}"], capture_output=True, text=True, check=True, env=env)
   with open(tmp_path / "zs.json") as f:

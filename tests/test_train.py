@@ -120,5 +120,5 @@ def test_configured_eval_sets_are_scored_during_training(tmp_path):
   assert [r["step"] for r in records] == [15]
   r = records[0]
   assert 0.0 <= r["zero_shot/zero_shot_example/accuracy"] <= 1.0
-  assert r["eval/text_files/perplexity"] == pytest.approx(np.exp(r["eval/text_files/loss"]), rel=1e-6)
+  assert r["eval/text_files/doc_perplexity"] == pytest.approx(np.exp(r["eval/text_files/doc_loss"]), rel=1e-6)
   assert r["eval/text_files/bits_per_byte"] > 0

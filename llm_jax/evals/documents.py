@@ -1,5 +1,11 @@
 """Held-out loss, perplexity and bits per byte on whole documents, and the evaluation sets run during training.
 
+These are `doc_loss` / `doc_perplexity` / `bits_per_byte`, not the trainer's `val_loss` / `val_perplexity`:
+the trainer scores the packed validation rows (documents joined as [bos] + ids + [eos] and cut into rows;
+the first token of a row is never a target, EOS is), which is cheap and comparable from step
+to step of one run; the metrics here score every document alone, each of its tokens exactly once, so they
+are comparable across runs, window lengths and (through bits per byte) tokenizers.
+
 What is scored: each document is tokenised alone and read as [c] + ids, where c is BOS (or EOS for
 tokenizers without one, GPT-2's document separator); every id of the document is a target exactly once
 and nothing else is (no BOS, no EOS target). So the scored tokens are exactly the document's text and
@@ -70,9 +76,9 @@ def make_windows(documents: Sequence[str], tokenizer: Any, seq_len: int, stride:
 
 
 def text_metrics(nll_sum: float, tokens: float, num_bytes: int) -> dict[str, float]:
-  """Loss (nats per token), perplexity = exp(loss), and bits per byte = nll_sum / ln 2 / bytes."""
+  """doc_loss (nats per token), doc_perplexity = exp(doc_loss), and bits per byte = nll_sum / ln 2 / bytes."""
   loss = nll_sum / max(tokens, 1.0)
-  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+  return {"doc_loss": loss, "doc_perplexity": math.exp(min(loss, 700.0)),
           "bits_per_byte": nll_sum / math.log(2) / max(num_bytes, 1), "tokens": tokens, "bytes": float(num_bytes)}
 
 
@@ -93,7 +99,7 @@ def evaluate_windows(params: Any, cfg: ModelConfig, windows: Windows, batch_size
 
 def evaluate_documents(params: Any, cfg: ModelConfig, tokenizer: Any, documents: Sequence[str], *,
                        seq_len: int, stride: int = 0, batch_size: int = 8) -> dict[str, float]:
-  """Loss, perplexity, bits per byte, tokens and tokens/s of the model on `documents` (stride 0: seq_len)."""
+  """doc_loss, doc_perplexity, bits per byte, tokens and tokens/s of the model on `documents` (stride 0: seq_len)."""
   check_seq_len(cfg, seq_len)
   windows = make_windows(documents, tokenizer, seq_len, stride or seq_len)
   return evaluate_windows(params, cfg, windows, batch_size)
@@ -111,14 +117,6 @@ def text_files_documents(pattern: str) -> list[str]:
   if not documents:
     raise ValueError(f"--text_files={pattern!r} has no text left after cleaning")
   return documents
-
-
-def zero_shot_metrics(params: Any, cfg: ModelConfig, tokenizer: Any, path: str,
-                      batch_size: int = 8) -> dict[str, float]:
-  """{'zero_shot/<file stem>/accuracy': ..., '.../accuracy_norm': ...} for a zero-shot JSONL file."""
-  result = scoring.zero_shot(params, cfg, tokenizer, scoring.read_items(path), batch_size)
-  name = os.path.splitext(os.path.basename(path))[0]
-  return {f"zero_shot/{name}/{k}": v for k, v in result.accuracies().items()}
 
 
 def default_seq_len(workdir: str, cfg: ModelConfig) -> int:
@@ -165,7 +163,7 @@ def write_report(path: str, report: dict[str, Any]) -> None:
 class TrainingEvaluator:
   """The extra evaluation sets of a training run, read and tokenised once, scored on demand.
 
-  `text_sets` maps a name to documents (loss, perplexity, bits per byte); `zero_shot_files` are JSONL
+  `text_sets` maps a name to documents (doc_loss, doc_perplexity, bits_per_byte); `zero_shot_files` are JSONL
   paths. Calling it returns flat metrics: 'eval/<name>/<metric>' and 'zero_shot/<stem>/<metric>'.
   """
 
@@ -185,7 +183,7 @@ class TrainingEvaluator:
     for name, windows in self.windows.items():
       scores = scoring.score_all(params, self.cfg, windows.rows, self.batch_size)
       m = text_metrics(float(scores["nll"].sum()), float(scores["tokens"].sum()), windows.num_bytes)
-      out.update({f"eval/{name}/{k}": m[k] for k in ("loss", "perplexity", "bits_per_byte")})
+      out.update({f"eval/{name}/{k}": m[k] for k in ("doc_loss", "doc_perplexity", "bits_per_byte")})
     for name, (items, rows) in self.choice_sets.items():
       result = scoring.choose(items, scoring.score_all(params, self.cfg, rows, self.batch_size))
       out.update({f"zero_shot/{name}/{k}": v for k, v in result.accuracies().items()})
