@@ -12,18 +12,22 @@ from jax.experimental import multihost_utils
 
 from llm_jax import sharding
 
-CHECKPOINT_DIR = "checkpoints"
-
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint where one was required."""
 
 
-class Checkpointer:
-  """Saves checkpoints when told to (asynchronously by default), keeps the newest `keep` (None: all), restores."""
+def unusable_dir(directory: str) -> str:
+  """Where checkpoints of `directory` that fail to load are moved: beside it, as unusable_<its name>."""
+  return os.path.join(os.path.dirname(directory), "unusable_" + os.path.basename(directory))
 
-  def __init__(self, workdir: str, *, keep: int | None = None, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+class Checkpointer:
+  """Saves checkpoints into `directory` when told to (asynchronously by default), keeps the newest `keep`
+  (None: all), and restores them."""
+
+  def __init__(self, directory: str, *, keep: int | None = None, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -107,7 +111,7 @@ class Checkpointer:
   def _quarantine(self, step: int) -> str:
     """Moves an unusable checkpoint out of the manager's sight (never deletes it), so the step can be redone."""
     source = os.path.join(self.directory, str(step))
-    target = os.path.join(os.path.dirname(self.directory), "unusable_checkpoints", f"{step}")
+    target = os.path.join(unusable_dir(self.directory), f"{step}")
     if jax.process_index() == 0 and os.path.exists(source):
       os.makedirs(os.path.dirname(target), exist_ok=True)
       suffix = 0

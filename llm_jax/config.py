@@ -192,10 +192,15 @@ def from_file(spec: str) -> ml_collections.ConfigDict:
   path, _, variant = spec.partition(":")
   if not os.path.isfile(path):
     raise ValueError(f"config file {path} does not exist; pass an existing file, e.g. experiments/smoke.py")
-  module_spec = importlib.util.spec_from_file_location(f"llm_jax_experiment_{abs(hash(path))}", path)
+  module_spec = importlib.util.spec_from_file_location("llm_jax_experiment", path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
+  try:
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # a user's file can raise anything
+    raise ValueError(f"config file {spec} does not give a config ({type(e).__name__}: {e})") from e
 
 
 def _require(ok: bool, message: str) -> None:

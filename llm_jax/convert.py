@@ -7,8 +7,8 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
-from llm_jax import hf_io
 from llm_jax import launch
+from llm_jax.hf import files as hf_files
 
 _FROM_HF = flags.DEFINE_string("from_hf", None, "A local Hugging Face GPT-2 or Llama checkpoint directory to read.")
 _TO_HF = flags.DEFINE_string("to_hf", None, "A directory to write the workdir's model to, in Hugging Face format.")
@@ -25,11 +25,11 @@ def main(argv: Sequence[str]) -> None:
     if bool(_FROM_HF.value) == bool(_TO_HF.value):
       raise ValueError("pass exactly one of --from_hf=HF_DIR (into --workdir) or --to_hf=HF_DIR (from --workdir)")
     if _FROM_HF.value:
-      cfg, num_params = hf_io.import_hf(_FROM_HF.value, _WORKDIR.value)
+      cfg, num_params = hf_files.import_hf(_FROM_HF.value, _WORKDIR.value)
       print(f"converted {cfg.family} ({num_params:,} parameters, {cfg.num_layers} layers) from "
             f"{_FROM_HF.value} into {_WORKDIR.value}", flush=True)
     else:
-      cfg, step = hf_io.export_hf(_WORKDIR.value, _TO_HF.value, _STEP.value)
+      cfg, step = hf_files.export_hf(_WORKDIR.value, _TO_HF.value, _STEP.value)
       print(f"wrote {cfg.family} checkpoint {step} of {_WORKDIR.value} to {_TO_HF.value}", flush=True)
 
   launch.run_main("llm_jax.convert", body)

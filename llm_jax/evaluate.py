@@ -1,4 +1,8 @@
-"""`python -m llm_jax.evaluate --workdir=DIR`: loss, perplexity and bits per byte, or zero-shot accuracy."""
+"""`python -m llm_jax.evaluate --workdir=DIR`: whole-document loss, perplexity and bits per byte, or zero-shot accuracy.
+
+The document metrics are reported as doc_loss / doc_perplexity (see `llm_jax.evals.documents` for how they
+differ from the trainer's val_loss on packed rows).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,8 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
-from llm_jax import evaluation
 from llm_jax import launch
+from llm_jax.evals import documents as doc_eval
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A directory written by llm_jax.train or llm_jax.convert.")
 _STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint to evaluate; default the newest.")
@@ -29,20 +33,20 @@ flags.mark_flag_as_required("workdir")
 def _run() -> None:
   workdir = _WORKDIR.value
   if _ZERO_SHOT.value:
-    report = evaluation.zero_shot_workdir(workdir, _ZERO_SHOT.value, step=_STEP.value, batch_size=_BATCH_SIZE.value)
+    report = doc_eval.zero_shot_workdir(workdir, _ZERO_SHOT.value, step=_STEP.value, batch_size=_BATCH_SIZE.value)
     name = os.path.splitext(os.path.basename(_ZERO_SHOT.value))[0]
     default = f"zero_shot_{name}_{report['checkpoint_step']}.json"
     line = (f"zero-shot {name} at step {report['checkpoint_step']}: accuracy {report['accuracy']:.4f} "
             f"(summed log-likelihood), {report['accuracy_norm']:.4f} (per token) on {report['items']} items")
   else:
-    report = evaluation.evaluate_workdir(workdir, step=_STEP.value, split=_SPLIT.value, text_files=_TEXT_FILES.value,
-                                         seq_len=_SEQ_LEN.value, stride=_STRIDE.value, batch_size=_BATCH_SIZE.value)
+    report = doc_eval.evaluate_workdir(workdir, step=_STEP.value, split=_SPLIT.value, text_files=_TEXT_FILES.value,
+                                       seq_len=_SEQ_LEN.value, stride=_STRIDE.value, batch_size=_BATCH_SIZE.value)
     default = f"eval_{report['split']}_{report['checkpoint_step']}.json"
-    line = (f"{report['split']} at step {report['checkpoint_step']}: loss {report['loss']:.4f} | perplexity "
-            f"{report['perplexity']:.3f} | bits/byte {report['bits_per_byte']:.4f} | {report['tokens']:,.0f} tokens "
-            f"| {report['tokens_per_s']:,.0f} tok/s")
+    line = (f"{report['split']} at step {report['checkpoint_step']}: doc_loss {report['doc_loss']:.4f} | "
+            f"doc_perplexity {report['doc_perplexity']:.3f} | bits/byte {report['bits_per_byte']:.4f} | "
+            f"{report['tokens']:,.0f} tokens | {report['tokens_per_s']:,.0f} tok/s")
   output = _OUTPUT.value or os.path.join(workdir, default)
-  evaluation.write_report(output, report)
+  doc_eval.write_report(output, report)
   print(line, flush=True)
   print(f"wrote {output}", flush=True)
 

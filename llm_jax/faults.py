@@ -1,4 +1,4 @@
-"""What keeps a run safe: the workdir lock, preemption on SIGTERM, non-finite detection and config drift."""
+"""What keeps a run safe: the workdir lock, preemption on SIGTERM and non-finite detection."""
 
 from __future__ import annotations
 
@@ -11,12 +11,6 @@ from typing import Iterator
 
 import jax
 from jax.experimental import multihost_utils
-
-LOCK_FILE = ".lock"
-
-# Model fields that may change between a checkpoint and the run resuming it: they alter how the
-# same parameters are computed with, not what the parameters are.
-RESUMABLE_MODEL_FIELDS = ("dropout_rate", "compute_dtype", "scan_layers", "remat_policy", "attention_impl")
 
 
 class RunError(RuntimeError):
@@ -53,10 +47,11 @@ def interruptible(what: str) -> Iterator[None]:
 
 
 class WorkdirLock:
-  """An exclusive flock on `workdir/.lock`; the OS releases it when the process dies, even by SIGKILL."""
+  """An exclusive flock on the lock file `path` in a workdir (`workdir.lock_path`); the OS releases it when the
+  process dies, even by SIGKILL."""
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_FILE)
+  def __init__(self, path: str):
+    self.path = path
     self._fd: int | None = None
 
   def acquire(self) -> None:
@@ -119,19 +114,4 @@ class Preemption:
       signal.signal(signum, previous)
     self._previous = {}
 
-
-def check_drift(saved_meta: dict[str, Any], model: dict[str, Any], tokenizer_sha256: str) -> None:
-  """Refuses to resume a checkpoint with other model dimensions or another tokenizer."""
-  saved_model = saved_meta.get("model", {})
-  differing = sorted(k for k in set(saved_model) | set(model)
-                     if k not in RESUMABLE_MODEL_FIELDS and saved_model.get(k) != model.get(k))
-  if differing:
-    detail = ", ".join(f"model.{k}: checkpoint {saved_model.get(k)!r} vs config {model.get(k)!r}"
-                       for k in differing)
-    raise RunError(f"config does not match the checkpoint ({detail}); restore those values or use a new "
-                   "--workdir")
-  saved_sha = saved_meta.get("tokenizer_sha256")
-  if saved_sha and saved_sha != tokenizer_sha256:
-    raise RunError("the tokenizer does not match the one the checkpoint was trained with (sha256 differs); "
-                   "restore the workdir's tokenizer settings or use a new --workdir")
 

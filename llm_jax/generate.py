@@ -7,8 +7,9 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
-from llm_jax import inference
 from llm_jax import launch
+from llm_jax import sampling
+from llm_jax import workdir as workdir_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A directory written by llm_jax.train or llm_jax.convert.")
 _PROMPT = flags.DEFINE_string("prompt", "I love computer science", "Text to continue.")
@@ -27,11 +28,11 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
 
   def body() -> None:
-    loaded = inference.load_model(_WORKDIR.value, _STEP.value)
-    texts = inference.generate_texts(loaded.params, loaded.cfg, loaded.tokenizer, _PROMPT.value,
-                                     max_length=_MAX_LENGTH.value, num_return_sequences=_NUM.value,
-                                     temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                                     seed=_SEED.value)
+    loaded = workdir_lib.load_model(_WORKDIR.value, _STEP.value)
+    texts = sampling.generate_texts(loaded.params, loaded.cfg, loaded.tokenizer, _PROMPT.value,
+                                    max_length=_MAX_LENGTH.value, num_return_sequences=_NUM.value,
+                                    temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                                    seed=_SEED.value)
     for i, text in enumerate(texts, 1):
       print(f"--- {i}: {text}", flush=True)
 

@@ -79,6 +79,13 @@ class ModelConfig:
     return jnp.dtype(self.compute_dtype)
 
 
+def check_vocab_fits(cfg_vocab_size: int, tokenizer_vocab_size: int, where: str) -> None:
+  """Refuses a tokenizer with ids the embedding has no row for; `where` ends the message with the model's side
+  and the fix."""
+  if tokenizer_vocab_size > cfg_vocab_size:
+    raise ValueError(f"the tokenizer has {tokenizer_vocab_size} ids but {where}")
+
+
 def init_normal(stddev: float) -> nn.initializers.Initializer:
   return nn.initializers.normal(stddev=stddev)
 

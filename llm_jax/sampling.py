@@ -1,4 +1,4 @@
-"""Text generation from a trained model: the sampling rule and the KV-cached, jit-compiled decode loop."""
+"""Text generation from a trained model: the sampling rule, the KV-cached, jit-compiled decode loop, and text in/out."""
 
 from __future__ import annotations
 
@@ -140,3 +140,18 @@ def generate(params: Any, cfg: ModelConfig, prompt_tokens: Sequence[int], *, max
                           num_sequences=num_return_sequences, max_length=max_length,
                           greedy=bool(temperature == 0), top_k=0 if temperature == 0 else int(top_k))
   return np.asarray(out_NxT)
+
+
+def generate_texts(params: Any, cfg: ModelConfig, tok: Any, prompt: str, *, max_length: int,
+                   num_return_sequences: int, temperature: float, top_k: int, top_p: float,
+                   seed: int) -> list[str]:
+  """Continuations of `prompt`, each decoded with the prompt in front (BOS counts towards max_length).
+
+  `tok` is any tokenizer with encode, decode, bos_id and eos_id (sentencepiece or Hugging Face).
+  """
+  prompt_ids = ([tok.bos_id] if tok.bos_id >= 0 else []) + tok.encode(prompt)
+  rows = generate(params, cfg, prompt_ids, max_length=max_length,
+                  num_return_sequences=num_return_sequences, temperature=temperature,
+                  top_k=top_k, top_p=top_p, seed=seed, eos_id=tok.eos_id)
+  skip = 1 if tok.bos_id >= 0 else 0
+  return [tok.decode([int(t) for t in row[skip:] if int(t) != tok.eos_id]) for row in rows]

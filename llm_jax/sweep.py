@@ -1,8 +1,8 @@
 """`python -m llm_jax.sweep --sweep=experiments/<sweep>.py --root=DIR [--dry_run]`, or `--report --root=DIR`.
 
-Runs every point of a sweep (format: `llm_jax/sweeps.py`) one after another, each in its own workdir
+Runs every point of a sweep (format: `llm_jax/sweeps/plan.py`) one after another, each in its own workdir
 under --root; rerunning skips finished runs and resumes the others. `--report` writes results.csv,
-runs.csv, results.md and PNG plots into --root (`llm_jax/report.py`).
+runs.csv, results.md and PNG plots into --root (`llm_jax/sweeps/report.py`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from absl import app
 from absl import flags
 
 from llm_jax import launch
-from llm_jax import report
-from llm_jax import sweeps
+from llm_jax.sweeps import plan
+from llm_jax.sweeps import report
 
-_SWEEP = flags.DEFINE_string("sweep", None, "Sweep file (format: llm_jax/sweeps.py); optional with --report.")
+_SWEEP = flags.DEFINE_string("sweep", None, "Sweep file (format: llm_jax/sweeps/plan.py); optional with --report.")
 _ROOT = flags.DEFINE_string("root", None, "Directory holding one workdir per run.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs, their status and exact commands; run nothing.")
 _REPORT = flags.DEFINE_bool("report", False, "Collect finished runs into results.csv, results.md and PNG plots.")
@@ -29,7 +29,7 @@ _DISTRIBUTED = launch.DistributedFlags()
 def _report() -> None:
   if not os.path.isdir(_ROOT.value):
     raise FileNotFoundError(f"--root={_ROOT.value} does not exist; pass the --root the sweep ran in")
-  sweep = sweeps.load_sweep(_SWEEP.value) if _SWEEP.value else sweeps.read_manifest(_ROOT.value)
+  sweep = plan.load_sweep(_SWEEP.value) if _SWEEP.value else plan.read_manifest(_ROOT.value)
   result = report.write_report(sweep, _ROOT.value)
   print(result.table, end="")
   if result.missing:
@@ -40,20 +40,20 @@ def _report() -> None:
 def _sweep() -> None:
   if not _SWEEP.value:
     raise ValueError("--sweep is missing; pass --sweep=experiments/<sweep>.py (or --report to summarise a root)")
-  sweep = sweeps.load_sweep(_SWEEP.value)
+  sweep = plan.load_sweep(_SWEEP.value)
   extra = _DISTRIBUTED.args()
-  runs = sweeps.expand(sweep, _ROOT.value, extra)
+  runs = plan.expand(sweep, _ROOT.value, extra)
   if _DRY_RUN.value:
     for run in runs:
-      stale = sweeps.stale_settings(run)
+      stale = plan.stale_settings(run)
       note = f"; recorded with other settings: {sorted(stale)}" if stale else ""
-      print(f"# {run.name} [{sweeps.status(run)}{note}]\n{shlex.join(run.command)}")
-    print(f"# {len(runs)} runs, {sum(sweeps.status(r) == 'finished' for r in runs)} finished")
+      print(f"# {run.name} [{plan.status(run)}{note}]\n{shlex.join(run.command)}")
+    print(f"# {len(runs)} runs, {sum(plan.status(r) == 'finished' for r in runs)} finished")
     return
-  sweeps.check_not_stale(runs)
-  sweeps.write_manifest(sweep, runs, _ROOT.value)
+  plan.check_not_stale(runs)
+  plan.write_manifest(sweep, runs, _ROOT.value)
   try:
-    outcome = sweeps.run_all(runs, skip_finished=not extra)
+    outcome = plan.run_all(runs, skip_finished=not extra)
   except KeyboardInterrupt:
     launch.fail("llm_jax.sweep", RuntimeError("interrupted; rerun the same command to resume"))
   failed = [name for name, result in outcome.items() if result.startswith("failed")]

@@ -1,6 +1,6 @@
 """SentencePiece tokenizers: deterministic training, a cache keyed by corpus and settings, load, encode, decode.
 
-`load_tokenizer` also opens Hugging Face tokenizer.json files (`llm_jax.hf_tokenizer`), so converted
+`load_tokenizer` also opens Hugging Face tokenizer.json files (`llm_jax.hf.tokenizer`), so converted
 pretrained models keep their own tokenizer; both classes share encode/decode/vocab_size/bos_id/eos_id/pad_id/path.
 
 Trained models use ids pad=0, unk=1, bos=2, eos=3, identity normalisation (the corpus is already NFKC) and
@@ -16,7 +16,7 @@ from typing import Sequence
 
 import sentencepiece as spm
 
-from llm_jax.hf_tokenizer import HFTokenizer
+from llm_jax.hf.tokenizer import HFTokenizer
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram", "char")

@@ -16,19 +16,20 @@ from jax.experimental import multihost_utils
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
 from llm_jax import dryrun
-from llm_jax import evaluation
 from llm_jax import faults
-from llm_jax import inference
 from llm_jax import metrics as metrics_lib
 from llm_jax import optim
-from llm_jax import runcard
+from llm_jax import sampling
 from llm_jax import sharding
 from llm_jax import steps as steps_lib
-from llm_jax import tokenizer as tokenizer_lib
+from llm_jax import workdir as workdir_lib
 from llm_jax import writers
 from llm_jax.data import pipeline
+from llm_jax.evals import documents as doc_eval
 from llm_jax.model import ModelConfig
+from llm_jax.model import check_vocab_fits
 from llm_jax.model import count_params
+from llm_jax.sweeps import runcard
 
 
 def to_global(local_batch: dict[str, np.ndarray], batch_sharding: jax.sharding.NamedSharding) -> dict:
@@ -91,15 +92,16 @@ class Throughput:
 
 
 def _restore_or_init(ckpt: checkpoint_lib.Checkpointer, fns: steps_lib.StepFns, train_iter: Any,
-                     init_params_from: str, meta: dict[str, Any]) -> tuple[int, steps_lib.TrainState, dict]:
+                     init_params_from: str, meta: dict[str, Any],
+                     tokenizer_path: str) -> tuple[int, steps_lib.TrainState, dict]:
   """(step, state, saved loop state): the newest usable checkpoint, else a fresh start, optionally from
   another run's weights."""
-  check = lambda saved: faults.check_drift(saved, meta["model"], meta["tokenizer_sha256"])
+  check = lambda saved: workdir_lib.check_resumable(saved, meta, tokenizer_path)
   restored = ckpt.restore(fns.abstract_state, fns.state_shardings, check_meta=check)
   if restored is None:
     state = fns.init()
     if init_params_from:
-      source = checkpoint_lib.Checkpointer(init_params_from, async_save=False)
+      source = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(init_params_from), async_save=False)
       try:
         _, params = source.restore_params(fns.abstract_state.params, fns.state_shardings.params)
       finally:
@@ -128,8 +130,10 @@ def make_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
 def _prepare_data_once(config: ml_collections.ConfigDict, workdir: str) -> pipeline.PreparedData:
   """Process 0 trains the tokenizer and packs the corpus into the workdir cache; the others then read it."""
-  prepare = lambda: pipeline.prepare_data(config_lib.data_config(config), config_lib.tokenizer_config(config),
-                                          workdir)
+  prepare = lambda: pipeline.prepare_data(
+      config_lib.data_config(config), config_lib.tokenizer_config(config),
+      tokenizer_dir=workdir_lib.path(workdir, workdir_lib.TOKENIZER_DIR),
+      cache_dir=workdir_lib.path(workdir, workdir_lib.DATA_DIR))
   if jax.process_count() == 1:
     return prepare()
   data = prepare() if jax.process_index() == 0 else None
@@ -152,7 +156,7 @@ def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _extra_evaluator(config: ml_collections.ConfigDict, cfg: ModelConfig,
-                     tokenizer: Any) -> evaluation.TrainingEvaluator | None:
+                     tokenizer: Any) -> doc_eval.TrainingEvaluator | None:
   """The configured extra eval sets (text files, zero-shot JSONL), or None when there are none."""
   text_files = config.eval_text_files.strip()
   zero_shot = [p.strip() for p in config.eval_zero_shot_files.split(",") if p.strip()]
@@ -161,9 +165,9 @@ def _extra_evaluator(config: ml_collections.ConfigDict, cfg: ModelConfig,
   if jax.process_count() > 1:
     raise ValueError("eval_text_files and eval_zero_shot_files run on one process only; run "
                      "python -m llm_jax.evaluate on the checkpoints instead")
-  text_sets = {"text_files": evaluation.text_files_documents(text_files)} if text_files else {}
-  return evaluation.TrainingEvaluator(cfg, tokenizer, text_sets=text_sets, zero_shot_files=zero_shot,
-                                      seq_len=config.data.seq_len, batch_size=config.eval_batch_size)
+  text_sets = {"text_files": doc_eval.text_files_documents(text_files)} if text_files else {}
+  return doc_eval.TrainingEvaluator(cfg, tokenizer, text_sets=text_sets, zero_shot_files=zero_shot,
+                                    seq_len=config.data.seq_len, batch_size=config.eval_batch_size)
 
 
 def _resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -171,7 +175,7 @@ def _resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config_lib.validate(config)
   if not config.init_params_from:
     return config
-  source_cfg, tokenizer_path = inference.read_model_card(config.init_params_from)
+  source_cfg, tokenizer_path = workdir_lib.read_model_card(config.init_params_from)
   config = config_lib.with_model(config, source_cfg, tokenizer_path=tokenizer_path, keep_runtime_fields=True)
   config_lib.validate(config)
   return config
@@ -199,7 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config = _resolved(config)
   mesh = _mesh(config)
   os.makedirs(workdir, exist_ok=True)
-  lock = faults.WorkdirLock(workdir)
+  lock = faults.WorkdirLock(workdir_lib.lock_path(workdir))
   lock.acquire()
   try:
     return _train_locked(config, workdir, mesh)
@@ -211,24 +215,24 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
   with faults.interruptible("preparing the tokenizer and data"):
     data = _prepare_data_once(config, workdir)
   peak, peak_source = metrics_lib.peak_flops_total(config.peak_flops_per_device)
-  if config.model.vocab_size and data.tokenizer.vocab_size > config.model.vocab_size:
-    raise ValueError(f"tokenizer has {data.tokenizer.vocab_size} ids but model.vocab_size="
-                     f"{config.model.vocab_size}; raise model.vocab_size or set it to 0")
+  if config.model.vocab_size:
+    check_vocab_fits(config.model.vocab_size, data.tokenizer.vocab_size,
+                     f"model.vocab_size={config.model.vocab_size}; raise model.vocab_size or set it to 0")
   with jax.set_mesh(mesh):
     cfg, fns = make_steps(config, mesh, data.tokenizer.vocab_size)
-    ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+    ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir), keep=config.keep_checkpoints)
     train_iter = pipeline.make_train_iterator(
         data, global_batch_size=config.global_batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
-    meta = {"model": dataclasses.asdict(cfg), "tokenizer_sha256": tokenizer_lib.file_sha256(data.tokenizer.path)}
-    start_step, state, loop_state = _restore_or_init(ckpt, fns, train_iter, config.init_params_from, meta)
+    meta = workdir_lib.checkpoint_meta(cfg, data.tokenizer.path)
+    start_step, state, loop_state = _restore_or_init(ckpt, fns, train_iter, config.init_params_from, meta,
+                                                     data.tokenizer.path)
     eval_batches = pipeline.make_eval_batches(
         data, batch_size=config.eval_batch_size, max_batches=config.eval_batches,
         process_index=jax.process_index(), process_count=jax.process_count())
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2))
-      inference.write_model_card(workdir, cfg, data.tokenizer.path)
+      workdir_lib.write_run_config(workdir, config.to_json_best_effort(indent=2))
+      workdir_lib.write_model_card(workdir, cfg, data.tokenizer.path)
 
     writer = writers.MetricWriter(workdir, resume_step=start_step)
     flops = metrics_lib.flops_per_token(cfg, config.data.seq_len)
@@ -271,9 +275,9 @@ def _print_samples(config: ml_collections.ConfigDict, cfg: ModelConfig, params: 
     params = multihost_utils.process_allgather(params, tiled=True)
   s = config.sample
   max_length = min(s.max_length, cfg.position_limit or s.max_length)
-  texts = inference.generate_texts(params, cfg, tokenizer, s.prompt, max_length=max_length,
-                                   num_return_sequences=s.num_return_sequences, temperature=s.temperature,
-                                   top_k=s.top_k, top_p=s.top_p, seed=config.seed)
+  texts = sampling.generate_texts(params, cfg, tokenizer, s.prompt, max_length=max_length,
+                                  num_return_sequences=s.num_return_sequences, temperature=s.temperature,
+                                  top_k=s.top_k, top_p=s.top_p, seed=config.seed)
   for i, text in enumerate(texts, 1):
     writers.console(f"--- sample {i}: {text}")
 

@@ -10,12 +10,12 @@ from typing import Mapping
 
 import jax
 
-METRICS_FILE = "metrics.jsonl"
+from llm_jax import workdir as workdir_lib
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """All records of a run's metrics.jsonl (empty when there is none)."""
-  path = os.path.join(workdir, METRICS_FILE)
+  path = workdir_lib.path(workdir, workdir_lib.METRICS_FILE)
   if not os.path.exists(path):
     return []
   with open(path, encoding="utf-8") as f:
@@ -27,14 +27,14 @@ class MetricWriter:
 
   def __init__(self, workdir: str, *, resume_step: int = 0):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, METRICS_FILE)
+    self.path = workdir_lib.path(workdir, workdir_lib.METRICS_FILE)
     self._tb = None
     if not self.enabled:
       return
     self._truncate_after(resume_step)
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
     # purge_step hides events a killed run wrote after the checkpoint we resume from.
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+    self._tb = SummaryWriter(workdir_lib.path(workdir, workdir_lib.TENSORBOARD_DIR),
                              purge_step=resume_step + 1 if resume_step else None)
 
   def _truncate_after(self, step: int) -> None:

@@ -17,11 +17,11 @@ import tiny_hf  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from llm_jax import conversion  # noqa: E402
-from llm_jax import evaluation  # noqa: E402
-from llm_jax import hf_io  # noqa: E402
-from llm_jax import inference  # noqa: E402
-from llm_jax import sampling  # noqa: E402
+from llm_jax import sampling  # noqa: E402  # noqa: E402
+from llm_jax import workdir as workdir_lib  # noqa: E402
+from llm_jax.evals import documents as doc_eval  # noqa: E402
+from llm_jax.hf import files as hf_files  # noqa: E402
+from llm_jax.hf import weights  # noqa: E402
 from llm_jax.model import Transformer  # noqa: E402
 
 FAMILIES = ("gpt2", "llama")
@@ -37,13 +37,13 @@ def converted(tmp_path_factory):
   for family, build in (("gpt2", tiny_hf.gpt2_dir), ("llama", tiny_hf.llama_dir)):
     hf_dir, workdir = str(root / f"hf_{family}"), str(root / f"wd_{family}")
     model = build(hf_dir)
-    hf_io.import_hf(hf_dir, workdir)
+    hf_files.import_hf(hf_dir, workdir)
     out[family] = (model, hf_dir, workdir)
   return out
 
 
 def _our_logits(workdir: str, ids: np.ndarray) -> np.ndarray:
-  loaded = inference.load_model(workdir)
+  loaded = workdir_lib.load_model(workdir)
   return np.asarray(Transformer(loaded.cfg).apply({"params": loaded.params}, jnp.asarray(ids))[0])
 
 
@@ -61,10 +61,10 @@ def test_logits_match_transformers(converted, family):
 
 
 def test_converted_config(converted):
-  cfg, _ = inference.read_model_card(converted["llama"][2])
+  cfg, _ = workdir_lib.read_model_card(converted["llama"][2])
   assert (cfg.family, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model) == ("llama", 4, 2, 32, 64)
   assert (cfg.rope_scaling_factor, cfg.rope_original_max_len, cfg.tie_embeddings) == (4.0, 32, False)
-  gpt2_cfg, tokenizer_path = inference.read_model_card(converted["gpt2"][2])
+  gpt2_cfg, tokenizer_path = workdir_lib.read_model_card(converted["gpt2"][2])
   assert gpt2_cfg.tie_embeddings and os.path.basename(tokenizer_path) == "tokenizer.json"
   with open(os.path.join(converted["gpt2"][2], "config.json")) as f:
     assert json.load(f)["model"]["max_len"] == 64
@@ -73,7 +73,7 @@ def test_converted_config(converted):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_matches_transformers(converted, family):
   model, _, workdir = converted[family]
-  loaded = inference.load_model(workdir)
+  loaded = workdir_lib.load_model(workdir)
   tok = loaded.tokenizer
   prompt_ids = ([tok.bos_id] if tok.bos_id >= 0 else []) + tok.encode(PROMPT)
   ours = sampling.generate(loaded.params, loaded.cfg, prompt_ids, max_length=40, temperature=0.0, eos_id=tok.eos_id)
@@ -82,8 +82,8 @@ def test_greedy_generation_matches_transformers(converted, family):
                          pad_token_id=tok.eos_id).numpy()[0]
   ref = np.concatenate([ref, np.full(40 - len(ref), tok.eos_id)])  # HF stops early at eos; we pad with it
   np.testing.assert_array_equal(ours[0], ref)
-  text = inference.generate_texts(loaded.params, loaded.cfg, tok, PROMPT, max_length=40, num_return_sequences=1,
-                                  temperature=0.0, top_k=0, top_p=1.0, seed=0)[0]
+  text = sampling.generate_texts(loaded.params, loaded.cfg, tok, PROMPT, max_length=40, num_return_sequences=1,
+                                 temperature=0.0, top_k=0, top_p=1.0, seed=0)[0]
   assert text == tok.decode([t for t in ref if t != tok.eos_id])
   print(f"{family} greedy ids {ours[0].tolist()} text {text!r}")
 
@@ -92,7 +92,7 @@ def test_greedy_generation_matches_transformers(converted, family):
 def test_round_trip_through_to_hf(converted, family, tmp_path, caplog):
   model, _, workdir = converted[family]
   hf_out = str(tmp_path / "back")
-  hf_io.export_hf(workdir, hf_out)
+  hf_files.export_hf(workdir, hf_out)
   transformers.utils.logging.enable_propagation()  # its logger does not propagate to caplog by default
   try:
     with caplog.at_level(logging.WARNING):
@@ -108,23 +108,23 @@ def test_round_trip_through_to_hf(converted, family, tmp_path, caplog):
   print(f"{family} llm_jax -> HF max |logit difference| {diff_ours:.2e} (vs the original HF model {diff_orig:.2e})")
   assert diff_ours <= 1e-4 and diff_orig <= 1e-4
   hf_tok = transformers.AutoTokenizer.from_pretrained(hf_out)
-  ours = inference.load_model(workdir).tokenizer
+  ours = workdir_lib.load_model(workdir).tokenizer
   assert hf_tok(PROMPT).input_ids == ([ours.bos_id] if ours.bos_id >= 0 else []) + ours.encode(PROMPT)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_perplexity_equals_transformers_loss(converted, family):
   model, _, workdir = converted[family]
-  loaded = inference.load_model(workdir)
+  loaded = workdir_lib.load_model(workdir)
   text = "Assignment statements are used to (re)bind names to values."
-  got = evaluation.evaluate_documents(loaded.params, loaded.cfg, loaded.tokenizer, [text], seq_len=64, batch_size=2)
+  got = doc_eval.evaluate_documents(loaded.params, loaded.cfg, loaded.tokenizer, [text], seq_len=64, batch_size=2)
   tok = loaded.tokenizer
   ids = [tok.bos_id if tok.bos_id >= 0 else tok.eos_id] + tok.encode(text)
   with torch.no_grad():
     hf_loss = float(model(torch.tensor([ids]), labels=torch.tensor([ids])).loss)  # mean NLL of ids[1:]
   assert got["tokens"] == len(ids) - 1
-  assert math.isclose(got["loss"], hf_loss, rel_tol=1e-5)
-  assert math.isclose(got["perplexity"], math.exp(hf_loss), rel_tol=1e-5)
+  assert math.isclose(got["doc_loss"], hf_loss, rel_tol=1e-5)
+  assert math.isclose(got["doc_perplexity"], math.exp(hf_loss), rel_tol=1e-5)
   assert math.isclose(got["bits_per_byte"], hf_loss * (len(ids) - 1) / math.log(2) / len(text.encode()), rel_tol=1e-5)
 
 
@@ -142,8 +142,8 @@ def test_continued_training_from_converted_weights(converted, tmp_path):
   final = trainer.train_and_evaluate(config, str(tmp_path / "run"))
   assert math.isfinite(final["loss"]) and math.isfinite(final["val_loss"])
   # Two small AdamW steps move each weight by under 2 * lr; a fresh initialisation would be ~0.1 away.
-  start = inference.load_model(converted["gpt2"][2]).params["embed"]
-  trained = inference.load_model(str(tmp_path / "run")).params["embed"]
+  start = workdir_lib.load_model(converted["gpt2"][2]).params["embed"]
+  trained = workdir_lib.load_model(str(tmp_path / "run")).params["embed"]
   assert 0 < np.abs(np.asarray(trained) - np.asarray(start)).max() < 2.5 * config.optim.learning_rate
 
 
@@ -162,7 +162,7 @@ def test_unsupported_configs(converted, tmp_path, change, message):
   config.update(change)
   tiny_hf.write_json(os.path.join(hf_dir, "config.json"), config)
   with pytest.raises(ValueError, match="^[^\n]*$") as excinfo:
-    hf_io.import_hf(hf_dir, str(tmp_path / "wd"))
+    hf_files.import_hf(hf_dir, str(tmp_path / "wd"))
   assert message in str(excinfo.value)
 
 
@@ -176,7 +176,7 @@ def test_missing_files(converted, tmp_path, remove, message):
   shutil.copytree(converted["llama"][1], hf_dir)
   os.remove(os.path.join(hf_dir, remove))
   with pytest.raises(FileNotFoundError) as excinfo:
-    hf_io.import_hf(hf_dir, str(tmp_path / "wd"))
+    hf_files.import_hf(hf_dir, str(tmp_path / "wd"))
   assert message in str(excinfo.value)
 
 
@@ -187,12 +187,12 @@ def test_weights_that_do_not_fit_the_config(converted, tmp_path):
     config = json.load(f)
   tiny_hf.write_json(os.path.join(hf_dir, "config.json"), {**config, "n_layer": 1})
   with pytest.raises(ValueError, match="weight\\(s\\) a gpt2 model does not use, e.g. h.1."):
-    hf_io.import_hf(hf_dir, str(tmp_path / "wd"))
+    hf_files.import_hf(hf_dir, str(tmp_path / "wd"))
 
 
 def test_conversion_into_a_used_workdir_is_refused(converted):
   with pytest.raises(ValueError, match="already holds checkpoints"):
-    hf_io.import_hf(converted["gpt2"][1], converted["gpt2"][2])
+    hf_files.import_hf(converted["gpt2"][1], converted["gpt2"][2])
 
 
 def test_command_line(converted, tmp_path):
@@ -208,10 +208,10 @@ def test_command_line(converted, tmp_path):
 
 
 def test_unscanned_params_export_like_scanned(converted):
-  loaded = inference.load_model(converted["llama"][2])
+  loaded = workdir_lib.load_model(converted["llama"][2])
   unrolled = {k: v for k, v in loaded.params.items() if k != "layers"}
-  for i, layer in enumerate(conversion.layer_trees(loaded.params, loaded.cfg)):
+  for i, layer in enumerate(weights.layer_trees(loaded.params, loaded.cfg)):
     unrolled[f"layers_{i}"] = layer
-  scanned = conversion.params_to_hf(loaded.params, loaded.cfg)
-  for name, x in conversion.params_to_hf(unrolled, loaded.cfg).items():
+  scanned = weights.params_to_hf(loaded.params, loaded.cfg)
+  for name, x in weights.params_to_hf(unrolled, loaded.cfg).items():
     np.testing.assert_array_equal(x, scanned[name])

@@ -8,11 +8,12 @@ import time
 import pytest
 import tensorflow_datasets as tfds
 
-from llm_jax.data import corpus
 from llm_jax.data import sotu
+from llm_jax.data import split
 from llm_jax.data.corpus import DataConfig
 from llm_jax.data.corpus import load_documents
 from llm_jax.data.text import clean_text
+from llm_jax.data.text import read_utf8
 
 ONE_LINE = "^[^\n]*$"
 
@@ -34,17 +35,17 @@ def sotu_dir(tmp_path_factory) -> str:
 
 def test_validation_keys_follow_the_hash():
   keys = [f"doc-{i}" for i in range(400)]
-  chosen = corpus.validation_keys(keys, 0.1)
+  chosen = split.validation_keys(keys, 0.1)
   assert chosen == {k for k in keys if _reference_is_validation(k, 0.1)}
   assert 20 < len(chosen) < 60
-  assert corpus.validation_keys(list(reversed(keys)), 0.1) == chosen
+  assert split.validation_keys(list(reversed(keys)), 0.1) == chosen
 
 
 def test_validation_keys_never_leave_a_side_empty():
-  assert len(corpus.validation_keys(["a", "b", "c"], 1e-9)) == 1
-  assert len(corpus.validation_keys(["a", "b", "c"], 1 - 1e-9)) == 2
+  assert len(split.validation_keys(["a", "b", "c"], 1e-9)) == 1
+  assert len(split.validation_keys(["a", "b", "c"], 1 - 1e-9)) == 2
   with pytest.raises(ValueError, match="validation_fraction=1.5 must be in"):
-    corpus.validation_keys(["a", "b"], 1.5)
+    split.validation_keys(["a", "b"], 1.5)
 
 
 def test_sotu_splits(sotu_dir):
@@ -171,7 +172,7 @@ def test_text_files_errors(tmp_path):
 
 def test_byte_order_mark_is_dropped(tmp_path):
   path = _write(tmp_path, "bom.txt", b"\xef\xbb\xbfhello")
-  assert corpus.read_utf8(path) == "hello"
+  assert read_utf8(path) == "hello"
 
 
 def test_unknown_corpus_and_split():

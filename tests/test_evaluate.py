@@ -15,11 +15,12 @@ import pytest
 import tiny_hf
 
 from llm_jax import config as config_lib
-from llm_jax import evaluation
-from llm_jax import inference
 from llm_jax import tokenizer
+from llm_jax import workdir as workdir_lib
 from llm_jax.checkpoint import Checkpointer
 from llm_jax.data import corpus
+from llm_jax.evals import documents as doc_eval
+from llm_jax.evals import scoring
 from llm_jax.model import ModelConfig
 from llm_jax.model import Transformer
 from llm_jax.tokenizer import train_tokenizer
@@ -40,10 +41,10 @@ def run(tmp_path_factory):
   tok = train_tokenizer(tiny_hf.TEXTS, os.path.join(workdir, "tokenizer", "spm"), model_type="bpe", vocab_size=400)
   params = nn.unbox(Transformer(CFG).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   params = jax.tree.map(lambda x: x * 5, params)  # sharper than initialisation, so losses differ from ln V
-  ckpt = Checkpointer(workdir, keep=1, async_save=False)
+  ckpt = Checkpointer(workdir_lib.checkpoint_dir(workdir), keep=1, async_save=False)
   ckpt.save_params(0, params, {"model": dataclasses.asdict(CFG), "tokenizer_sha256": tokenizer.file_sha256(tok.path)})
   ckpt.close()
-  inference.write_model_card(workdir, CFG, tok.path)
+  workdir_lib.write_model_card(workdir, CFG, tok.path)
   config = config_lib.get_config()
   config.data.corpus, config.data.text_files, config.data.seq_len = "text_files", str(root / "*.txt"), 32
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -62,22 +63,22 @@ def _reference_nll(loaded, ids: list[int], last: int = 0) -> float:
 
 
 def test_perplexity_and_bits_per_byte_by_definition(run):
-  loaded = inference.load_model(run[0])
-  got = evaluation.evaluate_documents(loaded.params, loaded.cfg, loaded.tokenizer, SHORT_DOCS, seq_len=64)
+  loaded = workdir_lib.load_model(run[0])
+  got = doc_eval.evaluate_documents(loaded.params, loaded.cfg, loaded.tokenizer, SHORT_DOCS, seq_len=64)
   token_ids = [[loaded.tokenizer.bos_id] + loaded.tokenizer.encode(doc) for doc in SHORT_DOCS]
   nll = sum(_reference_nll(loaded, ids) for ids in token_ids)
   tokens = sum(len(ids) - 1 for ids in token_ids)
   num_bytes = sum(len(doc.encode("utf-8")) for doc in SHORT_DOCS)
   assert got["tokens"] == tokens and got["bytes"] == num_bytes and got["documents"] == 2
-  assert math.isclose(got["loss"], nll / tokens, rel_tol=1e-5)
-  assert math.isclose(got["perplexity"], math.exp(nll / tokens), rel_tol=1e-5)
+  assert math.isclose(got["doc_loss"], nll / tokens, rel_tol=1e-5)
+  assert math.isclose(got["doc_perplexity"], math.exp(nll / tokens), rel_tol=1e-5)
   assert math.isclose(got["bits_per_byte"], nll / math.log(2) / num_bytes, rel_tol=1e-5)
-  assert got["loss"] > 0.5 and abs(got["loss"] - math.log(400)) > 0.1
+  assert got["doc_loss"] > 0.5 and abs(got["doc_loss"] - math.log(400)) > 0.1
   assert got["tokens_per_s"] > 0
 
 
 def test_disjoint_windows_of_a_long_document(run):
-  loaded = inference.load_model(run[0])
+  loaded = workdir_lib.load_model(run[0])
   doc = tiny_hf.TEXTS[3][:1500]
   ids = [loaded.tokenizer.bos_id] + loaded.tokenizer.encode(doc)
   assert len(ids) > 3 * 32
@@ -87,15 +88,15 @@ def test_disjoint_windows_of_a_long_document(run):
   for start in range(0, num_targets, 32):
     end = min(start + 32, num_targets)
     nll += _reference_nll(loaded, ids[max(0, end - 32):end + 1], last=end - start)
-  got = evaluation.evaluate_documents(loaded.params, loaded.cfg, loaded.tokenizer, [doc], seq_len=32, batch_size=4)
+  got = doc_eval.evaluate_documents(loaded.params, loaded.cfg, loaded.tokenizer, [doc], seq_len=32, batch_size=4)
   assert got["tokens"] == len(ids) - 1
-  assert math.isclose(got["loss"] * got["tokens"], nll, rel_tol=1e-5)
+  assert math.isclose(got["doc_loss"] * got["tokens"], nll, rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("n, seq_len, stride", [(1, 8, 8), (8, 8, 8), (9, 8, 8), (50, 8, 3), (50, 16, 1), (7, 4, 2)])
 def test_windows_score_every_token_once(n, seq_len, stride):
   ids = list(range(100, 100 + n))
-  windows = evaluation.document_windows(ids, 1, seq_len, stride)
+  windows = doc_eval.document_windows(ids, 1, seq_len, stride)
   scored = [t for seq, k in windows for t in seq[len(seq) - k:]]
   assert scored == ids
   assert all(len(seq) <= seq_len + 1 for seq, _ in windows)
@@ -106,22 +107,23 @@ def test_windows_score_every_token_once(n, seq_len, stride):
 
 def test_validation_split_from_the_run_config(run):
   workdir, config = run
-  report = evaluation.evaluate_workdir(workdir, batch_size=4)
+  report = doc_eval.evaluate_workdir(workdir, batch_size=4)
   val_docs = corpus.load_documents(config_lib.data_config(config), "validation")
   assert report["split"] == "validation" and report["seq_len"] == 32 and report["checkpoint_step"] == 0
   assert report["documents"] == len(val_docs) and report["bytes"] == sum(len(d.encode()) for d in val_docs)
   with pytest.raises(ValueError, match="matches no files"):
-    evaluation.evaluate_workdir(workdir, text_files=os.path.join(workdir, "*.none"))
+    doc_eval.evaluate_workdir(workdir, text_files=os.path.join(workdir, "*.none"))
 
 
 def test_training_evaluator_matches_the_library(run):
-  loaded = inference.load_model(run[0])
-  evaluator = evaluation.TrainingEvaluator(loaded.cfg, loaded.tokenizer, text_sets={"short": SHORT_DOCS},
-                                           zero_shot_files=[EXAMPLE], seq_len=64, batch_size=4)
+  loaded = workdir_lib.load_model(run[0])
+  evaluator = doc_eval.TrainingEvaluator(loaded.cfg, loaded.tokenizer, text_sets={"short": SHORT_DOCS},
+                                         zero_shot_files=[EXAMPLE], seq_len=64, batch_size=4)
   got = evaluator(loaded.params)
-  text = evaluation.evaluate_documents(loaded.params, loaded.cfg, loaded.tokenizer, SHORT_DOCS, seq_len=64)
-  zero_shot = evaluation.zero_shot_metrics(loaded.params, loaded.cfg, loaded.tokenizer, EXAMPLE)
-  assert sorted(got) == sorted(["eval/short/loss", "eval/short/perplexity", "eval/short/bits_per_byte",
+  text = doc_eval.evaluate_documents(loaded.params, loaded.cfg, loaded.tokenizer, SHORT_DOCS, seq_len=64)
+  result = scoring.zero_shot(loaded.params, loaded.cfg, loaded.tokenizer, scoring.read_items(EXAMPLE))
+  zero_shot = {f"zero_shot/zero_shot_example/{k}": v for k, v in result.accuracies().items()}
+  assert sorted(got) == sorted(["eval/short/doc_loss", "eval/short/doc_perplexity", "eval/short/bits_per_byte",
                                 *zero_shot])
   assert math.isclose(got["eval/short/bits_per_byte"], text["bits_per_byte"], rel_tol=1e-6)
   assert all(got[k] == v for k, v in zero_shot.items())
@@ -135,9 +137,9 @@ def test_command_line(run, tmp_path):
                        capture_output=True, text=True, check=True, env=env)
   with open(os.path.join(workdir, "eval_text_files_0.json")) as f:
     report = json.load(f)
-  assert f"loss {report['loss']:.4f}" in out.stdout and "bits/byte" in out.stdout
-  expected = evaluation.evaluate_workdir(workdir, text_files=files)
-  assert math.isclose(report["loss"], expected["loss"], rel_tol=1e-6) and report["tokens"] == expected["tokens"]
+  assert f"doc_loss {report['doc_loss']:.4f}" in out.stdout and "bits/byte" in out.stdout
+  expected = doc_eval.evaluate_workdir(workdir, text_files=files)
+  assert math.isclose(report["doc_loss"], expected["doc_loss"], rel_tol=1e-6) and report["tokens"] == expected["tokens"]
   out = subprocess.run([sys.executable, "-m", "llm_jax.evaluate", f"--workdir={workdir}", f"--zero_shot={EXAMPLE}",
                         f"--output={tmp_path / 'zs.json'}"], capture_output=True, text=True, check=True, env=env)
   with open(tmp_path / "zs.json") as f:

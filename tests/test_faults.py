@@ -22,6 +22,7 @@ from llm_jax import optim
 from llm_jax import sharding
 from llm_jax import steps as steps_lib
 from llm_jax import trainer
+from llm_jax import workdir as workdir_lib
 from llm_jax import writers
 from llm_jax.data import pipeline
 
@@ -86,7 +87,7 @@ def test_sigterm_checkpoints_the_step_reached_and_exits_zero(tmp_path, uninterru
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out[-3000:]
-  saved = checkpoint_lib.Checkpointer(workdir, keep=100, async_save=False)
+  saved = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir), keep=100, async_save=False)
   latest = saved.latest()
   saved.close()
   if "preempted (SIGTERM)" in out:
@@ -132,13 +133,13 @@ def test_checkpoint_restores_onto_other_meshes_and_one_device(tmp_path):
   source = _state_on((2, 2, 2), c, cfg)
   with jax.set_mesh(source.batch_sharding.mesh):
     state = source.init()
-  saver = checkpoint_lib.Checkpointer(str(tmp_path), keep=2)
+  saver = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(str(tmp_path)), keep=2)
   saver.save(1, state, {"iterator": {}}, {"model": {}})
   saver.close()
   expected = jax.device_get(state)
   for shape in [(8, 1, 1), (1, 1, 1)]:
     target = _state_on(shape, c, cfg)
-    reader = checkpoint_lib.Checkpointer(str(tmp_path), keep=2)
+    reader = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(str(tmp_path)), keep=2)
     step, restored, _, _ = reader.restore(target.abstract_state, target.state_shardings)
     reader.close()
     assert step == 1
@@ -190,7 +191,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, poiso
   poison_step(15)
   with pytest.raises(faults.RunError, match="non-finite loss or gradient norm at step 15"):
     trainer.train_and_evaluate(smoke_config(num_train_steps=20), str(tmp_path))
-  reader = checkpoint_lib.Checkpointer(str(tmp_path), keep=100)
+  reader = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(str(tmp_path)), keep=100)
   assert reader.steps() == [10]
   reader.close()
   assert max(r["step"] for r in writers.read_metrics(str(tmp_path))) == 10
@@ -209,7 +210,7 @@ def test_resuming_with_other_model_dimensions_names_the_keys(tmp_path):
 
 
 def test_a_second_run_on_a_busy_workdir_refuses_to_start(tmp_path, cli):
-  lock = faults.WorkdirLock(str(tmp_path))
+  lock = faults.WorkdirLock(workdir_lib.lock_path(str(tmp_path)))
   lock.acquire()
   try:
     result = cli("llm_jax.train", "--config=experiments/smoke.py", f"--workdir={tmp_path}")

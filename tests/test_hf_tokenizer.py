@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import tiny_hf
 
-from llm_jax import hf_tokenizer
 from llm_jax.data.packing import pack_documents
-from llm_jax.hf_tokenizer import HFTokenizer
+from llm_jax.hf import tokenizer as hf_tokenizer
+from llm_jax.hf.tokenizer import HFTokenizer
 from llm_jax.tokenizer import Tokenizer
 from llm_jax.tokenizer import TokenizerConfig
 from llm_jax.tokenizer import get_or_train_tokenizer

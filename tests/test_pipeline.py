@@ -19,7 +19,9 @@ KEYS = {"inputs", "targets", "segment_ids", "positions", "loss_mask"}
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> pipeline.PreparedData:
-  return pipeline.prepare_data(config_lib.data_config(config), config_lib.tokenizer_config(config), workdir)
+  return pipeline.prepare_data(config_lib.data_config(config), config_lib.tokenizer_config(config),
+                               tokenizer_dir=os.path.join(workdir, "tokenizer"),
+                               cache_dir=os.path.join(workdir, "data"))
 
 
 def _config(data_dir: str, **data) -> ml_collections.ConfigDict:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import tiny_hf
 
-from llm_jax import evaluation
-from llm_jax import scoring
+from llm_jax.evals import documents as doc_eval
+from llm_jax.evals import scoring
 from llm_jax.model import ModelConfig
 from llm_jax.model import Transformer
 from llm_jax.model import abstract_params
@@ -76,7 +76,8 @@ def test_vowel_model_per_token_rule_prefers_the_most_vowels(char_tok):
   result = scoring.zero_shot(_unigram_params(cfg, logits), cfg, char_tok, scoring.read_items(EXAMPLE))
   assert result.predictions_norm == [1, 1, 0, 1, 0, 1, 1, 0]
   assert result.accuracy_norm == 4 / 8
-  metrics = evaluation.zero_shot_metrics(_unigram_params(cfg, logits), cfg, char_tok, EXAMPLE)
+  evaluator = doc_eval.TrainingEvaluator(cfg, char_tok, text_sets={}, zero_shot_files=[EXAMPLE], seq_len=cfg.max_len)
+  metrics = evaluator(_unigram_params(cfg, logits))
   assert metrics == {"zero_shot/zero_shot_example/accuracy": result.accuracy,
                      "zero_shot/zero_shot_example/accuracy_norm": 0.5}
 

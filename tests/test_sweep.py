@@ -11,9 +11,9 @@ import pytest
 from conftest import REPO
 from conftest import run_module
 
-from llm_jax import report
-from llm_jax import sweeps
 from llm_jax import writers
+from llm_jax.sweeps import plan
+from llm_jax.sweeps import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -24,7 +24,7 @@ def _write_sweep(tmp_path, body: str) -> str:
   return str(path)
 
 
-def _fake_run(run: sweeps.Run, status: str, val_losses=(), **config) -> None:
+def _fake_run(run: plan.Run, status: str, val_losses=(), **config) -> None:
   """A workdir as the trainer leaves it: run.json (status, config, params, wall time) and metrics.jsonl."""
   os.makedirs(run.workdir, exist_ok=True)
   card = {"status": status, "config": {**_nested(run.settings), **config}, "num_params": 1000,
@@ -52,7 +52,7 @@ def test_grid_times_seeds(tmp_path):
   path = _write_sweep(tmp_path, 'BASE = "experiments/smoke.py"\nSEEDS = (0, 1)\n'
                       'GRID = {"model.family": ["gpt2", "llama"], "optim.learning_rate": [1e-3, 3e-3]}\n'
                       'OVERRIDES = {"num_train_steps": 5}\n')
-  runs = sweeps.expand(sweeps.load_sweep(path), str(tmp_path / "root"))
+  runs = plan.expand(plan.load_sweep(path), str(tmp_path / "root"))
   assert [r.name for r in runs] == [f"model.family={f},optim.learning_rate={lr},seed={s}"
                                     for f in ("gpt2", "llama") for lr in ("0.001", "0.003") for s in (0, 1)]
   assert len({r.variant for r in runs}) == 4
@@ -64,7 +64,7 @@ def test_grid_times_seeds(tmp_path):
 def test_zip_times_seeds_and_grid_times_zip(tmp_path):
   path = _write_sweep(tmp_path, 'BASE = "experiments/smoke.py:llama"\nSEEDS = (0, 1, 2)\n'
                       'ZIP = {"model.d_model": [64, 128], "model.num_heads": [2, 4]}\n')
-  runs = sweeps.expand(sweeps.load_sweep(path), str(tmp_path))
+  runs = plan.expand(plan.load_sweep(path), str(tmp_path))
   assert [r.point for r in runs[::3]] == [{"model.d_model": 64, "model.num_heads": 2},
                                           {"model.d_model": 128, "model.num_heads": 4}]
   assert [r.seed for r in runs] == [0, 1, 2, 0, 1, 2]
@@ -72,7 +72,7 @@ def test_zip_times_seeds_and_grid_times_zip(tmp_path):
   assert "--config=experiments/smoke.py:llama" in runs[0].command
   both = _write_sweep(tmp_path, 'BASE = "experiments/smoke.py"\nGRID = {"optim.name": ["adamw", "sgd"]}\n'
                       'ZIP = {"model.d_model": [64, 128], "model.num_heads": [2, 4]}\n')
-  names = [r.name for r in sweeps.expand(sweeps.load_sweep(both), str(tmp_path))]
+  names = [r.name for r in plan.expand(plan.load_sweep(both), str(tmp_path))]
   assert names == [f"optim.name={o},model.d_model={d},model.num_heads={h},seed=0"
                    for o in ("adamw", "sgd") for d, h in ((64, 2), (128, 4))]
 
@@ -80,12 +80,12 @@ def test_zip_times_seeds_and_grid_times_zip(tmp_path):
 def test_workdir_names_are_file_system_safe_and_distinct(tmp_path):
   path = _write_sweep(tmp_path, 'BASE = "experiments/smoke.py"\n'
                       'GRID = {"sample.prompt": ["a/b c", "x" * 300]}\n')
-  runs = sweeps.expand(sweeps.load_sweep(path), str(tmp_path))
+  runs = plan.expand(plan.load_sweep(path), str(tmp_path))
   assert runs[0].name == "sample.prompt=a-b-c,seed=0"
   assert len(runs[1].variant.encode()) <= 200 and "/" not in runs[1].name
   clash = _write_sweep(tmp_path, 'BASE = "experiments/smoke.py"\nGRID = {"sample.prompt": ["a/b", "a b"]}\n')
   with pytest.raises(ValueError, match="same workdir"):
-    sweeps.expand(sweeps.load_sweep(clash), str(tmp_path))
+    plan.expand(plan.load_sweep(clash), str(tmp_path))
 
 
 @pytest.mark.parametrize("body, message", [
@@ -105,55 +105,55 @@ def test_workdir_names_are_file_system_safe_and_distinct(tmp_path):
 ])
 def test_bad_sweep_files_are_refused(tmp_path, body, message):
   with pytest.raises((ValueError, FileNotFoundError), match=message):
-    sweeps.load_sweep(_write_sweep(tmp_path, body))
+    plan.load_sweep(_write_sweep(tmp_path, body))
 
 
 @pytest.mark.parametrize("path", sorted(p for p in glob.glob(os.path.join(REPO, "experiments", "*.py"))
                                         if "\nBASE = " in open(p, encoding="utf-8").read()))
 def test_every_sweep_file_in_experiments_validates(path):
-  assert sweeps.expand(sweeps.load_sweep(path), "/tmp/unused")
+  assert plan.expand(plan.load_sweep(path), "/tmp/unused")
 
 
 def test_finished_runs_are_skipped_and_unfinished_resumed(tmp_path, monkeypatch):
   path = _write_sweep(tmp_path, 'BASE = "experiments/smoke.py"\nSEEDS = (0, 1, 2, 3)\n')
-  runs = sweeps.expand(sweeps.load_sweep(path), str(tmp_path / "root"))
+  runs = plan.expand(plan.load_sweep(path), str(tmp_path / "root"))
   for run, status in zip(runs, ("finished", "stopped", "failed")):
     _fake_run(run, status)
-  assert [sweeps.status(r) for r in runs] == ["finished", "stopped", "failed", "new"]
+  assert [plan.status(r) for r in runs] == ["finished", "stopped", "failed", "new"]
   launched = []
-  monkeypatch.setattr(sweeps.subprocess, "run",
+  monkeypatch.setattr(plan.subprocess, "run",
                       lambda cmd, **kw: launched.append(cmd) or subprocess.CompletedProcess(cmd, 0))
-  outcome = sweeps.run_all(runs, log=lambda _: None)
+  outcome = plan.run_all(runs, log=lambda _: None)
   assert outcome == {runs[0].name: "skipped", **{r.name: "ok" for r in runs[1:]}}
   assert launched == [r.command for r in runs[1:]]
   launched.clear()
-  sweeps.run_all(runs, skip_finished=False, log=lambda _: None)  # a pod-slice worker starts them all
+  plan.run_all(runs, skip_finished=False, log=lambda _: None)  # a pod-slice worker starts them all
   assert launched == [r.command for r in runs]
 
 
 def test_a_failing_run_does_not_stop_the_sweep(tmp_path, monkeypatch):
   path = _write_sweep(tmp_path, 'BASE = "experiments/smoke.py"\nSEEDS = (0, 1)\n')
-  runs = sweeps.expand(sweeps.load_sweep(path), str(tmp_path))
+  runs = plan.expand(plan.load_sweep(path), str(tmp_path))
   codes = iter([1, 0])
-  monkeypatch.setattr(sweeps.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, next(codes)))
-  outcome = sweeps.run_all(runs, log=lambda _: None)
+  monkeypatch.setattr(plan.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, next(codes)))
+  outcome = plan.run_all(runs, log=lambda _: None)
   assert outcome[runs[0].name].startswith("failed (exit 1") and outcome[runs[1].name] == "ok"
 
 
 def test_a_workdir_run_with_other_settings_is_refused(tmp_path):
   path = _write_sweep(tmp_path, 'BASE = "experiments/smoke.py"\nOVERRIDES = {"num_train_steps": 12}\n')
-  run = sweeps.expand(sweeps.load_sweep(path), str(tmp_path))[0]
+  run = plan.expand(plan.load_sweep(path), str(tmp_path))[0]
   _fake_run(run, "finished", num_train_steps=30)
-  assert sweeps.stale_settings(run) == {"num_train_steps": (30, 12)}
+  assert plan.stale_settings(run) == {"num_train_steps": (30, 12)}
   with pytest.raises(ValueError, match=r"was run with num_train_steps=30 \(sweep: 12\)"):
-    sweeps.run_all([run], log=lambda _: None)
+    plan.run_all([run], log=lambda _: None)
 
 
 def test_report_aggregates_seeds_and_marks_differences_beyond_the_noise(tmp_path):
   path = _write_sweep(tmp_path, 'BASE = "experiments/smoke.py"\nSEEDS = (0, 1, 2)\n'
                       'GRID = {"optim.learning_rate": [0.001, 0.003, 0.01]}\n')
-  sweep = sweeps.load_sweep(path)
-  runs = sweeps.expand(sweep, str(tmp_path))
+  sweep = plan.load_sweep(path)
+  runs = plan.expand(sweep, str(tmp_path))
   finals = {0.001: [4.0, 4.1, 4.2], 0.003: [4.05, 4.15, 4.25], 0.01: [5.0, 5.1, 5.2]}
   for run in runs:
     final = finals[run.point["optim.learning_rate"]][run.seed]

@@ -10,9 +10,10 @@ import pytest
 
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
-from llm_jax import runcard
 from llm_jax import trainer
+from llm_jax import workdir as workdir_lib
 from llm_jax import writers
+from llm_jax.sweeps import runcard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +33,7 @@ def smoke_config(**overrides):
 
 
 def restored_params(workdir: str, step: int):
-  ckpt = checkpoint_lib.Checkpointer(workdir, keep=100, async_save=False)
+  ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir), keep=100, async_save=False)
   try:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _abstract_state(workdir))
     shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
@@ -45,9 +46,8 @@ def restored_params(workdir: str, step: int):
 def _abstract_state(workdir: str):
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
 
-  from llm_jax import inference  # pylint: disable=import-outside-toplevel
   from llm_jax.model import abstract_params  # pylint: disable=import-outside-toplevel
-  cfg, _ = inference.read_model_card(workdir)
+  cfg, _ = workdir_lib.read_model_card(workdir)
   return nn.unbox(abstract_params(cfg))
 
 
@@ -120,5 +120,5 @@ def test_configured_eval_sets_are_scored_during_training(tmp_path):
   assert [r["step"] for r in records] == [15]
   r = records[0]
   assert 0.0 <= r["zero_shot/zero_shot_example/accuracy"] <= 1.0
-  assert r["eval/text_files/perplexity"] == pytest.approx(np.exp(r["eval/text_files/loss"]), rel=1e-6)
+  assert r["eval/text_files/doc_perplexity"] == pytest.approx(np.exp(r["eval/text_files/doc_loss"]), rel=1e-6)
   assert r["eval/text_files/bits_per_byte"] > 0

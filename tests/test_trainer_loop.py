@@ -12,6 +12,7 @@ from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import faults
 from llm_jax import launch
 from llm_jax import trainer
+from llm_jax import workdir as workdir_lib
 from llm_jax import writers
 from llm_jax.data import pipeline
 
@@ -84,7 +85,7 @@ def test_sigint_and_repeated_sigterm_stop_with_a_committed_checkpoint(tmp_path, 
   out = capsys.readouterr().out
   assert f"step     13 | {said}: checkpoint 13 written, exiting" in out
   assert "13" in seen_at_message and not [d for d in seen_at_message if "tmp" in d]
-  reader = checkpoint_lib.Checkpointer(str(tmp_path))
+  reader = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(str(tmp_path)))
   assert reader.latest() == 13
   reader.close()
   with open(os.path.join(str(tmp_path), "run.json"), encoding="utf-8") as f:

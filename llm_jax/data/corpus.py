@@ -1,18 +1,18 @@
 """Corpora as lists of cleaned documents: the built-in `sotu`, local text files, and prepared TFDS datasets.
 
-Splits are made per document by a stable hash of its name (`validation_keys`), so they do not depend on
+Splits are made per document by a stable hash of its name (`split.validation_keys`), so they do not depend on
 file order, Python's hash seed or the machine.
 """
 
 import dataclasses
 import fcntl
-import glob
-import hashlib
 import math
 import os
-from typing import Sequence
 
+from llm_jax.data.split import validation_keys
 from llm_jax.data.text import clean_text
+from llm_jax.data.text import read_utf8
+from llm_jax.data.text import text_file_paths
 
 CORPORA = ("sotu", "text_files", "tfds")
 SPLITS = ("train", "validation")
@@ -32,40 +32,6 @@ class DataConfig:
   data_dir: str = ""
   validation_fraction: float = 0.05
   seq_len: int = 128
-
-
-def _unit_hash(key: str) -> float:
-  """Maps `key` to [0, 1) by SHA-256: stable across runs and machines, unlike hash()."""
-  return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
-
-
-def validation_keys(keys: Sequence[str], fraction: float) -> set[str]:
-  """Returns the keys whose stable hash falls below `fraction`, but always at least one and never all.
-
-  Clamping moves only the keys nearest the threshold, so each key's side stays a function of the key alone
-  except when the clamp applies.
-  """
-  if not 0.0 < fraction < 1.0:
-    raise ValueError(f"data.validation_fraction={fraction} must be in (0, 1); pass e.g. "
-                     "--config.data.validation_fraction=0.05")
-  if len(keys) < 2:
-    raise ValueError(f"cannot split {len(keys)} document(s) into train and validation; add documents")
-  ranked = sorted(keys, key=_unit_hash)
-  num_validation = sum(_unit_hash(k) < fraction for k in keys)
-  num_validation = min(max(num_validation, 1), len(keys) - 1)
-  return set(ranked[:num_validation])
-
-
-def read_utf8(path: str) -> str:
-  """Returns the text of `path`; a ValueError names the file and byte offset if it is not UTF-8."""
-  with open(path, "rb") as f:
-    data = f.read()
-  try:
-    text = data.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise ValueError(f"{path} is not valid UTF-8 (byte {data[e.start]:#04x} at byte offset {e.start}); "
-                     f"convert it with `iconv -t UTF-8` or drop it from data.text_files") from None
-  return text.removeprefix("\ufeff")  # A byte-order mark is not text.
 
 
 def data_dir(data_cfg: DataConfig) -> str:
@@ -94,7 +60,7 @@ def _load_sotu(data_cfg: DataConfig, split: str) -> list[str]:
   """Prepares the sotu builder under data_dir on first use (seconds), then reads it back."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
-  from llm_jax.data import sotu  # pylint: disable=import-outside-toplevel  (it imports this module)
+  from llm_jax.data import sotu  # pylint: disable=import-outside-toplevel  (it imports tensorflow_datasets)
 
   directory = data_dir(data_cfg)
   os.makedirs(directory, exist_ok=True)
@@ -108,15 +74,6 @@ def _load_sotu(data_cfg: DataConfig, split: str) -> list[str]:
   return [source[i]["text"].decode("utf-8") for i in range(len(source))]
 
 
-def _text_file_paths(pattern: str) -> list[str]:
-  globs = [g.strip() for g in pattern.split(",") if g.strip()]
-  paths = {p for g in globs for p in glob.glob(os.path.expanduser(g), recursive=True) if os.path.isfile(p)}
-  if not paths:
-    raise ValueError(f"data.text_files={pattern!r} matches no files; pass an existing glob with "
-                     "--config.data.text_files=...")
-  return sorted(paths)
-
-
 def _load_text_files(data_cfg: DataConfig, split: str) -> list[str]:
   """Each file is one document, split by a stable hash of its path.
 
@@ -126,7 +83,8 @@ def _load_text_files(data_cfg: DataConfig, split: str) -> list[str]:
   repeat each other, from landing on both sides.
   """
   pattern = data_cfg.text_files
-  texts = {p: clean_text(read_utf8(p)) for p in _text_file_paths(pattern)}
+  texts = {p: clean_text(read_utf8(p)) for p in text_file_paths(pattern, "data.text_files",
+                                                                 " with --config.data.text_files=...")}
   texts = {p: t for p, t in texts.items() if t}
   if not texts:
     raise ValueError(f"data.text_files={pattern!r} has no text left after cleaning (empty files or only "

@@ -93,19 +93,22 @@ def _load_or_pack(prefix: str, tokenizer: Tokenizer, train_docs: list[str], val_
   return arrays, counts
 
 
-def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, workdir: str) -> PreparedData:
-  """Loads both splits, gets the tokenizer, and tokenises and packs them, reusing `workdir/data` caches.
+def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer_dir: str,
+                 cache_dir: str) -> PreparedData:
+  """Loads both splits, gets the tokenizer (cached in `tokenizer_dir`), and tokenises and packs them, reusing
+  the packed arrays cached in `cache_dir`.
 
   The packed arrays are cached as .npy files keyed by (tokenizer file hash, seq_len, corpus text hash), so a
   restart re-reads the documents (to hash them) but does not re-tokenise.
   """
   train_docs = load_documents(data_cfg, "train")
   val_docs = load_documents(data_cfg, "validation")
-  tokenizer = get_or_train_tokenizer(train_docs, tok_cfg, cache_dir=os.path.join(workdir, "tokenizer"))
+  tokenizer = get_or_train_tokenizer(train_docs, tok_cfg, cache_dir=tokenizer_dir)
   seq_len = data_cfg.seq_len
   key_text = "|".join([_PACK_VERSION, file_sha256(tokenizer.path), str(seq_len), corpus_fingerprint(train_docs),
                        corpus_fingerprint(val_docs)])
-  prefix = os.path.join(workdir, "data", hashlib.sha256(key_text.encode()).hexdigest()[:16])
+  cache_key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
+  prefix = os.path.join(cache_dir, cache_key)
   arrays, counts = _load_or_pack(prefix, tokenizer, train_docs, val_docs, seq_len)
   if len(arrays["val_tokens"]) == 0:
     raise ValueError(f"the validation split of data.corpus={data_cfg.corpus!r} is empty; raise "

@@ -12,10 +12,11 @@ from typing import Iterator
 
 import tensorflow_datasets as tfds
 
-from llm_jax.data import corpus
+from llm_jax.data.split import validation_keys
 from llm_jax.data.text import clean_text
+from llm_jax.data.text import read_utf8
 
-# About 12 of the 249 speeches; corpus.validation_keys keeps at least one on each side.
+# About 12 of the 249 speeches; split.validation_keys keeps at least one on each side.
 VALIDATION_FRACTION = 0.05
 
 
@@ -61,7 +62,7 @@ class Sotu(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
     del dl_manager  # The text ships inside an installed package: nothing to download.
     paths = speech_files()
-    validation = corpus.validation_keys([_title(p) for p in paths], VALIDATION_FRACTION)
+    validation = validation_keys([_title(p) for p in paths], VALIDATION_FRACTION)
     return {
         "train": self._generate_examples([p for p in paths if _title(p) not in validation]),
         "validation": self._generate_examples([p for p in paths if _title(p) in validation]),
@@ -69,6 +70,6 @@ class Sotu(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, paths: list[str]) -> Iterator[tuple[str, dict[str, str]]]:
     for path in paths:
-      text = clean_text(corpus.read_utf8(path))
+      text = clean_text(read_utf8(path))
       if text:
         yield _title(path), {"text": text, "title": _title(path)}

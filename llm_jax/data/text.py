@@ -1,5 +1,8 @@
-"""Text cleaning shared by every corpus: Unicode NFKC, stage-note removal and whitespace normalisation."""
+"""Local text shared by every corpus: files by comma-separated globs, strict UTF-8 reads, and cleaning
+(Unicode NFKC, stage-note removal and whitespace normalisation)."""
 
+import glob
+import os
 import re
 import unicodedata
 
@@ -28,3 +31,27 @@ def clean_text(text: str) -> str:
     text = unicodedata.normalize("NFKC", text)
   lines = (_HSPACE_RE.sub(" ", line).strip() for line in text.splitlines())
   return "\n".join(line for line in lines if line)
+
+
+def read_utf8(path: str) -> str:
+  """Returns the text of `path`; a ValueError names the file and byte offset if it is not UTF-8."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path} is not valid UTF-8 (byte {data[e.start]:#04x} at byte offset {e.start}); "
+                     f"convert it with `iconv -t UTF-8` or drop it from data.text_files") from None
+  return text.removeprefix("\ufeff")  # A byte-order mark is not text.
+
+
+def text_file_paths(pattern: str, setting: str, fix: str = "") -> list[str]:
+  """The sorted files matched by comma-separated globs (`~` expanded, `**` recursive).
+
+  `setting` names the flag in the error (e.g. "data.text_files"); `fix` ends its advice.
+  """
+  globs = [g.strip() for g in pattern.split(",") if g.strip()]
+  paths = {p for g in globs for p in glob.glob(os.path.expanduser(g), recursive=True) if os.path.isfile(p)}
+  if not paths:
+    raise ValueError(f"{setting}={pattern!r} matches no files; pass an existing glob{fix}")
+  return sorted(paths)

@@ -8,7 +8,6 @@ Nothing here needs torch, transformers or the internet.
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import os
@@ -24,12 +23,12 @@ import safetensors.numpy
 
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
-from llm_jax import conversion
-from llm_jax import hf_tokenizer
-from llm_jax import inference
-from llm_jax import tokenizer as tokenizer_lib
+from llm_jax import workdir as workdir_lib
+from llm_jax.hf import tokenizer as hf_tokenizer
+from llm_jax.hf import weights
 from llm_jax.model import ModelConfig
 from llm_jax.model import abstract_params
+from llm_jax.model import check_vocab_fits
 from llm_jax.tokenizer import load_tokenizer
 
 HF_CONFIG_FILE = "config.json"
@@ -106,19 +105,15 @@ def import_tokenizer(hf_dir: str, workdir: str, hf: dict[str, Any]) -> str:
 
 
 def write_workdir_config(workdir: str, cfg: ModelConfig, tokenizer_path: str) -> None:
-  """A resolved llm_jax config.json with this model, so tools that rebuild data from it work."""
-  config = config_lib.get_config()
-  for field in dataclasses.fields(cfg):
-    config.model[field.name] = getattr(cfg, field.name)
-  config.tokenizer.path = os.path.abspath(tokenizer_path)
+  """A resolved llm_jax config.json (the run config) with this model, so tools that rebuild data from it work."""
+  config = config_lib.with_model(config_lib.get_config(), cfg, tokenizer_path=os.path.abspath(tokenizer_path))
   config.data.seq_len = min(MAX_EVAL_SEQ_LEN, cfg.max_len)
   config_lib.validate(config)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  workdir_lib.write_run_config(workdir, config.to_json_best_effort(indent=2))
 
 
 def _check_empty(workdir: str) -> None:
-  directory = os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR)
+  directory = workdir_lib.checkpoint_dir(workdir)
   if os.path.isdir(directory) and os.listdir(directory):
     raise ValueError(f"--workdir={workdir} already holds checkpoints; convert into a new or empty directory")
 
@@ -129,24 +124,22 @@ def import_hf(hf_dir: str, workdir: str) -> tuple[ModelConfig, int]:
   Returns (model config, parameter count). Config and tokenizer are checked before the weights are read.
   """
   hf = read_hf_config(hf_dir)
-  cfg = conversion.model_config_from_hf(hf)
+  cfg = weights.model_config_from_hf(hf)
   _check_empty(workdir)
   os.makedirs(workdir, exist_ok=True)
   tokenizer_path = import_tokenizer(hf_dir, workdir, hf)
   tokenizer = load_tokenizer(tokenizer_path)
-  if tokenizer.vocab_size > cfg.vocab_size:
-    raise ValueError(f"the tokenizer in {hf_dir} has {tokenizer.vocab_size} ids but config.json vocab_size is "
-                     f"{cfg.vocab_size}; they do not belong together")
-  params = conversion.params_from_hf(read_safetensors(hf_dir), cfg, nn.unbox(abstract_params(cfg)))
+  check_vocab_fits(cfg.vocab_size, tokenizer.vocab_size,
+                   f"config.json vocab_size is {cfg.vocab_size}: the tokenizer in {hf_dir} does not belong to it")
+  params = weights.params_from_hf(read_safetensors(hf_dir), cfg, nn.unbox(abstract_params(cfg)))
   params = jax.tree.map(jnp.asarray, params)
-  meta = {"model": dataclasses.asdict(cfg), "tokenizer_sha256": tokenizer_lib.file_sha256(tokenizer_path),
-          "converted_from": os.path.abspath(hf_dir)}
-  ckpt = checkpoint_lib.Checkpointer(workdir, keep=1, async_save=False)
+  meta = workdir_lib.checkpoint_meta(cfg, tokenizer_path, converted_from=os.path.abspath(hf_dir))
+  ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir), keep=1, async_save=False)
   try:
     ckpt.save_params(0, params, meta)
   finally:
     ckpt.close()
-  inference.write_model_card(workdir, cfg, tokenizer_path)
+  workdir_lib.write_model_card(workdir, cfg, tokenizer_path)
   write_workdir_config(workdir, cfg, tokenizer_path)
   return cfg, sum(int(x.size) for x in jax.tree.leaves(params))
 
@@ -172,12 +165,12 @@ def _export_tokenizer(tokenizer: Any, hf_dir: str) -> None:
 
 def export_hf(workdir: str, hf_dir: str, step: int | None = None) -> tuple[ModelConfig, int]:
   """Writes checkpoint `step` (default newest) of `workdir` as a Hugging Face directory; returns (config, step)."""
-  loaded = inference.load_model(workdir, step)
+  loaded = workdir_lib.load_model(workdir, step)
   cfg, tokenizer = loaded.cfg, loaded.tokenizer
-  hf_config = conversion.hf_config_from_model(cfg, tokenizer.bos_id, tokenizer.eos_id)
+  hf_config = weights.hf_config_from_model(cfg, tokenizer.bos_id, tokenizer.eos_id)
   if os.path.isfile(os.path.join(hf_dir, HF_CONFIG_FILE)):
     raise ValueError(f"--to_hf={hf_dir} already holds a model (config.json); pass a new or empty directory")
-  tensors = conversion.params_to_hf(jax.device_get(loaded.params), cfg)
+  tensors = weights.params_to_hf(jax.device_get(loaded.params), cfg)
   os.makedirs(hf_dir, exist_ok=True)
   safetensors.numpy.save_file(tensors, os.path.join(hf_dir, HF_WEIGHTS_FILE), metadata={"format": "pt"})
   with open(os.path.join(hf_dir, HF_CONFIG_FILE), "w", encoding="utf-8") as f:

@@ -1,5 +1,11 @@
 """Held-out loss, perplexity and bits per byte on whole documents, and the evaluation sets run during training.
 
+These are `doc_loss` / `doc_perplexity` / `bits_per_byte`, not the trainer's `val_loss` / `val_perplexity`:
+the trainer scores the packed validation rows (documents joined as [bos] + ids + [eos] and cut into rows;
+the first token of a row is never a target, EOS is), which is cheap and comparable from step
+to step of one run; the metrics here score every document alone, each of its tokens exactly once, so they
+are comparable across runs, window lengths and (through bits per byte) tokenizers.
+
 What is scored: each document is tokenised alone and read as [c] + ids, where c is BOS (or EOS for
 tokenizers without one, GPT-2's document separator); every id of the document is a target exactly once
 and nothing else is (no BOS, no EOS target). So the scored tokens are exactly the document's text and
@@ -13,7 +19,6 @@ stride < seq_len every target but the first `seq_len` sees at least seq_len - st
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -22,12 +27,15 @@ from typing import Any
 from typing import Sequence
 
 import jax.numpy as jnp
-import ml_collections
 
-from llm_jax import inference
-from llm_jax import scoring
+from llm_jax import config as config_lib
+from llm_jax import metrics as metrics_lib
+from llm_jax import workdir as workdir_lib
 from llm_jax.data import corpus
 from llm_jax.data.text import clean_text
+from llm_jax.data.text import read_utf8
+from llm_jax.data.text import text_file_paths
+from llm_jax.evals import scoring
 from llm_jax.model import ModelConfig
 
 
@@ -70,9 +78,9 @@ def make_windows(documents: Sequence[str], tokenizer: Any, seq_len: int, stride:
 
 
 def text_metrics(nll_sum: float, tokens: float, num_bytes: int) -> dict[str, float]:
-  """Loss (nats per token), perplexity = exp(loss), and bits per byte = nll_sum / ln 2 / bytes."""
+  """doc_loss (nats per token), doc_perplexity = exp(doc_loss), and bits per byte = nll_sum / ln 2 / bytes."""
   loss = nll_sum / max(tokens, 1.0)
-  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+  return {"doc_loss": loss, "doc_perplexity": metrics_lib.perplexity(loss),
           "bits_per_byte": nll_sum / math.log(2) / max(num_bytes, 1), "tokens": tokens, "bytes": float(num_bytes)}
 
 
@@ -93,61 +101,44 @@ def evaluate_windows(params: Any, cfg: ModelConfig, windows: Windows, batch_size
 
 def evaluate_documents(params: Any, cfg: ModelConfig, tokenizer: Any, documents: Sequence[str], *,
                        seq_len: int, stride: int = 0, batch_size: int = 8) -> dict[str, float]:
-  """Loss, perplexity, bits per byte, tokens and tokens/s of the model on `documents` (stride 0: seq_len)."""
+  """doc_loss, doc_perplexity, bits per byte, tokens and tokens/s of the model on `documents` (stride 0: seq_len)."""
   check_seq_len(cfg, seq_len)
   windows = make_windows(documents, tokenizer, seq_len, stride or seq_len)
   return evaluate_windows(params, cfg, windows, batch_size)
 
 
 def check_seq_len(cfg: ModelConfig, seq_len: int) -> None:
-  if seq_len < 1 or (not cfg.is_llama and seq_len > cfg.max_len):
-    raise ValueError(f"--seq_len={seq_len} must be between 1 and the model's {cfg.max_len} positions")
-
-
-def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a training run (or a conversion) wrote into `workdir`."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} is missing, so the validation split is unknown; pass --text_files=<glob>")
-  with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+  if seq_len < 1 or (cfg.position_limit and seq_len > cfg.position_limit):
+    raise ValueError(f"--seq_len={seq_len} must be between 1 and the model's {cfg.position_limit} positions")
 
 
 def text_files_documents(pattern: str) -> list[str]:
   """Each file of the comma-separated globs as one whole document, cleaned as training corpora are."""
-  globs = [g.strip() for g in pattern.split(",") if g.strip()]
-  paths = sorted({p for g in globs for p in glob.glob(os.path.expanduser(g), recursive=True) if os.path.isfile(p)})
-  if not paths:
-    raise ValueError(f"--text_files={pattern!r} matches no files; pass an existing glob")
-  documents = [doc for doc in (clean_text(corpus.read_utf8(p)) for p in paths) if doc]
+  paths = text_file_paths(pattern, "--text_files")
+  documents = [doc for doc in (clean_text(read_utf8(p)) for p in paths) if doc]
   if not documents:
     raise ValueError(f"--text_files={pattern!r} has no text left after cleaning")
   return documents
 
 
-def zero_shot_metrics(params: Any, cfg: ModelConfig, tokenizer: Any, path: str,
-                      batch_size: int = 8) -> dict[str, float]:
-  """{'zero_shot/<file stem>/accuracy': ..., '.../accuracy_norm': ...} for a zero-shot JSONL file."""
-  result = scoring.zero_shot(params, cfg, tokenizer, scoring.read_items(path), batch_size)
-  name = os.path.splitext(os.path.basename(path))[0]
-  return {f"zero_shot/{name}/{k}": v for k, v in result.accuracies().items()}
-
-
 def default_seq_len(workdir: str, cfg: ModelConfig) -> int:
   """The run's data.seq_len when its config.json says, else the model's positions (at most 1024)."""
-  path = os.path.join(workdir, "config.json")
-  seq_len = read_run_config(workdir).data.seq_len if os.path.isfile(path) else min(cfg.max_len, 1024)
-  return seq_len if cfg.is_llama else min(seq_len, cfg.max_len)
+  has_config = workdir_lib.has_run_config(workdir)
+  seq_len = workdir_lib.read_run_config(workdir).data.seq_len if has_config else min(cfg.max_len, 1024)
+  return min(seq_len, cfg.position_limit or seq_len)
 
 
 def evaluate_workdir(workdir: str, *, step: int | None = None, split: str = "validation", text_files: str = "",
                      seq_len: int = 0, stride: int = 0, batch_size: int = 8) -> dict[str, Any]:
   """Text metrics of checkpoint `step` (default newest) on the run's `split` or on `text_files`."""
-  loaded = inference.load_model(workdir, step)
+  loaded = workdir_lib.load_model(workdir, step)
   if text_files:
     split, documents = "text_files", text_files_documents(text_files)
   else:
-    documents = corpus.load_documents(read_run_config(workdir).data, split)
+    if not workdir_lib.has_run_config(workdir):
+      raise FileNotFoundError(f"{workdir_lib.path(workdir, workdir_lib.RUN_CONFIG_FILE)} is missing, so the "
+                              "validation split is unknown; pass --text_files=<glob>")
+    documents = corpus.load_documents(config_lib.data_config(workdir_lib.read_run_config(workdir)), split)
   seq_len = seq_len or default_seq_len(workdir, loaded.cfg)
   metrics = evaluate_documents(loaded.params, loaded.cfg, loaded.tokenizer, documents, seq_len=seq_len,
                                stride=stride, batch_size=batch_size)
@@ -157,7 +148,7 @@ def evaluate_workdir(workdir: str, *, step: int | None = None, split: str = "val
 
 def zero_shot_workdir(workdir: str, path: str, *, step: int | None = None, batch_size: int = 8) -> dict[str, Any]:
   """Zero-shot accuracies of checkpoint `step` on a JSONL file, with every item's scores."""
-  loaded = inference.load_model(workdir, step)
+  loaded = workdir_lib.load_model(workdir, step)
   items = scoring.read_items(path)
   result = scoring.zero_shot(loaded.params, loaded.cfg, loaded.tokenizer, items, batch_size)
   return {"workdir": workdir, "checkpoint_step": loaded.step, "zero_shot_file": path, "items": len(items),
@@ -174,7 +165,7 @@ def write_report(path: str, report: dict[str, Any]) -> None:
 class TrainingEvaluator:
   """The extra evaluation sets of a training run, read and tokenised once, scored on demand.
 
-  `text_sets` maps a name to documents (loss, perplexity, bits per byte); `zero_shot_files` are JSONL
+  `text_sets` maps a name to documents (doc_loss, doc_perplexity, bits_per_byte); `zero_shot_files` are JSONL
   paths. Calling it returns flat metrics: 'eval/<name>/<metric>' and 'zero_shot/<stem>/<metric>'.
   """
 
@@ -194,7 +185,7 @@ class TrainingEvaluator:
     for name, windows in self.windows.items():
       scores = scoring.score_all(params, self.cfg, windows.rows, self.batch_size)
       m = text_metrics(float(scores["nll"].sum()), float(scores["tokens"].sum()), windows.num_bytes)
-      out.update({f"eval/{name}/{k}": m[k] for k in ("loss", "perplexity", "bits_per_byte")})
+      out.update({f"eval/{name}/{k}": m[k] for k in ("doc_loss", "doc_perplexity", "bits_per_byte")})
     for name, (items, rows) in self.choice_sets.items():
       result = scoring.choose(items, scoring.score_all(params, self.cfg, rows, self.batch_size))
       out.update({f"zero_shot/{name}/{k}": v for k, v in result.accuracies().items()})

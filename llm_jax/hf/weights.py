@@ -4,7 +4,7 @@ Hugging Face layouts: GPT-2 keeps Conv1D weights as (in, out) and fuses q, k, v 
 Llama keeps torch Linear weights as (out, in). Ours: (D, H, K) projections, (H, K, D) attention output,
 (D, F) / (F, D) MLP matrices, (D, V) untied head, layers stacked on axis 0 under `layers` (scan) or
 `layers_<i>`. Both layouts apply RoPE to the two halves of each head, so no permutation is needed.
-File reading and writing (safetensors, tokenizers, workdirs) lives in `llm_jax.hf_io`.
+File reading and writing (safetensors, tokenizers, workdirs) lives in `llm_jax.hf.files`.
 """
 
 from __future__ import annotations

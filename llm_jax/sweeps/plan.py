@@ -14,7 +14,7 @@ only, and never as `seed` (that is what SEEDS is for). Every run's resolved conf
 anything is launched, so a misspelt key or an impossible value fails the sweep at once.
 
 Each run's workdir is `ROOT/<key=value,...,seed=S>` (values reduced to letters, digits and `_.+-`), and
-its status comes from the run card `run.json` that the trainer writes (`llm_jax.runcard`): a second
+its status comes from the run card `run.json` that the trainer writes (`llm_jax.sweeps.runcard`): a second
 invocation skips finished runs and reruns the others, which the trainer resumes from their checkpoints.
 A workdir whose run card records other values for the sweep's keys is refused, never silently reused.
 Running a sweep writes `ROOT/sweep.json` (the sweep and every run's command), from which
@@ -42,7 +42,7 @@ from typing import Callable
 import ml_collections
 
 from llm_jax import config as config_lib
-from llm_jax import runcard
+from llm_jax.sweeps import runcard
 
 MANIFEST = "sweep.json"
 _MAX_NAME = 200  # bytes; file systems allow 255 per path component
@@ -119,12 +119,10 @@ def load_sweep(path: str) -> Sweep:
 
 def base_config(base: str) -> ml_collections.ConfigDict:
   """The config a `BASE` string names: `get_config()` of the file, or `get_config(variant)`."""
-  path, _, variant = base.partition(":")
-  module = _load_module(path, "BASE config file", 'BASE = "experiments/smoke.py" (relative to where you run)')
   try:
-    return module.get_config(variant) if variant else module.get_config()
-  except (ValueError, TypeError, AttributeError) as e:
-    raise ValueError(f"BASE={base!r} does not give a config: {e}") from e
+    return config_lib.from_file(base)
+  except ValueError as e:
+    raise ValueError(f"BASE={base!r} (relative to where you run) does not give a config: {e}") from e
 
 
 def flat_keys(c: Any, prefix: str = "") -> list[str]:

@@ -28,9 +28,9 @@ import numpy as np
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
 
-from llm_jax import runcard  # noqa: E402
-from llm_jax import sweeps  # noqa: E402
 from llm_jax import writers  # noqa: E402
+from llm_jax.sweeps import plan  # noqa: E402
+from llm_jax.sweeps import runcard  # noqa: E402
 
 METRICS = ("final_val_loss", "best_val_loss", "tokens_per_s", "mfu", "wall_time_s", "num_params")
 NOISE_METRICS = ("final_val_loss", "best_val_loss")
@@ -38,7 +38,7 @@ NOISE_METRICS = ("final_val_loss", "best_val_loss")
 
 @dataclasses.dataclass
 class RunResult:
-  run: sweeps.Run
+  run: plan.Run
   values: dict[str, float]
   val_curve: list[tuple[int, float]]
 
@@ -51,7 +51,7 @@ class Report:
   missing: list[str]  # runs of the sweep that have not finished
 
 
-def collect_run(run: sweeps.Run) -> RunResult | None:
+def collect_run(run: plan.Run) -> RunResult | None:
   """A finished run's numbers; None while it is new, unfinished or has no validation loss."""
   card = runcard.read(run.workdir)
   if card is None or card.get("status") != "finished":
@@ -190,7 +190,7 @@ def plot_against(rows: list[dict[str, Any]], finals: dict[str, list[float]], key
   plt.close(fig)
 
 
-def _plots(results: list[RunResult], rows: list[dict[str, Any]], sweep: sweeps.Sweep, out_dir: str) -> list[str]:
+def _plots(results: list[RunResult], rows: list[dict[str, Any]], sweep: plan.Sweep, out_dir: str) -> list[str]:
   """The curves and one plot per swept key (per group of zipped keys), variants in the sweep's order."""
   order = list(dict.fromkeys(r.run.variant for r in results))
   rows = sorted(rows, key=lambda row: order.index(row["variant"]))
@@ -205,11 +205,11 @@ def _plots(results: list[RunResult], rows: list[dict[str, Any]], sweep: sweeps.S
   return paths
 
 
-def write_report(sweep: sweeps.Sweep, root: str) -> Report:
+def write_report(sweep: plan.Sweep, root: str) -> Report:
   """results.csv (per variant), runs.csv (per run), results.md and the PNGs, all under `root`."""
   if not os.path.isdir(root):
     raise FileNotFoundError(f"--root={root} does not exist; pass the --root the sweep ran in")
-  runs = sweeps.expand(sweep, root)
+  runs = plan.expand(sweep, root)
   results = [r for r in (collect_run(run) for run in runs) if r is not None]
   if not results:
     raise ValueError(f"no run under {root} has finished with a validation loss yet; run the sweep first")

@@ -12,7 +12,8 @@ from typing import Any
 import jax
 import ml_collections
 
-RUN_FILE = "run.json"
+from llm_jax import workdir as workdir_lib
+
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorflow-datasets",
             "sentencepiece", "numpy")
 
@@ -47,7 +48,7 @@ def _now() -> str:
 
 
 def read(workdir: str) -> dict[str, Any] | None:
-  path = os.path.join(workdir, RUN_FILE)
+  path = workdir_lib.path(workdir, workdir_lib.RUN_FILE)
   if not os.path.exists(path):
     return None
   with open(path, encoding="utf-8") as f:
@@ -57,10 +58,10 @@ def read(workdir: str) -> dict[str, Any] | None:
 def _write(workdir: str, card: dict[str, Any]) -> None:
   if jax.process_index() != 0:
     return
-  tmp = os.path.join(workdir, RUN_FILE + ".tmp")
+  tmp = workdir_lib.path(workdir, workdir_lib.RUN_FILE + ".tmp")
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(card, f, indent=2, default=str)
-  os.replace(tmp, os.path.join(workdir, RUN_FILE))
+  os.replace(tmp, workdir_lib.path(workdir, workdir_lib.RUN_FILE))
 
 
 def start(workdir: str, config: ml_collections.ConfigDict, num_params: int) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Evaluation: whole-document loss, perplexity and bits per byte, and zero-shot multiple-choice scoring."""

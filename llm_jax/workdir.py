@@ -1,0 +1,158 @@
+"""A run's workdir: the name of every file and folder in it, its run config and model card, the checkpoint
+metadata (built and checked here only), and loading a trained or converted model from it.
+
+    config.json          the resolved llm_jax config of the run (not a Hugging Face config.json)
+    model.json           the model card: ModelConfig and the tokenizer's path, all `generate`/`evaluate` need
+    metrics.jsonl        one JSON object per logged step (`writers`)
+    run.json             the run card: what ran, when, how it ended (`sweeps.runcard`)
+    .lock                held while a run trains (`faults.WorkdirLock`)
+    checkpoints/         orbax checkpoints (`checkpoint.Checkpointer`); unusable ones move to unusable_checkpoints/
+    tokenizer/           trained tokenizers, cached per corpus and settings
+    data/                the packed-data cache
+    tensorboard/         TensorBoard event files
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from llm_jax import checkpoint as checkpoint_lib
+from llm_jax import faults
+from llm_jax import sharding
+from llm_jax.hf.tokenizer import HFTokenizer
+from llm_jax.model import ModelConfig
+from llm_jax.model import abstract_params
+from llm_jax.model import check_vocab_fits
+from llm_jax.tokenizer import Tokenizer
+from llm_jax.tokenizer import file_sha256
+from llm_jax.tokenizer import load_tokenizer
+
+RUN_CONFIG_FILE = "config.json"
+MODEL_FILE = "model.json"
+METRICS_FILE = "metrics.jsonl"
+RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
+CHECKPOINT_DIR = "checkpoints"
+UNUSABLE_CHECKPOINT_DIR = os.path.basename(checkpoint_lib.unusable_dir(CHECKPOINT_DIR))
+TOKENIZER_DIR = "tokenizer"
+DATA_DIR = "data"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def path(workdir: str, name: str) -> str:
+  """The path of file or folder `name` (one of the constants above) in `workdir`."""
+  return os.path.join(workdir, name)
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """Absolute, so orbax and the checkpoint messages see the same path wherever the process runs."""
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def lock_path(workdir: str) -> str:
+  return path(workdir, LOCK_FILE)
+
+
+def write_run_config(workdir: str, config_json: str) -> None:
+  """Writes the run's resolved config (JSON text, e.g. `config.to_json_best_effort(indent=2)`)."""
+  with open(path(workdir, RUN_CONFIG_FILE), "w", encoding="utf-8") as f:
+    f.write(config_json)
+
+
+def has_run_config(workdir: str) -> bool:
+  return os.path.isfile(path(workdir, RUN_CONFIG_FILE))
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a training run (or a conversion) wrote into `workdir`."""
+  config_path = path(workdir, RUN_CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{config_path} is missing; --workdir must be a directory written by llm_jax.train "
+                            "or llm_jax.convert")
+  with open(config_path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def write_model_card(workdir: str, cfg: ModelConfig, tokenizer_path: str) -> None:
+  """What `generate` and `evaluate` need to rebuild the model without the experiment config."""
+  card = {"model": dataclasses.asdict(cfg), "tokenizer": os.path.relpath(tokenizer_path, workdir)}
+  with open(path(workdir, MODEL_FILE), "w", encoding="utf-8") as f:
+    json.dump(card, f, indent=2)
+
+
+def read_model_card(workdir: str) -> tuple[ModelConfig, str]:
+  """(model config, tokenizer path) from the workdir's model.json."""
+  card_path = path(workdir, MODEL_FILE)
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"--workdir={workdir} does not exist; pass the directory a training run wrote")
+  if not os.path.exists(card_path):
+    raise FileNotFoundError(f"{card_path} is missing; --workdir must be a directory written by llm_jax.train "
+                            "or llm_jax.convert")
+  with open(card_path, encoding="utf-8") as f:
+    card = json.load(f)
+  return ModelConfig(**card["model"]), os.path.join(workdir, card["tokenizer"])
+
+
+def checkpoint_meta(cfg: ModelConfig, tokenizer_path: str, **extra: Any) -> dict[str, Any]:
+  """The metadata saved with every checkpoint: the model, the tokenizer file's hash, and `extra`."""
+  return {"model": dataclasses.asdict(cfg), "tokenizer_sha256": file_sha256(tokenizer_path), **extra}
+
+
+def check_tokenizer(saved_meta: dict[str, Any], tokenizer_sha256: str, tokenizer_path: str,
+                    step: int | None = None) -> None:
+  """Refuses a tokenizer file other than the one the checkpoint was trained with (when the checkpoint says)."""
+  saved_sha = saved_meta.get("tokenizer_sha256")
+  if saved_sha and saved_sha != tokenizer_sha256:
+    which = "checkpoint" if step is None else f"checkpoint {step}"
+    raise faults.RunError(f"tokenizer {tokenizer_path} is not the one {which} was trained with (sha256 differs); "
+                          "restore the workdir's original tokenizer (file and settings) or use a new --workdir")
+
+
+def check_resumable(saved_meta: dict[str, Any], meta: dict[str, Any], tokenizer_path: str) -> None:
+  """Refuses to resume a checkpoint with other model dimensions (ModelConfig.RUNTIME_FIELDS may change) or
+  another tokenizer; `meta` is this run's `checkpoint_meta`."""
+  saved_model, model = saved_meta.get("model", {}), meta["model"]
+  differing = sorted(k for k in set(saved_model) | set(model)
+                     if k not in ModelConfig.RUNTIME_FIELDS and saved_model.get(k) != model.get(k))
+  if differing:
+    detail = ", ".join(f"model.{k}: checkpoint {saved_model.get(k)!r} vs config {model.get(k)!r}"
+                       for k in differing)
+    raise faults.RunError(f"config does not match the checkpoint ({detail}); restore those values or use a new "
+                          "--workdir")
+  check_tokenizer(saved_meta, meta["tokenizer_sha256"], tokenizer_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  cfg: ModelConfig
+  params: Any
+  tokenizer: Tokenizer | HFTokenizer
+  step: int
+
+
+def load_model(workdir: str, step: int | None = None) -> LoadedModel:
+  """Parameters of checkpoint `step` (default: newest), replicated on this host's devices."""
+  cfg, tokenizer_path = read_model_card(workdir)
+  if not os.path.exists(tokenizer_path):
+    raise FileNotFoundError(f"tokenizer {tokenizer_path} named in {MODEL_FILE} is missing")
+  tokenizer = load_tokenizer(tokenizer_path)
+  check_vocab_fits(cfg.vocab_size, tokenizer.vocab_size,
+                   f"the model only {cfg.vocab_size}: {tokenizer_path} does not belong to this checkpoint")
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  params_abstract = nn.unbox(abstract_params(cfg))
+  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), params_abstract)
+  ckpt = checkpoint_lib.Checkpointer(checkpoint_dir(workdir), async_save=False)
+  try:
+    restored_step, params = ckpt.restore_params(params_abstract, shardings, step)
+    saved_meta = ckpt.restore_meta(restored_step)
+  finally:
+    ckpt.close()
+  check_tokenizer(saved_meta, file_sha256(tokenizer_path), tokenizer_path, restored_step)
+  return LoadedModel(cfg=cfg, params=params, tokenizer=tokenizer, step=restored_step)
