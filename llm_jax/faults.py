@@ -1,4 +1,4 @@
-"""What keeps a run safe: the workdir lock, preemption on SIGTERM and non-finite detection."""
+"""What stops or shields a run: `RunError`, the workdir lock, and SIGTERM/SIGINT turned into a clean stop."""
 
 from __future__ import annotations
 

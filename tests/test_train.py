@@ -13,6 +13,8 @@ from llm_jax import config as config_lib
 from llm_jax import trainer
 from llm_jax import workdir as workdir_lib
 from llm_jax import writers
+from llm_jax.data.text import clean_text
+from llm_jax.evals import documents as doc_eval
 from llm_jax.sweeps import runcard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,6 +121,15 @@ def test_configured_eval_sets_are_scored_during_training(tmp_path):
   records = [r for r in writers.read_metrics(str(tmp_path / "run")) if "val_loss" in r]
   assert [r["step"] for r in records] == [15]
   r = records[0]
-  assert 0.0 <= r["zero_shot/zero_shot_example/accuracy"] <= 1.0
+  # The same figures through the other path: the saved step-15 checkpoint, loaded and scored by llm_jax.evaluate.
+  zero_shot = doc_eval.zero_shot_workdir(str(tmp_path / "run"), c.eval_zero_shot_files, step=15)
+  assert r["zero_shot/zero_shot_example/accuracy"] == zero_shot["accuracy"]
+  assert r["zero_shot/zero_shot_example/accuracy_norm"] == zero_shot["accuracy_norm"]
+  report = doc_eval.evaluate_workdir(str(tmp_path / "run"), step=15, text_files=str(text))
+  assert r["eval/text_files/doc_loss"] == pytest.approx(report["doc_loss"], rel=1e-5)
   assert r["eval/text_files/doc_perplexity"] == pytest.approx(np.exp(r["eval/text_files/doc_loss"]), rel=1e-6)
-  assert r["eval/text_files/bits_per_byte"] > 0
+  # Bits per byte by its definition: every token of the cleaned text scored once, over its UTF-8 bytes.
+  cleaned = clean_text(text.read_text())
+  num_tokens = len(workdir_lib.load_model(str(tmp_path / "run")).tokenizer.encode(cleaned))
+  assert r["eval/text_files/bits_per_byte"] == pytest.approx(
+      r["eval/text_files/doc_loss"] * num_tokens / np.log(2) / len(cleaned.encode("utf-8")), rel=1e-5)
