@@ -15,6 +15,7 @@ from absl import app
 from absl import flags
 
 from llm_jax import launch
+from llm_jax import workdir as workdir_lib
 from llm_jax.sweeps import plan
 from llm_jax.sweeps import report
 
@@ -67,6 +68,10 @@ def _sweep() -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    workdir_lib.check_local(_ROOT.value, "--root")
+  except ValueError as e:
+    launch.fail("llm_jax.sweep", e)
   if not _ROOT.value.strip():
     launch.fail("llm_jax.sweep", ValueError("--root is empty; pass the directory that holds the runs"))
   if _REPORT.value and _DRY_RUN.value:

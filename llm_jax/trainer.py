@@ -173,6 +173,9 @@ def _extra_evaluator(config: ml_collections.ConfigDict, cfg: ModelConfig,
 def _resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The validated config, with the model dimensions and tokenizer of `init_params_from` when it is set."""
   config_lib.validate(config)
+  for key, value in (("init_params_from", config.init_params_from), ("tokenizer.path", config.tokenizer.path),
+                     ("data.text_files", config.data.text_files), ("data.data_dir", config.data.data_dir)):
+    workdir_lib.check_local(value, f"--config.{key}")
   if not config.init_params_from:
     return config
   source_cfg, tokenizer_path = workdir_lib.read_model_card(config.init_params_from)
@@ -200,6 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.dry_run:
     raise ValueError("dry_run=True compiles without training: call trainer.dry_run(config) (the train command "
                      "does), or pass --config.dry_run=False")
+  workdir_lib.check_local(workdir, "--workdir")
   config = _resolved(config)
   mesh = _mesh(config)
   os.makedirs(workdir, exist_ok=True)

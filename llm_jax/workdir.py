@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -44,6 +45,18 @@ UNUSABLE_CHECKPOINT_DIR = os.path.basename(checkpoint_lib.unusable_dir(CHECKPOIN
 TOKENIZER_DIR = "tokenizer"
 DATA_DIR = "data"
 TENSORBOARD_DIR = "tensorboard"
+
+
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def check_local(location: str, what: str) -> None:
+  """Refuses URLs (gs://, s3://, ...): every file here goes through local file APIs, which would quietly create a
+  folder named 'gs:' in the current directory and keep checkpoints on the VM's own disk."""
+  match = _URL_SCHEME.match(location or "")
+  if match:
+    raise ValueError(f"{what}={location} is not a local path, and llm_jax does not write to {match.group(1)}:// "
+                     f"yet; pass a local directory or a mounted bucket (e.g. gcsfuse) instead")
 
 
 def path(workdir: str, name: str) -> str:
@@ -138,6 +151,7 @@ class LoadedModel:
 
 
 def load_model(workdir: str, step: int | None = None) -> LoadedModel:
+  check_local(workdir, "--workdir")
   """Parameters of checkpoint `step` (default: newest), replicated on this host's devices."""
   cfg, tokenizer_path = read_model_card(workdir)
   if not os.path.exists(tokenizer_path):

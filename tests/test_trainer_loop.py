@@ -6,6 +6,7 @@ import os
 import signal
 
 import pytest
+from conftest import run_module
 from test_train import smoke_config
 
 from llm_jax import checkpoint as checkpoint_lib
@@ -120,3 +121,20 @@ def test_a_failing_close_still_records_how_the_run_ended(tmp_path, monkeypatch):
   line = launch.storage_error_line(wrapped)
   assert line.startswith(f"no space left writing {os.path.join(str(tmp_path), 'checkpoints', '10')} (")
   assert "MB free on that file system" in line and "\n" not in line
+
+
+@pytest.mark.parametrize("module,args,flag", [
+    ("llm_jax.train", ["--config=experiments/smoke.py", "--workdir=gs://bucket/run"], "--workdir=gs://bucket/run"),
+    ("llm_jax.train", ["--config=experiments/smoke.py", "--workdir={tmp}/w",
+                       "--config.init_params_from=gs://bucket/base"], "--config.init_params_from=gs://bucket/base"),
+    ("llm_jax.generate", ["--workdir=gs://bucket/run"], "--workdir=gs://bucket/run"),
+    ("llm_jax.convert", ["--from_hf=s3://models/gpt2", "--workdir={tmp}/w"], "--from_hf=s3://models/gpt2"),
+    ("llm_jax.sweep", ["--sweep=experiments/ablation_family.py", "--root=gs://bucket/sweep"], "--root=gs://bucket/sweep"),
+])
+def test_remote_paths_are_refused_and_nothing_is_written_locally(tmp_path, module, args, flag):
+  result = run_module(module, *[a.format(tmp=tmp_path) for a in args], process_env={"PWD": str(tmp_path)})
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and f"{flag} is not a local path" in lines[0], lines
+  assert not os.path.exists(os.path.join(os.path.dirname(os.path.dirname(__file__)), "gs:"))
+  assert not os.path.exists(os.path.join(str(tmp_path), "w", "checkpoints"))

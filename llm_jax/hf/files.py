@@ -123,6 +123,8 @@ def import_hf(hf_dir: str, workdir: str) -> tuple[ModelConfig, int]:
 
   Returns (model config, parameter count). Config and tokenizer are checked before the weights are read.
   """
+  workdir_lib.check_local(hf_dir, "--from_hf")
+  workdir_lib.check_local(workdir, "--workdir")
   hf = read_hf_config(hf_dir)
   cfg = weights.model_config_from_hf(hf)
   _check_empty(workdir)
@@ -165,6 +167,7 @@ def _export_tokenizer(tokenizer: Any, hf_dir: str) -> None:
 
 def export_hf(workdir: str, hf_dir: str, step: int | None = None) -> tuple[ModelConfig, int]:
   """Writes checkpoint `step` (default newest) of `workdir` as a Hugging Face directory; returns (config, step)."""
+  workdir_lib.check_local(hf_dir, "--to_hf")
   loaded = workdir_lib.load_model(workdir, step)
   cfg, tokenizer = loaded.cfg, loaded.tokenizer
   hf_config = weights.hf_config_from_model(cfg, tokenizer.bos_id, tokenizer.eos_id)
