@@ -142,6 +142,16 @@ def check_resumable(saved_meta: dict[str, Any], meta: dict[str, Any], tokenizer_
   check_tokenizer(saved_meta, meta["tokenizer_sha256"], tokenizer_path)
 
 
+def check_model_card(cfg: ModelConfig, saved_meta: dict[str, Any], workdir: str, step: int) -> None:
+  """Refuses a model.json whose dimensions are not those checkpoint `step` was saved with."""
+  saved_model, model = saved_meta.get("model", {}), dataclasses.asdict(cfg)
+  differing = sorted(k for k in saved_model if k not in ModelConfig.RUNTIME_FIELDS and saved_model[k] != model.get(k))
+  if differing:
+    detail = ", ".join(f"{k}: {MODEL_FILE} {model.get(k)!r} vs checkpoint {saved_model[k]!r}" for k in differing)
+    raise faults.RunError(f"{path(workdir, MODEL_FILE)} does not describe checkpoint {step} ({detail}); put back "
+                          f"the values the checkpoint was saved with")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
   cfg: ModelConfig
@@ -151,8 +161,8 @@ class LoadedModel:
 
 
 def load_model(workdir: str, step: int | None = None) -> LoadedModel:
-  check_local(workdir, "--workdir")
   """Parameters of checkpoint `step` (default: newest), replicated on this host's devices."""
+  check_local(workdir, "--workdir")
   cfg, tokenizer_path = read_model_card(workdir)
   if not os.path.exists(tokenizer_path):
     raise FileNotFoundError(f"tokenizer {tokenizer_path} named in {MODEL_FILE} is missing")
@@ -164,6 +174,10 @@ def load_model(workdir: str, step: int | None = None) -> LoadedModel:
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh), params_abstract)
   ckpt = checkpoint_lib.Checkpointer(checkpoint_dir(workdir), async_save=False)
   try:
+    steps = ckpt.steps()
+    wanted = steps[-1] if step is None and steps else step
+    if wanted in steps:  # an edited model.json would otherwise surface as a shape error deep inside orbax
+      check_model_card(cfg, ckpt.restore_meta(wanted), workdir, wanted)
     restored_step, params = ckpt.restore_params(params_abstract, shardings, step)
     saved_meta = ckpt.restore_meta(restored_step)
   finally:

@@ -190,6 +190,44 @@ def test_weights_that_do_not_fit_the_config(converted, tmp_path):
     hf_files.import_hf(hf_dir, str(tmp_path / "wd"))
 
 
+def test_a_truncated_safetensors_file_is_one_error_and_leaves_no_workdir(converted, tmp_path):
+  hf_dir = str(tmp_path / "hf")
+  shutil.copytree(converted["gpt2"][1], hf_dir)
+  weights_path = os.path.join(hf_dir, "model.safetensors")
+  with open(weights_path, "r+b") as f:
+    f.truncate(os.path.getsize(weights_path) // 2)
+  with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+    hf_files.import_hf(hf_dir, str(tmp_path / "wd"))
+  assert not os.path.exists(tmp_path / "wd")  # built aside, never half-moved into place
+  assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_export_is_readable_by_others_and_refuses_a_file_as_directory(converted, tmp_path):
+  out = str(tmp_path / "hf_out")
+  hf_files.export_hf(converted["llama"][2], out)
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in os.listdir(out):
+    assert os.stat(os.path.join(out, name)).st_mode & 0o777 == 0o666 & ~umask, name
+  (tmp_path / "a_file").write_text("x")
+  with pytest.raises(ValueError, match="is a file, not a directory"):
+    hf_files.export_hf(converted["llama"][2], str(tmp_path / "a_file"))
+  with pytest.raises(ValueError, match="is a file, not a directory"):
+    hf_files.import_hf(converted["llama"][1], str(tmp_path / "a_file"))
+
+
+def test_an_edited_model_card_is_refused_naming_the_field(converted, tmp_path):
+  workdir = str(tmp_path / "wd")
+  shutil.copytree(converted["gpt2"][2], workdir)
+  card_path = os.path.join(workdir, "model.json")
+  with open(card_path) as f:
+    card = json.load(f)
+  card["model"]["d_model"] += 8
+  tiny_hf.write_json(card_path, card)
+  with pytest.raises(Exception, match=r"does not describe checkpoint 0 \(d_model: model.json"):
+    workdir_lib.load_model(workdir)
+
+
 def test_conversion_into_a_used_workdir_is_refused(converted):
   with pytest.raises(ValueError, match="already holds checkpoints"):
     hf_files.import_hf(converted["gpt2"][1], converted["gpt2"][2])

@@ -8,11 +8,14 @@ Nothing here needs torch, transformers or the internet.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import shutil
+import tempfile
 from typing import Any
+from typing import Iterator
 
 import flax.linen as nn
 import jax
@@ -59,9 +62,13 @@ def read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
   # The flax reader understands bfloat16, which numpy does not; read on the host, then free each copy.
   with jax.default_device(jax.local_devices(backend="cpu")[0]):
     for path in paths:
-      with safetensors.safe_open(path, framework="flax") as f:
-        for name in f.keys():
-          tensors[name] = np.asarray(f.get_tensor(name).astype(jnp.float32))
+      try:
+        with safetensors.safe_open(path, framework="flax") as f:
+          for name in f.keys():
+            tensors[name] = np.asarray(f.get_tensor(name).astype(jnp.float32))
+      except (safetensors.SafetensorError, OSError, ValueError) as e:
+        reason = " ".join(str(e).split())[:160]
+        raise ValueError(f"{path} is not a readable safetensors file ({reason}); download or save it again") from None
   return tensors
 
 
@@ -125,25 +132,51 @@ def import_hf(hf_dir: str, workdir: str) -> tuple[ModelConfig, int]:
   """
   workdir_lib.check_local(hf_dir, "--from_hf")
   workdir_lib.check_local(workdir, "--workdir")
+  _check_directory(workdir, "--workdir")
   hf = read_hf_config(hf_dir)
   cfg = weights.model_config_from_hf(hf)
   _check_empty(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  tokenizer_path = import_tokenizer(hf_dir, workdir, hf)
-  tokenizer = load_tokenizer(tokenizer_path)
-  check_vocab_fits(cfg.vocab_size, tokenizer.vocab_size,
-                   f"config.json vocab_size is {cfg.vocab_size}: the tokenizer in {hf_dir} does not belong to it")
-  params = weights.params_from_hf(read_safetensors(hf_dir), cfg, nn.unbox(abstract_params(cfg)))
-  params = jax.tree.map(jnp.asarray, params)
-  meta = workdir_lib.checkpoint_meta(cfg, tokenizer_path, converted_from=os.path.abspath(hf_dir))
-  ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir), keep=1, async_save=False)
-  try:
-    ckpt.save_params(0, params, meta)
-  finally:
-    ckpt.close()
-  workdir_lib.write_model_card(workdir, cfg, tokenizer_path)
-  write_workdir_config(workdir, cfg, tokenizer_path)
+  # Everything is built beside the target and moved into place at the end: a conversion that fails (a
+  # truncated safetensors file, say) leaves no half-built workdir behind.
+  with _staging(workdir) as staging:
+    tokenizer_path = import_tokenizer(hf_dir, staging, hf)
+    tokenizer = load_tokenizer(tokenizer_path)
+    check_vocab_fits(cfg.vocab_size, tokenizer.vocab_size,
+                     f"config.json vocab_size is {cfg.vocab_size}: the tokenizer in {hf_dir} does not belong to it")
+    params = weights.params_from_hf(read_safetensors(hf_dir), cfg, nn.unbox(abstract_params(cfg)))
+    params = jax.tree.map(jnp.asarray, params)
+    meta = workdir_lib.checkpoint_meta(cfg, tokenizer_path, converted_from=os.path.abspath(hf_dir))
+    ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(staging), keep=1, async_save=False)
+    try:
+      ckpt.save_params(0, params, meta)
+    finally:
+      ckpt.close()
+    workdir_lib.write_model_card(staging, cfg, tokenizer_path)
+    write_workdir_config(staging, cfg, os.path.join(workdir, os.path.relpath(tokenizer_path, staging)))
   return cfg, sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def _check_directory(location: str, flag: str) -> None:
+  if os.path.exists(location) and not os.path.isdir(location):
+    raise ValueError(f"{flag}={location} is a file, not a directory; pass a new or empty directory")
+
+
+@contextlib.contextmanager
+def _staging(target: str) -> Iterator[str]:
+  """A temporary directory beside `target` whose entries replace target's on success; removed on failure."""
+  parent = os.path.dirname(os.path.abspath(target))
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(target))}.partial-", dir=parent)
+  try:
+    yield staging
+    os.makedirs(target, exist_ok=True)
+    for name in os.listdir(staging):
+      destination = os.path.join(target, name)
+      if os.path.isdir(destination):
+        shutil.rmtree(destination)  # only ever an empty checkpoints/ (checked before) or a stale copy of ours
+      os.replace(os.path.join(staging, name), destination)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _export_tokenizer(tokenizer: Any, hf_dir: str) -> None:
@@ -168,15 +201,26 @@ def _export_tokenizer(tokenizer: Any, hf_dir: str) -> None:
 def export_hf(workdir: str, hf_dir: str, step: int | None = None) -> tuple[ModelConfig, int]:
   """Writes checkpoint `step` (default newest) of `workdir` as a Hugging Face directory; returns (config, step)."""
   workdir_lib.check_local(hf_dir, "--to_hf")
+  _check_directory(hf_dir, "--to_hf")
+  if os.path.isfile(os.path.join(hf_dir, HF_CONFIG_FILE)):
+    raise ValueError(f"--to_hf={hf_dir} already holds a model (config.json); pass a new or empty directory")
   loaded = workdir_lib.load_model(workdir, step)
   cfg, tokenizer = loaded.cfg, loaded.tokenizer
   hf_config = weights.hf_config_from_model(cfg, tokenizer.bos_id, tokenizer.eos_id)
-  if os.path.isfile(os.path.join(hf_dir, HF_CONFIG_FILE)):
-    raise ValueError(f"--to_hf={hf_dir} already holds a model (config.json); pass a new or empty directory")
   tensors = weights.params_to_hf(jax.device_get(loaded.params), cfg)
-  os.makedirs(hf_dir, exist_ok=True)
-  safetensors.numpy.save_file(tensors, os.path.join(hf_dir, HF_WEIGHTS_FILE), metadata={"format": "pt"})
-  with open(os.path.join(hf_dir, HF_CONFIG_FILE), "w", encoding="utf-8") as f:
-    json.dump(hf_config, f, indent=2)
-  _export_tokenizer(tokenizer, hf_dir)
+  with _staging(hf_dir) as staging:
+    safetensors.numpy.save_file(tensors, os.path.join(staging, HF_WEIGHTS_FILE), metadata={"format": "pt"})
+    with open(os.path.join(staging, HF_CONFIG_FILE), "w", encoding="utf-8") as f:
+      json.dump(hf_config, f, indent=2)
+    _export_tokenizer(tokenizer, staging)
+    _readable_by_all(staging)
   return cfg, loaded.step
+
+
+def _readable_by_all(directory: str) -> None:
+  """Exported files get the usual 0644 (less the umask): safetensors writes its file 0600, which other users and
+  the serving process of a shared model directory then cannot read."""
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in os.listdir(directory):
+    os.chmod(os.path.join(directory, name), 0o666 & ~umask)
