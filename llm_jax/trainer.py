@@ -216,6 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> dict[str, float]:
+  runcard.read(workdir)  # a damaged run card is refused now, not after preparing data and compiling
   with faults.interruptible("preparing the tokenizer and data"):
     data = _prepare_data_once(config, workdir)
   peak, peak_source = metrics_lib.peak_flops_total(config.peak_flops_per_device)

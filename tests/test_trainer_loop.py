@@ -138,3 +138,15 @@ def test_remote_paths_are_refused_and_nothing_is_written_locally(tmp_path, modul
   assert len(lines) == 1 and f"{flag} is not a local path" in lines[0], lines
   assert not os.path.exists(os.path.join(os.path.dirname(os.path.dirname(__file__)), "gs:"))
   assert not os.path.exists(os.path.join(str(tmp_path), "w", "checkpoints"))
+
+
+def test_a_corrupt_run_card_is_one_line_before_training(tmp_path):
+  trainer.train_and_evaluate(smoke_config(num_train_steps=10), str(tmp_path))
+  run_json = os.path.join(str(tmp_path), "run.json")
+  with open(run_json, "w", encoding="utf-8") as f:
+    f.write('{"status": "finished", "config": {')
+  with pytest.raises(ValueError, match=r"run.json is not valid JSON .* at line 1\); it is the run card"):
+    trainer.train_and_evaluate(smoke_config(num_train_steps=20), str(tmp_path))
+  with open(run_json, encoding="utf-8") as f:
+    assert f.read() == '{"status": "finished", "config": {'  # left as it was, for the user to look at
+  assert max(r["step"] for r in writers.read_metrics(str(tmp_path))) == 10

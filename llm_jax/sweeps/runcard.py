@@ -52,7 +52,12 @@ def read(workdir: str) -> dict[str, Any] | None:
   if not os.path.exists(path):
     return None
   with open(path, encoding="utf-8") as f:
-    return json.load(f)
+    text = f.read()
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); it is the run card (status, times, "
+                     "final metrics): fix it, or move it away to start a new card") from None
 
 
 def _write(workdir: str, card: dict[str, Any]) -> None:
