@@ -107,7 +107,10 @@ def test_sigterm_while_preparing_data_says_so(tmp_path, monkeypatch):
 
 
 def test_a_failing_close_still_records_how_the_run_ended(tmp_path, monkeypatch):
+  close = checkpoint_lib.Checkpointer.close
+
   def full_disk(self):
+    close(self)  # let orbax finish its own threads; then fail as a full disk would
     raise OSError(errno.ENOSPC, "No space left on device", os.path.join(self.directory, "10"))
 
   monkeypatch.setattr(checkpoint_lib.Checkpointer, "close", full_disk)
