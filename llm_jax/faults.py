@@ -10,6 +10,8 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 
+from llm_jax import checkpoint as checkpoint_lib
+
 LOCK_FILE = ".lock"
 
 # Model fields that may change between a checkpoint and the run resuming it: they alter how the
@@ -94,3 +96,20 @@ def check_drift(saved_meta: dict[str, Any], model: dict[str, Any], tokenizer_sha
     raise RunError("the tokenizer does not match the one the checkpoint was trained with (sha256 differs); "
                    "restore the workdir's tokenizer settings or use a new --workdir")
 
+
+
+def check_optim_drift(saved_meta: dict[str, Any], optim: dict[str, Any], opt_state_tree: str) -> None:
+  """Refuses to resume when changed optim settings give the optimizer state another layout, naming them.
+
+  Settings that keep the layout (learning rate, schedule, betas) may change on resume. Checkpoints from
+  before `optim` was recorded, and a differing tree with no differing setting (another optax version may
+  print its states differently), are left to the checkpointer's comparison of the saved array metadata.
+  """
+  saved_optim, saved_tree = saved_meta.get("optim"), saved_meta.get("opt_state_tree")
+  if saved_optim is None or not saved_tree or saved_tree == opt_state_tree:
+    return
+  differing = sorted(k for k in set(saved_optim) | set(optim) if saved_optim.get(k) != optim.get(k))
+  if differing:
+    detail = ", ".join(f"optim.{k}: checkpoint {saved_optim.get(k)!r} vs config {optim.get(k)!r}" for k in differing)
+    raise RunError(f"the optimizer state layout differs from the checkpoint's ({detail}); "
+                   f"{checkpoint_lib.REMEDY_LAYOUT}")
