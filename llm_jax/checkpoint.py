@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import time
 from typing import Any
 from typing import Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 from llm_jax import sharding
+
+# A storage hiccup (network filesystem, bucket) is retried this many times, `RESTORE_BACKOFF_S` doubling,
+# before the run refuses to go on; it never counts as damage, so it never moves a checkpoint aside.
+RESTORE_ATTEMPTS = 4
+RESTORE_BACKOFF_S = 2.0
+# FileNotFoundError and friends mean a file is missing (a killed writer): damage, not a hiccup.
+_MISSING = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+_TRANSIENT_ERRNOS = {errno.EIO, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY, errno.ESTALE, errno.ECONNRESET,
+                     errno.ECONNREFUSED, errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EINTR}
+REMEDY_LAYOUT = ("keep the old optim settings, or start a new --workdir from these weights with "
+                 "--config.init_params_from=<workdir>")
 
 
 class CheckpointError(RuntimeError):
@@ -20,6 +35,55 @@ class CheckpointError(RuntimeError):
 def unusable_dir(directory: str) -> str:
   """Where checkpoints of `directory` that fail to load are moved: beside it, as unusable_<its name>."""
   return os.path.join(os.path.dirname(directory), "unusable_" + os.path.basename(directory))
+class LayoutMismatch(CheckpointError):
+  """The saved train state is intact but has another tree structure, shapes or dtypes than the run's."""
+
+
+def is_transient(error: BaseException) -> bool:
+  """A storage error that may go away on retry (EIO, timeouts, dropped connections), as opposed to damage."""
+  if isinstance(error, (ConnectionError, TimeoutError)):
+    return True
+  return isinstance(error, OSError) and not isinstance(error, _MISSING) and (
+      error.errno in _TRANSIENT_ERRNOS or error.errno is None)
+
+
+def _path_str(path: tuple[Any, ...]) -> str:
+  """'opt_state/1/0/mu/embed': the same for a live state (attributes, namedtuples) and orbax's saved dicts."""
+  def one(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        return str(getattr(entry, attr))
+    return str(entry)
+  return "/".join(one(e) for e in path)
+
+
+def _layout(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  return {_path_str(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree) if leaf is not None}
+
+
+def _summary(paths: list[str], limit: int = 4) -> str:
+  shown = ", ".join(paths[:limit])
+  return f"{shown}, ... ({len(paths)} in all)" if len(paths) > limit else shown or "none"
+
+
+def layout_difference(saved: Any, target: Any) -> str | None:
+  """What differs between a saved state's array metadata and an abstract target (None: the same layout)."""
+  a, b = _layout(saved), _layout(target)
+  if a == b:
+    return None
+  only_saved, only_target = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+  changed = sorted(k for k in set(a) & set(b) if a[k] != b[k])
+  differing = only_saved + only_target + changed
+  part = ("the optimizer state layout" if all(k.startswith("opt_state") for k in differing)
+          else "the train state layout")
+  details = []
+  if only_saved or only_target:
+    details.append(f"checkpoint has keys {_summary(only_saved)} vs config {_summary(only_target)}")
+  if changed:
+    details.append("; ".join(f"{k}: checkpoint {a[k][0]} {a[k][1]} vs config {b[k][0]} {b[k][1]}"
+                             for k in changed[:3]) + (f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""))
+  return f"{part} differs: {'; '.join(details)}"
 
 
 class Checkpointer:
@@ -58,40 +122,96 @@ class Checkpointer:
   def restore(self, abstract_state: Any, shardings: Any, step: int | None = None,
               check_meta: Callable[[dict[str, Any]], None] | None = None
               ) -> tuple[int, Any, dict[str, Any], dict[str, Any]] | None:
-    """(step, state, data_state, meta) of the newest restorable checkpoint (or `step`), or None.
+    """(step, state, data_state, meta) of the newest restorable checkpoint (or `step`); None when there is none.
 
-    `check_meta` sees a checkpoint's metadata before its arrays are read (config drift is refused
-    there, with a message, rather than as a shape error). A checkpoint that fails to load (truncated
-    or missing files from a killed writer) is reported and moved aside for the next older one;
-    nothing is deleted.
+    Three kinds of failure, told apart before anything is moved:
+    - another layout (`check_meta` refusing config drift, or the saved tree structure, shapes or dtypes
+      differing from `abstract_state`): the checkpoint is fine, the run is not; refused with `CheckpointError`
+      (or `check_meta`'s own error), nothing moved. Checked on metadata only, before any array is read.
+    - a storage error (EIO, timeouts): retried with backoff, then refused; nothing moved.
+    - damage (truncated, undecodable or missing files from a killed writer): the checkpoint is reported and
+      moved to `unusable_checkpoints/` (never deleted) and the next older one is tried. When every one is
+      damaged this raises rather than returning None, so a run never silently starts over on a workdir
+      that had checkpoints.
     """
-    candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
-    if step is not None and step not in self.steps():
-      raise CheckpointError(f"no checkpoint at step {step} in {self.directory}; available: "
-                            f"{self.steps() or 'none'}")
+    available = self.steps()
+    if step is not None and step not in available:
+      raise CheckpointError(f"no checkpoint at step {step} in {self.directory}; available: {available or 'none'}")
+    candidates = [step] if step is not None else sorted(available, reverse=True)
     target = sharding.with_shardings(abstract_state, shardings)
+    failures = []
     for candidate in candidates:
       try:
-        meta = self.restore_meta(candidate)
-      except Exception:  # pylint: disable=broad-except  # unreadable metadata: handled as unusable below
+        meta = self._retrying(candidate, lambda c=candidate: self.restore_meta(c))
+      except CheckpointError:
+        raise
+      except Exception:  # pylint: disable=broad-except  # unreadable metadata: damage, handled below
         meta = None
       if meta is not None and check_meta is not None:
         check_meta(meta)
       try:
-        restored = self.manager.restore(candidate, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore()))
-      except Exception as e:  # pylint: disable=broad-except  # any unreadable file means unusable
+        saved = self._retrying(candidate, lambda c=candidate: self._saved_state_metadata(c))
+        difference = layout_difference(saved, abstract_state)
+        if difference:
+          raise LayoutMismatch(f"checkpoint at step {candidate} in {self.directory} does not fit this run: "
+                               f"{difference}; {REMEDY_LAYOUT}")
+        restored = self._retrying(candidate, lambda c=candidate: self.manager.restore(c, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())))
+      except CheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  # anything else unreadable is damage
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         if step is not None:
-          raise CheckpointError(f"checkpoint at step {step} in {self.directory} is unusable: "
-                                f"{type(e).__name__}") from e
+          raise CheckpointError(f"checkpoint at step {step} in {self.directory} is unusable ({reason})") from e
         moved = self._quarantine(candidate)
-        print(f"checkpoint at step {candidate} is unusable ({type(e).__name__}: "
-              f"{str(e).splitlines()[0][:160] if str(e) else ''}); moved it to {moved} and trying an older one",
-              flush=True)
+        failures.append(candidate)
+        print(f"checkpoint at step {candidate} is unusable ({reason}); moved it to {moved}"
+              f"{' and trying an older one' if candidate != candidates[-1] else ''}", flush=True)
         continue
       return candidate, restored["state"], restored["data"], restored["meta"]
+    if failures:
+      raise CheckpointError(f"no checkpoint in {self.directory} could be restored (tried steps {failures}, all "
+                            f"damaged); moved them to {self.unusable_directory}; nothing was overwritten: restore "
+                            "one from a backup, or start over with a new --workdir")
     return None
+
+  @property
+  def unusable_directory(self) -> str:
+    return unusable_dir(self.directory)
+
+  def quarantined(self) -> list[str]:
+    """Names of the checkpoints earlier runs moved aside as unusable."""
+    path = self.unusable_directory
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+  def _saved_state_metadata(self, step: int) -> Any:
+    """The saved 'state' item's tree of array metadata (shapes, dtypes), read without reading any array."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+      metadata = handler.metadata(epath.Path(self.directory) / str(step) / "state")
+    finally:
+      handler.close()
+    return getattr(metadata, "tree", metadata)
+
+  def _retrying(self, step: int, read: Callable[[], Any]) -> Any:
+    """`read()`, retried with doubling backoff while it fails with a transient storage error."""
+    delay = RESTORE_BACKOFF_S
+    for attempt in range(1, RESTORE_ATTEMPTS + 1):
+      try:
+        return read()
+      except Exception as e:  # pylint: disable=broad-except  # re-raised unless transient
+        if not is_transient(e):
+          raise
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        if attempt == RESTORE_ATTEMPTS:
+          raise CheckpointError(f"storage error reading the checkpoint at step {step} in {self.directory} "
+                                f"({reason}), {RESTORE_ATTEMPTS} attempts; it was left in place: check the "
+                                "filesystem and run again") from e
+        print(f"storage error reading the checkpoint at step {step} ({reason}); retrying in {delay:g} s",
+              flush=True)
+        time.sleep(delay)
+        delay *= 2
+    raise AssertionError("unreachable")
 
   def restore_params(self, abstract_params: Any, shardings: Any, step: int | None = None) -> tuple[int, Any]:
     """Only the parameters (no optimizer state) of checkpoint `step` or the newest one."""

@@ -62,7 +62,12 @@ class Tokenizer:
       raise ValueError(f"tokenizer model {path!r} does not exist; pass an existing .model file with "
                        "--config.tokenizer.path=... or leave it empty to train one")
     processor = spm.SentencePieceProcessor()
-    processor.load(path)
+    try:
+      processor.load(path)
+    except (OSError, RuntimeError) as e:  # sentencepiece reports a truncated or foreign file as either
+      reason = str(e).strip().splitlines()[-1][:120] if str(e).strip() else type(e).__name__
+      raise ValueError(f"tokenizer model {path} is unreadable ({reason}); delete it to have it retrained, or fix "
+                       "--config.tokenizer.path") from None
     return cls(processor, path)
 
   @property

@@ -95,10 +95,22 @@ def _restore_or_init(ckpt: checkpoint_lib.Checkpointer, fns: steps_lib.StepFns, 
                      init_params_from: str, meta: dict[str, Any],
                      tokenizer_path: str) -> tuple[int, steps_lib.TrainState, dict]:
   """(step, state, saved loop state): the newest usable checkpoint, else a fresh start, optionally from
-  another run's weights."""
-  check = lambda saved: workdir_lib.check_resumable(saved, meta, tokenizer_path)
+  another run's weights.
+
+  Raises (before the metric writer exists, so metrics.jsonl is never truncated) rather than start over on
+  a workdir whose checkpoints are all unusable, now or in an earlier run.
+  """
+  def check(saved: dict[str, Any]) -> None:
+    workdir_lib.check_resumable(saved, meta, tokenizer_path)
+    workdir_lib.check_optim_drift(saved, meta["optim"], meta["opt_state_tree"])
+
   restored = ckpt.restore(fns.abstract_state, fns.state_shardings, check_meta=check)
   if restored is None:
+    if ckpt.quarantined():
+      raise checkpoint_lib.CheckpointError(
+          f"no usable checkpoint in {ckpt.directory}, and earlier runs moved unusable ones to "
+          f"{ckpt.unusable_directory} ({', '.join(ckpt.quarantined())}); starting over would overwrite this "
+          "workdir's metrics: restore one, or move that folder away to start over, or use a new --workdir")
     state = fns.init()
     if init_params_from:
       source = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(init_params_from), async_save=False)
@@ -229,7 +241,10 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
     train_iter = pipeline.make_train_iterator(
         data, global_batch_size=config.global_batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
-    meta = workdir_lib.checkpoint_meta(cfg, data.tokenizer.path)
+    # optim and the optimizer state's tree let a resume with other optim settings be refused by name.
+    meta = workdir_lib.checkpoint_meta(cfg, data.tokenizer.path,
+                                       optim=dataclasses.asdict(config_lib.optim_config(config)),
+                                       opt_state_tree=str(jax.tree.structure(fns.abstract_state.opt_state)))
     start_step, state, loop_state = _restore_or_init(ckpt, fns, train_iter, config.init_params_from, meta,
                                                      data.tokenizer.path)
     eval_batches = pipeline.make_eval_batches(

@@ -142,6 +142,23 @@ def check_resumable(saved_meta: dict[str, Any], meta: dict[str, Any], tokenizer_
   check_tokenizer(saved_meta, meta["tokenizer_sha256"], tokenizer_path)
 
 
+def check_optim_drift(saved_meta: dict[str, Any], optim: dict[str, Any], opt_state_tree: str) -> None:
+  """Refuses to resume when changed optim settings give the optimizer state another layout, naming them.
+
+  Settings that keep the layout (learning rate, schedule, betas) may change on resume. Checkpoints from
+  before `optim` was recorded, and a differing tree with no differing setting (another optax version may
+  print its states differently), are left to the checkpointer's comparison of the saved array metadata.
+  """
+  saved_optim, saved_tree = saved_meta.get("optim"), saved_meta.get("opt_state_tree")
+  if saved_optim is None or not saved_tree or saved_tree == opt_state_tree:
+    return
+  differing = sorted(k for k in set(saved_optim) | set(optim) if saved_optim.get(k) != optim.get(k))
+  if differing:
+    detail = ", ".join(f"optim.{k}: checkpoint {saved_optim.get(k)!r} vs config {optim.get(k)!r}" for k in differing)
+    raise faults.RunError(f"the optimizer state layout differs from the checkpoint's ({detail}); "
+                   f"{checkpoint_lib.REMEDY_LAYOUT}")
+
+
 def check_model_card(cfg: ModelConfig, saved_meta: dict[str, Any], workdir: str, step: int) -> None:
   """Refuses a model.json whose dimensions are not those checkpoint `step` was saved with."""
   saved_model, model = saved_meta.get("model", {}), dataclasses.asdict(cfg)

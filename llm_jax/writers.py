@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import time
 from typing import Any
 from typing import Mapping
 
@@ -13,13 +15,72 @@ import jax
 from llm_jax import workdir as workdir_lib
 
 
+def _read_lines(path: str) -> list[tuple[str, dict[str, Any] | None]]:
+  """(raw line, record or None when it does not parse) for each non-blank line of a metrics file.
+
+  A last line without its newline that does not parse is what a kill mid-write leaves: dropped silently
+  (the resumed run writes that step again). Any other bad line is kept as None with one warning naming
+  the file and line, so one damaged line never makes a run unresumable or a sweep report fail.
+  """
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = f.readlines()
+  parsed = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict):
+        raise ValueError(f"a JSON {type(record).__name__}, not an object")
+    except ValueError as e:
+      if number == len(lines) and not line.endswith("\n"):
+        continue
+      print(f"warning: {path} line {number} is not a metrics record ({str(e)[:80]}); skipping it", file=sys.stderr,
+            flush=True)
+      parsed.append((line, None))
+      continue
+    parsed.append((line, record))
+  return parsed
+
+
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """All records of a run's metrics.jsonl (empty when there is none)."""
+  """All readable records of a run's metrics.jsonl (empty when there is none); bad lines are skipped."""
   path = workdir_lib.path(workdir, workdir_lib.METRICS_FILE)
   if not os.path.exists(path):
     return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [record for _, record in _read_lines(path) if record is not None]
+
+
+class _EventFile:
+  """A TensorBoard event file written synchronously, so `flush` means on disk.
+
+  tensorboardX's SummaryWriter hands events to a thread through a queue and its flush() does not drain
+  that queue: every SIGKILLed run lost what was queued (usually everything, as it writes every 120 s).
+  """
+
+  def __init__(self, logdir: str, purge_step: int | None):
+    from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=import-outside-toplevel
+    from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+    from tensorboardX.summary import scalar  # pylint: disable=import-outside-toplevel
+    self._event_pb2, self._scalar = event_pb2, scalar
+    os.makedirs(logdir, exist_ok=True)
+    # The nanosecond suffix keeps two writers started in the same second apart, and in start order:
+    # TensorBoard reads a run's files sorted by name, and purging depends on that order.
+    self._writer = EventsWriter(os.path.join(logdir, "events"), f".{time.time_ns()}")
+    if purge_step:
+      # What SummaryWriter(purge_step=...) writes: TensorBoard hides older events at steps >= purge_step.
+      self._writer.write_event(event_pb2.Event(wall_time=time.time(), step=purge_step, session_log=event_pb2.SessionLog(
+          status=event_pb2.SessionLog.START)))
+
+  def add_scalar(self, name: str, value: float, step: int) -> None:
+    self._writer.write_event(self._event_pb2.Event(wall_time=time.time(), step=int(step),
+                                                   summary=self._scalar(name, value)))
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
 
 
 class MetricWriter:
@@ -31,19 +92,34 @@ class MetricWriter:
     self._tb = None
     if not self.enabled:
       return
-    self._truncate_after(resume_step)
-    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-    # purge_step hides events a killed run wrote after the checkpoint we resume from.
-    self._tb = SummaryWriter(workdir_lib.path(workdir, workdir_lib.TENSORBOARD_DIR),
-                             purge_step=resume_step + 1 if resume_step else None)
+    kept = self._truncate_after(resume_step)
+    # Earlier invocations' event files cannot be trusted: one killed before a flush leaves an empty file,
+    # and one killed after the checkpoint we resume from holds steps that are about to be redone. So on
+    # resume the new event file gets the whole history again from metrics.jsonl (the record of truth),
+    # and purge_step at its first step makes TensorBoard hide every older event from that step on: the
+    # newest file alone is complete and nothing shows twice. It costs one event per record per resume.
+    records = [r for r in kept if r.get("step", 0) >= 1] if resume_step else []
+    purge_step = min([r["step"] for r in records] + [resume_step + 1]) if resume_step else None
+    self._tb = _EventFile(workdir_lib.path(workdir, workdir_lib.TENSORBOARD_DIR), purge_step)
+    for record in records:
+      self._add_scalars(record["step"], {k: v for k, v in record.items() if k != "step"})
+    self.flush()
 
-  def _truncate_after(self, step: int) -> None:
-    kept = [r for r in read_metrics(os.path.dirname(self.path)) if r.get("step", 0) <= step]
+  def _truncate_after(self, step: int) -> list[dict[str, Any]]:
+    """Drops the records past `step` (on resume unparseable lines stay as they were); returns the records kept."""
+    lines = _read_lines(self.path) if os.path.exists(self.path) else []
+    kept = [(line, r) for line, r in lines if (r is None and step > 0) or (r is not None and r.get("step", 0) <= step)]
     tmp = self.path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-      for record in kept:
-        f.write(json.dumps(record) + "\n")
+      for line, record in kept:
+        f.write((json.dumps(record) if record is not None else line.rstrip("\n")) + "\n")
     os.replace(tmp, self.path)
+    return [r for _, r in kept if r is not None]
+
+  def _add_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    for name, value in scalars.items():
+      if isinstance(value, (int, float)) and math.isfinite(value):
+        self._tb.add_scalar(name, float(value), step)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -51,9 +127,9 @@ class MetricWriter:
     clean = {k: float(v) for k, v in scalars.items()}
     with open(self.path, "a", encoding="utf-8") as f:
       f.write(json.dumps({"step": int(step), **clean}) + "\n")
-    for name, value in clean.items():
-      if math.isfinite(value):
-        self._tb.add_scalar(name, value, step)
+    self._add_scalars(step, clean)
+    # Flushed at each write, so a killed run keeps its scalars; writes come once per log_every steps.
+    self._tb.flush()
 
   def flush(self) -> None:
     if self._tb is not None:

@@ -21,6 +21,7 @@ from llm_jax import faults
 from llm_jax import optim
 from llm_jax import sharding
 from llm_jax import steps as steps_lib
+from llm_jax import tokenizer as tokenizer_lib
 from llm_jax import trainer
 from llm_jax import workdir as workdir_lib
 from llm_jax import writers
@@ -218,3 +219,46 @@ def test_a_second_run_on_a_busy_workdir_refuses_to_start(tmp_path, cli):
     lock.release()
   assert result.returncode == 2
   assert "is in use by a running job" in result.stderr
+
+
+def _prepare(workdir: str) -> pipeline.PreparedData:
+  c = smoke_config()
+  return pipeline.prepare_data(config_lib.data_config(c), config_lib.tokenizer_config(c),
+                               tokenizer_dir=os.path.join(workdir, "tokenizer"),
+                               cache_dir=os.path.join(workdir, "data"))
+
+
+@pytest.mark.parametrize("damage", ["truncate_npy", "delete_npy", "corrupt_counts"])
+def test_damaged_packed_data_cache_is_named_and_rebuilt(tmp_path, capsys, damage):
+  first = _prepare(str(tmp_path))
+  (counts,) = [str(p) for p in (tmp_path / "data").glob("*_counts.json")]
+  victim = counts.replace("_counts.json", "_train_tokens.npy") if damage != "corrupt_counts" else counts
+  if damage == "truncate_npy":
+    os.truncate(victim, os.path.getsize(victim) // 2)
+  elif damage == "delete_npy":
+    os.remove(victim)
+  else:
+    with open(victim, "w", encoding="utf-8") as f:
+      f.write('{"train_num_docu')
+  capsys.readouterr()
+  again = _prepare(str(tmp_path))
+  lines = [line for line in capsys.readouterr().out.splitlines() if "packed-data cache" in line]
+  assert len(lines) == 1 and victim in lines[0] and "rebuilding it" in lines[0]
+  np.testing.assert_array_equal(again.train_tokens, first.train_tokens)
+  assert again.train_num_tokens == first.train_num_tokens
+  capsys.readouterr()
+  _prepare(str(tmp_path))  # rebuilt for good: read without a word
+  assert "packed-data cache" not in capsys.readouterr().out
+
+
+def test_truncated_tokenizer_model_is_one_line_naming_the_file(tmp_path, cli):
+  prepared = _prepare(str(tmp_path / "first"))
+  broken = str(tmp_path / "broken.model")
+  with open(prepared.tokenizer.path, "rb") as f, open(broken, "wb") as out:
+    out.write(f.read()[:300])
+  with pytest.raises(ValueError, match=f"tokenizer model {broken} is unreadable .*delete it to have it retrained"):
+    tokenizer_lib.get_or_train_tokenizer([], tokenizer_lib.TokenizerConfig(path=broken), str(tmp_path))
+  result = cli("llm_jax.train", "--config=experiments/smoke.py", f"--workdir={tmp_path / 'run'}",
+               f"--config.tokenizer.path={broken}")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert len(result.stderr.strip().splitlines()) == 1 and broken in result.stderr

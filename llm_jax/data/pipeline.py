@@ -71,14 +71,38 @@ def _tokenize_and_pack(tokenizer: Tokenizer, documents: list[str],
   return tokens, segment_ids, counts
 
 
+def _load_cached(prefix: str) -> tuple[dict[str, np.ndarray], dict[str, int]] | None:
+  """The cached arrays and counts, or None (after one line naming the file) when any is missing or damaged.
+
+  The cache is derived data, so damage (a disk error, a copy cut short, an edit) means rebuild, not stop.
+  """
+  path = f"{prefix}_counts.json"
+  try:
+    with open(path) as f:
+      counts = json.load(f)
+    if not isinstance(counts, dict) or set(_COUNTS) - set(counts):
+      raise ValueError(f"missing counts {sorted(set(_COUNTS) - set(counts if isinstance(counts, dict) else {}))}")
+    arrays = {}
+    for name in _ARRAYS:
+      path = f"{prefix}_{name}.npy"
+      arrays[name] = np.load(path)
+      if arrays[name].ndim != 2:
+        raise ValueError(f"shape {arrays[name].shape} is not rows x (seq_len + 1)")
+  except (OSError, ValueError, EOFError) as e:
+    reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+    print(f"packed-data cache file {path} is unreadable ({reason}); it is derived data: rebuilding it", flush=True)
+    return None
+  return arrays, counts
+
+
 def _load_or_pack(prefix: str, tokenizer: Tokenizer, train_docs: list[str], val_docs: list[str],
                   seq_len: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
   """Returns the packed arrays and counts cached under `prefix`, tokenising and packing on a miss."""
   counts_path = f"{prefix}_counts.json"
-  if os.path.isfile(counts_path):  # Written last, so its presence means the arrays are complete.
-    with open(counts_path) as f:
-      counts = json.load(f)
-    return {name: np.load(f"{prefix}_{name}.npy") for name in _ARRAYS}, counts
+  if os.path.isfile(counts_path):  # Written last, so its presence means the arrays were complete.
+    cached = _load_cached(prefix)
+    if cached is not None:
+      return cached
   train_tokens, train_segment_ids, train_counts = _tokenize_and_pack(tokenizer, train_docs, seq_len)
   val_tokens, val_segment_ids, val_counts = _tokenize_and_pack(tokenizer, val_docs, seq_len)
   arrays = dict(zip(_ARRAYS, (train_tokens, train_segment_ids, val_tokens, val_segment_ids)))
