@@ -199,6 +199,21 @@ def format_result(r: dict) -> str:
   return "\n".join(lines)
 
 
+def _check_writable(path: str) -> None:
+  """Test-opens the --json file before benchmarking, so a bad path cannot throw the measurements away."""
+  directory = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(directory):
+    raise ValueError(f"--json={path}: directory {directory} does not exist; create it or pass another path")
+  try:
+    existed = os.path.exists(path)
+    with open(path, "a", encoding="utf-8"):
+      pass
+    if not existed:
+      os.remove(path)
+  except OSError as e:
+    raise ValueError(f"cannot write --json={path} ({e.strerror or e}); pass a writable path") from None
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -206,6 +221,11 @@ def main(argv: Sequence[str]) -> None:
   def body() -> None:
     if not _CONFIGS.value:
       raise ValueError("--configs is empty; name at least one, e.g. --configs=tiny")
+    for name, flag, least in (("steps", _STEPS, 1), ("repeats", _REPEATS, 1), ("warmup", _WARMUP, 0)):
+      if flag.value < least:
+        raise ValueError(f"--{name}={flag.value} must be at least {least}")
+    if _JSON.value:
+      _check_writable(_JSON.value)
     for name in _CONFIGS.value:
       bench_config(name)  # unknown names and files fail before any compile
     results = run(_CONFIGS.value, _STEPS.value, _REPEATS.value, _WARMUP.value, _REAL_DATA.value, _DECODE.value,

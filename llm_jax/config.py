@@ -18,6 +18,7 @@ import ml_collections
 
 from llm_jax import model as model_lib
 from llm_jax import optim
+from llm_jax import sampling
 from llm_jax import tokenizer as tokenizer_lib
 from llm_jax.data import corpus
 
@@ -106,7 +107,7 @@ def _sample_defaults() -> ml_collections.ConfigDict:
   s.prompt = "I love computer science"  # Text the samples continue.
   s.max_length = 50  # Counts the prompt, as in Hugging Face generate.
   s.num_return_sequences = 5  # Samples printed.
-  s.temperature = 0.8  # Softmax temperature; 0 decodes greedily.
+  s.temperature = 0.8  # Softmax temperature; 0 (or below sampling.GREEDY_BELOW) decodes greedily.
   s.top_k = 40  # Keep the k most likely tokens; 0 keeps all.
   s.top_p = 0.95  # Nucleus sampling mass; 1.0 keeps all.
   return s
@@ -227,6 +228,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice("optim.schedule", o.schedule, optim.SCHEDULES)
   for key in ("num_layers", "d_model", "num_heads"):
     _require(m[key] > 0, f"model.{key}={m[key]} must be positive")
+  for key in ("vocab_size", "num_kv_heads", "head_dim", "d_ff", "max_len"):
+    _require(m[key] >= 0, f"model.{key}={m[key]} must be >= 0 (0: derived)")
   _require(m.d_model % m.num_heads == 0 or m.head_dim > 0,
            f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; pick heads "
            "that divide the width or set model.head_dim")
@@ -246,9 +249,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.grad_accum_steps > 0 and config.global_batch_size % config.grad_accum_steps == 0,
            f"global_batch_size={config.global_batch_size} does not divide into grad_accum_steps="
            f"{config.grad_accum_steps} micro-batches; make it a multiple")
-  _require(o.learning_rate > 0, f"optim.learning_rate={o.learning_rate} must be positive")
+  _require(math.isfinite(o.learning_rate) and o.learning_rate > 0,
+           f"optim.learning_rate={o.learning_rate} must be positive and finite")
   _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+  _require(o.warmup_steps <= config.num_train_steps, f"optim.warmup_steps={o.warmup_steps} is longer than the "
+           f"run (num_train_steps={config.num_train_steps}); the peak learning rate would never be reached: lower "
+           "optim.warmup_steps")
   _require(0.0 < o.decay_fraction <= 1.0, f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
+  _require(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+  for key in ("weight_decay", "grad_clip_norm"):
+    _require(o[key] >= 0, f"optim.{key}={o[key]} must be >= 0 (0 disables)")
+  _require(0.0 < d.validation_fraction < 1.0, f"data.validation_fraction={d.validation_fraction} must be in (0, 1)")
   for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "eval_batch_size"):
     _require(config[key] > 0, f"{key}={config[key]} must be positive")
   _require(0.0 <= config.max_replicated_share <= 1.0,
@@ -266,6 +277,56 @@ def validate(config: ml_collections.ConfigDict) -> None:
              "JSONL files such as experiments/data/zero_shot_example.jsonl")
   if d.corpus == "tfds":
     _require(bool(d.tfds_name), "data.corpus='tfds' needs --config.data.tfds_name=<catalog name>")
+  _refuse_ignored(config)
+  _validate_sample(config)
+
+
+def _refuse_ignored(config: ml_collections.ConfigDict) -> None:
+  """A setting the chosen corpus, optimizer, schedule or family never reads is an error, not a silent no-op."""
+  defaults = get_config()
+  m, d, o = config.model, config.data, config.optim
+  # (section, keys, the choice that ignores them, the value that would read them)
+  ignored = []
+  if d.corpus != "text_files":
+    ignored.append(("data", ("text_files",), f"data.corpus={d.corpus!r}", "data.corpus=text_files"))
+  if d.corpus != "tfds":
+    ignored.append(("data", ("tfds_name",), f"data.corpus={d.corpus!r}", "data.corpus=tfds"))
+  if o.name != "sgd":
+    ignored.append(("optim", ("momentum", "nesterov"), f"optim.name={o.name!r}", "optim.name=sgd"))
+  if o.name != "adamw":
+    ignored.append(("optim", ("b1", "b2", "eps"), f"optim.name={o.name!r}", "optim.name=adamw"))
+  if o.schedule != "wsd":
+    ignored.append(("optim", ("decay_fraction",), f"optim.schedule={o.schedule!r}", "optim.schedule=wsd"))
+  if m.family != "llama":
+    rope = tuple(k for k in m.keys() if k.startswith("rope_"))
+    ignored.append(("model", rope, f"model.family={m.family!r}", "model.family=llama"))
+  for section, keys, chooser, reader in ignored:
+    for key in keys:
+      default = defaults[section][key]
+      _require(config[section][key] == default,
+               f"{section}.{key} is set but {chooser} ignores it; pass --config.{reader} (or "
+               f"{'clear' if default in ('', False) else 'restore'} {section}.{key}"
+               f"{'' if default in ('', False) else f'={default}'})")
+
+
+def _validate_sample(config: ml_collections.ConfigDict) -> None:
+  """The end-of-run sampling settings, checked before training so a bad one cannot cost a whole run.
+
+  The prompt's length in tokens needs the tokenizer; the trainer checks it once the tokenizer is known.
+  """
+  s = config.sample
+  prefix = "--config.sample."
+  try:
+    sampling.check_settings(max_length=s.max_length, num_return_sequences=s.num_return_sequences,
+                            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, prefix=prefix)
+    sampling.check_prompt(s.prompt, prefix)
+    # With init_params_from the model's dimensions are the source run's, read later; the trainer checks the
+    # fit then, with the prompt's length.
+    if not config.init_params_from:
+      sampling.check_fits(model_config(config, config.model.vocab_size or 1), s.max_length,
+                          s.num_return_sequences, prefix)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def validate_for_devices(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:

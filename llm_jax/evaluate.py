@@ -30,7 +30,32 @@ _OUTPUT = flags.DEFINE_string("output", "", "JSON report path; default DIR/eval_
 flags.mark_flag_as_required("workdir")
 
 
+def _check_writable(path: str) -> None:
+  """Creates the report's directory and test-opens the file, so an unwritable --output fails before scoring."""
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    existed = os.path.exists(path)
+    with open(path, "a", encoding="utf-8"):
+      pass
+    if not existed:
+      os.remove(path)  # leave no empty report behind if the evaluation then fails
+  except OSError as e:
+    raise ValueError(f"cannot write --output={path} ({e.strerror or e}); pass a writable path") from None
+
+
+def _check_flags() -> None:
+  """One-line errors for flag values that would otherwise fail deep inside (or after) the evaluation."""
+  if _BATCH_SIZE.value < 1:
+    raise ValueError(f"--batch_size={_BATCH_SIZE.value} must be at least 1")
+  for name, flag in (("seq_len", _SEQ_LEN), ("stride", _STRIDE)):
+    if flag.value < 0:
+      raise ValueError(f"--{name}={flag.value} must be >= 0 (0: the default)")
+  if _OUTPUT.value:
+    _check_writable(_OUTPUT.value)
+
+
 def _run() -> None:
+  _check_flags()
   workdir = _WORKDIR.value
   if _ZERO_SHOT.value:
     report = doc_eval.zero_shot_workdir(workdir, _ZERO_SHOT.value, step=_STEP.value, batch_size=_BATCH_SIZE.value)

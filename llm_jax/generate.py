@@ -15,7 +15,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A directory written by llm_jax.
 _PROMPT = flags.DEFINE_string("prompt", "I love computer science", "Text to continue.")
 _MAX_LENGTH = flags.DEFINE_integer("max_length", 50, "Total tokens per sequence, prompt included.")
 _NUM = flags.DEFINE_integer("num_return_sequences", 5, "Continuations to sample.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 decodes greedily.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 decodes greedily, and so does any "
+                                   "temperature below 1e-6 (smaller ones overflow); nan and inf are refused.")
 _TOP_K = flags.DEFINE_integer("top_k", 40, "Keep the k most likely tokens; 0 keeps all.")
 _TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass; 1.0 keeps all.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -28,6 +29,10 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
 
   def body() -> None:
+    # Flag checks before the checkpoint is read; the prompt's length is checked once the tokenizer is loaded.
+    sampling.check_settings(max_length=_MAX_LENGTH.value, num_return_sequences=_NUM.value,
+                            temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
+    sampling.check_prompt(_PROMPT.value)
     loaded = workdir_lib.load_model(_WORKDIR.value, _STEP.value)
     texts = sampling.generate_texts(loaded.params, loaded.cfg, loaded.tokenizer, _PROMPT.value,
                                     max_length=_MAX_LENGTH.value, num_return_sequences=_NUM.value,

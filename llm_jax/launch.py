@@ -77,9 +77,31 @@ def _config_error_line(error: BaseException, argv: list[str]) -> str:
   return text
 
 
+def _values_of(name: str, argv: list[str]) -> list[str]:
+  """The values of every `--name=V`, `--name V`, `-name=V` or `-name V` in argv (before a bare `--`)."""
+  values = []
+  args = argv[1:]
+  for i, arg in enumerate(args):
+    if arg == "--":
+      break
+    flag, eq, value = arg.lstrip("-").partition("=")
+    if not arg.startswith("-") or flag != name:
+      continue
+    if eq:
+      values.append(value)
+    elif i + 1 < len(args):
+      values.append(args[i + 1])
+  return values
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing whose errors (unknown flag or config key, wrong type, missing file) are one line."""
   program = "llm_jax." + os.path.splitext(os.path.basename(argv[0]))[0]
+  if "config" in flags.FLAGS:
+    given = _values_of("config", argv)
+    if len(given) > 1:  # absl would silently keep the last one
+      fail(program, ValueError(f"--config is given {len(given)} times ({', '.join(given)}); pass it once, and "
+                               "change single keys with --config.<key>=<value>"))
   try:
     rest = flags.FLAGS(argv)
     if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:

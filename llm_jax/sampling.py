@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,24 +53,67 @@ def _nucleus_mask(logits_BxV: Array, top_p: float | Array) -> Array:
   return jnp.take_along_axis(keep_sorted_BxV, jnp.argsort(order_BxV, axis=-1), axis=-1)
 
 
+# Positive temperatures below this decode greedily: dividing logits by less overflows float32 to inf and nan,
+# which would sample garbage (often nothing but eos).
+GREEDY_BELOW = 1e-6
+# The largest KV cache sampling may allocate; a bigger one means a max_length or batch that was not meant.
+MAX_CACHE_BYTES = 16 << 30
+
+
+def check_settings(*, max_length: int, num_return_sequences: int, temperature: float, top_k: int, top_p: float,
+                   prefix: str = "--") -> None:
+  """Refuses sampling settings that cannot work; `prefix` names them as the user spells them.
+
+  `prefix` is '--' for generate's flags and '--config.sample.' for the trainer's end-of-run samples.
+  """
+  if max_length < 2:
+    raise ValueError(f"{prefix}max_length={max_length} leaves no room to generate; it counts the prompt, so "
+                     f"raise {prefix}max_length above the prompt's length in tokens")
+  if num_return_sequences < 1:
+    raise ValueError(f"{prefix}num_return_sequences={num_return_sequences} must be at least 1")
+  if not math.isfinite(temperature):
+    raise ValueError(f"{prefix}temperature={temperature} is not a finite number; use 0 for greedy or a positive "
+                     "value")
+  if temperature < 0:
+    raise ValueError(f"{prefix}temperature={temperature} is negative; use 0 for greedy or a positive value")
+  if not 0 < top_p <= 1:  # also refuses nan
+    raise ValueError(f"{prefix}top_p={top_p} is outside (0, 1]; use 1.0 to turn nucleus filtering off")
+  if top_k < 0:
+    raise ValueError(f"{prefix}top_k={top_k} is negative; use 0 to turn top-k filtering off")
+
+
+def check_prompt(prompt: str, prefix: str = "--") -> None:
+  """Refuses a prompt the tokenizer cannot encode (invalid UTF-8 arrives as surrogate escapes)."""
+  try:
+    prompt.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ValueError(f"{prefix}prompt is not valid UTF-8 (byte {e.start}); pass UTF-8 text") from None
+
+
+def check_fits(cfg: ModelConfig, max_length: int, num_return_sequences: int, prefix: str = "--") -> None:
+  """Refuses a max_length past the model's learned positions (gpt2) or a KV cache over MAX_CACHE_BYTES."""
+  if cfg.position_limit and max_length > cfg.position_limit:
+    raise ValueError(f"{prefix}max_length={max_length} exceeds the {cfg.position_limit} learned positions of this "
+                     f"{cfg.family} model; lower {prefix}max_length to at most {cfg.position_limit}")
+  cache_bytes = (2 * cfg.num_layers * num_return_sequences * max_length * cfg.num_kv_heads * cfg.head_dim
+                 * cfg.dtype.itemsize)
+  if cache_bytes > MAX_CACHE_BYTES:
+    raise ValueError(f"{prefix}max_length={max_length} x {prefix}num_return_sequences={num_return_sequences} "
+                     f"needs a {cache_bytes / 2**30:.0f} GiB KV cache, over the {MAX_CACHE_BYTES >> 30} GiB bound; "
+                     "lower them")
+
+
 def _validate(cfg: ModelConfig, prompt_len: int, max_length: int, num_return_sequences: int,
-              temperature: float, top_k: int, top_p: float) -> None:
+              temperature: float, top_k: int, top_p: float, prefix: str = "--") -> None:
+  """Every check of a sampling request; `prefix` as in `check_settings`."""
   if prompt_len == 0:
     raise ValueError("the prompt is empty; give at least one token (e.g. a BOS id) to condition on")
+  check_settings(max_length=max_length, num_return_sequences=num_return_sequences, temperature=temperature,
+                 top_k=top_k, top_p=top_p, prefix=prefix)
   if max_length <= prompt_len:
-    raise ValueError(f"--max_length={max_length} is not longer than the prompt ({prompt_len} tokens); "
-                     "raise --max_length")
-  if cfg.position_limit and max_length > cfg.position_limit:
-    raise ValueError(f"--max_length={max_length} exceeds the {cfg.position_limit} learned positions of this "
-                     f"{cfg.family} model; lower --max_length to at most {cfg.position_limit}")
-  if num_return_sequences < 1:
-    raise ValueError(f"--num_return_sequences={num_return_sequences} must be at least 1")
-  if temperature < 0:
-    raise ValueError(f"--temperature={temperature} is negative; use 0 for greedy or a positive value")
-  if not 0 < top_p <= 1:
-    raise ValueError(f"--top_p={top_p} is outside (0, 1]; use 1.0 to turn nucleus filtering off")
-  if top_k < 0:
-    raise ValueError(f"--top_k={top_k} is negative; use 0 to turn top-k filtering off")
+    raise ValueError(f"{prefix}max_length={max_length} is not longer than the prompt ({prompt_len} tokens); "
+                     f"raise {prefix}max_length")
+  check_fits(cfg, max_length, num_return_sequences, prefix)
 
 
 def _check_ids(name: str, ids: np.ndarray, vocab_size: int) -> None:
@@ -126,11 +170,13 @@ def generate(params: Any, cfg: ModelConfig, prompt_tokens: Sequence[int], *, max
 
   `max_length` counts the prompt (as in Hugging Face `generate`). After a sequence emits `eos_id`, the
   rest of its row is `eos_id`; the loop ends once every row has. `eos_id` None or negative: no eos.
-  Settings are validated up front with errors that name the flag to change.
+  Settings are validated up front with errors that name the flag to change. Temperatures below
+  GREEDY_BELOW decode greedily.
   """
   prompt_P = np.asarray(prompt_tokens, dtype=np.int64).reshape(-1)
   _validate(cfg, prompt_P.shape[0], max_length, num_return_sequences, temperature, top_k, top_p)
   _check_ids("the prompt", prompt_P, cfg.vocab_size)
+  greedy = bool(temperature < GREEDY_BELOW)
   # A negative id means "no eos", as sentencepiece reports a disabled piece (-1).
   if eos_id is not None and eos_id >= 0:
     _check_ids("--eos_id", np.asarray([eos_id]), cfg.vocab_size)
@@ -138,7 +184,7 @@ def generate(params: Any, cfg: ModelConfig, prompt_tokens: Sequence[int], *, max
                           jnp.float32(temperature), jnp.float32(top_p),
                           jnp.int32(-1 if eos_id is None or eos_id < 0 else eos_id), cfg=cfg,
                           num_sequences=num_return_sequences, max_length=max_length,
-                          greedy=bool(temperature == 0), top_k=0 if temperature == 0 else int(top_k))
+                          greedy=greedy, top_k=0 if greedy else int(top_k))
   return np.asarray(out_NxT)
 
 

@@ -97,9 +97,25 @@ def load_tokenizer(path: str) -> "Tokenizer | HFTokenizer":
   return Tokenizer.load(path)
 
 
+# sentencepiece's max_sentence_length, in bytes: it silently skips longer input lines.
+MAX_SENTENCE_BYTES = 1 << 16
+
+
+def _chunks(line: str) -> list[str]:
+  """`line`, cut into pieces sentencepiece will not skip (a UTF-8 character is at most 4 bytes)."""
+  if len(line.encode("utf-8")) <= MAX_SENTENCE_BYTES:
+    return [line]
+  step = MAX_SENTENCE_BYTES // 4
+  return [line[i:i + step] for i in range(0, len(line), step)]
+
+
 def _training_lines(documents: Sequence[str], max_chars: int) -> list[str]:
-  """Returns the documents' paragraphs, every k-th one when they exceed `max_chars`, so all eras are sampled."""
-  lines = [line for doc in documents for line in doc.split("\n") if line]
+  """Returns the documents' paragraphs, every k-th one when they exceed `max_chars`, so all eras are sampled.
+
+  Paragraphs over MAX_SENTENCE_BYTES are split into chunks first: sentencepiece would drop them silently, and a
+  corpus of only such lines then failed with advice to change the vocabulary size.
+  """
+  lines = [chunk for doc in documents for line in doc.split("\n") if line for chunk in _chunks(line)]
   total = sum(len(line) for line in lines)
   stride = max(1, -(-total // max_chars))
   return lines[::stride]
@@ -127,8 +143,9 @@ def train_tokenizer(documents: Sequence[str], model_prefix: str, *, model_type: 
         byte_fallback=byte_fallback, character_coverage=1.0,
         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, user_defined_symbols=["\n"],
         normalization_rule_name="identity", remove_extra_whitespaces=False,
-        # Paragraphs are long; the default (4192 bytes) would silently skip them.
-        max_sentence_length=1 << 16, input_sentence_size=0, shuffle_input_sentence=False,
+        # Paragraphs are long; the default (4192 bytes) would silently skip them. _training_lines cuts any
+        # longer line into chunks of at most this, so no text is dropped.
+        max_sentence_length=MAX_SENTENCE_BYTES, input_sentence_size=0, shuffle_input_sentence=False,
         num_threads=1, minloglevel=2)
   except RuntimeError as e:
     reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__

@@ -218,13 +218,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir_lib.check_local(workdir, "--workdir")
   config = _resolved(config)
   mesh = _mesh(config)
-  os.makedirs(workdir, exist_ok=True)
+  _make_workdir(workdir)
   lock = faults.WorkdirLock(workdir_lib.lock_path(workdir))
   lock.acquire()
   try:
     return _train_locked(config, workdir, mesh)
   finally:
     lock.release()
+
+
+def _make_workdir(workdir: str) -> None:
+  """Creates `workdir` and proves it writable, so a bad path fails in one line before any data is prepared."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir} is a file, not a directory; pass a directory for checkpoints and logs")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    # A probe file rather than os.access: access() says yes to root on read-only mounts.
+    probe = os.path.join(workdir, f".write_probe{os.getpid()}")
+    with open(probe, "w", encoding="utf-8"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir} is not writable ({e.strerror or e}); pass a directory you can "
+                     "write") from None
+
+
+def _check_resume(config: ml_collections.ConfigDict, ckpt: checkpoint_lib.Checkpointer) -> None:
+  """Refuses to resume a checkpoint this config would silently misuse: one past the run's end, or another seed."""
+  latest = ckpt.latest()
+  if latest is None:
+    return
+  if latest > config.num_train_steps:
+    raise faults.RunError(f"the workdir already holds checkpoint {latest}, past num_train_steps="
+                          f"{config.num_train_steps}; raise num_train_steps or use another --workdir")
+  try:
+    saved_seed = ckpt.restore_meta(latest).get("seed")
+  except Exception:  # pylint: disable=broad-except  # unreadable metadata: restore handles the checkpoint
+    return
+  # Checkpoints written before the seed was recorded carry none: accept them.
+  if saved_seed is not None and saved_seed != config.seed:
+    raise faults.RunError(f"seed={config.seed} differs from the checkpoint's seed={saved_seed}; the data order "
+                          f"and dropout would change; pass --config.seed={saved_seed} or use another --workdir")
+
+
+def _check_prompt_fits(config: ml_collections.ConfigDict, cfg: ModelConfig, tokenizer: Any) -> None:
+  """The sampling checks that need the tokenizer and the resolved model, before anything compiles."""
+  s = config.sample
+  prompt_len = (1 if tokenizer.bos_id >= 0 else 0) + len(tokenizer.encode(s.prompt))  # as generate_texts
+  # pylint: disable-next=protected-access  # the one validator generate uses, named for the config keys
+  sampling._validate(cfg, prompt_len, s.max_length, s.num_return_sequences, s.temperature, s.top_k, s.top_p,
+                     prefix="--config.sample.")
 
 
 def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> dict[str, float]:
@@ -236,13 +279,20 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
     check_vocab_fits(config.model.vocab_size, data.tokenizer.vocab_size,
                      f"model.vocab_size={config.model.vocab_size}; raise model.vocab_size or set it to 0")
   with jax.set_mesh(mesh):
+    _check_prompt_fits(config, config_lib.model_config(config, data.tokenizer.vocab_size), data.tokenizer)
     cfg, fns = make_steps(config, mesh, data.tokenizer.vocab_size)
     ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir), keep=config.keep_checkpoints)
+    try:
+      _check_resume(config, ckpt)
+    except faults.RunError:
+      ckpt.close()
+      raise
     train_iter = pipeline.make_train_iterator(
         data, global_batch_size=config.global_batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
-    # optim and the optimizer state's tree let a resume with other optim settings be refused by name.
-    meta = workdir_lib.checkpoint_meta(cfg, data.tokenizer.path,
+    # optim and the optimizer state's tree let a resume with other optim settings be refused by name; the
+    # seed, one that would silently change the data order.
+    meta = workdir_lib.checkpoint_meta(cfg, data.tokenizer.path, seed=config.seed,
                                        optim=dataclasses.asdict(config_lib.optim_config(config)),
                                        opt_state_tree=str(jax.tree.structure(fns.abstract_state.opt_state)))
     start_step, state, loop_state = _restore_or_init(ckpt, fns, train_iter, config.init_params_from, meta,
@@ -285,7 +335,11 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
         finally:
           runcard.finish(workdir, card, status, loop.final_metrics, time.perf_counter() - started)
     final_metrics = loop.final_metrics
-  _print_samples(config, cfg, state.params, data.tokenizer)
+  try:
+    _print_samples(config, cfg, state.params, data.tokenizer)
+  except ValueError as e:
+    # The training itself ended well (run.json says so); the exit status must still say sampling did not.
+    raise faults.RunError(f"training {status} (checkpoint {int(state.step)}); sampling failed: {e}") from None
   return final_metrics
 
 
@@ -294,8 +348,7 @@ def _print_samples(config: ml_collections.ConfigDict, cfg: ModelConfig, params: 
   if jax.process_count() > 1:
     params = multihost_utils.process_allgather(params, tiled=True)
   s = config.sample
-  max_length = min(s.max_length, cfg.position_limit or s.max_length)
-  texts = sampling.generate_texts(params, cfg, tokenizer, s.prompt, max_length=max_length,
+  texts = sampling.generate_texts(params, cfg, tokenizer, s.prompt, max_length=s.max_length,
                                   num_return_sequences=s.num_return_sequences, temperature=s.temperature,
                                   top_k=s.top_k, top_p=s.top_p, seed=config.seed)
   for i, text in enumerate(texts, 1):

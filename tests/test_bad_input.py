@@ -1,5 +1,6 @@
 """Every entry point answers bad input with one line naming the problem, before any long compile."""
 
+import json
 import os
 import shutil
 
@@ -7,6 +8,9 @@ import pytest
 from conftest import run_module
 from test_train import smoke_config
 
+from llm_jax import config as config_lib
+from llm_jax import faults
+from llm_jax import sampling
 from llm_jax import trainer
 
 SMOKE = "--config=experiments/smoke.py"
@@ -24,7 +28,111 @@ def files_fixture(tmp_path_factory):
   d = tmp_path_factory.mktemp("files")
   (d / "empty.txt").write_text("  \n\n[Applause]\n")
   (d / "latin1.txt").write_bytes("caf\u00e9 society\n".encode("latin-1"))
+  (d / "text.txt").write_text("a few words of text\n")
   return str(d)
+
+
+def _unwritable(tmp_path) -> str:
+  """A directory path no one can create: chmod stops other users; root is stopped only by a read-only mount."""
+  if os.geteuid() == 0:
+    return "/sys/llm_jax_run"
+  locked = tmp_path / "locked"
+  locked.mkdir()
+  locked.chmod(0o555)
+  return str(locked / "run")
+
+
+def _copy_run(trained, tmp_path):
+  copy = tmp_path / "copy"
+  shutil.copytree(trained, copy, ignore=shutil.ignore_patterns(".lock"))
+  return copy
+
+
+def _one_line(result, fragment):
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and fragment in lines[0], result.stderr[-2000:]
+
+
+# Config values validate() refuses before anything runs: checked in-process (a subprocess each would cost ~3 s;
+# the train cases below show the same errors reach the command line as one line).
+CONFIG_CASES = [
+    ("sample.top_p", 0.0, "--config.sample.top_p=0.0 is outside (0, 1]"),
+    ("sample.top_k", -1, "--config.sample.top_k=-1 is negative"),
+    ("sample.temperature", -1.0, "--config.sample.temperature=-1.0 is negative"),
+    ("sample.temperature", float("nan"), "--config.sample.temperature=nan is not a finite number"),
+    ("sample.num_return_sequences", 0, "--config.sample.num_return_sequences=0 must be at least 1"),
+    ("sample.max_length", 1, "--config.sample.max_length=1 leaves no room to generate"),
+    ("sample.max_length", 65, "--config.sample.max_length=65 exceeds the 64 learned positions"),
+    ("sample.prompt", "caf\udce9", "--config.sample.prompt is not valid UTF-8"),
+    ("data.text_files", "*.txt", "data.text_files is set but data.corpus='sotu' ignores it; pass "
+     "--config.data.corpus=text_files (or clear data.text_files)"),
+    ("data.tfds_name", "lm1b", "data.tfds_name is set but data.corpus='sotu' ignores it; pass "
+     "--config.data.corpus=tfds"),
+    ("optim.momentum", 0.5, "optim.momentum is set but optim.name='adamw' ignores it; pass --config.optim.name=sgd"),
+    ("optim.nesterov", True, "optim.nesterov is set but optim.name='adamw' ignores it"),
+    ("optim.decay_fraction", 0.3, "optim.decay_fraction is set but optim.schedule='cosine' ignores it; pass "
+     "--config.optim.schedule=wsd (or restore optim.decay_fraction=0.2)"),
+    ("model.rope_theta", 5e5, "model.rope_theta is set but model.family='gpt2' ignores it"),
+    ("model.rope_scaling_factor", 8.0, "model.rope_scaling_factor is set but model.family='gpt2' ignores it"),
+    ("optim.min_lr_ratio", -1.0, "optim.min_lr_ratio=-1.0 must be in [0, 1]"),
+    ("optim.min_lr_ratio", 1.5, "optim.min_lr_ratio=1.5 must be in [0, 1]"),
+    ("model.head_dim", -1, "model.head_dim=-1 must be >= 0 (0: derived)"),
+    ("model.d_ff", -5, "model.d_ff=-5 must be >= 0"),
+    ("model.num_kv_heads", -2, "model.num_kv_heads=-2 must be >= 0"),
+    ("model.max_len", -1, "model.max_len=-1 must be >= 0"),
+    ("model.vocab_size", -3, "model.vocab_size=-3 must be >= 0"),
+    ("optim.learning_rate", float("inf"), "optim.learning_rate=inf must be positive and finite"),
+    ("optim.learning_rate", float("nan"), "optim.learning_rate=nan must be positive and finite"),
+    ("optim.weight_decay", -0.1, "optim.weight_decay=-0.1 must be >= 0"),
+    ("optim.grad_clip_norm", -1.0, "optim.grad_clip_norm=-1.0 must be >= 0"),
+    ("optim.warmup_steps", 31, "optim.warmup_steps=31 is longer than the run (num_train_steps=30)"),
+    ("data.validation_fraction", 0.0, "data.validation_fraction=0.0 must be in (0, 1)"),
+    ("data.validation_fraction", 1.0, "data.validation_fraction=1.0 must be in (0, 1)"),
+]
+# Several keys at once: settings that only matter together.
+CONFIG_GROUP_CASES = [
+    ("adam betas with sgd", {"optim.name": "sgd", "optim.b1": 0.8}, "optim.b1 is set but optim.name='sgd' ignores "
+     "it; pass --config.optim.name=adamw (or restore optim.b1=0.9)"),
+    ("adam eps with sgd", {"optim.name": "sgd", "optim.eps": 1e-6}, "optim.eps is set but optim.name='sgd'"),
+    ("llama KV cache over the bound", {"model.family": "llama", "model.num_kv_heads": 2,
+                                       "sample.max_length": 10**8}, "KV cache, over the 16 GiB bound"),
+]
+
+
+def _set(config, key, value):
+  section, _, name = key.rpartition(".")
+  (config[section] if section else config)[name] = value
+
+
+@pytest.mark.parametrize("key, value, fragment", CONFIG_CASES, ids=[f"{c[0]}={c[1]}" for c in CONFIG_CASES])
+def test_validate_refuses_bad_config(key, value, fragment):
+  config = smoke_config()
+  config_lib.validate(config)  # the smoke config itself is fine
+  _set(config, key, value)
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate(config)
+  assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name, overrides, fragment", CONFIG_GROUP_CASES, ids=[c[0] for c in CONFIG_GROUP_CASES])
+def test_validate_refuses_settings_that_clash(name, overrides, fragment):
+  del name
+  config = smoke_config()
+  for key, value in overrides.items():
+    _set(config, key, value)
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate(config)
+  assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_validate_accepts_the_settings_each_choice_reads():
+  config = smoke_config()
+  for key, value in {"optim.name": "sgd", "optim.momentum": 0.5, "optim.nesterov": True, "optim.schedule": "wsd",
+                     "optim.decay_fraction": 0.3, "model.family": "llama", "model.num_kv_heads": 2,
+                     "model.rope_theta": 5e5}.items():
+    _set(config, key, value)
+  config_lib.validate(config)
 
 
 TRAIN_CASES = [
@@ -51,20 +159,89 @@ TRAIN_CASES = [
     ("non-UTF-8 file", ["--config.data.corpus=text_files", "--config.data.text_files={files}/latin1.txt"],
      "UTF-8"),
     ("missing workdir flag", ["--workdir="], "--workdir"),
+    ("sample setting named as its config key", ["--config.sample.top_p=0"], "--config.sample.top_p=0"),
+    ("text files ignored by the sotu corpus", ["--config.data.text_files={files}/text.txt"],
+     "data.text_files is set but data.corpus='sotu' ignores it"),
+    ("infinite learning rate", ["--config.optim.learning_rate=inf"], "optim.learning_rate=inf must be positive"),
+    ("negative min_lr_ratio", ["--config.optim.min_lr_ratio=-1"], "optim.min_lr_ratio=-1"),
+    ("negative head_dim", ["--config.model.head_dim=-1"], "model.head_dim=-1 must be >= 0"),
+    ("config given twice", ["--config=experiments/smoke.py", "--config=experiments/smoke.py:llama"],
+     "--config is given 2 times (experiments/smoke.py, experiments/smoke.py:llama)"),
+    ("workdir is a file", ["--workdir={files}/empty.txt"], "--workdir={files}/empty.txt is a file"),
+    ("workdir not writable", ["--workdir={unwritable}"], "--workdir={unwritable} is not writable"),
 ]
 
 
 @pytest.mark.parametrize("name, args, fragment", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
 def test_train_rejects_bad_input(name, args, fragment, files, tmp_path):
   del name
-  args = [a.format(files=files, tmp=tmp_path) for a in args]
+  unwritable = _unwritable(tmp_path) if any("{unwritable}" in a for a in args) else ""
+  args = [a.format(files=files, tmp=tmp_path, unwritable=unwritable) for a in args]
+  fragment = fragment.format(files=files, unwritable=unwritable)
   workdir = [] if any(a.startswith("--workdir") for a in args) else [f"--workdir={tmp_path / 'run'}"]
   config = [] if any(a.startswith("--config=") for a in args) else [SMOKE]
   result = run_module("llm_jax.train", *config, *workdir, *args)
-  assert result.returncode == 2, result.stderr[-2000:]
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and fragment in lines[0], result.stderr[-2000:]
+  _one_line(result, fragment)
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+@pytest.mark.slow
+def test_train_checks_the_prompt_length_before_training(tmp_path):
+  # A char tokenizer makes the 23-character prompt 24 pieces plus BOS: over smoke.py's max_length of 24.
+  result = run_module("llm_jax.train", SMOKE, f"--workdir={tmp_path / 'run'}", "--config.tokenizer.model_type=char")
+  _one_line(result, "--config.sample.max_length=24 is not longer than the prompt (25 tokens); raise "
+            "--config.sample.max_length")
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+RESUME_CASES = [
+    ("fewer steps than the checkpoint", ["--config.num_train_steps=5"],
+     "the workdir already holds checkpoint 10, past num_train_steps=5; raise num_train_steps or use another --workdir"),
+    ("another seed", ["--config.num_train_steps=10", "--config.seed=1"],
+     "seed=1 differs from the checkpoint's seed=0; the data order and dropout would change; pass --config.seed=0 "
+     "or use another --workdir"),
+]
+
+
+@pytest.mark.parametrize("name, args, fragment", RESUME_CASES, ids=[c[0] for c in RESUME_CASES])
+def test_train_refuses_to_resume_a_checkpoint_it_would_misuse(name, args, fragment, trained, tmp_path):
+  del name
+  copy = _copy_run(trained, tmp_path)
+  before = sorted(os.listdir(copy / "checkpoints"))
+  result = run_module("llm_jax.train", SMOKE, f"--workdir={copy}", "--config.sample.max_length=20", *args)
+  _one_line(result, fragment)
+  assert sorted(os.listdir(copy / "checkpoints")) == before
+
+
+class _FakeCheckpoints:
+  def __init__(self, latest, meta):
+    self._latest, self._meta = latest, meta
+
+  def latest(self):
+    return self._latest
+
+  def restore_meta(self, step):
+    assert step == self._latest
+    return self._meta
+
+
+def test_resume_accepts_checkpoints_written_before_the_seed_was_recorded():
+  trainer._check_resume(smoke_config(seed=3), _FakeCheckpoints(10, {"model": {}}))  # pylint: disable=protected-access
+  with pytest.raises(faults.RunError, match="seed=3 differs from the checkpoint's seed=0"):
+    trainer._check_resume(smoke_config(seed=3), _FakeCheckpoints(10, {"seed": 0}))  # pylint: disable=protected-access
+
+
+def test_sampling_failure_after_training_says_both(trained, tmp_path, monkeypatch):
+  copy = _copy_run(trained, tmp_path)
+
+  def fail(*args, **kwargs):
+    raise ValueError("no room")
+
+  monkeypatch.setattr(sampling, "generate", fail)
+  with pytest.raises(faults.RunError, match=r"^training finished \(checkpoint 10\); sampling failed: no room$"):
+    trainer.train_and_evaluate(smoke_config(num_train_steps=10), str(copy))
+  with open(copy / "run.json", encoding="utf-8") as f:
+    assert json.load(f)["status"] == "finished"
 
 
 GENERATE_CASES = [
@@ -76,6 +253,11 @@ GENERATE_CASES = [
     ("top_p out of range", ["--workdir={run}", "--top_p=1.5"], "--top_p=1.5 is outside (0, 1]"),
     ("no such checkpoint", ["--workdir={run}", "--checkpoint_step=7"], "no checkpoint at step 7"),
     ("wrong flag type", ["--workdir={run}", "--max_length=many"], "--max_length"),
+    ("nan temperature", ["--workdir={run}", "--temperature=nan"], "--temperature=nan is not a finite number"),
+    ("zero max_length", ["--workdir={run}", "--max_length=0"], "--max_length=0 leaves no room to generate"),
+    ("no sequences", ["--workdir={run}", "--num_return_sequences=0"], "--num_return_sequences=0 must be at least 1"),
+    ("negative top_k", ["--workdir={run}", "--top_k=-1"], "--top_k=-1 is negative"),
+    ("prompt not UTF-8", ["--workdir={run}", "--prompt=caf\udce9"], "--prompt is not valid UTF-8"),
 ]
 
 
@@ -83,9 +265,7 @@ GENERATE_CASES = [
 def test_generate_rejects_bad_input(name, args, fragment, trained, tmp_path):
   del name
   result = run_module("llm_jax.generate", *[a.format(run=trained, tmp=tmp_path) for a in args])
-  assert result.returncode == 2, result.stderr[-2000:]
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and fragment in lines[0], result.stderr[-2000:]
+  _one_line(result, fragment)
 
 
 def test_generate_refuses_a_tokenizer_that_does_not_match_the_checkpoint(trained, tmp_path):
@@ -110,12 +290,21 @@ OTHER_CASES = [
     ("llm_jax.convert", ["--from_hf=/nonexistent", "--workdir={tmp}"], "is not a directory"),
     ("llm_jax.sweep", ["--sweep=/nonexistent.py", "--root={tmp}"], "sweep file /nonexistent.py does not exist"),
     ("llm_jax.bench", ["--configs=huge"], "unknown bench config 'huge'"),
+    ("llm_jax.evaluate", ["--workdir={run}", "--batch_size=0"], "--batch_size=0 must be at least 1"),
+    ("llm_jax.evaluate", ["--workdir={run}", "--batch_size=-1"], "--batch_size=-1 must be at least 1"),
+    ("llm_jax.evaluate", ["--workdir={run}", "--seq_len=-1"], "--seq_len=-1 must be >= 0"),
+    ("llm_jax.evaluate", ["--workdir={run}", "--stride=-1"], "--stride=-1 must be >= 0"),
+    ("llm_jax.evaluate", ["--workdir={run}", "--output={unwritable}/eval.json"], "cannot write --output="),
+    ("llm_jax.bench", ["--configs=tiny", "--steps=0"], "--steps=0 must be at least 1"),
+    ("llm_jax.bench", ["--configs=tiny", "--repeats=0"], "--repeats=0 must be at least 1"),
+    ("llm_jax.bench", ["--configs=tiny", "--warmup=-1"], "--warmup=-1 must be at least 0"),
+    ("llm_jax.bench", ["--configs=tiny", "--json={tmp}/missing/bench.json"], "directory {tmp}/missing does not exist"),
 ]
 
 
 @pytest.mark.parametrize("module, args, fragment", OTHER_CASES, ids=[f"{c[0]} {c[2]}" for c in OTHER_CASES])
 def test_other_entry_points_reject_bad_input(module, args, fragment, trained, tmp_path):
-  result = run_module(module, *[a.format(run=trained, tmp=tmp_path) for a in args])
-  assert result.returncode == 2, result.stderr[-2000:]
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and fragment in lines[0], result.stderr[-2000:]
+  unwritable = _unwritable(tmp_path) if any("{unwritable}" in a for a in args) else ""
+  result = run_module(module, *[a.format(run=trained, tmp=tmp_path, unwritable=unwritable) for a in args])
+  _one_line(result, fragment.format(tmp=tmp_path))
+  assert not os.path.exists(os.path.join(trained, "eval_validation_10.json"))  # refused before scoring

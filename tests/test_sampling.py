@@ -1,5 +1,6 @@
 """Tests for llm_jax.sampling: cached decoding against a no-cache reference, the sampling rule, eos, errors."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llm_jax import sampling
 from llm_jax.model import ModelConfig
 from llm_jax.model import Transformer
 from llm_jax.model import abstract_params
@@ -87,6 +89,16 @@ def test_top_k_1_and_tiny_top_p_equal_greedy():
   np.testing.assert_array_equal(llama_sampled(top_k=1, seed=7), greedy_NxT)
   np.testing.assert_array_equal(llama_sampled(top_p=1e-6, seed=7), greedy_NxT)
   assert not np.array_equal(llama_sampled(seed=7), greedy_NxT), "plain sampling should differ"
+
+
+def test_temperatures_too_small_to_divide_by_decode_greedily():
+  # 1e-40 used to overflow the logits to inf/nan and sample garbage (often an empty text).
+  cfg = tiny_config("gpt2")
+  params = tiny_params(cfg)
+  run = functools.partial(generate, params, cfg, PROMPT, max_length=MAX_LENGTH["gpt2"], top_k=5, top_p=0.9)
+  greedy = run(temperature=0.0)
+  assert len(set(greedy[0, len(PROMPT):].tolist())) > 3, "reference output is degenerate"
+  np.testing.assert_array_equal(run(temperature=1e-40), greedy)
 
 
 def test_fixed_seed_is_deterministic_and_seeds_differ():
@@ -212,6 +224,9 @@ def test_eos_stops_each_sampled_row_independently():
     ({"top_p": 0.0}, "--top_p=0.0 is outside (0, 1]"),
     ({"top_p": 1.5}, "--top_p=1.5 is outside (0, 1]"),
     ({"top_k": -1}, "--top_k=-1 is negative"),
+    ({"temperature": float("nan")}, "--temperature=nan is not a finite number"),
+    ({"temperature": float("inf")}, "--temperature=inf is not a finite number"),
+    ({"max_length": 0}, "--max_length=0 leaves no room to generate"),
     ({"prompt": [5, 97]}, "the prompt has ids outside [0, 97)"),
     ({"eos_id": 97}, "--eos_id has ids outside [0, 97)"),
 ])
@@ -224,3 +239,13 @@ def test_validation_errors(overrides, fragment):
   with pytest.raises(ValueError) as err:
     generate(None, cfg, prompt, **settings)
   assert fragment in str(err.value)
+
+
+def test_validation_names_the_settings_as_the_caller_spells_them():
+  with pytest.raises(ValueError, match=r"^--config\.sample\.top_p=0\.0 is outside"):
+    sampling._validate(tiny_config("gpt2"), 3, 8, 1, 1.0, 0, 0.0, prefix="--config.sample.")  # pylint: disable=protected-access
+
+
+def test_kv_cache_over_the_memory_bound_is_refused():
+  with pytest.raises(ValueError, match="KV cache"):
+    sampling.check_fits(dataclasses.replace(tiny_config("llama"), max_len=1 << 30), 1 << 24, 64)

@@ -133,3 +133,13 @@ def test_training_errors(tmp_path, kwargs, fragment):
 def test_missing_model_file(tmp_path):
   with pytest.raises(ValueError, match="does not exist; pass an existing .model file"):
     get_or_train_tokenizer(DOCS, _config(path=str(tmp_path / "none.model")), str(tmp_path))
+
+
+def test_lines_over_sentencepiece_limit_are_chunked_not_dropped(tmp_path):
+  # sentencepiece silently skips input lines over max_sentence_length (64 KB); 'ζ' occurs only in such a line.
+  long_line = "the quick brown fox jumps over the lazy dog " * 2000 + "ζ"
+  assert len(long_line.encode("utf-8")) > tokenizer_lib.MAX_SENTENCE_BYTES
+  tok = train_tokenizer([long_line, "a short line"], str(tmp_path / "long"), model_type="char", vocab_size=0)
+  assert "ζ" in {tok.id_to_piece(i) for i in range(tok.vocab_size)}
+  chunks = tokenizer_lib._training_lines([long_line], 10**9)  # pylint: disable=protected-access
+  assert "".join(chunks) == long_line and all(len(c.encode()) <= tokenizer_lib.MAX_SENTENCE_BYTES for c in chunks)
