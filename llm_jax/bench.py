@@ -80,7 +80,7 @@ def bench_train(name: str, steps: int, repeats: int, warmup: int, real_data: boo
     compiled = fns.lower_train(b, l).compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
-    on_device = trainer.to_global(batch_lib.synthetic(b, l, cfg.vocab_size), fns.batch_sharding)
+    on_device = sharding.global_batch(batch_lib.synthetic(b, l, cfg.vocab_size), fns.batch_sharding)
     state = fns.init()
     step_s, state = _median_step_time(compiled, state, lambda i: on_device, steps, repeats, warmup)
     result = {"config": name, "model": dataclasses.asdict(cfg), "global_batch_size": b, "compile_s": compile_s,
@@ -90,7 +90,7 @@ def bench_train(name: str, steps: int, repeats: int, warmup: int, real_data: boo
                                    tokenizer_dir=os.path.join(workdir, name, "tokenizer"),
                                    cache_dir=os.path.join(workdir, name, "data"))
       it = pipeline.make_train_iterator(data, global_batch_size=b, seed=0, process_index=0, process_count=1)
-      real_s, state = _median_step_time(compiled, state, lambda i: trainer.to_global(next(it), fns.batch_sharding),
+      real_s, state = _median_step_time(compiled, state, lambda i: sharding.global_batch(next(it), fns.batch_sharding),
                                         steps, repeats, warmup)
       result["step_time_real_data_s"] = real_s
       result["real_over_synthetic"] = real_s / step_s

@@ -16,6 +16,7 @@ from typing import Any
 
 import ml_collections
 
+from llm_jax import loop as loop_lib
 from llm_jax import model as model_lib
 from llm_jax import optim
 from llm_jax import sampling
@@ -166,6 +167,10 @@ def optim_config(config: ml_collections.ConfigDict) -> optim.OptimConfig:
   return _frozen(optim.OptimConfig, config.optim)
 
 
+def loop_plan(config: ml_collections.ConfigDict) -> loop_lib.LoopPlan:
+  return loop_lib.LoopPlan(**{f.name: config[f.name] for f in dataclasses.fields(loop_lib.LoopPlan)})
+
+
 def data_config(config: ml_collections.ConfigDict) -> corpus.DataConfig:
   return _frozen(corpus.DataConfig, config.data)
 
@@ -226,6 +231,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice("optim.name", o.name, optim.OPTIMIZERS)
   _choice("on_nonfinite", config.on_nonfinite, ("stop", "skip"))
   _choice("optim.schedule", o.schedule, optim.SCHEDULES)
+  _validate_model(config)
+  _validate_run(config)
+  _validate_data(config)
+  _refuse_ignored(config)
+  _validate_sample(config)
+
+
+def _validate_model(config: ml_collections.ConfigDict) -> None:
+  m, d = config.model, config.data
   for key in ("num_layers", "d_model", "num_heads"):
     _require(m[key] > 0, f"model.{key}={m[key]} must be positive")
   for key in ("vocab_size", "num_kv_heads", "head_dim", "d_ff", "max_len"):
@@ -243,6 +257,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(not m.max_len or m.max_len >= d.seq_len,
            f"model.max_len={m.max_len} is shorter than data.seq_len={d.seq_len}; raise model.max_len")
   _require(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
+
+
+def _validate_run(config: ml_collections.ConfigDict) -> None:
+  o = config.optim
   _require(config.num_train_steps > 0, f"num_train_steps={config.num_train_steps} must be positive")
   _require(0 <= config.stop_at_step <= config.num_train_steps, f"stop_at_step={config.stop_at_step} must "
            f"be between 0 and num_train_steps={config.num_train_steps}")
@@ -259,12 +277,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
   for key in ("weight_decay", "grad_clip_norm"):
     _require(o[key] >= 0, f"optim.{key}={o[key]} must be >= 0 (0 disables)")
-  _require(0.0 < d.validation_fraction < 1.0, f"data.validation_fraction={d.validation_fraction} must be in (0, 1)")
   for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "eval_batch_size"):
     _require(config[key] > 0, f"{key}={config[key]} must be positive")
   _require(0.0 <= config.max_replicated_share <= 1.0,
            f"max_replicated_share={config.max_replicated_share} must be in [0, 1]")
   _require(config.eval_every >= 0, f"eval_every={config.eval_every} must be >= 0 (0 disables)")
+
+
+def _validate_data(config: ml_collections.ConfigDict) -> None:
+  d = config.data
+  _require(0.0 < d.validation_fraction < 1.0, f"data.validation_fraction={d.validation_fraction} must be in (0, 1)")
   if d.corpus == "text_files":
     _require(bool(d.text_files), "data.corpus='text_files' needs --config.data.text_files=<glob>")
     for pattern in d.text_files.split(","):
@@ -277,8 +299,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
              "JSONL files such as experiments/data/zero_shot_example.jsonl")
   if d.corpus == "tfds":
     _require(bool(d.tfds_name), "data.corpus='tfds' needs --config.data.tfds_name=<catalog name>")
-  _refuse_ignored(config)
-  _validate_sample(config)
 
 
 def _refuse_ignored(config: ml_collections.ConfigDict) -> None:

@@ -1,0 +1,196 @@
+"""The training loop's host side: stepping, log windows, evaluation, the non-finite policy and saving."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+from typing import Callable
+
+import jax
+import numpy as np
+
+from llm_jax import checkpoint as checkpoint_lib
+from llm_jax import faults
+from llm_jax import metrics as metrics_lib
+from llm_jax import sharding
+from llm_jax import steps as steps_lib
+from llm_jax import writers
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopPlan:
+  """When the loop logs, evaluates, saves and stops, and what it does on a non-finite update (config.py
+  documents each field and builds this)."""
+
+  num_train_steps: int
+  stop_at_step: int = 0
+  log_every: int = 20
+  eval_every: int = 200
+  checkpoint_every: int = 200
+  on_nonfinite: str = "stop"
+
+
+def evaluate(fns: steps_lib.StepFns, params: Any, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+  """Mean validation loss and perplexity over fixed batches."""
+  totals = {"nll_sum": 0.0, "tokens": 0.0, "correct": 0.0}
+  for batch in batches:
+    out = fns.eval(params, sharding.global_batch(batch, fns.batch_sharding))
+    for k in totals:
+      totals[k] += float(out[k])
+  loss = totals["nll_sum"] / max(totals["tokens"], 1.0)
+  return {"val_loss": loss, "val_perplexity": metrics_lib.perplexity(loss),
+          "val_accuracy": totals["correct"] / max(totals["tokens"], 1.0)}
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+@dataclasses.dataclass
+class Throughput:
+  """Turns wall time between log lines into tokens/s, MFU and ETA.
+
+  `reset` after anything that is not training (evaluation), so only training steps are timed.
+  """
+
+  tokens_per_step: int
+  flops_per_token: float
+  peak_flops: float
+  total_steps: int
+  last_step: int = 0
+  last_time: float = dataclasses.field(default_factory=time.perf_counter)
+
+  def reset(self, step: int) -> None:
+    self.last_step, self.last_time = step, time.perf_counter()
+
+  def seconds_since_reset(self) -> float:
+    return time.perf_counter() - self.last_time
+
+  def measure(self, step: int) -> dict[str, float]:
+    """Throughput of the steps since the last reset; nothing when none were timed (a window that only held the
+    first, compiling step after a start or resume), rather than one step's figure over a fraction of its time."""
+    now, timed = time.perf_counter(), step - self.last_step
+    if timed <= 0:
+      return {}
+    step_time = (now - self.last_time) / timed
+    self.reset(step)
+    tokens_per_s = self.tokens_per_step / step_time
+    return {"step_time_s": step_time, "tokens_per_s": tokens_per_s,
+            "mfu": metrics_lib.mfu(tokens_per_s, self.flops_per_token, self.peak_flops),
+            "eta_s": step_time * (self.total_steps - step)}
+
+
+def _log_line(step: int, total: int, m: dict[str, float]) -> str:
+  line = f"step {step:>6d}/{total} | loss {m['loss']:.4f} | lr {m['learning_rate']:.2e} | gnorm {m['grad_norm']:.3f}"
+  if "tokens_per_s" not in m:
+    return line + " | (no step timed in this window)"
+  return (f"{line} | {m['tokens_per_s']:,.0f} tok/s | MFU {100 * m['mfu']:.1f}% | "
+          f"{1000 * m['step_time_s']:.0f} ms/step | ETA {_format_duration(m['eta_s'])}")
+
+
+@dataclasses.dataclass
+class Loop:
+  """The training loop's host side: what to log, evaluate, check and save after each step.
+
+  Log lines always cover whole `log_every` windows: a checkpoint taken mid-window carries the
+  window's per-step metrics (`unlogged`), so a resumed run logs exactly what an uninterrupted one would.
+  """
+
+  plan: LoopPlan
+  fns: steps_lib.StepFns
+  train_iter: Any
+  eval_batches: list
+  ckpt: checkpoint_lib.Checkpointer
+  writer: writers.MetricWriter
+  meta: dict[str, Any]
+  clock: Throughput
+  nonfinite_steps: int = 0
+  unlogged: list[dict[str, float]] = dataclasses.field(default_factory=list)
+  extra_eval: Callable[[Any], dict[str, float]] | None = None
+  final_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+  def run(self, state: steps_lib.TrainState, start_step: int) -> steps_lib.TrainState:
+    c = self.plan
+    last = c.stop_at_step or c.num_train_steps
+    preemption = faults.Preemption()
+    preemption.install()
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    try:
+      # Logs and evaluations fall on their intervals and at the true end only, never where a slice
+      # (stop_at_step) or a preemption cuts the run: a cut window travels in the checkpoint (`unlogged`).
+      for step in range(start_step + 1, last + 1):
+        batch = sharding.global_batch(next(self.train_iter), self.fns.batch_sharding)
+        state, step_metrics = self.fns.train(state, batch)
+        pending.append((step, step_metrics))
+        if step == start_step + 1:  # one sync, so compilation does not count as training throughput
+          jax.block_until_ready(step_metrics)
+          writers.console(f"step {step:>6d} | compiled and ran the first step in "
+                          f"{self.clock.seconds_since_reset():.1f} s")
+          self.clock.reset(step)
+        preempted = preemption.should_stop(step)
+        if step % c.log_every == 0 or step == c.num_train_steps:
+          self._log(step, pending)
+          pending = []
+        if (c.eval_every and step % c.eval_every == 0) or step == c.num_train_steps:
+          self._check_finite(pending)
+          self._evaluate(step, state)
+        if preempted or step == last or step % c.checkpoint_every == 0:
+          self._save(step, state, pending)
+        if preempted:
+          # Signals stay caught until the save has committed: a second SIGTERM must not leave only a
+          # partial *.orbax-checkpoint-tmp behind.
+          self.ckpt.wait_until_saved()
+          writers.console(f"step {step:>6d} | {preemption.reason}: checkpoint {step} written, exiting")
+          break
+    finally:
+      preemption.uninstall()
+      self.writer.flush()
+    return state
+
+  def _save(self, step: int, state: steps_lib.TrainState, pending: list[tuple[int, dict[str, jax.Array]]]) -> None:
+    self._check_finite(pending)
+    window = self.unlogged + [{k: float(v) for k, v in m.items()} for m in jax.device_get([m for _, m in pending])]
+    data_state = {"iterator": self.train_iter.get_state(), "nonfinite_steps": self.nonfinite_steps,
+                  "unlogged": window}
+    self.ckpt.save(step, state, data_state, self.meta)
+
+  def _check_finite(self, pending: list[tuple[int, dict[str, jax.Array]]]) -> list[int]:
+    """Steps of `pending` whose update was non-finite; under 'stop', refuses to go on."""
+    flags = jax.device_get([m["nonfinite"] for _, m in pending])
+    bad = [s for (s, _), flag in zip(pending, flags) if flag]
+    if bad and self.plan.on_nonfinite == "stop":
+      raise faults.RunError(f"non-finite loss or gradient norm at step {bad[0]}; stopped without saving it "
+                            f"(newest good checkpoint: step {self.ckpt.latest()}); lower optim.learning_rate "
+                            "or pass --config.on_nonfinite=skip")
+    return bad
+
+  def _log(self, step: int, pending: list[tuple[int, dict[str, jax.Array]]]) -> None:
+    """The loop's host sync at log intervals: fetch the window's metrics, apply the non-finite policy, log."""
+    bad = self._check_finite(pending)
+    fetched = self.unlogged + jax.device_get([m for _, m in pending])
+    self.unlogged = []
+    self.nonfinite_steps += sum(1 for m in fetched if m["nonfinite"])
+    good = [m for m in fetched if not m["nonfinite"]] or fetched
+    # float64 means of exact float32 values: identical whether or not part of the window was carried
+    # through a checkpoint as Python floats.
+    m = {k: float(np.mean(np.asarray([g[k] for g in good], np.float64))) for k in ("loss", "accuracy", "grad_norm")}
+    m["learning_rate"] = float(fetched[-1]["learning_rate"])
+    m["nonfinite_steps"] = float(self.nonfinite_steps)
+    m.update(self.clock.measure(step))
+    self.writer.write(step, m)
+    writers.console(_log_line(step, self.plan.num_train_steps, m))
+    if bad:
+      writers.console(f"step {step:>6d} | skipped {len(bad)} non-finite update(s) at steps {bad}")
+    self.final_metrics.update(m)
+
+  def _evaluate(self, step: int, state: steps_lib.TrainState) -> None:
+    ev = evaluate(self.fns, state.params, self.eval_batches)
+    if self.extra_eval is not None:
+      ev.update(self.extra_eval(state.params))
+    self.writer.write(step, ev)
+    writers.console(f"step {step:>6d}/{self.plan.num_train_steps} | validation loss {ev['val_loss']:.4f} | "
+                    f"perplexity {ev['val_perplexity']:.2f}")
+    self.final_metrics.update(ev)
+    self.clock.reset(step)  # evaluation time is not training throughput
