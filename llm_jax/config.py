@@ -193,15 +193,24 @@ def with_model(config: ml_collections.ConfigDict, cfg: model_lib.ModelConfig, *,
   return config
 
 
-def from_file(spec: str) -> ml_collections.ConfigDict:
-  """The config an experiment file gives: 'path.py' calls get_config(), 'path.py:variant' get_config(variant)."""
-  path, _, variant = spec.partition(":")
+def load_python_file(path: str, what: str, example: str) -> Any:
+  """Executes a user's Python file (an experiment or sweep file) as a module; one-line errors if it cannot."""
   if not os.path.isfile(path):
-    raise ValueError(f"config file {path} does not exist; pass an existing file, e.g. experiments/smoke.py")
-  module_spec = importlib.util.spec_from_file_location("llm_jax_experiment", path)
+    raise FileNotFoundError(f"{what} {path} does not exist; pass an existing file, e.g. {example}")
+  module_spec = importlib.util.spec_from_file_location("llm_jax_user_file", path)
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
+  except Exception as e:  # pylint: disable=broad-except  # a user's file can raise anything
+    raise ValueError(f"{what} {path} failed to load ({type(e).__name__}: {e}); fix the file") from e
+  return module
+
+
+def from_file(spec: str) -> ml_collections.ConfigDict:
+  """The config an experiment file gives: 'path.py' calls get_config(), 'path.py:variant' get_config(variant)."""
+  path, _, variant = spec.partition(":")
+  module = load_python_file(path, "config file", "experiments/smoke.py")
+  try:
     return module.get_config(variant) if variant else module.get_config()
   except ConfigError:
     raise

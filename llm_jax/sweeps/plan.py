@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import importlib.util
 import itertools
 import json
 import math
@@ -77,18 +76,6 @@ class Run:
   command: list[str]
 
 
-def _load_module(path: str, what: str, example: str) -> Any:
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{what} {path} does not exist; pass an existing file, e.g. {example}")
-  spec = importlib.util.spec_from_file_location("llm_jax_sweep_file", path)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-  except Exception as e:  # pylint: disable=broad-except  # a user's file can raise anything
-    raise ValueError(f"{what} {path} failed to load ({type(e).__name__}: {e}); fix the file") from e
-  return module
-
-
 def _as_lists(path: str, name: str, table: Any) -> dict[str, list[Any]]:
   if not isinstance(table, dict):
     raise ValueError(f"{name} in {path} must be a dict of config key -> list of values")
@@ -100,7 +87,7 @@ def _as_lists(path: str, name: str, table: Any) -> dict[str, list[Any]]:
 
 def load_sweep(path: str) -> Sweep:
   """Reads a sweep file and validates it (keys, shapes, every run's resolved config)."""
-  module = _load_module(path, "sweep file", "--sweep=experiments/ablation_family.py")
+  module = config_lib.load_python_file(path, "sweep file", "--sweep=experiments/ablation_family.py")
   if not isinstance(getattr(module, "BASE", None), str):
     raise ValueError(f"sweep file {path} has no BASE (the config file every run starts from); add "
                      "BASE = \"experiments/<config>.py\"")
@@ -121,7 +108,7 @@ def base_config(base: str) -> ml_collections.ConfigDict:
   """The config a `BASE` string names: `get_config()` of the file, or `get_config(variant)`."""
   try:
     return config_lib.from_file(base)
-  except ValueError as e:
+  except (ValueError, FileNotFoundError) as e:
     raise ValueError(f"BASE={base!r} (relative to where you run) does not give a config: {e}") from e
 
 
