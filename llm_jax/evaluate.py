@@ -30,7 +30,7 @@ _OUTPUT = flags.DEFINE_string("output", "", "JSON report path; default DIR/eval_
 flags.mark_flag_as_required("workdir")
 
 
-def _check_writable(path: str) -> None:
+def _check_writable(path: str, what: str = "") -> None:
   """Creates the report's directory and test-opens the file, so an unwritable --output fails before scoring."""
   try:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -40,7 +40,8 @@ def _check_writable(path: str) -> None:
     if not existed:
       os.remove(path)  # leave no empty report behind if the evaluation then fails
   except OSError as e:
-    raise ValueError(f"cannot write --output={path} ({e.strerror or e}); pass a writable path") from None
+    raise ValueError(f"cannot write {what or '--output=' + path} ({e.strerror or e}); pass a writable "
+                     "--output") from None
 
 
 def _check_flags() -> None:
@@ -52,6 +53,10 @@ def _check_flags() -> None:
       raise ValueError(f"--{name}={flag.value} must be >= 0 (0: the default)")
   if _OUTPUT.value:
     _check_writable(_OUTPUT.value)
+  elif os.path.isdir(_WORKDIR.value):
+    # The default report is named after the checkpoint step, known only once loaded: probe the folder.
+    _check_writable(os.path.join(_WORKDIR.value, f".eval_probe{os.getpid()}.json"),
+                    f"the report into --workdir={_WORKDIR.value}")
 
 
 def _run() -> None:
