@@ -6,6 +6,9 @@ import contextlib
 import fcntl
 import os
 import signal
+import sys
+import threading
+import time
 from typing import Any
 from typing import Iterator
 
@@ -114,4 +117,61 @@ class Preemption:
       signal.signal(signum, previous)
     self._previous = {}
 
+
+class PeerWatchdog:
+  """In a multi-process run, notices a peer that stopped (killed, crashed, hung) and ends this process with a
+  line naming it, instead of blocking in a collective until a runtime timeout aborts it with no word.
+
+  Each process bumps a counter in the runtime's key-value store every `interval_s`; a peer whose counter has
+  not moved for `timeout_s` (measured on this host's monotonic clock, so host clocks need not agree) is gone.
+  """
+
+  def __init__(self, interval_s: float = 2.0, timeout_s: float = 60.0):
+    self.interval_s, self.timeout_s = interval_s, timeout_s
+    self._me = 0
+
+  def start(self) -> None:
+    from jax._src import distributed  # pylint: disable=import-outside-toplevel  # no public API exposes the store
+    state = distributed.global_state
+    if state.client is None or not state.num_processes or state.num_processes == 1:
+      return
+    # The ids come from the runtime's own record: asking jax.process_index() here would initialise the
+    # backends from this thread while the main thread does the same.
+    self._me = state.process_id
+    threading.Thread(target=self._watch, args=(state.client, state.num_processes), name="llm_jax-peer-watchdog",
+                     daemon=True).start()
+
+  def _watch(self, client: Any, num_processes: int) -> None:
+    me, beats = self._me, 0
+    seen = {p: ("", time.monotonic()) for p in range(num_processes) if p != me}
+    while True:
+      beats += 1
+      try:
+        client.key_value_set(f"llm_jax/heartbeat/{me}", str(beats), allow_overwrite=True)
+        values = {p: self._try_get(client, f"llm_jax/heartbeat/{p}") for p in seen}
+      except Exception as e:  # pylint: disable=broad-except  # the store lives in process 0
+        self._stop(f"lost contact with process 0, which runs the coordinator ({' '.join(str(e).split())[:120]}); "
+                   "it was probably killed: see its log")
+      now = time.monotonic()
+      for peer, value in values.items():
+        if value != seen[peer][0]:
+          seen[peer] = (value, now)
+        elif now - seen[peer][1] > self.timeout_s:
+          self._stop(f"process {peer} has sent no heartbeat for {now - seen[peer][1]:.0f} s: it was killed or "
+                     "hangs (see its log)")
+      time.sleep(self.interval_s)
+
+  @staticmethod
+  def _try_get(client: Any, key: str) -> str:
+    try:
+      return client.key_value_try_get(key)
+    except Exception as e:  # pylint: disable=broad-except  # the runtime raises a generic error for a missing key
+      if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
+        return ""  # the peer has not beaten yet
+      raise
+
+  def _stop(self, reason: str) -> None:
+    print(f"llm_jax: error: {reason}; stopping process {self._me} too. Completed checkpoints are "
+          "kept: restart every process with the same command to resume", file=sys.stderr, flush=True)
+    os._exit(2)  # pylint: disable=protected-access  # the main thread may be blocked inside a collective
 

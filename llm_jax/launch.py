@@ -46,6 +46,9 @@ class DistributedFlags:
                                  num_processes=self._num_processes.value, process_id=self._process_id.value)
     elif self._distributed.value:
       jax.distributed.initialize()
+    else:
+      return
+    faults.PeerWatchdog().start()
 
   def args(self) -> tuple[str, ...]:
     """This process's multi-controller flags, to hand on to child training processes."""

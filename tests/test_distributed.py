@@ -1,9 +1,11 @@
 """Multi-process training on localhost, per-process data slices, the dry run and mesh refusals via the CLI."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -20,9 +22,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _spawn(process_id: int, port: int, workdir: str, repo: str) -> subprocess.Popen:
+def _spawn(process_id: int, port: int, workdir: str, repo: str, steps: int = 20) -> subprocess.Popen:
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-  args = [sys.executable, "-m", "llm_jax.train", SMOKE, f"--workdir={workdir}", "--config.num_train_steps=20",
+  args = [sys.executable, "-m", "llm_jax.train", SMOKE, f"--workdir={workdir}", f"--config.num_train_steps={steps}",
           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={process_id}"]
   return subprocess.Popen(args, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -81,3 +83,23 @@ def test_replicated_parameters_past_the_tolerance_are_refused(cli, tmp_path):
                "--config.max_replicated_share=0.0")
   assert result.returncode == 2
   assert "would be fully replicated" in result.stderr and "max_replicated_share" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_peer_is_named_by_the_survivor(tmp_path):
+  from conftest import REPO  # pylint: disable=import-outside-toplevel
+  port = _free_port()
+  workdir = str(tmp_path / "multi")
+  procs = [_spawn(i, port, workdir, REPO, steps=100_000) for i in range(2)]
+  # Kill process 1 once both are training (process 0 has written its first checkpoint).
+  deadline = time.time() + 300
+  while not os.path.isdir(os.path.join(workdir, "checkpoints", "10")) and time.time() < deadline:
+    assert procs[0].poll() is None, procs[0].stdout.read()[-3000:]
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGKILL)
+  procs[1].wait()
+  started = time.time()
+  out = procs[0].communicate(timeout=240)[0]
+  assert procs[0].returncode == 2, out[-3000:]
+  assert "process 1 has sent no heartbeat for" in out and "restart every process" in out, out[-3000:]
+  assert time.time() - started < 150
