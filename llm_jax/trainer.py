@@ -176,21 +176,11 @@ def _make_workdir(workdir: str) -> None:
 
 
 def _check_resume(config: ml_collections.ConfigDict, ckpt: checkpoint_lib.Checkpointer) -> None:
-  """Refuses to resume a checkpoint this config would silently misuse: one past the run's end, or another seed."""
+  """Refuses a workdir whose newest checkpoint lies past the run's end (it would silently train nothing)."""
   latest = ckpt.latest()
-  if latest is None:
-    return
-  if latest > config.num_train_steps:
+  if latest is not None and latest > config.num_train_steps:
     raise faults.RunError(f"the workdir already holds checkpoint {latest}, past num_train_steps="
                           f"{config.num_train_steps}; raise num_train_steps or use another --workdir")
-  try:
-    saved_seed = ckpt.restore_meta(latest).get("seed")
-  except Exception:  # pylint: disable=broad-except  # unreadable metadata: restore handles the checkpoint
-    return
-  # Checkpoints written before the seed was recorded carry none: accept them.
-  if saved_seed is not None and saved_seed != config.seed:
-    raise faults.RunError(f"seed={config.seed} differs from the checkpoint's seed={saved_seed}; the data order "
-                          f"and dropout would change; pass --config.seed={saved_seed} or use another --workdir")
 
 
 def _check_prompt_fits(config: ml_collections.ConfigDict, cfg: ModelConfig, tokenizer: Any) -> None:

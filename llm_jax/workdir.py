@@ -139,6 +139,11 @@ def check_resumable(saved_meta: dict[str, Any], meta: dict[str, Any], tokenizer_
                        for k in differing)
     raise faults.RunError(f"config does not match the checkpoint ({detail}); restore those values or use a new "
                           "--workdir")
+  # Checkpoints written before the seed was recorded carry none: accept them.
+  saved_seed, seed = saved_meta.get("seed"), meta.get("seed")
+  if saved_seed is not None and seed is not None and saved_seed != seed:
+    raise faults.RunError(f"seed={seed} differs from the checkpoint's seed={saved_seed}; the data order and dropout "
+                          f"would change; pass --config.seed={saved_seed} or use another --workdir")
   check_tokenizer(saved_meta, meta["tokenizer_sha256"], tokenizer_path)
 
 

@@ -12,6 +12,7 @@ from llm_jax import config as config_lib
 from llm_jax import faults
 from llm_jax import sampling
 from llm_jax import trainer
+from llm_jax import workdir as workdir_lib
 
 SMOKE = "--config=experiments/smoke.py"
 
@@ -213,22 +214,11 @@ def test_train_refuses_to_resume_a_checkpoint_it_would_misuse(name, args, fragme
   assert sorted(os.listdir(copy / "checkpoints")) == before
 
 
-class _FakeCheckpoints:
-  def __init__(self, latest, meta):
-    self._latest, self._meta = latest, meta
-
-  def latest(self):
-    return self._latest
-
-  def restore_meta(self, step):
-    assert step == self._latest
-    return self._meta
-
-
 def test_resume_accepts_checkpoints_written_before_the_seed_was_recorded():
-  trainer._check_resume(smoke_config(seed=3), _FakeCheckpoints(10, {"model": {}}))  # pylint: disable=protected-access
+  meta = {"model": {"d_model": 64}, "tokenizer_sha256": "abc", "seed": 3}
+  workdir_lib.check_resumable({"model": {"d_model": 64}, "tokenizer_sha256": "abc"}, meta, "tok.model")
   with pytest.raises(faults.RunError, match="seed=3 differs from the checkpoint's seed=0"):
-    trainer._check_resume(smoke_config(seed=3), _FakeCheckpoints(10, {"seed": 0}))  # pylint: disable=protected-access
+    workdir_lib.check_resumable({"model": {"d_model": 64}, "tokenizer_sha256": "abc", "seed": 0}, meta, "tok.model")
 
 
 def test_sampling_failure_after_training_says_both(trained, tmp_path, monkeypatch):
