@@ -208,6 +208,13 @@ def format_result(r: dict) -> str:
   return "\n".join(lines)
 
 
+def write_json(path: str, results: list[dict]) -> None:
+  """The results with the command line and the time they were taken."""
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump({"argv": sys.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}, f, indent=2,
+              default=str)
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -220,9 +227,7 @@ def main(argv: Sequence[str]) -> None:
     results = run(_CONFIGS.value, _STEPS.value, _REPEATS.value, _WARMUP.value, _REAL_DATA.value, _DECODE.value,
                   _COMPILE_DEPTH.value, _WORKDIR.value)
     if _JSON.value:
-      with open(_JSON.value, "w", encoding="utf-8") as f:
-        json.dump({"argv": sys.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}, f,
-                  indent=2, default=str)
+      write_json(_JSON.value, results)
 
   launch.run_main("llm_jax.bench", body)
 

@@ -1,7 +1,9 @@
 """Our train step against a second implementation in PyTorch (experiments/torch_reference.py): same init, same
 batches, the same losses before and after AdamW steps; and its schedule against optim.make_schedule."""
 
+import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -79,3 +81,29 @@ def test_torch_reference_refuses_other_families():
   c.model.family = "llama"
   with pytest.raises(ValueError, match="gpt2"):
     torch_reference.TorchGPT(config_lib.model_config(c, 512))
+
+
+@pytest.mark.slow
+def test_compare_torch_end_to_end_writes_both_curves(tmp_path):
+  out = tmp_path / "compare.json"
+  env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "compare_torch.py"), "--configs=smoke",
+                           "--warmup=1", "--steps=1", "--repeats=2", "--eval_batches=2", f"--json={out}",
+                           f"--workdir={tmp_path / 'work'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  r = json.loads(out.read_text())["results"][0]
+  assert r["config"] == "smoke" and r["steps"] == 3 and r["global_batch_size"] == 8 and r["seq_len"] == 64
+  for side in ("ours", "torch"):
+    assert len(r[side]["ms_per_step_blocks"]) == 2  # the warm-up step is left out of the timed blocks
+    assert r[side]["tokens_per_s_min"] <= r[side]["tokens_per_s_median"] <= r[side]["tokens_per_s_max"]
+    assert r[side]["tokens_per_s_median"] == pytest.approx(8 * 64 / (r[side]["ms_per_step_median"] / 1000))
+  assert r["ours_over_torch_tokens_per_s"] == pytest.approx(
+      r["ours"]["tokens_per_s_median"] / r["torch"]["tokens_per_s_median"])
+  assert len(r["loss_ours"]) == len(r["loss_torch"]) == 3
+  assert abs(r["loss_ours"][0] - r["loss_torch"][0]) < 1e-5  # same init, same first batch
+  assert r["max_abs_loss_diff"] < 1e-3
+  assert abs(r["val_loss_ours"] - r["val_loss_torch"]) < 1e-3
+  assert r["torch_threads"] == os.cpu_count()
+  assert "[smoke]" in result.stdout and "validation loss" in result.stdout
