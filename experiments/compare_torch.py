@@ -70,6 +70,30 @@ def _spread(seconds_per_step: list[float], tokens_per_step: int) -> dict[str, An
           "tokens_per_s_max": tokens_per_step / min(seconds_per_step)}
 
 
+def _alternate(train: Any, state: Any, ref: torch_reference.TorchTrainer, ours_in: list[Any],
+               torch_in: list[dict[str, torch.Tensor]], warmup: int, block: int, repeats: int, device: str):
+  """Runs the warm-up, then the timed blocks, each ours first and torch second on the same steps.
+
+  Returns our final state, the seconds per step of every block of each (warm-up first) and every step's loss.
+  """
+  ours_s, torch_s, ours_loss, torch_loss = [], [], [], []
+  for first, n in [(0, warmup)] + [(warmup + r * block, block) for r in range(repeats)]:
+    start = time.perf_counter()
+    out = []
+    for i in range(first, first + n):
+      state, m = train(state, ours_in[i])
+      out.append(m["loss"])
+    jax.block_until_ready(out)  # one wait per block: dispatch overlaps compute, as in the trainer's loop
+    ours_s.append((time.perf_counter() - start) / n)
+    ours_loss += [float(x) for x in out]
+    start = time.perf_counter()
+    out = [ref.step(torch_in[i]) for i in range(first, first + n)]
+    _sync(device)
+    torch_s.append((time.perf_counter() - start) / n)
+    torch_loss += [float(x) for x in out]
+  return state, ours_s, torch_s, ours_loss, torch_loss
+
+
 def compare(name: str, block: int, repeats: int, warmup: int, eval_batches: int, device: str, autocast_bf16: bool,
             workdir: str) -> dict[str, Any]:
   """Trains ours and torch side by side on one config; returns timings, both loss curves and both val losses.
@@ -95,21 +119,8 @@ def compare(name: str, block: int, repeats: int, warmup: int, eval_batches: int,
     host = [next(it) for _ in range(steps)]  # read before timing: the step is measured, not the pipeline
     ours_in = [trainer.to_global(x, fns.batch_sharding) for x in host]
     torch_in = [torch_reference.to_torch(x, device) for x in host]
-    ours_s, torch_s, ours_loss, torch_loss = [], [], [], []
-    for first, n in [(0, warmup)] + [(warmup + r * block, block) for r in range(repeats)]:
-      start = time.perf_counter()
-      out = []
-      for i in range(first, first + n):
-        state, m = train(state, ours_in[i])
-        out.append(m["loss"])
-      jax.block_until_ready(out)
-      ours_s.append((time.perf_counter() - start) / n)
-      ours_loss += [float(x) for x in out]
-      start = time.perf_counter()
-      out = [ref.step(torch_in[i]) for i in range(first, first + n)]
-      _sync(device)
-      torch_s.append((time.perf_counter() - start) / n)
-      torch_loss += [float(x) for x in out]
+    state, ours_s, torch_s, ours_loss, torch_loss = _alternate(train, state, ref, ours_in, torch_in, warmup, block,
+                                                               repeats, device)
     val = pipeline.make_eval_batches(data, batch_size=c.eval_batch_size, max_batches=eval_batches)
     our_val = trainer.evaluate(fns, state.params, val)["val_loss"]
   their_val = ref.evaluate([torch_reference.to_torch(x, device) for x in val])
