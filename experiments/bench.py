@@ -7,6 +7,15 @@ Variants: smoke       2 layers x 64, context 64, batch 8: the bench's own test
           10m         6 layers x 384, 6 heads, context 256, batch 64 (10.6M parameters)
           llama_500m  24 layers x 1280, 20 heads sharing 4 KV heads, context 2048, batch 16, bf16, cuDNN
                       attention: for GPU/TPU
+          gpt2_125m   12 layers x 768, 12 heads, context 2048, batch 32, vocabulary 50,304 (GPT-2 small)
+          gpt2_350m   24 layers x 1024, 16 heads, context 2048, batch 16, vocabulary 50,304 (GPT-2 medium)
+          llama_1b    16 layers x 2048, 32 heads sharing 8 KV heads, MLP 8192, context 2048, batch 8,
+                      vocabulary 32,000, tied (1.04B parameters, the Llama-3.2-1B body)
+                      These three are experiments/gpu_bench.sh's shapes: bf16 compute, cuDNN attention
+                      (attention_impl 'jax'), remat 'dots'; the batches are starting points for one GPU of
+                      about 80 GB, which `--fit_batch` rescales to the memory the device reports. Their
+                      tokenizer has 8,192 pieces (what the built-in corpus can train) inside the larger
+                      embedding, so the real-data runs and the torch comparison work too.
 Hardware and results: BENCHMARKS.md (2026-11-28: tiny 49.9 ms/step, 10m 10.35 s/step on 2 CPU cores).
 Every variant: AdamW at a constant learning rate (no warm-up), vocabulary 512 (llama_500m: 32,000).
 The CPU shapes recompute activations in the backward pass (remat 'dots'): on XLA:CPU that is faster than
@@ -16,14 +25,19 @@ re-laid-out by copy kernels for the weight gradients.
 
 from llm_jax import config as config_lib
 
-VARIANTS = ("smoke", "tiny", "10m", "llama_500m")
+VARIANTS = ("smoke", "tiny", "10m", "llama_500m", "gpt2_125m", "gpt2_350m", "llama_1b")
 _SHAPES = {
     # layers, width, heads, kv heads, context, batch, vocabulary
     "smoke": (2, 64, 4, 4, 64, 8, 512),
     "tiny": (4, 128, 4, 4, 64, 12, 512),
     "10m": (6, 384, 6, 6, 256, 64, 512),
     "llama_500m": (24, 1280, 20, 4, 2048, 16, 32000),
+    "gpt2_125m": (12, 768, 12, 12, 2048, 32, 50304),
+    "gpt2_350m": (24, 1024, 16, 16, 2048, 16, 50304),
+    "llama_1b": (16, 2048, 32, 8, 2048, 8, 32000),
 }
+# The accelerator shapes of experiments/gpu_bench.sh.
+_GPU = ("gpt2_125m", "gpt2_350m", "llama_1b")
 
 
 def get_config(variant: str = "tiny"):
@@ -43,4 +57,8 @@ def get_config(variant: str = "tiny"):
     c.model.remat_policy = "dots"
   if variant == "llama_500m":
     c.model.update({"family": "llama", "compute_dtype": "bfloat16", "attention_impl": "jax"})
+  if variant in _GPU:
+    c.model.update({"family": "llama" if variant.startswith("llama") else "gpt2", "compute_dtype": "bfloat16",
+                    "attention_impl": "jax", "d_ff": 8192 if variant == "llama_1b" else 0})
+    c.tokenizer.vocab_size = 8192
   return c

@@ -1,7 +1,8 @@
 """`python -m llm_jax.bench`: step time, tokens/s, MFU, compile time, memory and decode speed, as medians.
 
-MFU is achieved model FLOP/s over a peak: on CPU the float32 matmul rate measured in this process just
-before each config; on GPU/TPU the bf16 datasheet peak of the device kind (`llm_jax.metrics`).
+MFU is achieved model FLOP/s over a peak: on CPU the best XLA or numpy float32 matmul rate measured once in
+this process (its spread is printed and saved); on GPU/TPU the bf16 datasheet peak of the device kind
+(`llm_jax.metrics`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ _REAL_DATA = flags.DEFINE_bool("real_data", True, "Also time the step fed by the
 _DECODE = flags.DEFINE_bool("decode", True, "Also time KV-cached generation at batch 1 and 8.")
 _COMPILE_DEPTH = flags.DEFINE_bool("compile_depth", False, "Compare compile time of 4 and 32 layers.")
 _JSON = flags.DEFINE_string("json", None, "Write all results to this JSON file.")
+_FIT_BATCH = flags.DEFINE_bool("fit_batch", False, "Rescale each config's batch to fill about 85% of device memory, "
+                                "from the memory analysis of its step compiled at the config's batch (a dry run); "
+                                "halved again if the step still runs out of memory. No-op where devices report "
+                                "no memory limit (CPU).")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/llm_jax_bench", "Cache for the tokenizer and packed data.")
 
 # Bare names in --configs are variants of this experiment file (relative to the repository).
@@ -67,10 +72,45 @@ def _median_step_time(train, state, batches, steps: int, repeats: int, warmup: i
   return statistics.median(times), state
 
 
-def bench_train(name: str, steps: int, repeats: int, warmup: int, real_data: bool, workdir: str) -> dict:
-  """Compile time, memory, and median step time with synthetic (and optionally real) batches."""
+def fit_batch(c: ml_collections.ConfigDict, fraction: float = 0.85) -> int:
+  """The global batch that fills `fraction` of one device's memory, extrapolated from a compile at c's batch.
+
+  The step's arguments (state and batch) are taken as fixed and its temporaries as linear in the batch; the
+  result is a multiple of the device count. Without a reported memory limit it is c's batch unchanged.
+  """
+  limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0)
+  b, num = c.global_batch_size, jax.device_count()
+  if not limit:
+    return b
+  mesh = sharding.make_mesh((-1, 1, 1))
+  with jax.set_mesh(mesh):
+    _, fns = trainer.make_steps(c, mesh, c.model.vocab_size)
+    memory = fns.lower_train(b, c.data.seq_len).compile().memory_analysis()
+  return batch_that_fits(limit * fraction, memory.argument_size_in_bytes, memory.temp_size_in_bytes, b, num)
+
+
+def batch_that_fits(budget_bytes: float, argument_bytes: float, temp_bytes: float, batch: int, num_devices: int) -> int:
+  """The largest global batch (a multiple of num_devices, at least num_devices) whose per-device arguments plus
+  temporaries, scaled linearly from those measured at `batch`, stay within `budget_bytes`."""
+  per_row = temp_bytes / max(batch // num_devices, 1)
+  rows = int((budget_bytes - argument_bytes) // max(per_row, 1.0))
+  return max(rows, 1) * num_devices
+
+
+def _is_out_of_memory(e: Exception) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+
+
+def bench_train(name: str, steps: int, repeats: int, warmup: int, real_data: bool, workdir: str,
+                batch_size: int = 0) -> dict:
+  """Compile time, memory, and median step time with synthetic (and optionally real) batches.
+
+  `batch_size` > 0 replaces the config's global batch (see `fit_batch`).
+  """
 
   c = bench_config(name)
+  if batch_size > 0:
+    c.global_batch_size = batch_size
   peak, peak_source = metrics_lib.peak_flops_total()
   mesh = sharding.make_mesh((-1, 1, 1))
   b, l = c.global_batch_size, c.data.seq_len
@@ -101,7 +141,7 @@ def bench_train(name: str, steps: int, repeats: int, warmup: int, real_data: boo
       "flops_per_token_standard": flops["standard"], "flops_per_token_causal": flops["causal"],
       "non_embedding_params": flops["non_embedding_params"],
       "achieved_flops_per_s": tokens_per_s * flops["causal"],
-      "peak_flops_per_s": peak, "peak_source": peak_source,
+      "peak_flops_per_s": peak, "peak_source": peak_source, **_peak_samples(),
       "mfu": tokens_per_s * flops["causal"] / peak,
       "mfu_standard_formula": tokens_per_s * flops["standard"] / peak,
       "peak_device_memory_bytes": (getattr(memory, "temp_size_in_bytes", 0)
@@ -110,6 +150,14 @@ def bench_train(name: str, steps: int, repeats: int, warmup: int, real_data: boo
       "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
   })
   return result
+
+
+def _peak_samples() -> dict[str, Any]:
+  """Every matmul sample behind the CPU peak (FLOP/s by implementation), so the JSON shows its spread."""
+  if jax.default_backend() != "cpu":
+    return {}
+  cpu = metrics_lib.measure_cpu_peak()  # cached: the measurement peak_flops_total() just made
+  return {"peak_samples_flops_per_s": cpu.samples, "peak_winner": cpu.winner}
 
 
 def bench_compile_depth(name: str) -> dict:
@@ -162,11 +210,29 @@ def _median_forward_s(params: Any, cfg: Any, batch: int, length: int, repeats: i
   return metrics_lib.median_seconds(forward, params, jax.numpy.zeros((batch, length), "int32"), repeats=repeats)
 
 
+def _bench_train_fitted(name: str, steps: int, repeats: int, warmup: int, real_data: bool, workdir: str) -> dict:
+  """bench_train at the batch `fit_batch` picks, halving it while the step runs out of memory."""
+  config_batch = bench_config(name).global_batch_size
+  batch = fit_batch(bench_config(name))
+  while True:
+    try:
+      r = bench_train(name, steps, repeats, warmup, real_data, workdir, batch_size=batch)
+      return {**r, "config_batch_size": config_batch}
+    except Exception as e:  # pylint: disable=broad-except  # XLA reports OOM as a generic runtime error
+      if not _is_out_of_memory(e) or batch <= jax.device_count():
+        raise
+      print(f"[{name}] batch {batch} ran out of memory; trying {batch // 2}", flush=True)
+      batch = max(batch // 2 // jax.device_count(), 1) * jax.device_count()
+
+
 def run(configs: Sequence[str], steps: int, repeats: int, warmup: int, real_data: bool, decode: bool,
-        compile_depth: bool, workdir: str) -> list[dict]:
+        compile_depth: bool, workdir: str, fit: bool = False) -> list[dict]:
   results = []
   for name in configs:
-    r = bench_train(name, steps, repeats, warmup, real_data, workdir)
+    if fit:
+      r = _bench_train_fitted(name, steps, repeats, warmup, real_data, workdir)
+    else:
+      r = bench_train(name, steps, repeats, warmup, real_data, workdir)
     if decode:
       r.update(bench_decode(name, max(repeats // 2, 1)))
     if compile_depth:
@@ -177,7 +243,8 @@ def run(configs: Sequence[str], steps: int, repeats: int, warmup: int, real_data
 
 
 def format_result(r: dict) -> str:
-  lines = [f"[{r['config']}] {r['device_count']} x {r['device_kind']}: step {1000 * r['step_time_s']:.1f} ms, "
+  lines = [f"[{r['config']}] {r['device_count']} x {r['device_kind']}, batch {r['global_batch_size']}: "
+           f"step {1000 * r['step_time_s']:.1f} ms, "
            f"{r['tokens_per_s']:,.0f} tok/s, {r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s achieved, "
            f"MFU {100 * r['mfu']:.1f}% (6N+12LTD formula: {100 * r['mfu_standard_formula']:.1f}%) of "
            f"{r['peak_flops_per_s'] / 1e9:.0f} GFLOP/s ({r['peak_source']}); compile {r['compile_s']:.1f} s"]
@@ -214,6 +281,13 @@ def _check_writable(path: str) -> None:
     raise ValueError(f"cannot write --json={path} ({e.strerror or e}); pass a writable path") from None
 
 
+def write_json(path: str, results: list[dict]) -> None:
+  """The results with the command line and the time they were taken."""
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump({"argv": sys.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}, f, indent=2,
+              default=str)
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -229,11 +303,9 @@ def main(argv: Sequence[str]) -> None:
     for name in _CONFIGS.value:
       bench_config(name)  # unknown names and files fail before any compile
     results = run(_CONFIGS.value, _STEPS.value, _REPEATS.value, _WARMUP.value, _REAL_DATA.value, _DECODE.value,
-                  _COMPILE_DEPTH.value, _WORKDIR.value)
+                  _COMPILE_DEPTH.value, _WORKDIR.value, fit=_FIT_BATCH.value)
     if _JSON.value:
-      with open(_JSON.value, "w", encoding="utf-8") as f:
-        json.dump({"argv": sys.argv, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}, f,
-                  indent=2, default=str)
+      write_json(_JSON.value, results)
 
   launch.run_main("llm_jax.bench", body)
 

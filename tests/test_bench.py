@@ -44,8 +44,11 @@ def test_bench_fast_mode_json_has_every_field(tmp_path):
   for key in ("step_time_s", "tokens_per_s", "flops_per_token_standard", "flops_per_token_causal",
               "achieved_flops_per_s", "peak_flops_per_s", "peak_source", "mfu", "compile_s",
               "peak_device_memory_bytes", "host_rss_bytes", "step_time_real_data_s", "real_over_synthetic",
-              "decode_tokens_per_s_batch1", "decode_tokens_per_s_batch8", "decode_s_per_token_batch1_by_length"):
+              "decode_tokens_per_s_batch1", "decode_tokens_per_s_batch8", "decode_s_per_token_batch1_by_length",
+              "peak_samples_flops_per_s", "peak_winner"):
     assert key in r, key
+  # The CPU peak is the fastest of all the matmuls timed, XLA's and numpy's.
+  assert r["peak_flops_per_s"] == max(max(v) for v in r["peak_samples_flops_per_s"].values())
   # The smoke shape by hand (2 layers, width 64, vocabulary 512, context 64): N = 100,096 as counted above.
   assert r["flops_per_token_causal"] == 6 * (100096 + 64 * 512) + 6 * 2 * 64 * 64
   assert r["tokens_per_s"] == pytest.approx(8 * 64 / r["step_time_s"])
