@@ -31,6 +31,7 @@ from absl import flags
 from llm_jax import bench
 from llm_jax import config as config_lib
 from llm_jax import launch
+from llm_jax import loop as loop_lib
 from llm_jax import metrics as metrics_lib
 from llm_jax import sharding
 from llm_jax import trainer
@@ -117,12 +118,12 @@ def compare(name: str, block: int, repeats: int, warmup: int, eval_batches: int,
                                        jax.device_get(state.params), device, autocast_bf16)
     it = pipeline.make_train_iterator(data, global_batch_size=b, seed=c.seed, process_index=0, process_count=1)
     host = [next(it) for _ in range(steps)]  # read before timing: the step is measured, not the pipeline
-    ours_in = [trainer.to_global(x, fns.batch_sharding) for x in host]
+    ours_in = [sharding.global_batch(x, fns.batch_sharding) for x in host]
     torch_in = [torch_reference.to_torch(x, device) for x in host]
     state, ours_s, torch_s, ours_loss, torch_loss = _alternate(train, state, ref, ours_in, torch_in, warmup, block,
                                                                repeats, device)
     val = pipeline.make_eval_batches(data, batch_size=c.eval_batch_size, max_batches=eval_batches)
-    our_val = trainer.evaluate(fns, state.params, val)["val_loss"]
+    our_val = loop_lib.evaluate(fns, state.params, val)["val_loss"]
   their_val = ref.evaluate([torch_reference.to_torch(x, device) for x in val])
   peak, peak_source = metrics_lib.peak_flops_total(c.peak_flops_per_device)
   flops = metrics_lib.flops_per_token(cfg, l)["causal"]

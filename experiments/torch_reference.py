@@ -174,7 +174,7 @@ class TorchTrainer:
 
   @torch.no_grad()
   def evaluate(self, batches: list[dict[str, torch.Tensor]]) -> float:
-    """Mean validation loss over fixed batches, summed over all counted targets as llm_jax.trainer.evaluate does."""
+    """Mean validation loss over fixed batches, summed over all counted targets as llm_jax.loop.evaluate does."""
     nll_total, count_total = 0.0, 0.0
     for batch in batches:
       nll, count = loss_sums(self.model, batch, self.autocast_bf16)

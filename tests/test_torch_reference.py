@@ -13,6 +13,7 @@ from conftest import REPO
 
 from llm_jax import batch as batch_lib
 from llm_jax import config as config_lib
+from llm_jax import loop as loop_lib
 from llm_jax import optim
 from llm_jax import sharding
 from llm_jax import trainer
@@ -56,11 +57,11 @@ def test_torch_reference_matches_our_losses_through_adamw_steps():
     ours, theirs = [], []
     for i in range(5):
       batch = _packed_batch(i)
-      state, m = fns.train(state, trainer.to_global(batch, fns.batch_sharding))
+      state, m = fns.train(state, sharding.global_batch(batch, fns.batch_sharding))
       ours.append(float(m["loss"]))
       theirs.append(float(ref.step(torch_reference.to_torch(batch))))
     eval_batches = [_packed_batch(100 + i) for i in range(2)]
-    our_val = trainer.evaluate(fns, state.params, eval_batches)["val_loss"]
+    our_val = loop_lib.evaluate(fns, state.params, eval_batches)["val_loss"]
   their_val = ref.evaluate([torch_reference.to_torch(b) for b in eval_batches])
   assert abs(ours[0] - theirs[0]) < 1e-5, (ours[0], theirs[0])  # identical init, one forward
   np.testing.assert_allclose(theirs, ours, atol=1e-4)
