@@ -4,6 +4,8 @@ format, and the one-line errors for damaged shards and bad sources."""
 import gzip
 import json
 import os
+import subprocess
+import sys
 from pydoc_data.topics import topics
 
 import numpy as np
@@ -78,6 +80,7 @@ def test_killed_preparation_resumes_byte_identical(sotu, tokenizer, tmp_path, mo
       raise KeyboardInterrupt("killed")
     return real_encode(texts)
 
+  monkeypatch.setattr(store_lib, "_BATCH_CHARS", 1 << 30)  # One tokenizer call per shard.
   monkeypatch.setattr(tokenizer, "encode_batch", dies_in_the_third_shard)
   with pytest.raises(KeyboardInterrupt):
     store_lib.build(sotu, tokenizer, str(tmp_path / "resumed" / "s"), docs_per_shard=50, log=quiet)
@@ -216,3 +219,15 @@ def test_bad_sources_fail_before_tokenising(tmp_path):
   assert f"{many / '000.txt'} is not valid UTF-8" in error(str(many / "*.txt"))
   (tmp_path / "mixed.txt").write_text("text")
   assert "mixes record files" in error(f"{tmp_path}/*.jsonl,{tmp_path}/*.txt")
+
+
+def test_make_corpus_is_deterministic_and_sized(tmp_path):
+  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "make_corpus.py")
+  for out in ("a", "b"):
+    subprocess.run([sys.executable, script, "--mb=0.35", f"--out={tmp_path / out}"], check=True)
+  a, b = _files(str(tmp_path / "a")), _files(str(tmp_path / "b"))
+  assert a == b and len(a) == 4
+  assert 350_000 <= sum(map(len, a.values())) < 352_000
+  subprocess.run([sys.executable, script, "--mb=0.35", "--format=jsonl", f"--out={tmp_path / 'j'}"], check=True)
+  with open(tmp_path / "j" / "00000.jsonl", encoding="utf-8") as f:
+    assert [json.loads(line)["text"] for line in f] == [a[name].decode() for name in sorted(a)]

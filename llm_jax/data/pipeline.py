@@ -5,13 +5,16 @@ repeated stream of packed rows (B = global batch size); process p of P gets rows
 so the per-process batches are disjoint and concatenate, in process order, to the single-process batch.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 from typing import Any
 from typing import Callable
+from typing import Iterator
 
 import grain
 import numpy as np
@@ -21,9 +24,15 @@ from llm_jax.data.corpus import DataConfig
 from llm_jax.data.corpus import make_source
 from llm_jax.data.corpus import store_dir as default_store_dir
 from llm_jax.data.packing import make_example
+from llm_jax.data.split import is_validation
+from llm_jax.tokenizer import MAX_TRAIN_CHARS
 from llm_jax.tokenizer import TokenizerConfig
 from llm_jax.tokenizer import file_sha256
 from llm_jax.tokenizer import get_or_train_streaming
+
+# The tokenizer reads all train documents of inputs up to this many times tokenizer.MAX_TRAIN_CHARS bytes, and a
+# hash-sampled share of about that many characters of larger ones.
+_TOKENIZER_SAMPLE_RATIO = 16
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -91,6 +100,14 @@ def _no_barrier(name: str) -> None:
   del name
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: str) -> Iterator[None]:
+  os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+  with open(lock_path, "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
+
+
 def _copy_into(path: str, directory: str) -> str:
   """Copies the tokenizer file into the workdir (atomically), so the run stays self-contained."""
   target = os.path.join(directory, os.path.basename(path))
@@ -117,22 +134,33 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer_di
   source = make_source(data_cfg)
   identity = source.identity()
   corpus_key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-  get_tokenizer = lambda: get_or_train_streaming(lambda: (text for _, text in source.documents("train")),
-                                                 corpus_key, tok_cfg, os.path.join(root, "tokenizers"))
+  # Above this much input the tokenizer samples documents by a stable hash of their key (reading only those);
+  # below it, every document, as the in-memory path always did (so small corpora keep their exact tokenizer).
+  input_bytes = source.input_bytes("train") or 0
+  rate = _TOKENIZER_SAMPLE_RATIO * MAX_TRAIN_CHARS / input_bytes if input_bytes else 1.0
+  keep = (lambda key: is_validation(f"tokenizer:{key}", rate)) if rate < 1.0 else None
+
+  def train_documents():
+    log(f"reading {'a sample' if keep else 'all'} of the train split for the tokenizer's training text")
+    return (text for _, text in source.documents("train", keep))
+
+  get_tokenizer = lambda: get_or_train_streaming(train_documents, corpus_key, tok_cfg, os.path.join(root, "tokenizers"))
   tokenizer = get_tokenizer() if process_index == 0 else None
   barrier("llm_jax:tokenizer")
   tokenizer = tokenizer or get_tokenizer()
   if tokenizer_dir and not tok_cfg.path:
     tokenizer = type(tokenizer).load(_copy_into(tokenizer.path, tokenizer_dir))
   path = os.path.join(root, store_lib.fingerprint(identity, file_sha256(tokenizer.path), store_lib.DOCS_PER_SHARD))
-  manifest_present = os.path.exists(os.path.join(path, store_lib.MANIFEST))
-  if not manifest_present:
-    log(f"tokenising data.corpus={data_cfg.corpus!r} into the token store {path}")
-    store_lib.write_shards(source, tokenizer, path, process_index=process_index, process_count=process_count,
-                           log=log)
-  barrier("llm_jax:store_shards")
-  if process_index == 0 and not os.path.exists(os.path.join(path, store_lib.MANIFEST)):
-    store_lib.write_manifest(source, tokenizer, path)
+  manifest = os.path.join(path, store_lib.MANIFEST)
+  # Runs of a sweep starting together on one machine take turns: the first builds, the others then read.
+  with _exclusive(f"{path}.lock") if process_count == 1 and not os.path.exists(manifest) else contextlib.nullcontext():
+    if not os.path.exists(manifest):
+      log(f"tokenising data.corpus={data_cfg.corpus!r} into the token store {path}")
+      store_lib.write_shards(source, tokenizer, path, process_index=process_index, process_count=process_count,
+                             log=log)
+    barrier("llm_jax:store_shards")
+    if process_index == 0 and not os.path.exists(manifest):
+      store_lib.write_manifest(source, tokenizer, path)
   barrier("llm_jax:store_manifest")
   store = store_lib.TokenStore.open(path)
   train, val = store.counts("train"), store.counts("validation")

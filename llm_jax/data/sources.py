@@ -11,6 +11,7 @@ import json
 import math
 import os
 from typing import Any
+from typing import Callable
 from typing import Iterator
 
 from llm_jax.data.split import is_validation
@@ -22,10 +23,12 @@ SPLITS = ("train", "validation")
 DEFAULT_DATA_DIR = "~/.cache/llm_jax/tfds"
 # Record formats, by file name ending; every other matched file is one plain-text document (.gz allowed).
 _RECORD_ENDINGS = (".jsonl", ".jsonl.gz", ".parquet")
-# Up to this many plain files are all read up front, so the split sees which ones are empty after cleaning
-# (as the in-memory loader always did); above it the split is by path alone and no text is read before tokenising.
-_FEW_FILES = 16
+# Up to this many plain files (and bytes) are all read up front, so the split sees which ones are empty after
+# cleaning (as the in-memory loader always did); above it the split is by path alone and no text is read before
+# tokenising (only the first file, to fail early on an undecodable one).
+_FEW_FILES, _FEW_FILES_BYTES = 16, 256 << 20
 Document = tuple[str, str]
+Keep = Callable[[str], bool]
 
 
 def _decode(data: bytes, where: str) -> str:
@@ -91,7 +94,8 @@ class Source:
   def shards(self, split: str, docs_per_shard: int) -> list[Any]:
     raise NotImplementedError
 
-  def read(self, unit: Any) -> Iterator[Document]:
+  def read(self, unit: Any, keep: Keep | None = None) -> Iterator[Document]:
+    """The unit's documents; with `keep`, only those whose key it accepts (their text is then never read)."""
     raise NotImplementedError
 
   def input_bytes(self, split: str) -> int | None:
@@ -99,10 +103,10 @@ class Source:
     del split
     return None
 
-  def documents(self, split: str) -> Iterator[Document]:
-    """Every document of `split`, in corpus order."""
+  def documents(self, split: str, keep: Keep | None = None) -> Iterator[Document]:
+    """Every document of `split` (whose key `keep` accepts, when given), in corpus order."""
     for unit in self.shards(split, 1 << 20):
-      yield from self.read(unit)
+      yield from self.read(unit, keep)
 
 
 def _check_split(split: str) -> None:
@@ -126,7 +130,7 @@ class TextFiles(Source):
     if self.records:
       self._check_records()
       self._validation = set()
-    elif len(self.paths) <= _FEW_FILES:
+    elif len(self.paths) <= _FEW_FILES and sum(map(os.path.getsize, self.paths)) <= _FEW_FILES_BYTES:
       self._validation = self._split_few_files()
     else:
       read_text_file(self.paths[0])  # An undecodable first file fails before any tokenising.
@@ -179,13 +183,15 @@ class TextFiles(Source):
   def input_bytes(self, split: str) -> int | None:
     return sum(os.path.getsize(p) for p in self._split_paths(split))
 
-  def read(self, unit: Any) -> Iterator[Document]:
+  def read(self, unit: Any, keep: Keep | None = None) -> Iterator[Document]:
     split, paths = unit
     for path in paths:
+      if keep is not None and not self.records and not keep(path):
+        continue
       if self.records:
         for index, value in enumerate(_texts_of_records(path, self.field)):
           key = f"{path}:{index}"
-          if is_validation(key, self.fraction) == (split == "validation"):
+          if is_validation(key, self.fraction) == (split == "validation") and (keep is None or keep(key)):
             text = clean_text(_as_text(value))
             if text:
               yield key, text
@@ -258,10 +264,12 @@ class TfdsSplits(Source):
     length = len(self._source(split))
     return [(split, i, min(i + docs_per_shard, length)) for i in range(0, length, docs_per_shard)]
 
-  def read(self, unit: Any) -> Iterator[Document]:
+  def read(self, unit: Any, keep: Keep | None = None) -> Iterator[Document]:
     split, start, stop = unit
     source = self._source(split)
     for index in range(start, stop):
+      if keep is not None and not keep(f"{self.split_names[split]}:{index}"):
+        continue
       text = clean_text(_as_text(source[index][self.text_key]))
       if text:
         yield f"{self.split_names[split]}:{index}", text

@@ -30,7 +30,7 @@ MANIFEST = "manifest.json"
 # text per shard, few enough files for a 10 TB corpus.
 DOCS_PER_SHARD = 1024
 # Characters handed to the tokenizer at once: bounds memory by the batch, not the corpus.
-_BATCH_CHARS = 8 << 20
+_BATCH_CHARS = 2 << 20
 Log = Callable[[str], None]
 
 
@@ -194,7 +194,8 @@ def write_manifest(source: Source, tokenizer: Any, path: str, *, docs_per_shard:
     for index in range(len(source.shards(split, docs_per_shard))):
       meta_path = _shard_prefix(path, split, index) + ".json"
       if not os.path.exists(meta_path):
-        raise ValueError(f"token store shard {meta_path} is missing (a worker did not finish); rerun the preparation")
+        raise ValueError(f"token store shard {meta_path} is missing (a worker did not finish, or data.store_dir is "
+                         "not one file system shared by every process); rerun the preparation on a shared store_dir")
       shards.append(_read_json(meta_path))
     totals = {k: sum(s[k] for s in shards) for k in ("documents", "num_tokens", "bytes", "stream_tokens")}
     splits[split] = {**totals, "shards": shards}
