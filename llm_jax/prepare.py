@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import ml_collections
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -23,7 +24,7 @@ _VERIFY = flags.DEFINE_bool("verify", False, "Also check every shard's sha256 ag
 flags.mark_flags_as_required(["config"])
 
 
-def prepare(config, verify: bool) -> str:
+def prepare(config: ml_collections.ConfigDict, verify: bool) -> str:
   """Builds what is missing of the tokenizer and token store of `config`, prints a summary, returns the store path."""
   data = pipeline.prepare_data(config_lib.data_config(config), config_lib.tokenizer_config(config),
                                log=writers.console)

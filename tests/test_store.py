@@ -231,3 +231,45 @@ def test_make_corpus_is_deterministic_and_sized(tmp_path):
   subprocess.run([sys.executable, script, "--mb=0.35", "--format=jsonl", f"--out={tmp_path / 'j'}"], check=True)
   with open(tmp_path / "j" / "00000.jsonl", encoding="utf-8") as f:
     assert [json.loads(line)["text"] for line in f] == [a[name].decode() for name in sorted(a)]
+
+
+def test_large_inputs_train_the_tokenizer_on_a_hash_sample_of_files(tmp_path, monkeypatch):
+  from llm_jax.data import pipeline
+  from llm_jax.data.split import is_validation
+  from llm_jax.tokenizer import MAX_TRAIN_CHARS
+  from llm_jax.tokenizer import TokenizerConfig
+
+  pattern = _write_corpus(str(tmp_path / "corpus"), "txt", TOPICS[:80])
+  data_cfg = DataConfig(corpus="text_files", text_files=pattern, validation_fraction=0.1, seq_len=32)
+  source = make_source(data_cfg)
+  # Pretend the input is large: a sample ratio that makes the rate 0.3.
+  rate = 0.3
+  monkeypatch.setattr(pipeline, "_TOKENIZER_SAMPLE_RATIO", rate * source.input_bytes("train") / MAX_TRAIN_CHARS)
+  reads, phase = [], []
+  real_read = sources.read_text_file
+  monkeypatch.setattr(sources, "read_text_file", lambda path: reads.append((len(phase), path)) or real_read(path))
+  pipeline.prepare_data(data_cfg, TokenizerConfig(vocab_size=600), store_dir=str(tmp_path / "stores"),
+                        log=lambda line: phase.append(line) if line.startswith("tokenising") else None)
+  train_paths = {path for _, (_, paths) in enumerate(source.shards("train", 1 << 20)) for path in paths}
+  sampled = {path for p, path in reads if p == 0}
+  assert sampled == {path for path in train_paths if is_validation(f"tokenizer:{path}", rate)}
+  assert 0 < len(sampled) < len(train_paths)
+
+
+def test_prepare_command_builds_verifies_and_fails_in_one_line(tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  pattern = _write_corpus(str(tmp_path / "corpus"), "jsonl", TOPICS[:40])
+  command = [sys.executable, "-m", "llm_jax.prepare", "--config=experiments/smoke.py",
+             "--config.data.corpus=text_files", "--config.data.text_field=body",
+             f"--config.data.store_dir={tmp_path / 'stores'}"]
+  env = {**os.environ, "PYTHONPATH": repo}
+  done = subprocess.run([*command, f"--config.data.text_files={pattern}", "--verify"], cwd=repo, env=env,
+                        capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr
+  assert "every shard matches its sha256" in done.stdout and "validation: " in done.stdout
+  failed = subprocess.run([*command, f"--config.data.text_files={tmp_path}/none/*.txt"], cwd=repo, env=env,
+                          capture_output=True, text=True, check=False)
+  assert failed.returncode == 2 and failed.stdout == ""
+  assert failed.stderr.strip().splitlines() == [f"llm_jax.prepare: error: data.text_files='{tmp_path}/none/*.txt' "
+                                                "matches no files; pass an existing glob with "
+                                                "--config.data.text_files=..."]
