@@ -273,3 +273,11 @@ def test_prepare_command_builds_verifies_and_fails_in_one_line(tmp_path):
   assert failed.stderr.strip().splitlines() == [f"llm_jax.prepare: error: data.text_files='{tmp_path}/none/*.txt' "
                                                 "matches no files; pass an existing glob with "
                                                 "--config.data.text_files=..."]
+
+
+def test_local_worker_processes_write_the_same_store(sotu, tokenizer, tmp_path):
+  quiet = lambda line: None
+  one = store_lib.build(sotu, tokenizer, str(tmp_path / "one" / "s"), docs_per_shard=60, log=quiet)
+  lines = []
+  two = store_lib.build(sotu, tokenizer, str(tmp_path / "two" / "s"), docs_per_shard=60, workers=2, log=lines.append)
+  assert _files(two) == _files(one) and lines[-1].startswith("prepared: 249 documents")

@@ -157,7 +157,7 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer_di
     if not os.path.exists(manifest):
       log(f"tokenising data.corpus={data_cfg.corpus!r} into the token store {path}")
       store_lib.write_shards(source, tokenizer, path, process_index=process_index, process_count=process_count,
-                             log=log)
+                             workers=os.cpu_count() or 1, log=log)
     barrier("llm_jax:store_shards")
     if process_index == 0 and not os.path.exists(manifest):
       store_lib.write_manifest(source, tokenizer, path)

@@ -11,6 +11,7 @@ shard and ends byte-identical. Shapes: B rows, L1 = seq_len + 1 tokens per row.
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import time
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 from llm_jax.data.packing import PAD_ID
 from llm_jax.data.sources import SPLITS
 from llm_jax.data.sources import Source
+from llm_jax.tokenizer import load_tokenizer
 
 # Part of the fingerprint: bump it whenever tokenising or the layout changes.
 FORMAT_VERSION = 1
@@ -164,26 +166,46 @@ def verify_shard(path: str, split: str, index: int, meta: dict[str, Any]) -> Non
 
 
 def write_shards(source: Source, tokenizer: Any, path: str, *, docs_per_shard: int = DOCS_PER_SHARD,
-                 process_index: int = 0, process_count: int = 1, log: Log = print) -> None:
-  """Writes this worker's missing shards (shard i belongs to worker i mod process_count) of every split.
+                 process_index: int = 0, process_count: int = 1, workers: int = 1, log: Log = print) -> None:
+  """Writes this process's missing shards (shard i belongs to process i mod process_count) of every split, in
+  `workers` local processes when there are several shards to write (reading and cleaning text is single-threaded).
 
   Shards already whole (from a killed run) are kept and their sha256 verified at the end.
   """
   progress = Progress(log, sum(source.input_bytes(s) or 0 for s in SPLITS) or None)
-  resumed = []
+  todo, kept = [], []
   for split in SPLITS:
     for index, unit in enumerate(source.shards(split, docs_per_shard)):
-      if index % process_count != process_index:
-        continue
-      prefix = _shard_prefix(path, split, index)
-      if os.path.exists(prefix + ".json"):
-        resumed.append((split, index))
-      else:
-        _write_shard(source, unit, tokenizer, prefix, progress)
-  for split, index in resumed:
+      if index % process_count == process_index:
+        prefix = _shard_prefix(path, split, index)
+        (kept if os.path.exists(prefix + ".json") else todo).append((split, index, unit))
+  workers = max(1, min(workers, len(todo)))
+  if workers == 1:
+    for split, index, unit in todo:
+      _write_shard(source, unit, tokenizer, _shard_prefix(path, split, index), progress)
+  else:
+    jobs = [(source, tokenizer.path, unit, _shard_prefix(path, split, index)) for split, index, unit in todo]
+    # Spawned, not forked: the parent may hold JAX and grain threads.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+      for counts in pool.imap_unordered(_shard_job, jobs):
+        progress.add(*counts)
+  for split, index, _ in kept:
     verify_shard(path, split, index, _read_json(_shard_prefix(path, split, index) + ".json"))
-  log(progress.line(f"prepared shards of worker {process_index}/{process_count}" if process_count > 1 else
-                    "prepared") + (f"; kept {len(resumed)} shard(s) from an interrupted run" if resumed else ""))
+  log(progress.line(f"prepared shards of process {process_index}/{process_count}" if process_count > 1 else
+                    "prepared") + (f"; kept {len(kept)} shard(s) from an interrupted run" if kept else ""))
+
+
+_WORKER_TOKENIZERS: dict[str, Any] = {}
+
+
+def _shard_job(job: tuple[Source, str, Any, str]) -> tuple[int, int, int]:
+  """One shard in a worker process; returns its (documents, tokens, bytes) for the parent's progress line."""
+  source, tokenizer_path, unit, prefix = job
+  if tokenizer_path not in _WORKER_TOKENIZERS:
+    _WORKER_TOKENIZERS[tokenizer_path] = load_tokenizer(tokenizer_path)
+  _write_shard(source, unit, _WORKER_TOKENIZERS[tokenizer_path], prefix, None)
+  meta = _read_json(prefix + ".json")
+  return meta["documents"], meta["num_tokens"], meta["bytes"]
 
 
 def write_manifest(source: Source, tokenizer: Any, path: str, *, docs_per_shard: int = DOCS_PER_SHARD) -> None:
@@ -205,10 +227,11 @@ def write_manifest(source: Source, tokenizer: Any, path: str, *, docs_per_shard:
   _write_atomic(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
 
 
-def build(source: Source, tokenizer: Any, path: str, *, docs_per_shard: int = DOCS_PER_SHARD, log: Log = print) -> str:
+def build(source: Source, tokenizer: Any, path: str, *, docs_per_shard: int = DOCS_PER_SHARD, workers: int = 1,
+          log: Log = print) -> str:
   """Single-process preparation: the missing shards, then the manifest; returns `path`."""
   if not os.path.exists(os.path.join(path, MANIFEST)):
-    write_shards(source, tokenizer, path, docs_per_shard=docs_per_shard, log=log)
+    write_shards(source, tokenizer, path, docs_per_shard=docs_per_shard, workers=workers, log=log)
     write_manifest(source, tokenizer, path, docs_per_shard=docs_per_shard)
   return path
 
