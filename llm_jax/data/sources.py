@@ -27,6 +27,8 @@ _RECORD_ENDINGS = (".jsonl", ".jsonl.gz", ".parquet")
 # cleaning (as the in-memory loader always did); above it the split is by path alone and no text is read before
 # tokenising (only the first file, to fail early on an undecodable one).
 _FEW_FILES, _FEW_FILES_BYTES = 16, 256 << 20
+# Input bytes per shard of plain files, at most: enough shards for every local core, few enough files at 10 TB.
+SHARD_BYTES = 64 << 20
 Document = tuple[str, str]
 Keep = Callable[[str], bool]
 
@@ -166,7 +168,8 @@ class TextFiles(Source):
   def identity(self) -> dict[str, Any]:
     stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in self.paths]
     return {"source": self.name, "files": stats, "validation_fraction": self.fraction,
-            "text_field": self.field if self.records else None, "few_files": _FEW_FILES}
+            "text_field": self.field if self.records else None,
+            "rules": [_FEW_FILES, _FEW_FILES_BYTES, SHARD_BYTES]}
 
   def _split_paths(self, split: str) -> list[str]:
     if self.records or self._few is not None:
@@ -178,7 +181,14 @@ class TextFiles(Source):
     paths = self._split_paths(split)
     if self.records:  # A file's record count is unknown until read: one shard per file.
       return [(split, (p,)) for p in paths]
-    return [(split, tuple(paths[i:i + docs_per_shard])) for i in range(0, len(paths), docs_per_shard)]
+    shards, group, size = [], [], 0
+    for path in paths:  # Up to docs_per_shard files and about SHARD_BYTES each: a function of the file list.
+      group.append(path)
+      size += os.path.getsize(path)
+      if len(group) == docs_per_shard or size >= SHARD_BYTES:
+        shards.append((split, tuple(group)))
+        group, size = [], 0
+    return shards + ([(split, tuple(group))] if group else [])
 
   def input_bytes(self, split: str) -> int | None:
     return sum(os.path.getsize(p) for p in self._split_paths(split))
