@@ -147,7 +147,7 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer_di
   get_tokenizer = lambda: get_or_train_streaming(train_documents, corpus_key, tok_cfg, os.path.join(root, "tokenizers"))
   tokenizer = get_tokenizer() if process_index == 0 else None
   barrier("llm_jax:tokenizer")
-  tokenizer = tokenizer or get_tokenizer()
+  tokenizer = get_tokenizer() if tokenizer is None else tokenizer
   if tokenizer_dir and not tok_cfg.path:
     tokenizer = type(tokenizer).load(_copy_into(tokenizer.path, tokenizer_dir))
   path = os.path.join(root, store_lib.fingerprint(identity, file_sha256(tokenizer.path), store_lib.DOCS_PER_SHARD))
