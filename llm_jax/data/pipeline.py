@@ -130,6 +130,9 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer_di
   manifest; `barrier(name)` must wait for every process (multihost_utils.sync_global_devices). The tokenizer
   is copied into `tokenizer_dir` when given.
   """
+  seq_len = data_cfg.seq_len
+  if seq_len < 1:  # Checked before anything is read: the store itself does not depend on seq_len.
+    raise ValueError(f"data.seq_len={seq_len} must be at least 1; pass e.g. --config.data.seq_len=128")
   root = store_dir or default_store_dir(data_cfg)
   source = make_source(data_cfg)
   identity = source.identity()
@@ -167,9 +170,6 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer_di
   if val["documents"] == 0:
     raise ValueError(f"the validation split of data.corpus={data_cfg.corpus!r} is empty; raise "
                      "--config.data.validation_fraction or add documents")
-  seq_len = data_cfg.seq_len
-  if seq_len < 1:
-    raise ValueError(f"data.seq_len={seq_len} must be at least 1; pass e.g. --config.data.seq_len=128")
   return PreparedData(tokenizer, StoreRows(store.splits["train"], seq_len),
                       StoreRows(store.splits["validation"], seq_len),
                       train["documents"], train["num_tokens"], train["bytes"],
