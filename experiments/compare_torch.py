@@ -51,10 +51,9 @@ _AUTOCAST = flags.DEFINE_bool("autocast_bf16", False, "Run torch's forward under
 
 
 def _prepare(name: str, c: Any, workdir: str) -> pipeline.PreparedData:
-  # The same cache folders as llm_jax.bench, so the two share a tokenizer and packed corpus.
+  # The same tokenizer folder as llm_jax.bench; the token store is shared through data.store_dir.
   return pipeline.prepare_data(config_lib.data_config(c), config_lib.tokenizer_config(c),
-                               tokenizer_dir=os.path.join(workdir, name, "tokenizer"),
-                               cache_dir=os.path.join(workdir, name, "data"))
+                               tokenizer_dir=os.path.join(workdir, name, "tokenizer"))
 
 
 def _sync(device: str) -> None:

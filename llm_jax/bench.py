@@ -127,8 +127,7 @@ def bench_train(name: str, steps: int, repeats: int, warmup: int, real_data: boo
               "step_time_s": step_s}
     if real_data:
       data = pipeline.prepare_data(config_lib.data_config(c), config_lib.tokenizer_config(c),
-                                   tokenizer_dir=os.path.join(workdir, name, "tokenizer"),
-                                   cache_dir=os.path.join(workdir, name, "data"))
+                                   tokenizer_dir=os.path.join(workdir, name, "tokenizer"))
       it = pipeline.make_train_iterator(data, global_batch_size=b, seed=0, process_index=0, process_count=1)
       real_s, state = _median_step_time(compiled, state, lambda i: sharding.global_batch(next(it), fns.batch_sharding),
                                         steps, repeats, warmup)

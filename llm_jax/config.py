@@ -57,12 +57,14 @@ def _model_defaults() -> ml_collections.ConfigDict:
 def _data_defaults() -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict()
   s.corpus = "sotu"  # 'sotu' (built in), 'text_files' or 'tfds'.
-  s.text_files = ""  # Glob(s), comma separated, for corpus='text_files'.
+  s.text_files = ""  # Glob(s), comma separated, for corpus='text_files': .txt/.gz text, .jsonl[.gz] or .parquet.
+  s.text_field = "text"  # The JSONL field or Parquet column holding the text, for text_files of those kinds.
   s.tfds_name = ""  # A TFDS catalog name already prepared under data_dir, for corpus='tfds'.
   s.tfds_text_key = "text"  # The feature holding the document text, for corpus='tfds'.
   s.tfds_train_split = "train"  # Split (or TFDS slice, e.g. 'train[:90%]') to train on.
   s.tfds_validation_split = "validation"  # Split (or slice) held out for validation.
   s.data_dir = ""  # TFDS data dir; '' means ~/.cache/llm_jax/tfds.
+  s.store_dir = ""  # Shared token stores (runs and sweeps reuse them); '' is ~/.cache/llm_jax/stores.
   s.validation_fraction = 0.05  # Share of documents held out (text_files corpora).
   s.seq_len = 128  # Tokens per packed training sequence.
   return s

@@ -12,6 +12,9 @@ import dataclasses
 import hashlib
 import io
 import os
+from typing import Callable
+from typing import Iterable
+from typing import Iterator
 from typing import Sequence
 
 import sentencepiece as spm
@@ -110,29 +113,47 @@ def _chunks(line: str) -> list[str]:
 
 
 def _training_lines(documents: Sequence[str], max_chars: int) -> list[str]:
-  """Returns the documents' paragraphs, every k-th one when they exceed `max_chars`, so all eras are sampled.
+  """Returns the documents' paragraphs, every k-th one when they exceed `max_chars`, so all eras are sampled."""
+  return sample_training_lines(lambda: documents, max_chars)
+
+
+def sample_training_lines(make_documents: Callable[[], Iterable[str]], max_chars: int) -> list[str]:
+  """Every k-th paragraph of the documents, k = ceil(total chars / max_chars), in two streaming passes (one to
+  count, one to take), so memory is bounded by the sample and the result equals slicing the full paragraph list.
 
   Paragraphs over MAX_SENTENCE_BYTES are split into chunks first: sentencepiece would drop them silently, and a
   corpus of only such lines then failed with advice to change the vocabulary size.
   """
-  lines = [chunk for doc in documents for line in doc.split("\n") if line for chunk in _chunks(line)]
-  total = sum(len(line) for line in lines)
+  def pieces() -> Iterator[str]:
+    for doc in make_documents():
+      for line in doc.split("\n"):
+        if line:
+          yield from _chunks(line)
+
+  total = sum(len(piece) for piece in pieces())
   stride = max(1, -(-total // max_chars))
-  return lines[::stride]
+  return [piece for index, piece in enumerate(pieces()) if index % stride == 0]
 
 
-def train_tokenizer(documents: Sequence[str], model_prefix: str, *, model_type: str, vocab_size: int,
-                    byte_fallback: bool = True, max_train_chars: int = MAX_TRAIN_CHARS) -> Tokenizer:
-  """Trains a SentencePiece model on `documents`, writes `{model_prefix}.model` atomically and loads it.
+def train_tokenizer(documents: Sequence[str] | Callable[[], Iterable[str]], model_prefix: str, *, model_type: str,
+                    vocab_size: int, byte_fallback: bool = True, max_train_chars: int = MAX_TRAIN_CHARS) -> Tokenizer:
+  """Trains a SentencePiece model on `documents` (a list, or a function streaming them), writes
+  `{model_prefix}.model` atomically and loads it.
 
   Training is single-threaded with a fixed sample of the input, so the same documents and settings give
   byte-identical model files. For model_type='char' vocab_size is ignored: the model holds every character
   seen, plus the 4 specials, newline and (with byte_fallback) the 256 byte pieces.
   """
+  make_documents = documents if callable(documents) else lambda: documents
+  return _train_on_lines(sample_training_lines(make_documents, max_train_chars), model_prefix, model_type=model_type,
+                         vocab_size=vocab_size, byte_fallback=byte_fallback)
+
+
+def _train_on_lines(lines: list[str], model_prefix: str, *, model_type: str, vocab_size: int,
+                    byte_fallback: bool) -> Tokenizer:
   if model_type not in MODEL_TYPES:
     raise ValueError(f"tokenizer.model_type={model_type!r} is not one of {MODEL_TYPES}; pass e.g. "
                      "--config.tokenizer.model_type=bpe")
-  lines = _training_lines(documents, max_train_chars)
   if not lines:
     raise ValueError("cannot train a tokenizer on an empty corpus; check --config.data.corpus")
   model = io.BytesIO()
@@ -183,12 +204,19 @@ def get_or_train_tokenizer(documents: Sequence[str], tok_cfg: TokenizerConfig,
   The cache file name carries a hash of (corpus text, model_type, vocab_size, byte_fallback, recipe version),
   so the same corpus and settings reuse the file and anything else trains a new one.
   """
+  return get_or_train_streaming(lambda: documents, corpus_fingerprint(documents), tok_cfg, cache_dir)
+
+
+def get_or_train_streaming(make_documents: Callable[[], Iterable[str]], corpus_key: str, tok_cfg: TokenizerConfig,
+                           cache_dir: str) -> "Tokenizer | HFTokenizer":
+  """As `get_or_train_tokenizer`, for a corpus streamed by `make_documents()` (called twice on a cache miss) and
+  named by `corpus_key` (a content hash, or a cheap identity of the inputs such as paths, sizes and mtimes)."""
   if tok_cfg.path:
     return load_tokenizer(os.path.expanduser(tok_cfg.path))
   settings = f"{_RECIPE_VERSION}|{tok_cfg.model_type}|{tok_cfg.vocab_size}|{bool(tok_cfg.byte_fallback)}"
-  key = hashlib.sha256(f"{settings}|{corpus_fingerprint(documents)}".encode()).hexdigest()[:16]
+  key = hashlib.sha256(f"{settings}|{corpus_key}".encode()).hexdigest()[:16]
   prefix = os.path.join(cache_dir, f"spm_{tok_cfg.model_type}_{tok_cfg.vocab_size}_{key}")
   if os.path.isfile(prefix + ".model"):
     return Tokenizer.load(prefix + ".model")
-  return train_tokenizer(documents, prefix, model_type=tok_cfg.model_type, vocab_size=tok_cfg.vocab_size,
+  return train_tokenizer(make_documents, prefix, model_type=tok_cfg.model_type, vocab_size=tok_cfg.vocab_size,
                          byte_fallback=bool(tok_cfg.byte_fallback))

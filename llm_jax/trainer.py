@@ -81,16 +81,18 @@ def make_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
 
 def _prepare_data_once(config: ml_collections.ConfigDict, workdir: str) -> pipeline.PreparedData:
-  """Process 0 trains the tokenizer and packs the corpus into the workdir cache; the others then read it."""
-  prepare = lambda: pipeline.prepare_data(
+  """Gets the tokenizer and the shared token store (every process tokenises its shards when the store is
+  missing; process 0 trains the tokenizer and writes the manifest) and records the store in the workdir."""
+  sync = multihost_utils.sync_global_devices if jax.process_count() > 1 else lambda name: None
+  data = pipeline.prepare_data(
       config_lib.data_config(config), config_lib.tokenizer_config(config),
       tokenizer_dir=workdir_lib.path(workdir, workdir_lib.TOKENIZER_DIR),
-      cache_dir=workdir_lib.path(workdir, workdir_lib.DATA_DIR))
-  if jax.process_count() == 1:
-    return prepare()
-  data = prepare() if jax.process_index() == 0 else None
-  multihost_utils.sync_global_devices("llm_jax:prepare_data")
-  return data if data is not None else prepare()
+      process_index=jax.process_index(), process_count=jax.process_count(), barrier=sync, log=writers.console)
+  if jax.process_index() == 0:
+    workdir_lib.write_data_store(workdir, data.store_path)
+  writers.console(f"data: token store {data.store_path} ({data.train_num_documents:,} train and "
+                  f"{data.val_num_documents:,} validation documents, {data.train_num_tokens:,} train tokens)")
+  return data
 
 
 def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:

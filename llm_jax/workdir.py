@@ -8,7 +8,7 @@ metadata (built and checked here only), and loading a trained or converted model
     .lock                held while a run trains (`faults.WorkdirLock`)
     checkpoints/         orbax checkpoints (`checkpoint.Checkpointer`); unusable ones move to unusable_checkpoints/
     tokenizer/           trained tokenizers, cached per corpus and settings
-    data/                the packed-data cache
+    data_store.json      which shared token store (data.store_dir) the run read
     tensorboard/         TensorBoard event files
 """
 
@@ -43,7 +43,7 @@ LOCK_FILE = ".lock"
 CHECKPOINT_DIR = "checkpoints"
 UNUSABLE_CHECKPOINT_DIR = os.path.basename(checkpoint_lib.unusable_dir(CHECKPOINT_DIR))
 TOKENIZER_DIR = "tokenizer"
-DATA_DIR = "data"
+DATA_STORE_FILE = "data_store.json"
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -91,6 +91,12 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
                             "or llm_jax.convert")
   with open(config_path, encoding="utf-8") as f:
     return ml_collections.ConfigDict(json.load(f))
+
+
+def write_data_store(workdir: str, store_path: str) -> None:
+  """Records the token store (path and fingerprint) the run trained on; the store itself is shared."""
+  with open(path(workdir, DATA_STORE_FILE), "w", encoding="utf-8") as f:
+    json.dump({"store": os.path.abspath(store_path), "fingerprint": os.path.basename(store_path)}, f, indent=2)
 
 
 def write_model_card(workdir: str, cfg: ModelConfig, tokenizer_path: str) -> None:

@@ -224,31 +224,7 @@ def test_a_second_run_on_a_busy_workdir_refuses_to_start(tmp_path, cli):
 def _prepare(workdir: str) -> pipeline.PreparedData:
   c = smoke_config()
   return pipeline.prepare_data(config_lib.data_config(c), config_lib.tokenizer_config(c),
-                               tokenizer_dir=os.path.join(workdir, "tokenizer"),
-                               cache_dir=os.path.join(workdir, "data"))
-
-
-@pytest.mark.parametrize("damage", ["truncate_npy", "delete_npy", "corrupt_counts"])
-def test_damaged_packed_data_cache_is_named_and_rebuilt(tmp_path, capsys, damage):
-  first = _prepare(str(tmp_path))
-  (counts,) = [str(p) for p in (tmp_path / "data").glob("*_counts.json")]
-  victim = counts.replace("_counts.json", "_train_tokens.npy") if damage != "corrupt_counts" else counts
-  if damage == "truncate_npy":
-    os.truncate(victim, os.path.getsize(victim) // 2)
-  elif damage == "delete_npy":
-    os.remove(victim)
-  else:
-    with open(victim, "w", encoding="utf-8") as f:
-      f.write('{"train_num_docu')
-  capsys.readouterr()
-  again = _prepare(str(tmp_path))
-  lines = [line for line in capsys.readouterr().out.splitlines() if "packed-data cache" in line]
-  assert len(lines) == 1 and victim in lines[0] and "rebuilding it" in lines[0]
-  np.testing.assert_array_equal(again.train_tokens, first.train_tokens)
-  assert again.train_num_tokens == first.train_num_tokens
-  capsys.readouterr()
-  _prepare(str(tmp_path))  # rebuilt for good: read without a word
-  assert "packed-data cache" not in capsys.readouterr().out
+                               tokenizer_dir=os.path.join(workdir, "tokenizer"), store_dir=os.path.join(workdir, "store"))
 
 
 def test_truncated_tokenizer_model_is_one_line_naming_the_file(tmp_path, cli):

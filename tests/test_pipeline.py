@@ -1,4 +1,4 @@
-"""Tests for prepare_data and its cache, and for the train iterator and eval batches across processes."""
+"""Tests for prepare_data and its token store, and for the train iterator and eval batches across processes."""
 
 import json
 import os
@@ -10,7 +10,9 @@ import pytest
 
 from llm_jax import config as config_lib
 from llm_jax.data import pipeline
+from llm_jax.data import store as store_lib
 from llm_jax.data.corpus import load_documents
+from llm_jax.data.pipeline import PackedRows
 from llm_jax.data.pipeline import PreparedData
 from llm_jax.data.pipeline import make_eval_batches
 from llm_jax.data.pipeline import make_train_iterator
@@ -21,7 +23,7 @@ KEYS = {"inputs", "targets", "segment_ids", "positions", "loss_mask"}
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> pipeline.PreparedData:
   return pipeline.prepare_data(config_lib.data_config(config), config_lib.tokenizer_config(config),
                                tokenizer_dir=os.path.join(workdir, "tokenizer"),
-                               cache_dir=os.path.join(workdir, "data"))
+                               store_dir=os.path.join(workdir, "stores"))
 
 
 def _config(data_dir: str, **data) -> ml_collections.ConfigDict:
@@ -41,8 +43,12 @@ def _synthetic(num_train: int, num_val: int, seq_len: int = 6) -> PreparedData:
 
   train_tokens, train_segment_ids = rows(num_train)
   val_tokens, val_segment_ids = rows(num_val)
-  return PreparedData(None, train_tokens, train_segment_ids, val_tokens, val_segment_ids, num_train, 0, 0,
-                      num_val, 0, 0)
+  return PreparedData(None, PackedRows(train_tokens, train_segment_ids), PackedRows(val_tokens, val_segment_ids),
+                      num_train, 0, 0, num_val, 0, 0)
+
+
+def _all_rows(rows) -> tuple[np.ndarray, np.ndarray]:
+  return rows.rows(np.arange(rows.num_rows))
 
 
 def _take(iterator, n: int) -> list[np.ndarray]:
@@ -57,8 +63,8 @@ def test_prepare_text_files_round_trips_and_caches(tmp_path, monkeypatch):
   workdir = str(tmp_path / "work")
   prepared = prepare_data(cfg, workdir)
   tokenizer = prepared.tokenizer
-  for split, tokens, segment_ids in [("train", prepared.train_tokens, prepared.train_segment_ids),
-                                     ("validation", prepared.val_tokens, prepared.val_segment_ids)]:
+  for split, (tokens, segment_ids) in [("train", _all_rows(prepared.train)),
+                                       ("validation", _all_rows(prepared.val))]:
     docs = load_documents(config_lib.data_config(cfg), split)
     ids = [tokenizer.encode(d) for d in docs]
     stream = [t for x in ids for t in [tokenizer.bos_id, *x, tokenizer.eos_id]]
@@ -71,19 +77,20 @@ def test_prepare_text_files_round_trips_and_caches(tmp_path, monkeypatch):
     assert getattr(prepared, f"{prefix}_bytes") == sum(len(d.encode("utf-8")) for d in docs)
 
   def fail(*args, **kwargs):
-    raise AssertionError("re-tokenised although the packed arrays are cached")
+    raise AssertionError("re-read or re-tokenised although the token store is there")
 
-  monkeypatch.setattr(pipeline, "pack_documents", fail)
+  # A restart and another seq_len read the same store: no text is read and nothing is tokenised.
+  monkeypatch.setattr(store_lib, "_write_shard", fail)
+  monkeypatch.setattr(pipeline.store_lib.Source, "documents", fail)
   again = prepare_data(cfg, workdir)
-  np.testing.assert_array_equal(again.train_tokens, prepared.train_tokens)
-  np.testing.assert_array_equal(again.val_segment_ids, prepared.val_segment_ids)
+  for a, b in zip(_all_rows(again.train) + _all_rows(again.val), _all_rows(prepared.train) + _all_rows(prepared.val)):
+    np.testing.assert_array_equal(a, b)
   assert again.val_bytes == prepared.val_bytes and again.tokenizer.path == tokenizer.path
   other_seq_len = ml_collections.ConfigDict(cfg.to_dict())
   other_seq_len.data.seq_len = 32
-  with pytest.raises(AssertionError, match="re-tokenised"):
-    prepare_data(other_seq_len, workdir)
+  assert prepare_data(other_seq_len, workdir).store_path == prepared.store_path
   assert len(os.listdir(os.path.join(workdir, "tokenizer"))) == 1
-  assert not [f for f in os.listdir(os.path.join(workdir, "data")) if ".tmp" in f]
+  assert not [f for _, _, files in os.walk(os.path.join(workdir, "stores")) for f in files if ".tmp" in f]
 
 
 def test_prepare_sotu(tmp_path):
@@ -92,8 +99,8 @@ def test_prepare_sotu(tmp_path):
   assert prepared.tokenizer.vocab_size == 2048 and prepared.seq_len == 128
   # English at vocab 2048 packs about 3.6 bytes per token; a broken tokenizer would be near 1.
   assert 3.2 < prepared.train_bytes / prepared.train_num_tokens < 4.0
-  assert len(prepared.train_tokens) == -(-(prepared.train_num_tokens + 2 * 238) // 129)
-  assert len(prepared.val_tokens) > 0
+  assert prepared.train.num_rows == -(-(prepared.train_num_tokens + 2 * 238) // 129)
+  assert prepared.val.num_rows > 0
 
 
 def test_same_seed_same_batches_other_seed_other_batches():

@@ -1,143 +1,179 @@
-"""The input pipeline: corpus to cached packed arrays (`prepare_data`), then grain batches for train and eval.
+"""The input pipeline: corpus to a shared token store (`prepare_data`), then grain batches for train and eval.
 
 Batch layout across processes: global batch s holds rows [s*B, (s+1)*B) of one shuffled, endlessly
 repeated stream of packed rows (B = global batch size); process p of P gets rows [p*B/P, (p+1)*B/P) of it,
 so the per-process batches are disjoint and concatenate, in process order, to the single-process batch.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 from typing import Any
+from typing import Callable
+from typing import Iterator
 
 import grain
 import numpy as np
 
+from llm_jax.data import store as store_lib
 from llm_jax.data.corpus import DataConfig
-from llm_jax.data.corpus import load_documents
+from llm_jax.data.corpus import make_source
+from llm_jax.data.corpus import store_dir as default_store_dir
 from llm_jax.data.packing import make_example
-from llm_jax.data.packing import pack_documents
-from llm_jax.tokenizer import Tokenizer
+from llm_jax.data.split import is_validation
+from llm_jax.tokenizer import MAX_TRAIN_CHARS
 from llm_jax.tokenizer import TokenizerConfig
-from llm_jax.tokenizer import corpus_fingerprint
 from llm_jax.tokenizer import file_sha256
-from llm_jax.tokenizer import get_or_train_tokenizer
+from llm_jax.tokenizer import get_or_train_streaming
 
-# Part of the packed-array cache key: bump it whenever tokenising or packing changes.
-_PACK_VERSION = "1"
-_ARRAYS = ("train_tokens", "train_segment_ids", "val_tokens", "val_segment_ids")
-_COUNTS = ("train_num_documents", "train_num_tokens", "train_bytes", "val_num_documents", "val_num_tokens",
-           "val_bytes")
+# The tokenizer reads all train documents of inputs up to this many times tokenizer.MAX_TRAIN_CHARS bytes, and a
+# hash-sampled share of about that many characters of larger ones.
+_TOKENIZER_SAMPLE_RATIO = 16
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PackedRows:
+  """Rows held in memory as N x L1 int32 arrays (tests and small data); the same interface as `StoreRows`."""
+
+  tokens_NxL1: np.ndarray
+  segment_ids_NxL1: np.ndarray
+
+  @property
+  def num_rows(self) -> int:
+    return len(self.tokens_NxL1)
+
+  @property
+  def seq_len(self) -> int:
+    return self.tokens_NxL1.shape[1] - 1
+
+  def rows(self, indices_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return self.tokens_NxL1[indices_B], self.segment_ids_NxL1[indices_B]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StoreRows:
+  """One split of a token store cut into rows of seq_len + 1 tokens, read from its memory-mapped shards."""
+
+  split: store_lib.SplitStore
+  seq_len: int
+
+  @property
+  def num_rows(self) -> int:
+    return self.split.num_rows(self.seq_len)
+
+  def rows(self, indices_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return self.split.rows(indices_B, self.seq_len)
+
+
+Rows = PackedRows | StoreRows
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PreparedData:
-  """Packed N x (seq_len + 1) int32 token and segment-id arrays per split, with the tokenizer and counts.
+  """The tokenizer, the packed rows of each split and their counts; `store_path` names the token store read.
 
   `*_num_tokens` count tokenizer ids of the text (no bos/eos); `*_bytes` count UTF-8 bytes of the cleaned
   documents (no separators), so bits per byte = total target loss in bits / val_bytes.
   """
 
-  tokenizer: Tokenizer
-  train_tokens: np.ndarray
-  train_segment_ids: np.ndarray
-  val_tokens: np.ndarray
-  val_segment_ids: np.ndarray
+  tokenizer: Any
+  train: Rows
+  val: Rows
   train_num_documents: int
   train_num_tokens: int
   train_bytes: int
   val_num_documents: int
   val_num_tokens: int
   val_bytes: int
+  store_path: str = ""
 
   @property
   def seq_len(self) -> int:
-    return self.train_tokens.shape[1] - 1
+    return self.train.seq_len
 
 
-def _save_npy(path: str, array: np.ndarray) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.save(f, array)
-  os.replace(tmp, path)  # Atomic, so an interrupted run never leaves a truncated cache file.
+def _no_barrier(name: str) -> None:
+  del name
 
 
-def _tokenize_and_pack(tokenizer: Tokenizer, documents: list[str],
-                       seq_len: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
-  ids = tokenizer.encode_batch(documents)
-  tokens, segment_ids = pack_documents(ids, seq_len, tokenizer.bos_id, tokenizer.eos_id)
-  counts = (len(documents), sum(len(x) for x in ids), sum(len(d.encode("utf-8")) for d in documents))
-  return tokens, segment_ids, counts
+@contextlib.contextmanager
+def _exclusive(lock_path: str) -> Iterator[None]:
+  os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+  with open(lock_path, "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
 
 
-def _load_cached(prefix: str) -> tuple[dict[str, np.ndarray], dict[str, int]] | None:
-  """The cached arrays and counts, or None (after one line naming the file) when any is missing or damaged.
+def _copy_into(path: str, directory: str) -> str:
+  """Copies the tokenizer file into the workdir (atomically), so the run stays self-contained."""
+  target = os.path.join(directory, os.path.basename(path))
+  if not os.path.exists(target):
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{target}.tmp{os.getpid()}"
+    shutil.copyfile(path, tmp)
+    os.replace(tmp, target)
+  return target
 
-  The cache is derived data, so damage (a disk error, a copy cut short, an edit) means rebuild, not stop.
+
+def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer_dir: str = "",
+                 store_dir: str = "", process_index: int = 0, process_count: int = 1,
+                 barrier: Callable[[str], None] = _no_barrier, log: Callable[[str], None] = print) -> PreparedData:
+  """Gets the tokenizer and the token store for (corpus, split rule, tokenizer), building what is missing.
+
+  Both are cached under `store_dir` (data.store_dir when empty) and keyed by a cheap identity of the input
+  (paths, sizes, mtimes; dataset versions), so a restart reads no text. With several processes, process 0
+  trains the tokenizer, process p tokenises shards i = p (mod process_count), and process 0 writes the
+  manifest; `barrier(name)` must wait for every process (multihost_utils.sync_global_devices). The tokenizer
+  is copied into `tokenizer_dir` when given.
   """
-  path = f"{prefix}_counts.json"
-  try:
-    with open(path) as f:
-      counts = json.load(f)
-    if not isinstance(counts, dict) or set(_COUNTS) - set(counts):
-      raise ValueError(f"missing counts {sorted(set(_COUNTS) - set(counts if isinstance(counts, dict) else {}))}")
-    arrays = {}
-    for name in _ARRAYS:
-      path = f"{prefix}_{name}.npy"
-      arrays[name] = np.load(path)
-      if arrays[name].ndim != 2:
-        raise ValueError(f"shape {arrays[name].shape} is not rows x (seq_len + 1)")
-  except (OSError, ValueError, EOFError) as e:
-    reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-    print(f"packed-data cache file {path} is unreadable ({reason}); it is derived data: rebuilding it", flush=True)
-    return None
-  return arrays, counts
-
-
-def _load_or_pack(prefix: str, tokenizer: Tokenizer, train_docs: list[str], val_docs: list[str],
-                  seq_len: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-  """Returns the packed arrays and counts cached under `prefix`, tokenising and packing on a miss."""
-  counts_path = f"{prefix}_counts.json"
-  if os.path.isfile(counts_path):  # Written last, so its presence means the arrays were complete.
-    cached = _load_cached(prefix)
-    if cached is not None:
-      return cached
-  train_tokens, train_segment_ids, train_counts = _tokenize_and_pack(tokenizer, train_docs, seq_len)
-  val_tokens, val_segment_ids, val_counts = _tokenize_and_pack(tokenizer, val_docs, seq_len)
-  arrays = dict(zip(_ARRAYS, (train_tokens, train_segment_ids, val_tokens, val_segment_ids)))
-  counts = dict(zip(_COUNTS, train_counts + val_counts))
-  os.makedirs(os.path.dirname(prefix), exist_ok=True)
-  for name, array in arrays.items():
-    _save_npy(f"{prefix}_{name}.npy", array)
-  tmp = f"{counts_path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(counts, f)
-  os.replace(tmp, counts_path)
-  return arrays, counts
-
-
-def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer_dir: str,
-                 cache_dir: str) -> PreparedData:
-  """Loads both splits, gets the tokenizer (cached in `tokenizer_dir`), and tokenises and packs them, reusing
-  the packed arrays cached in `cache_dir`.
-
-  The packed arrays are cached as .npy files keyed by (tokenizer file hash, seq_len, corpus text hash), so a
-  restart re-reads the documents (to hash them) but does not re-tokenise.
-  """
-  train_docs = load_documents(data_cfg, "train")
-  val_docs = load_documents(data_cfg, "validation")
-  tokenizer = get_or_train_tokenizer(train_docs, tok_cfg, cache_dir=tokenizer_dir)
   seq_len = data_cfg.seq_len
-  key_text = "|".join([_PACK_VERSION, file_sha256(tokenizer.path), str(seq_len), corpus_fingerprint(train_docs),
-                       corpus_fingerprint(val_docs)])
-  cache_key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
-  prefix = os.path.join(cache_dir, cache_key)
-  arrays, counts = _load_or_pack(prefix, tokenizer, train_docs, val_docs, seq_len)
-  if len(arrays["val_tokens"]) == 0:
+  if seq_len < 1:  # Checked before anything is read: the store itself does not depend on seq_len.
+    raise ValueError(f"data.seq_len={seq_len} must be at least 1; pass e.g. --config.data.seq_len=128")
+  root = store_dir or default_store_dir(data_cfg)
+  source = make_source(data_cfg)
+  identity = source.identity()
+  corpus_key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+  # Above this much input the tokenizer samples documents by a stable hash of their key (reading only those);
+  # below it, every document, as the in-memory path always did (so small corpora keep their exact tokenizer).
+  input_bytes = source.input_bytes("train") or 0
+  rate = _TOKENIZER_SAMPLE_RATIO * MAX_TRAIN_CHARS / input_bytes if input_bytes else 1.0
+  keep = (lambda key: is_validation(f"tokenizer:{key}", rate)) if rate < 1.0 else None
+
+  def train_documents():
+    log(f"reading {'a sample' if keep else 'all'} of the train split for the tokenizer's training text")
+    return (text for _, text in source.documents("train", keep))
+
+  get_tokenizer = lambda: get_or_train_streaming(train_documents, corpus_key, tok_cfg, os.path.join(root, "tokenizers"))
+  tokenizer = get_tokenizer() if process_index == 0 else None
+  barrier("llm_jax:tokenizer")
+  tokenizer = get_tokenizer() if tokenizer is None else tokenizer
+  if tokenizer_dir and not tok_cfg.path:
+    tokenizer = type(tokenizer).load(_copy_into(tokenizer.path, tokenizer_dir))
+  path = os.path.join(root, store_lib.fingerprint(identity, file_sha256(tokenizer.path), store_lib.DOCS_PER_SHARD))
+  manifest = os.path.join(path, store_lib.MANIFEST)
+  # Runs of a sweep starting together on one machine take turns: the first builds, the others then read.
+  with _exclusive(f"{path}.lock") if process_count == 1 and not os.path.exists(manifest) else contextlib.nullcontext():
+    if not os.path.exists(manifest):
+      log(f"tokenising data.corpus={data_cfg.corpus!r} into the token store {path}")
+      store_lib.write_shards(source, tokenizer, path, process_index=process_index, process_count=process_count,
+                             workers=os.cpu_count() or 1, log=log)
+    barrier("llm_jax:store_shards")
+    if process_index == 0 and not os.path.exists(manifest):
+      store_lib.write_manifest(source, tokenizer, path)
+  barrier("llm_jax:store_manifest")
+  store = store_lib.TokenStore.open(path)
+  train, val = store.counts("train"), store.counts("validation")
+  if val["documents"] == 0:
     raise ValueError(f"the validation split of data.corpus={data_cfg.corpus!r} is empty; raise "
                      "--config.data.validation_fraction or add documents")
-  return PreparedData(tokenizer=tokenizer, **arrays, **counts)
+  return PreparedData(tokenizer, StoreRows(store.splits["train"], seq_len),
+                      StoreRows(store.splits["validation"], seq_len),
+                      train["documents"], train["num_tokens"], train["bytes"],
+                      val["documents"], val["num_tokens"], val["bytes"], store_path=path)
 
 
 def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
@@ -153,11 +189,10 @@ def _local_batch_size(global_batch_size: int, process_index: int, process_count:
 class _GatherExamples:
   """Row indices -> a batch of examples; a picklable class, not a lambda, so grain can ship it to workers."""
 
-  tokens_NxL1: np.ndarray
-  segment_ids_NxL1: np.ndarray
+  rows: Rows
 
   def __call__(self, rows_B: np.ndarray) -> dict[str, np.ndarray]:
-    return make_example(self.tokens_NxL1[rows_B], self.segment_ids_NxL1[rows_B])
+    return make_example(*self.rows.rows(rows_B))
 
 
 def make_train_iterator(prepared: PreparedData, *, global_batch_size: int, seed: int, process_index: int,
@@ -171,7 +206,7 @@ def make_train_iterator(prepared: PreparedData, *, global_batch_size: int, seed:
   with the same arguments resumes with exactly the batches an uninterrupted iterator would yield next.
   """
   local = _local_batch_size(global_batch_size, process_index, process_count)
-  num_rows = len(prepared.train_tokens)
+  num_rows = prepared.train.num_rows
   if num_rows < global_batch_size:
     raise ValueError(f"the train split packs to {num_rows} rows of data.seq_len={prepared.seq_len}, fewer than one "
                      f"global batch of {global_batch_size}; lower the batch size or --config.data.seq_len, or use "
@@ -179,7 +214,7 @@ def make_train_iterator(prepared: PreparedData, *, global_batch_size: int, seed:
   rows = grain.MapDataset.range(num_rows).shuffle(seed=seed % 2**32).repeat()
   # Batches of `local` consecutive rows: local batch s*P + p is process p's slice of global batch s.
   batches = rows.batch(local, drop_remainder=True)[process_index::process_count]
-  batches = batches.map(_GatherExamples(prepared.train_tokens, prepared.train_segment_ids))
+  batches = batches.map(_GatherExamples(prepared.train))
   read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
   return iter(batches.to_iter_dataset(read_options))
 
@@ -192,18 +227,20 @@ def make_eval_batches(prepared: PreparedData, *, batch_size: int, max_batches: i
   has the full shape and padding adds nothing to a masked loss.
   """
   local = _local_batch_size(batch_size, process_index, process_count)
-  num_rows = len(prepared.val_tokens)
+  num_rows = prepared.val.num_rows
   if num_rows == 0:
     raise ValueError("the validation split packs to zero rows; raise --config.data.validation_fraction")
   num_batches = -(-num_rows // batch_size)
   if max_batches > 0:
     num_batches = min(num_batches, max_batches)
-  padded_rows = num_batches * batch_size
-  tokens = np.zeros((max(padded_rows, num_rows), prepared.val_tokens.shape[1]), dtype=np.int32)
-  segment_ids = np.zeros_like(tokens)
-  tokens[:num_rows], segment_ids[:num_rows] = prepared.val_tokens, prepared.val_segment_ids
+  row_len = prepared.val.seq_len + 1
   batches = []
   for step in range(num_batches):
     start = step * batch_size + process_index * local
-    batches.append(make_example(tokens[start:start + local], segment_ids[start:start + local]))
+    indices = np.arange(start, min(start + local, num_rows))
+    tokens = np.zeros((local, row_len), dtype=np.int32)
+    segment_ids = np.zeros_like(tokens)
+    if len(indices):
+      tokens[:len(indices)], segment_ids[:len(indices)] = prepared.val.rows(indices)
+    batches.append(make_example(tokens, segment_ids))
   return batches

@@ -24,3 +24,8 @@ def validation_keys(keys: Sequence[str], fraction: float) -> set[str]:
   num_validation = sum(_unit_hash(k) < fraction for k in keys)
   num_validation = min(max(num_validation, 1), len(keys) - 1)
   return set(ranked[:num_validation])
+
+
+def is_validation(key: str, fraction: float) -> bool:
+  """The per-record rule for sources too large to rank: a record is held out when its stable hash < fraction."""
+  return _unit_hash(key) < fraction

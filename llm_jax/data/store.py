@@ -1,0 +1,328 @@
+"""The token store: a corpus tokenised once into memory-mapped shards of `[bos] + ids + [eos]` streams, shared
+by every run with the same source, split rule and tokenizer, and read back as packed rows.
+
+Layout under `store_dir/<fingerprint>/`: per split and shard i, `i.tokens` (uint16 or uint32 ids), `i.offsets`
+(int64 start of each document in the shard's stream) and `i.json` (counts, sizes, sha256; written last, so its
+presence means the shard is whole); `manifest.json` is written after every shard. Shard boundaries come from the
+source's file list or record counts alone, so a preparation killed at any point resumes at the first missing
+shard and ends byte-identical. Shapes: B rows, L1 = seq_len + 1 tokens per row.
+"""
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from typing import Any
+from typing import Callable
+from typing import Iterable
+
+import numpy as np
+
+from llm_jax.data.packing import PAD_ID
+from llm_jax.data.sources import SPLITS
+from llm_jax.data.sources import Source
+from llm_jax.tokenizer import load_tokenizer
+
+# Part of the fingerprint: bump it whenever tokenising or the layout changes.
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# Documents per shard for sources whose units are documents (plain files, TFDS records): about 100 MB of sotu-like
+# text per shard, few enough files for a 10 TB corpus.
+DOCS_PER_SHARD = 1024
+# Characters handed to the tokenizer at once: bounds memory by the batch, not the corpus.
+_BATCH_CHARS = 2 << 20
+Log = Callable[[str], None]
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+  return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def fingerprint(source_identity: dict[str, Any], tokenizer_sha256: str, docs_per_shard: int) -> str:
+  """The store's key: format version, the source's identity (inputs and split rule), tokenizer file and sharding."""
+  text = json.dumps({"format": FORMAT_VERSION, "source": source_identity, "tokenizer_sha256": tokenizer_sha256,
+                     "docs_per_shard": docs_per_shard}, sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _shard_prefix(path: str, split: str, index: int) -> str:
+  return os.path.join(path, split, f"{index:06d}")
+
+
+def _rebuild_hint(prefix: str, path: str) -> str:
+  return (f"delete {prefix}.* and {os.path.join(path, MANIFEST)} and rerun python -m llm_jax.prepare with the same "
+          "config (it rebuilds only missing shards)")
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def _file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 24), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+class Progress:
+  """A progress line every `every_s` seconds: documents, tokens, MB of text, MB/s and an ETA when the size is known."""
+
+  def __init__(self, log: Log, total_bytes: int | None = None, every_s: float = 5.0):
+    self.log, self.total_bytes, self.every_s = log, total_bytes, every_s
+    self.documents = self.tokens = self.bytes = 0
+    self.started = self._last = time.perf_counter()
+
+  def add(self, documents: int, tokens: int, num_bytes: int) -> None:
+    self.documents += documents
+    self.tokens += tokens
+    self.bytes += num_bytes
+    if time.perf_counter() - self._last >= self.every_s:
+      self._last = time.perf_counter()
+      self.log(self.line("preparing"))
+
+  def line(self, what: str) -> str:
+    elapsed = max(time.perf_counter() - self.started, 1e-9)
+    rate = self.bytes / elapsed / 1e6
+    text = (f"{what}: {self.documents:,} documents, {self.tokens:,} tokens, {self.bytes / 1e6:,.1f} MB of text "
+            f"in {elapsed:.1f} s ({rate:.2f} MB/s)")
+    if self.total_bytes and rate > 0 and what == "preparing":
+      left_s = max(self.total_bytes - self.bytes, 0) / 1e6 / rate
+      text += f", about {left_s:.0f} s left of {self.total_bytes / 1e6:,.0f} MB"
+    return text
+
+
+def _encode_batches(source: Source, unit: Any, tokenizer: Any) -> Iterable[tuple[list[str], list[list[int]]]]:
+  batch, chars = [], 0
+  for _, text in source.read(unit):
+    batch.append(text)
+    chars += len(text)
+    if chars >= _BATCH_CHARS:
+      yield batch, tokenizer.encode_batch(batch)
+      batch, chars = [], 0
+  if batch:
+    yield batch, tokenizer.encode_batch(batch)
+
+
+def _write_shard(source: Source, unit: Any, tokenizer: Any, prefix: str, progress: Progress | None) -> None:
+  """Tokenises one unit into `prefix`.tokens/.offsets (atomically), then its `prefix`.json."""
+  dtype, has_bos = token_dtype(tokenizer.vocab_size), tokenizer.bos_id >= 0
+  os.makedirs(os.path.dirname(prefix), exist_ok=True)
+  tmp = f".tmp{os.getpid()}"
+  digest, offsets, stream = hashlib.sha256(), [], 0
+  counts = {"documents": 0, "num_tokens": 0, "bytes": 0}
+  with open(prefix + ".tokens" + tmp, "wb") as f:
+    for texts, ids in _encode_batches(source, unit, tokenizer):
+      num_tokens = num_bytes = 0
+      for text, doc in zip(texts, ids):
+        row = np.empty(len(doc) + 1 + has_bos, dtype=dtype)
+        if has_bos:
+          row[0] = tokenizer.bos_id
+        row[has_bos:-1], row[-1] = doc, tokenizer.eos_id
+        data = row.tobytes()
+        f.write(data)
+        digest.update(data)
+        offsets.append(stream)
+        stream += len(row)
+        num_tokens += len(doc)
+        num_bytes += len(text.encode("utf-8"))
+      counts["documents"] += len(texts)
+      counts["num_tokens"] += num_tokens
+      counts["bytes"] += num_bytes
+      if progress is not None:
+        progress.add(len(texts), num_tokens, num_bytes)
+  offsets_bytes = np.asarray(offsets, dtype=np.int64).tobytes()
+  _write_atomic(prefix + ".offsets", offsets_bytes)
+  os.replace(prefix + ".tokens" + tmp, prefix + ".tokens")
+  meta = {**counts, "stream_tokens": stream, "tokens_bytes": stream * dtype.itemsize,
+          "offsets_bytes": len(offsets_bytes), "tokens_sha256": digest.hexdigest(),
+          "offsets_sha256": hashlib.sha256(offsets_bytes).hexdigest()}
+  _write_atomic(prefix + ".json", json.dumps(meta, sort_keys=True).encode())
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def verify_shard(path: str, split: str, index: int, meta: dict[str, Any]) -> None:
+  """Checks a shard's files against their recorded sizes and sha256; a ValueError names the shard and the fix."""
+  prefix = _shard_prefix(path, split, index)
+  for kind in ("tokens", "offsets"):
+    name = f"{prefix}.{kind}"
+    size = os.path.getsize(name) if os.path.exists(name) else -1
+    if size != meta[f"{kind}_bytes"]:
+      raise ValueError(f"token store shard {name} is {size} bytes, not the {meta[f'{kind}_bytes']} recorded "
+                       f"(truncated or missing); {_rebuild_hint(prefix, path)}")
+    if _file_sha256(name) != meta[f"{kind}_sha256"]:
+      raise ValueError(f"token store shard {name} does not match its recorded sha256 (corrupted); "
+                       f"{_rebuild_hint(prefix, path)}")
+
+
+def write_shards(source: Source, tokenizer: Any, path: str, *, docs_per_shard: int = DOCS_PER_SHARD,
+                 process_index: int = 0, process_count: int = 1, workers: int = 1, log: Log = print) -> None:
+  """Writes this process's missing shards (shard i belongs to process i mod process_count) of every split, in
+  `workers` local processes when there are several shards to write (reading and cleaning text is single-threaded).
+
+  Shards already whole (from a killed run) are kept and their sha256 verified at the end.
+  """
+  progress = Progress(log, sum(source.input_bytes(s) or 0 for s in SPLITS) or None)
+  todo, kept = [], []
+  for split in SPLITS:
+    for index, unit in enumerate(source.shards(split, docs_per_shard)):
+      if index % process_count == process_index:
+        prefix = _shard_prefix(path, split, index)
+        (kept if os.path.exists(prefix + ".json") else todo).append((split, index, unit))
+  workers = max(1, min(workers, len(todo)))
+  if workers == 1:
+    for split, index, unit in todo:
+      _write_shard(source, unit, tokenizer, _shard_prefix(path, split, index), progress)
+  else:
+    jobs = [(source, tokenizer.path, unit, _shard_prefix(path, split, index)) for split, index, unit in todo]
+    # Spawned, not forked: the parent may hold JAX and grain threads.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+      for counts in pool.imap_unordered(_shard_job, jobs):
+        progress.add(*counts)
+  for split, index, _ in kept:
+    verify_shard(path, split, index, _read_json(_shard_prefix(path, split, index) + ".json"))
+  log(progress.line(f"prepared shards of process {process_index}/{process_count}" if process_count > 1 else
+                    "prepared") + (f"; kept {len(kept)} shard(s) from an interrupted run" if kept else ""))
+
+
+_WORKER_TOKENIZERS: dict[str, Any] = {}
+
+
+def _shard_job(job: tuple[Source, str, Any, str]) -> tuple[int, int, int]:
+  """One shard in a worker process; returns its (documents, tokens, bytes) for the parent's progress line."""
+  source, tokenizer_path, unit, prefix = job
+  if tokenizer_path not in _WORKER_TOKENIZERS:
+    _WORKER_TOKENIZERS[tokenizer_path] = load_tokenizer(tokenizer_path)
+  _write_shard(source, unit, _WORKER_TOKENIZERS[tokenizer_path], prefix, None)
+  meta = _read_json(prefix + ".json")
+  return meta["documents"], meta["num_tokens"], meta["bytes"]
+
+
+def write_manifest(source: Source, tokenizer: Any, path: str, *, docs_per_shard: int = DOCS_PER_SHARD) -> None:
+  """Gathers every shard's record into manifest.json (process 0, after all workers finished their shards)."""
+  splits = {}
+  for split in SPLITS:
+    shards = []
+    for index in range(len(source.shards(split, docs_per_shard))):
+      meta_path = _shard_prefix(path, split, index) + ".json"
+      if not os.path.exists(meta_path):
+        raise ValueError(f"token store shard {meta_path} is missing (a worker did not finish, or data.store_dir is "
+                         "not one file system shared by every process); rerun the preparation on a shared store_dir")
+      shards.append(_read_json(meta_path))
+    totals = {k: sum(s[k] for s in shards) for k in ("documents", "num_tokens", "bytes", "stream_tokens")}
+    splits[split] = {**totals, "shards": shards}
+  manifest = {"format": FORMAT_VERSION, "fingerprint": os.path.basename(path),
+              "dtype": token_dtype(tokenizer.vocab_size).name, "vocab_size": tokenizer.vocab_size,
+              "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "splits": splits}
+  _write_atomic(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
+
+
+def build(source: Source, tokenizer: Any, path: str, *, docs_per_shard: int = DOCS_PER_SHARD, workers: int = 1,
+          log: Log = print) -> str:
+  """Single-process preparation: the missing shards, then the manifest; returns `path`."""
+  if not os.path.exists(os.path.join(path, MANIFEST)):
+    write_shards(source, tokenizer, path, docs_per_shard=docs_per_shard, workers=workers, log=log)
+    write_manifest(source, tokenizer, path, docs_per_shard=docs_per_shard)
+  return path
+
+
+class SplitStore:
+  """One split's shards as one token stream, memory-mapped lazily; picklable (maps are reopened per process)."""
+
+  def __init__(self, path: str, split: str, meta: dict[str, Any], dtype: str):
+    self.path, self.split, self.dtype = path, split, np.dtype(dtype)
+    self.meta = meta
+    sizes = [s["stream_tokens"] for s in meta["shards"]]
+    docs = [s["documents"] for s in meta["shards"]]
+    self.shard_token_starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+    self.shard_doc_starts = np.concatenate([[0], np.cumsum(docs, dtype=np.int64)])
+    self.num_tokens = int(self.shard_token_starts[-1])  # Stream length, bos/eos included.
+    self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {**self.__dict__, "_maps": {}}
+
+  def _shard(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    if index not in self._maps:
+      prefix = _shard_prefix(self.path, self.split, index)
+      self._maps[index] = (np.memmap(prefix + ".tokens", dtype=self.dtype, mode="r"),
+                           np.memmap(prefix + ".offsets", dtype=np.int64, mode="r"))
+    return self._maps[index]
+
+  def num_rows(self, seq_len: int) -> int:
+    return -(-self.num_tokens // (seq_len + 1))
+
+  def rows(self, indices_B: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (tokens_BxL1, segment_ids_BxL1) int32 of the given rows, exactly as `pack_documents` cuts them."""
+    row_len = seq_len + 1
+    indices_B = np.asarray(indices_B, dtype=np.int64).reshape(-1)
+    tokens_BxL1 = np.full((len(indices_B), row_len), PAD_ID, dtype=np.int32)
+    segment_ids_BxL1 = np.zeros((len(indices_B), row_len), dtype=np.int32)
+    for b, row in enumerate(indices_B):
+      start = int(row) * row_len
+      end = min(start + row_len, self.num_tokens)
+      first_doc, position = None, start
+      while position < end:  # A row spans one shard, or a few at shard boundaries.
+        shard = int(np.searchsorted(self.shard_token_starts, position, side="right")) - 1
+        stop = min(end, int(self.shard_token_starts[shard + 1]))
+        local = position - int(self.shard_token_starts[shard])
+        shard_tokens, shard_offsets = self._shard(shard)
+        tokens_BxL1[b, position - start:stop - start] = shard_tokens[local:local + stop - position]
+        local_positions = np.arange(local, local + stop - position)
+        doc = self.shard_doc_starts[shard] + np.searchsorted(shard_offsets, local_positions, side="right") - 1
+        first_doc = doc[0] if first_doc is None else first_doc
+        segment_ids_BxL1[b, position - start:stop - start] = doc - first_doc + 1
+        position = stop
+    return tokens_BxL1, segment_ids_BxL1
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TokenStore:
+  """An opened store: its manifest and one `SplitStore` per split."""
+
+  path: str
+  manifest: dict[str, Any]
+  splits: dict[str, SplitStore]
+
+  @classmethod
+  def open(cls, path: str) -> "TokenStore":
+    """Reads the manifest and checks every shard's size (O(shards)); contents are checked by `verify`."""
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.exists(manifest_path):
+      raise ValueError(f"no token store at {path} (no {MANIFEST}); run python -m llm_jax.prepare --config=...")
+    manifest = _read_json(manifest_path)
+    if manifest.get("format") != FORMAT_VERSION:
+      raise ValueError(f"token store {path} has format {manifest.get('format')}, not {FORMAT_VERSION}; rerun "
+                       "python -m llm_jax.prepare to build the current format")
+    for split, entry in manifest["splits"].items():
+      for index, meta in enumerate(entry["shards"]):
+        prefix = _shard_prefix(path, split, index)
+        for kind in ("tokens", "offsets"):
+          name = f"{prefix}.{kind}"
+          size = os.path.getsize(name) if os.path.exists(name) else -1
+          if size != meta[f"{kind}_bytes"]:
+            raise ValueError(f"token store shard {name} is {size} bytes, not the {meta[f'{kind}_bytes']} recorded "
+                             f"(truncated or missing); {_rebuild_hint(prefix, path)}")
+    splits = {s: SplitStore(path, s, e, manifest["dtype"]) for s, e in manifest["splits"].items()}
+    return cls(path, manifest, splits)
+
+  def verify(self) -> None:
+    """Checks every shard's sha256 against the manifest (reads the whole store)."""
+    for split, entry in self.manifest["splits"].items():
+      for index, meta in enumerate(entry["shards"]):
+        verify_shard(self.path, split, index, meta)
+
+  def counts(self, split: str) -> dict[str, int]:
+    """documents, num_tokens (ids without bos/eos) and bytes (UTF-8 of the cleaned text) of `split`."""
+    entry = self.manifest["splits"][split]
+    return {k: entry[k] for k in ("documents", "num_tokens", "bytes")}

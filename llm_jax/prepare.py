@@ -1,0 +1,51 @@
+"""`python -m llm_jax.prepare --config=experiments/<name>.py [--verify]`: build (or check) the token store that
+training with that config reads, so a run or a sweep starts without tokenising."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import ml_collections
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from llm_jax import config as config_lib
+from llm_jax import launch
+from llm_jax import writers
+from llm_jax.data import pipeline
+from llm_jax.data import store as store_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, optionally with ':variant'; override any key with "
+    "--config.<key>=<value>.", lock_config=True)
+_VERIFY = flags.DEFINE_bool("verify", False, "Also check every shard's sha256 against the manifest (reads the "
+                            "whole store).")
+flags.mark_flags_as_required(["config"])
+
+
+def prepare(config: ml_collections.ConfigDict, verify: bool) -> str:
+  """Builds what is missing of the tokenizer and token store of `config`, prints a summary, returns the store path."""
+  data = pipeline.prepare_data(config_lib.data_config(config), config_lib.tokenizer_config(config),
+                               log=writers.console)
+  store = store_lib.TokenStore.open(data.store_path)
+  if verify:
+    store.verify()
+  for split in ("train", "validation"):
+    counts, entry = store.counts(split), store.manifest["splits"][split]
+    writers.console(f"{split}: {counts['documents']:,} documents, {counts['num_tokens']:,} tokens, "
+                    f"{counts['bytes'] / 1e6:,.1f} MB of text, {len(entry['shards'])} shard(s), "
+                    f"{counts['bytes'] / max(counts['num_tokens'], 1):.2f} bytes/token")
+  writers.console(f"token store {data.store_path} ({store.manifest['dtype']}; tokenizer {data.tokenizer.path})"
+                  + ("; every shard matches its sha256" if verify else ""))
+  return data.store_path
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  launch.run_main("llm_jax.prepare", lambda: prepare(_CONFIG.value, _VERIFY.value))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=launch.parse_flags)

