@@ -224,7 +224,8 @@ def test_a_second_run_on_a_busy_workdir_refuses_to_start(tmp_path, cli):
 def _prepare(workdir: str) -> pipeline.PreparedData:
   c = smoke_config()
   return pipeline.prepare_data(config_lib.data_config(c), config_lib.tokenizer_config(c),
-                               tokenizer_dir=os.path.join(workdir, "tokenizer"), store_dir=os.path.join(workdir, "store"))
+                               tokenizer_dir=os.path.join(workdir, "tokenizer"),
+                               store_dir=os.path.join(workdir, "store"))
 
 
 def test_truncated_tokenizer_model_is_one_line_naming_the_file(tmp_path, cli):
