@@ -38,6 +38,9 @@ class DistributedFlags:
     self._distributed = flags.DEFINE_bool(
         "distributed", False, "Call jax.distributed.initialize() with auto-detection (Cloud TPU VMs, "
         "SLURM, ...); implied by --coordinator_address.")
+    self._peer_timeout = flags.DEFINE_float(
+        "peer_timeout_s", 60.0, "Seconds without a heartbeat from another process before this one stops, "
+        "naming it (multi-process runs only).")
 
   def initialize(self) -> None:
     """Joins the multi-controller runtime when asked to; a single process needs nothing."""
@@ -48,14 +51,15 @@ class DistributedFlags:
       jax.distributed.initialize()
     else:
       return
-    faults.PeerWatchdog().start()
+    faults.PeerWatchdog(timeout_s=self._peer_timeout.value).start()
 
   def args(self) -> tuple[str, ...]:
     """This process's multi-controller flags, to hand on to child training processes."""
+    timeout = (f"--peer_timeout_s={self._peer_timeout.value}",)
     if self._coordinator.value:
       return (f"--coordinator_address={self._coordinator.value}", f"--num_processes={self._num_processes.value}",
-              f"--process_id={self._process_id.value}")
-    return ("--distributed",) if self._distributed.value else ()
+              f"--process_id={self._process_id.value}", *timeout)
+    return ("--distributed", *timeout) if self._distributed.value else ()
 
 
 def quiet_logs() -> None:
