@@ -151,8 +151,8 @@ def _read_json(path: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def verify_shard(path: str, split: str, index: int, meta: dict[str, Any]) -> None:
-  """Checks a shard's files against their recorded sizes and sha256; a ValueError names the shard and the fix."""
+def check_shard_sizes(path: str, split: str, index: int, meta: dict[str, Any]) -> None:
+  """Checks a shard's files against their recorded sizes (cheap: no data read); a ValueError names the shard."""
   prefix = _shard_prefix(path, split, index)
   for kind in ("tokens", "offsets"):
     name = f"{prefix}.{kind}"
@@ -160,6 +160,14 @@ def verify_shard(path: str, split: str, index: int, meta: dict[str, Any]) -> Non
     if size != meta[f"{kind}_bytes"]:
       raise ValueError(f"token store shard {name} is {size} bytes, not the {meta[f'{kind}_bytes']} recorded "
                        f"(truncated or missing); {_rebuild_hint(prefix, path)}")
+
+
+def verify_shard(path: str, split: str, index: int, meta: dict[str, Any]) -> None:
+  """Checks a shard's files against their recorded sizes and sha256; a ValueError names the shard and the fix."""
+  check_shard_sizes(path, split, index, meta)
+  prefix = _shard_prefix(path, split, index)
+  for kind in ("tokens", "offsets"):
+    name = f"{prefix}.{kind}"
     if _file_sha256(name) != meta[f"{kind}_sha256"]:
       raise ValueError(f"token store shard {name} does not match its recorded sha256 (corrupted); "
                        f"{_rebuild_hint(prefix, path)}")
@@ -306,13 +314,7 @@ class TokenStore:
                        "python -m llm_jax.prepare to build the current format")
     for split, entry in manifest["splits"].items():
       for index, meta in enumerate(entry["shards"]):
-        prefix = _shard_prefix(path, split, index)
-        for kind in ("tokens", "offsets"):
-          name = f"{prefix}.{kind}"
-          size = os.path.getsize(name) if os.path.exists(name) else -1
-          if size != meta[f"{kind}_bytes"]:
-            raise ValueError(f"token store shard {name} is {size} bytes, not the {meta[f'{kind}_bytes']} recorded "
-                             f"(truncated or missing); {_rebuild_hint(prefix, path)}")
+        check_shard_sizes(path, split, index, meta)
     splits = {s: SplitStore(path, s, e, manifest["dtype"]) for s, e in manifest["splits"].items()}
     return cls(path, manifest, splits)
 
