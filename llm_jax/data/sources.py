@@ -295,6 +295,12 @@ def sotu_source(directory: str) -> TfdsSplits:
     fcntl.flock(lock, fcntl.LOCK_EX)
     builder = sotu.Sotu(data_dir=directory)
     if not builder.is_prepared():
+      import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+      # One line says what happens; TFDS's progress bars would be dozens of lines on stderr, where a user (or a
+      # script) expects only errors.
+      print(f"data: building the built-in sotu corpus under {directory} (first use, a few seconds)", flush=True)
+      tfds.disable_progress_bar()
       builder.download_and_prepare(file_format="array_record")
   return TfdsSplits("sotu", directory, {"train": "train", "validation": "validation"}, "text")
 
