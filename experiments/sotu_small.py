@@ -8,7 +8,9 @@ Wall time: 2 min 58 s on a quiet machine (2026-11-28): 5,100–5,200 tokens/s, 4
           291 GFLOP/s float32 matmul measured in the same process (7 min 02 s while other jobs shared
           the cores, before remat 'dots' was set).
 Result:   gpt2, 400 steps × 16 × 128 tokens (0.8M tokens, a quarter of an epoch): train loss 4.39,
-          validation loss 4.6740 at step 200 and 4.3213 (perplexity 75.3) at step 400. Sample:
+          validation loss 4.6740 at step 200 and 4.3213 (perplexity 75.3) at step 400 (2026-11-28;
+          on 2026-12-01 another machine of the same kind gave 4.6715 and 4.3189, 3,900–4,400 tokens/s,
+          with the code of both dates alike). Sample:
           "I love computer science has had a new fighting for the housing on that the President of the
           American people."
 """
