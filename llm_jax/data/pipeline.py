@@ -143,8 +143,12 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer_di
   rate = _TOKENIZER_SAMPLE_RATIO * MAX_TRAIN_CHARS / input_bytes if input_bytes else 1.0
   keep = (lambda key: is_validation(f"tokenizer:{key}", rate)) if rate < 1.0 else None
 
-  def train_documents():
-    log(f"reading {'a sample' if keep else 'all'} of the train split for the tokenizer's training text")
+  announced = []
+
+  def train_documents():  # called once per streaming pass (count, then take): say so once
+    if not announced:
+      log(f"reading {'a sample' if keep else 'all'} of the train split for the tokenizer's training text")
+      announced.append(True)
     return (text for _, text in source.documents("train", keep))
 
   get_tokenizer = lambda: get_or_train_streaming(train_documents, corpus_key, tok_cfg, os.path.join(root, "tokenizers"))
