@@ -1,8 +1,13 @@
-"""Orbax checkpoints of the train state, the data-iterator state and run metadata, with safe restore."""
+"""Orbax checkpoints of the train state, the data-iterator state and run metadata, with safe restore.
+
+A gs:// directory goes to orbax as it is (orbax writes it through tensorstore, and needs google-cloud-storage on
+the machine); only a local one is made absolute.
+"""
 
 from __future__ import annotations
 
 import errno
+import importlib.util
 import os
 import time
 from typing import Any
@@ -14,6 +19,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from llm_jax import paths
 from llm_jax import sharding
 
 # A storage hiccup (network filesystem, bucket) is retried this many times, `RESTORE_BACKOFF_S` doubling,
@@ -30,6 +36,19 @@ REMEDY_LAYOUT = ("keep the old optim settings, or start a new --workdir from the
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint where one was required."""
+
+
+def check_reachable(directory: str) -> None:
+  """Refuses a gs:// checkpoint directory when orbax could not write it (it needs google-cloud-storage there)."""
+  if not directory.startswith("gs://"):
+    return
+  try:
+    found = importlib.util.find_spec("google.cloud.storage") is not None
+  except ModuleNotFoundError:
+    found = False
+  if not found:
+    raise ValueError(f"checkpoints in {directory} need the google-cloud-storage package (orbax reaches gs:// "
+                     "through it); pip install google-cloud-storage on every host")
 
 
 def unusable_dir(directory: str) -> str:
@@ -62,9 +81,9 @@ def _layout(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree) if leaf is not None}
 
 
-def _summary(paths: list[str], limit: int = 4) -> str:
-  shown = ", ".join(paths[:limit])
-  return f"{shown}, ... ({len(paths)} in all)" if len(paths) > limit else shown or "none"
+def _summary(names: list[str], limit: int = 4) -> str:
+  shown = ", ".join(names[:limit])
+  return f"{shown}, ... ({len(names)} in all)" if len(names) > limit else shown or "none"
 
 
 def layout_difference(saved: Any, target: Any) -> str | None:
@@ -91,7 +110,7 @@ class Checkpointer:
   (None: all), and restores them."""
 
   def __init__(self, directory: str, *, keep: int | None = None, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -182,7 +201,7 @@ class Checkpointer:
   def quarantined(self) -> list[str]:
     """Names of the checkpoints earlier runs moved aside as unusable."""
     path = self.unusable_directory
-    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+    return sorted(p.name for p in paths.as_path(path).iterdir()) if paths.as_path(path).is_dir() else []
 
   def _saved_state_metadata(self, step: int) -> Any:
     """The saved 'state' item's tree of array metadata (shapes, dtypes), read without reading any array."""
@@ -232,13 +251,13 @@ class Checkpointer:
     """Moves an unusable checkpoint out of the manager's sight (never deletes it), so the step can be redone."""
     source = os.path.join(self.directory, str(step))
     target = os.path.join(unusable_dir(self.directory), f"{step}")
-    if jax.process_index() == 0 and os.path.exists(source):
-      os.makedirs(os.path.dirname(target), exist_ok=True)
+    if jax.process_index() == 0 and paths.as_path(source).exists():
+      paths.makedirs(os.path.dirname(target))
       suffix = 0
-      while os.path.exists(target if not suffix else f"{target}.{suffix}"):
+      while paths.as_path(target if not suffix else f"{target}.{suffix}").exists():
         suffix += 1
       target = target if not suffix else f"{target}.{suffix}"
-      os.rename(source, target)
+      paths.as_path(source).rename(target)  # on an object store: a copy of every object, then a delete
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"llm_jax:quarantine:{step}")
     self.manager.reload()

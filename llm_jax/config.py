@@ -19,6 +19,7 @@ import ml_collections
 from llm_jax import loop as loop_lib
 from llm_jax import model as model_lib
 from llm_jax import optim
+from llm_jax import paths
 from llm_jax import sampling
 from llm_jax import tokenizer as tokenizer_lib
 from llm_jax.data import corpus
@@ -300,8 +301,9 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
   _require(0.0 < d.validation_fraction < 1.0, f"data.validation_fraction={d.validation_fraction} must be in (0, 1)")
   if d.corpus == "text_files":
     _require(bool(d.text_files), "data.corpus='text_files' needs --config.data.text_files=<glob>")
-    for pattern in d.text_files.split(","):
-      _require(bool(glob.glob(pattern.strip())), f"data.text_files={pattern.strip()!r} matches no "
+    for pattern in filter(None, (p.strip() for p in d.text_files.split(","))):
+      paths.check_reachable(pattern, "data.text_files")  # gs:// globs are listed through epath
+      _require(bool(paths.glob_files(pattern)), f"data.text_files={pattern!r} matches no "
                "files; pass an existing glob with --config.data.text_files=...")
   for pattern in filter(None, (p.strip() for p in config.eval_text_files.split(","))):
     _require(bool(glob.glob(pattern)), f"eval_text_files={pattern!r} matches no files; pass existing globs")

@@ -15,6 +15,8 @@ from typing import Iterator
 import jax
 from jax.experimental import multihost_utils
 
+from llm_jax import paths
+
 
 class RunError(RuntimeError):
   """A run that must stop; the message says why and what to do."""
@@ -51,7 +53,13 @@ def interruptible(what: str) -> Iterator[None]:
 
 class WorkdirLock:
   """An exclusive flock on the lock file `path` in a workdir (`workdir.lock_path`); the OS releases it when the
-  process dies, even by SIGKILL."""
+  process dies, even by SIGKILL.
+
+  An object store (a gs:// workdir) has no flock, and a lock file there could not be both exclusive and freed
+  when its holder is killed (preemption would leave it behind and block the restart). So there is no lock:
+  `acquire` prints one warning, and one job per workdir is the user's job (two would interleave checkpoints
+  and metrics).
+  """
 
   def __init__(self, path: str):
     self.path = path
@@ -60,6 +68,9 @@ class WorkdirLock:
   def acquire(self) -> None:
     if jax.process_index() != 0:
       return  # one lock per run: process 0 holds it for all
+    if not paths.is_local(self.path):
+      paths.warn_no_lock(os.path.dirname(self.path), "the workdir")
+      return
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

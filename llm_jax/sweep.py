@@ -15,7 +15,7 @@ from absl import app
 from absl import flags
 
 from llm_jax import launch
-from llm_jax import workdir as workdir_lib
+from llm_jax import paths
 from llm_jax.sweeps import plan
 from llm_jax.sweeps import report
 
@@ -69,7 +69,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
-    workdir_lib.check_local(_ROOT.value, "--root")
+    paths.check_local(_ROOT.value, "--root")
   except ValueError as e:
     launch.fail("llm_jax.sweep", e)
   if not _ROOT.value.strip():

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import sentencepiece as spm
 
+from llm_jax import paths
 from llm_jax.hf.tokenizer import HFTokenizer
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -60,13 +61,13 @@ class Tokenizer:
 
   @classmethod
   def load(cls, path: str) -> "Tokenizer":
-    """Loads a SentencePiece .model file."""
-    if not os.path.isfile(path):
+    """Loads a SentencePiece .model file (read as bytes, so a gs:// path works too)."""
+    if not paths.as_path(path).is_file():
       raise ValueError(f"tokenizer model {path!r} does not exist; pass an existing .model file with "
                        "--config.tokenizer.path=... or leave it empty to train one")
     processor = spm.SentencePieceProcessor()
     try:
-      processor.load(path)
+      processor.LoadFromSerializedProto(paths.as_path(path).read_bytes())
     except (OSError, RuntimeError) as e:  # sentencepiece reports a truncated or foreign file as either
       reason = str(e).strip().splitlines()[-1][:120] if str(e).strip() else type(e).__name__
       raise ValueError(f"tokenizer model {path} is unreadable ({reason}); delete it to have it retrained, or fix "
@@ -173,18 +174,14 @@ def _train_on_lines(lines: list[str], model_prefix: str, *, model_type: str, voc
     raise ValueError(f"sentencepiece could not train a {model_type} tokenizer with vocab_size={vocab_size} "
                      f"({reason}); change --config.tokenizer.vocab_size") from None
   path = model_prefix + ".model"
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(model.getvalue())
-  os.replace(tmp, path)  # Atomic: a concurrent reader sees no model or a whole one.
+  paths.makedirs(os.path.dirname(paths.absolute(path)))
+  paths.write_atomic(path, model.getvalue())  # A concurrent reader sees no model or a whole one.
   return Tokenizer.load(path)
 
 
 def file_sha256(path: str) -> str:
   """Identity of a tokenizer (or any) file: checkpoints and the packed-data cache are keyed by it."""
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
+  return hashlib.sha256(paths.as_path(path).read_bytes()).hexdigest()
 
 
 def corpus_fingerprint(documents: Sequence[str]) -> str:
@@ -212,11 +209,11 @@ def get_or_train_streaming(make_documents: Callable[[], Iterable[str]], corpus_k
   """As `get_or_train_tokenizer`, for a corpus streamed by `make_documents()` (called twice on a cache miss) and
   named by `corpus_key` (a content hash, or a cheap identity of the inputs such as paths, sizes and mtimes)."""
   if tok_cfg.path:
-    return load_tokenizer(os.path.expanduser(tok_cfg.path))
+    return load_tokenizer(os.path.expanduser(tok_cfg.path))  # a no-op on a URL
   settings = f"{_RECIPE_VERSION}|{tok_cfg.model_type}|{tok_cfg.vocab_size}|{bool(tok_cfg.byte_fallback)}"
   key = hashlib.sha256(f"{settings}|{corpus_key}".encode()).hexdigest()[:16]
   prefix = os.path.join(cache_dir, f"spm_{tok_cfg.model_type}_{tok_cfg.vocab_size}_{key}")
-  if os.path.isfile(prefix + ".model"):
+  if paths.as_path(prefix + ".model").is_file():
     return Tokenizer.load(prefix + ".model")
   return train_tokenizer(make_documents, prefix, model_type=tok_cfg.model_type, vocab_size=tok_cfg.vocab_size,
                          byte_fallback=bool(tok_cfg.byte_fallback))

@@ -18,6 +18,7 @@ from llm_jax import faults
 from llm_jax import loop as loop_lib
 from llm_jax import metrics as metrics_lib
 from llm_jax import optim
+from llm_jax import paths
 from llm_jax import sampling
 from llm_jax import sharding
 from llm_jax import steps as steps_lib
@@ -128,8 +129,9 @@ def _resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The validated config, with the model dimensions and tokenizer of `init_params_from` when it is set."""
   config_lib.validate(config)
   for key, value in (("init_params_from", config.init_params_from), ("tokenizer.path", config.tokenizer.path),
-                     ("data.text_files", config.data.text_files), ("data.data_dir", config.data.data_dir)):
-    workdir_lib.check_local(value, f"--config.{key}")
+                     ("data.text_files", config.data.text_files), ("data.store_dir", config.data.store_dir)):
+    paths.check_reachable(value, f"--config.{key}")
+  paths.check_local(config.data.data_dir, "--config.data.data_dir")  # TFDS reads URLs only through TensorFlow
   if not config.init_params_from:
     return config
   source_cfg, tokenizer_path = workdir_lib.read_model_card(config.init_params_from)
@@ -149,7 +151,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.dry_run:
     raise ValueError("dry_run=True compiles without training: call trainer.dry_run(config) (the train command "
                      "does), or pass --config.dry_run=False")
-  workdir_lib.check_local(workdir, "--workdir")
+  paths.check_reachable(workdir, "--workdir")
+  checkpoint_lib.check_reachable(workdir_lib.checkpoint_dir(workdir))
   config = _resolved(config)
   mesh = _mesh(config)
   _make_workdir(workdir)
@@ -163,15 +166,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _make_workdir(workdir: str) -> None:
   """Creates `workdir` and proves it writable, so a bad path fails in one line before any data is prepared."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  if paths.as_path(workdir).is_file():
     raise ValueError(f"--workdir={workdir} is a file, not a directory; pass a directory for checkpoints and logs")
   try:
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     # A probe file rather than os.access: access() says yes to root on read-only mounts.
-    probe = os.path.join(workdir, f".write_probe{os.getpid()}")
-    with open(probe, "w", encoding="utf-8"):
-      pass
-    os.remove(probe)
+    probe = paths.as_path(os.path.join(workdir, f".write_probe{os.getpid()}"))
+    probe.write_bytes(b"")
+    probe.unlink()
   except OSError as e:
     raise ValueError(f"--workdir={workdir} is not writable ({e.strerror or e}); pass a directory you can "
                      "write") from None

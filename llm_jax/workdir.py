@@ -5,11 +5,13 @@ metadata (built and checked here only), and loading a trained or converted model
     model.json           the model card: ModelConfig and the tokenizer's path, all `generate`/`evaluate` need
     metrics.jsonl        one JSON object per logged step (`writers`)
     run.json             the run card: what ran, when, how it ended (`sweeps.runcard`)
-    .lock                held while a run trains (`faults.WorkdirLock`)
+    .lock                held while a run trains (`faults.WorkdirLock`; none on an object store)
     checkpoints/         orbax checkpoints (`checkpoint.Checkpointer`); unusable ones move to unusable_checkpoints/
     tokenizer/           trained tokenizers, cached per corpus and settings
     data_store.json      which shared token store (data.store_dir) the run read
     tensorboard/         TensorBoard event files
+
+The workdir may be a local folder or an object-store URL (gs://...): every file goes through `paths`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from typing import Any
 
 import flax.linen as nn
@@ -26,6 +27,7 @@ import ml_collections
 
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import faults
+from llm_jax import paths
 from llm_jax import sharding
 from llm_jax.hf.tokenizer import HFTokenizer
 from llm_jax.model import ModelConfig
@@ -47,26 +49,14 @@ DATA_STORE_FILE = "data_store.json"
 TENSORBOARD_DIR = "tensorboard"
 
 
-_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-def check_local(location: str, what: str) -> None:
-  """Refuses URLs (gs://, s3://, ...): every file here goes through local file APIs, which would quietly create a
-  folder named 'gs:' in the current directory and keep checkpoints on the VM's own disk."""
-  match = _URL_SCHEME.match(location or "")
-  if match:
-    raise ValueError(f"{what}={location} is not a local path, and llm_jax does not write to {match.group(1)}:// "
-                     f"yet; pass a local directory or a mounted bucket (e.g. gcsfuse) instead")
-
-
 def path(workdir: str, name: str) -> str:
   """The path of file or folder `name` (one of the constants above) in `workdir`."""
   return os.path.join(workdir, name)
 
 
 def checkpoint_dir(workdir: str) -> str:
-  """Absolute, so orbax and the checkpoint messages see the same path wherever the process runs."""
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  """Absolute (a URL as it is), so orbax and the checkpoint messages see the same path wherever the process runs."""
+  return os.path.join(paths.absolute(workdir), CHECKPOINT_DIR)
 
 
 def lock_path(workdir: str) -> str:
@@ -75,47 +65,43 @@ def lock_path(workdir: str) -> str:
 
 def write_run_config(workdir: str, config_json: str) -> None:
   """Writes the run's resolved config (JSON text, e.g. `config.to_json_best_effort(indent=2)`)."""
-  with open(path(workdir, RUN_CONFIG_FILE), "w", encoding="utf-8") as f:
-    f.write(config_json)
+  paths.as_path(path(workdir, RUN_CONFIG_FILE)).write_text(config_json, encoding="utf-8")
 
 
 def has_run_config(workdir: str) -> bool:
-  return os.path.isfile(path(workdir, RUN_CONFIG_FILE))
+  return paths.as_path(path(workdir, RUN_CONFIG_FILE)).is_file()
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config a training run (or a conversion) wrote into `workdir`."""
   config_path = path(workdir, RUN_CONFIG_FILE)
-  if not os.path.isfile(config_path):
+  if not paths.as_path(config_path).is_file():
     raise FileNotFoundError(f"{config_path} is missing; --workdir must be a directory written by llm_jax.train "
                             "or llm_jax.convert")
-  with open(config_path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(paths.as_path(config_path).read_text(encoding="utf-8")))
 
 
 def write_data_store(workdir: str, store_path: str) -> None:
   """Records the token store (path and fingerprint) the run trained on; the store itself is shared."""
-  with open(path(workdir, DATA_STORE_FILE), "w", encoding="utf-8") as f:
-    json.dump({"store": os.path.abspath(store_path), "fingerprint": os.path.basename(store_path)}, f, indent=2)
+  record = {"store": paths.absolute(store_path), "fingerprint": os.path.basename(store_path)}
+  paths.as_path(path(workdir, DATA_STORE_FILE)).write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 
 def write_model_card(workdir: str, cfg: ModelConfig, tokenizer_path: str) -> None:
   """What `generate` and `evaluate` need to rebuild the model without the experiment config."""
   card = {"model": dataclasses.asdict(cfg), "tokenizer": os.path.relpath(tokenizer_path, workdir)}
-  with open(path(workdir, MODEL_FILE), "w", encoding="utf-8") as f:
-    json.dump(card, f, indent=2)
+  paths.as_path(path(workdir, MODEL_FILE)).write_text(json.dumps(card, indent=2), encoding="utf-8")
 
 
 def read_model_card(workdir: str) -> tuple[ModelConfig, str]:
   """(model config, tokenizer path) from the workdir's model.json."""
   card_path = path(workdir, MODEL_FILE)
-  if not os.path.isdir(workdir):
+  if not paths.as_path(workdir).is_dir():
     raise FileNotFoundError(f"--workdir={workdir} does not exist; pass the directory a training run wrote")
-  if not os.path.exists(card_path):
+  if not paths.as_path(card_path).exists():
     raise FileNotFoundError(f"{card_path} is missing; --workdir must be a directory written by llm_jax.train "
                             "or llm_jax.convert")
-  with open(card_path, encoding="utf-8") as f:
-    card = json.load(f)
+  card = json.loads(paths.as_path(card_path).read_text(encoding="utf-8"))
   return ModelConfig(**card["model"]), os.path.join(workdir, card["tokenizer"])
 
 
@@ -190,9 +176,10 @@ class LoadedModel:
 
 def load_model(workdir: str, step: int | None = None) -> LoadedModel:
   """Parameters of checkpoint `step` (default: newest), replicated on this host's devices."""
-  check_local(workdir, "--workdir")
+  paths.check_reachable(workdir, "--workdir")
+  checkpoint_lib.check_reachable(checkpoint_dir(workdir))
   cfg, tokenizer_path = read_model_card(workdir)
-  if not os.path.exists(tokenizer_path):
+  if not paths.as_path(tokenizer_path).exists():
     raise FileNotFoundError(f"tokenizer {tokenizer_path} named in {MODEL_FILE} is missing")
   tokenizer = load_tokenizer(tokenizer_path)
   check_vocab_fits(cfg.vocab_size, tokenizer.vocab_size,

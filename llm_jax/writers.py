@@ -1,17 +1,26 @@
-"""Where metrics go: `metrics.jsonl`, TensorBoard event files and the console (process 0 only)."""
+"""Where metrics go: `metrics.jsonl`, TensorBoard event files and the console (process 0 only).
+
+Both files may live on an object store (gs://), where a file cannot be appended to: there each write replaces
+the whole object (metrics.jsonl, and the event file, which is written locally and uploaded at every flush), so
+a killed run leaves the last whole version. A write then costs the file's size, about 100 bytes per record.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 from typing import Mapping
 
 import jax
 
+from llm_jax import paths
 from llm_jax import workdir as workdir_lib
 
 
@@ -22,8 +31,8 @@ def _read_lines(path: str) -> list[tuple[str, dict[str, Any] | None]]:
   (the resumed run writes that step again). Any other bad line is kept as None with one warning naming
   the file and line, so one damaged line never makes a run unresumable or a sweep report fail.
   """
-  with open(path, encoding="utf-8", errors="replace") as f:
-    lines = f.readlines()
+  with paths.as_path(path).open("rb") as f:
+    lines = io.TextIOWrapper(f, encoding="utf-8", errors="replace").readlines()
   parsed = []
   for number, line in enumerate(lines, 1):
     if not line.strip():
@@ -46,7 +55,7 @@ def _read_lines(path: str) -> list[tuple[str, dict[str, Any] | None]]:
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """All readable records of a run's metrics.jsonl (empty when there is none); bad lines are skipped."""
   path = workdir_lib.path(workdir, workdir_lib.METRICS_FILE)
-  if not os.path.exists(path):
+  if not paths.as_path(path).exists():
     return []
   return [record for _, record in _read_lines(path) if record is not None]
 
@@ -56,6 +65,8 @@ class _EventFile:
 
   tensorboardX's SummaryWriter hands events to a thread through a queue and its flush() does not drain
   that queue: every SIGKILLed run lost what was queued (usually everything, as it writes every 120 s).
+  For a `logdir` on an object store the file is written in a local temporary folder and uploaded whole, through
+  epath, at every flush (tensorboardX's own gs:// writer would need google-cloud-storage and bypass epath).
   """
 
   def __init__(self, logdir: str, purge_step: int | None):
@@ -63,10 +74,13 @@ class _EventFile:
     from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
     from tensorboardX.summary import scalar  # pylint: disable=import-outside-toplevel
     self._event_pb2, self._scalar = event_pb2, scalar
-    os.makedirs(logdir, exist_ok=True)
+    self._local_dir = None if paths.is_local(logdir) else tempfile.mkdtemp(prefix="llm_jax_events_")
+    paths.makedirs(self._local_dir or logdir)
     # The nanosecond suffix keeps two writers started in the same second apart, and in start order:
     # TensorBoard reads a run's files sorted by name, and purging depends on that order.
-    self._writer = EventsWriter(os.path.join(logdir, "events"), f".{time.time_ns()}")
+    self._writer = EventsWriter(os.path.join(self._local_dir or logdir, "events"), f".{time.time_ns()}")
+    # pylint: disable-next=protected-access  # the name EventsWriter chose, to upload under the same one
+    self._upload_to = os.path.join(logdir, os.path.basename(self._writer._file_name)) if self._local_dir else None
     if purge_step:
       # What SummaryWriter(purge_step=...) writes: TensorBoard hides older events at steps >= purge_step.
       self._writer.write_event(event_pb2.Event(wall_time=time.time(), step=purge_step, session_log=event_pb2.SessionLog(
@@ -78,9 +92,16 @@ class _EventFile:
 
   def flush(self) -> None:
     self._writer.flush()
+    if self._upload_to:
+      # pylint: disable-next=protected-access
+      with open(self._writer._file_name, "rb") as f:
+        paths.write_atomic(self._upload_to, f.read())
 
   def close(self) -> None:
+    self.flush()
     self._writer.close()
+    if self._local_dir:
+      shutil.rmtree(self._local_dir, ignore_errors=True)
 
 
 class MetricWriter:
@@ -90,6 +111,7 @@ class MetricWriter:
     self.enabled = jax.process_index() == 0
     self.path = workdir_lib.path(workdir, workdir_lib.METRICS_FILE)
     self._tb = None
+    self._text: str | None = None  # the whole file, kept only for an object store (no appends there)
     if not self.enabled:
       return
     kept = self._truncate_after(resume_step)
@@ -107,13 +129,11 @@ class MetricWriter:
 
   def _truncate_after(self, step: int) -> list[dict[str, Any]]:
     """Drops the records past `step` (on resume unparseable lines stay as they were); returns the records kept."""
-    lines = _read_lines(self.path) if os.path.exists(self.path) else []
+    lines = _read_lines(self.path) if paths.as_path(self.path).exists() else []
     kept = [(line, r) for line, r in lines if (r is None and step > 0) or (r is not None and r.get("step", 0) <= step)]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      for line, record in kept:
-        f.write((json.dumps(record) if record is not None else line.rstrip("\n")) + "\n")
-    os.replace(tmp, self.path)
+    text = "".join((json.dumps(record) if record is not None else line.rstrip("\n")) + "\n" for line, record in kept)
+    paths.write_atomic(self.path, text)
+    self._text = None if paths.is_local(self.path) else text
     return [r for _, r in kept if r is not None]
 
   def _add_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -125,8 +145,13 @@ class MetricWriter:
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in scalars.items()}
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps({"step": int(step), **clean}) + "\n")
+    line = json.dumps({"step": int(step), **clean}) + "\n"
+    if self._text is None:
+      with open(self.path, "a", encoding="utf-8") as f:
+        f.write(line)
+    else:
+      self._text += line
+      paths.write_atomic(self.path, self._text)
     self._add_scalars(step, clean)
     # Flushed at each write, so a killed run keeps its scalars; writes come once per log_every steps.
     self._tb.flush()

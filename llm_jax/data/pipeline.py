@@ -11,7 +11,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 from typing import Any
 from typing import Callable
 from typing import Iterator
@@ -19,6 +18,7 @@ from typing import Iterator
 import grain
 import numpy as np
 
+from llm_jax import paths
 from llm_jax.data import store as store_lib
 from llm_jax.data.corpus import DataConfig
 from llm_jax.data.corpus import make_source
@@ -102,6 +102,12 @@ def _no_barrier(name: str) -> None:
 
 @contextlib.contextmanager
 def _exclusive(lock_path: str) -> Iterator[None]:
+  """An flock on a local store. An object store has none, and takes no lock: two runs building the same store
+  at once each write the same bytes (shards are a function of the source and tokenizer), so the cost is the
+  duplicated work, not a damaged store."""
+  if not paths.is_local(lock_path):
+    yield
+    return
   os.makedirs(os.path.dirname(lock_path), exist_ok=True)
   with open(lock_path, "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
@@ -111,11 +117,9 @@ def _exclusive(lock_path: str) -> Iterator[None]:
 def _copy_into(path: str, directory: str) -> str:
   """Copies the tokenizer file into the workdir (atomically), so the run stays self-contained."""
   target = os.path.join(directory, os.path.basename(path))
-  if not os.path.exists(target):
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{target}.tmp{os.getpid()}"
-    shutil.copyfile(path, tmp)
-    os.replace(tmp, target)
+  if not paths.as_path(target).exists():
+    paths.makedirs(directory)
+    paths.write_atomic(target, paths.as_path(path).read_bytes())
   return target
 
 
@@ -160,13 +164,14 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer_di
   path = os.path.join(root, store_lib.fingerprint(identity, file_sha256(tokenizer.path), store_lib.DOCS_PER_SHARD))
   manifest = os.path.join(path, store_lib.MANIFEST)
   # Runs of a sweep starting together on one machine take turns: the first builds, the others then read.
-  with _exclusive(f"{path}.lock") if process_count == 1 and not os.path.exists(manifest) else contextlib.nullcontext():
-    if not os.path.exists(manifest):
+  building = process_count == 1 and not paths.as_path(manifest).exists()
+  with _exclusive(f"{path}.lock") if building else contextlib.nullcontext():
+    if not paths.as_path(manifest).exists():
       log(f"tokenising data.corpus={data_cfg.corpus!r} into the token store {path}")
       store_lib.write_shards(source, tokenizer, path, process_index=process_index, process_count=process_count,
                              workers=os.cpu_count() or 1, log=log)
     barrier("llm_jax:store_shards")
-    if process_index == 0 and not os.path.exists(manifest):
+    if process_index == 0 and not paths.as_path(manifest).exists():
       store_lib.write_manifest(source, tokenizer, path)
   barrier("llm_jax:store_manifest")
   store = store_lib.TokenStore.open(path)

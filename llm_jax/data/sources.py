@@ -5,15 +5,18 @@ list or record counts alone (no text is read), `read(unit)` streams a unit's doc
 cheap description of the input (paths, sizes, mtimes, dataset versions) that keys the tokenizer and store caches.
 """
 
+import contextlib
 import fcntl
 import gzip
 import json
 import math
 import os
+from typing import IO
 from typing import Any
 from typing import Callable
 from typing import Iterator
 
+from llm_jax import paths
 from llm_jax.data.split import is_validation
 from llm_jax.data.split import validation_keys
 from llm_jax.data.text import clean_text
@@ -43,13 +46,23 @@ def _decode(data: bytes, where: str) -> str:
 
 def read_text_file(path: str) -> str:
   """Returns the text of a plain or gzip-compressed (.gz) file; a ValueError names an undecodable one."""
-  opener = gzip.open if path.endswith(".gz") else open
   try:
-    with opener(path, "rb") as f:
+    with _open_binary(path) as f:
       data = f.read()
   except (OSError, EOFError) as e:
     raise ValueError(f"{path} cannot be read ({e}); fix or drop it from data.text_files") from None
   return _decode(data, path)
+
+
+@contextlib.contextmanager
+def _open_binary(path: str) -> Iterator[IO[bytes]]:
+  """`path` opened for reading through epath (local or gs://), gunzipped when it ends in .gz."""
+  with paths.as_path(path).open("rb") as raw:
+    if path.endswith(".gz"):
+      with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+        yield f
+    else:
+      yield raw
 
 
 def _texts_of_records(path: str, field: str) -> Iterator[Any]:
@@ -57,15 +70,14 @@ def _texts_of_records(path: str, field: str) -> Iterator[Any]:
   if path.endswith(".parquet"):
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel  (only Parquet corpora need it)
 
-    parquet = pq.ParquetFile(path)
+    parquet = pq.ParquetFile(path if paths.is_local(path) else paths.as_path(path).open("rb"))
     if field not in parquet.schema_arrow.names:
       raise ValueError(f"data.text_field={field!r} is not a column of {path} (it has "
                        f"{parquet.schema_arrow.names}); pass --config.data.text_field=...")
     for batch in parquet.iter_batches(columns=[field], batch_size=1024):
       yield from batch.column(0).to_pylist()
     return
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
+  with _open_binary(path) as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -132,7 +144,7 @@ class TextFiles(Source):
     if self.records:
       self._check_records()
       self._validation = set()
-    elif len(self.paths) <= _FEW_FILES and sum(map(os.path.getsize, self.paths)) <= _FEW_FILES_BYTES:
+    elif len(self.paths) <= _FEW_FILES and sum(map(paths.size, self.paths)) <= _FEW_FILES_BYTES:
       self._validation = self._split_few_files()
     else:
       read_text_file(self.paths[0])  # An undecodable first file fails before any tokenising.
@@ -166,7 +178,7 @@ class TextFiles(Source):
     return set()
 
   def identity(self) -> dict[str, Any]:
-    stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in self.paths]
+    stats = [(p, paths.size(p), paths.mtime_ns(p)) for p in self.paths]
     return {"source": self.name, "files": stats, "validation_fraction": self.fraction,
             "text_field": self.field if self.records else None,
             "rules": [_FEW_FILES, _FEW_FILES_BYTES, SHARD_BYTES]}
@@ -178,24 +190,24 @@ class TextFiles(Source):
 
   def shards(self, split: str, docs_per_shard: int) -> list[Any]:
     _check_split(split)
-    paths = self._split_paths(split)
+    split_paths = self._split_paths(split)
     if self.records:  # A file's record count is unknown until read: one shard per file.
-      return [(split, (p,)) for p in paths]
+      return [(split, (p,)) for p in split_paths]
     shards, group, size = [], [], 0
-    for path in paths:  # Up to docs_per_shard files and about SHARD_BYTES each: a function of the file list.
+    for path in split_paths:  # Up to docs_per_shard files and about SHARD_BYTES each: a function of the file list.
       group.append(path)
-      size += os.path.getsize(path)
+      size += paths.size(path)
       if len(group) == docs_per_shard or size >= SHARD_BYTES:
         shards.append((split, tuple(group)))
         group, size = [], 0
     return shards + ([(split, tuple(group))] if group else [])
 
   def input_bytes(self, split: str) -> int | None:
-    return sum(os.path.getsize(p) for p in self._split_paths(split))
+    return sum(paths.size(p) for p in self._split_paths(split))
 
   def read(self, unit: Any, keep: Keep | None = None) -> Iterator[Document]:
-    split, paths = unit
-    for path in paths:
+    split, unit_paths = unit
+    for path in unit_paths:
       if keep is not None and not self.records and not keep(path):
         continue
       if self.records:

@@ -6,6 +6,11 @@ Layout under `store_dir/<fingerprint>/`: per split and shard i, `i.tokens` (uint
 presence means the shard is whole); `manifest.json` is written after every shard. Shard boundaries come from the
 source's file list or record counts alone, so a preparation killed at any point resumes at the first missing
 shard and ends byte-identical. Shapes: B rows, L1 = seq_len + 1 tokens per row.
+
+`store_dir` may be local or on an object store (gs://), all through epath: locally a file is written under a
+temporary name and renamed; on an object store an object appears whole when its upload ends, so files are written
+under their final names. Reading memory-maps local shards and reads byte ranges of remote ones (seek + read), so
+a gs:// store is never downloaded whole.
 """
 
 import dataclasses
@@ -13,6 +18,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import threading
 import time
 from typing import Any
 from typing import Callable
@@ -20,6 +26,7 @@ from typing import Iterable
 
 import numpy as np
 
+from llm_jax import paths
 from llm_jax.data.packing import PAD_ID
 from llm_jax.data.sources import SPLITS
 from llm_jax.data.sources import Source
@@ -56,16 +63,9 @@ def _rebuild_hint(prefix: str, path: str) -> str:
           "config (it rebuilds only missing shards)")
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def _file_sha256(path: str) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with paths.as_path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 24), b""):
       digest.update(block)
   return digest.hexdigest()
@@ -113,11 +113,11 @@ def _encode_batches(source: Source, unit: Any, tokenizer: Any) -> Iterable[tuple
 def _write_shard(source: Source, unit: Any, tokenizer: Any, prefix: str, progress: Progress | None) -> None:
   """Tokenises one unit into `prefix`.tokens/.offsets (atomically), then its `prefix`.json."""
   dtype, has_bos = token_dtype(tokenizer.vocab_size), tokenizer.bos_id >= 0
-  os.makedirs(os.path.dirname(prefix), exist_ok=True)
-  tmp = f".tmp{os.getpid()}"
+  paths.makedirs(os.path.dirname(prefix))
+  tmp = f".tmp{os.getpid()}" if paths.is_local(prefix) else ""  # see the module docstring
   digest, offsets, stream = hashlib.sha256(), [], 0
   counts = {"documents": 0, "num_tokens": 0, "bytes": 0}
-  with open(prefix + ".tokens" + tmp, "wb") as f:
+  with paths.as_path(prefix + ".tokens" + tmp).open("wb") as f:
     for texts, ids in _encode_batches(source, unit, tokenizer):
       num_tokens = num_bytes = 0
       for text, doc in zip(texts, ids):
@@ -138,17 +138,17 @@ def _write_shard(source: Source, unit: Any, tokenizer: Any, prefix: str, progres
       if progress is not None:
         progress.add(len(texts), num_tokens, num_bytes)
   offsets_bytes = np.asarray(offsets, dtype=np.int64).tobytes()
-  _write_atomic(prefix + ".offsets", offsets_bytes)
-  os.replace(prefix + ".tokens" + tmp, prefix + ".tokens")
+  paths.write_atomic(prefix + ".offsets", offsets_bytes)
+  if tmp:
+    os.replace(prefix + ".tokens" + tmp, prefix + ".tokens")
   meta = {**counts, "stream_tokens": stream, "tokens_bytes": stream * dtype.itemsize,
           "offsets_bytes": len(offsets_bytes), "tokens_sha256": digest.hexdigest(),
           "offsets_sha256": hashlib.sha256(offsets_bytes).hexdigest()}
-  _write_atomic(prefix + ".json", json.dumps(meta, sort_keys=True).encode())
+  paths.write_atomic(prefix + ".json", json.dumps(meta, sort_keys=True).encode())
 
 
 def _read_json(path: str) -> dict[str, Any]:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(paths.as_path(path).read_text(encoding="utf-8"))
 
 
 def check_shard_sizes(path: str, split: str, index: int, meta: dict[str, Any]) -> None:
@@ -156,7 +156,7 @@ def check_shard_sizes(path: str, split: str, index: int, meta: dict[str, Any]) -
   prefix = _shard_prefix(path, split, index)
   for kind in ("tokens", "offsets"):
     name = f"{prefix}.{kind}"
-    size = os.path.getsize(name) if os.path.exists(name) else -1
+    size = paths.size(name) if paths.as_path(name).exists() else -1
     if size != meta[f"{kind}_bytes"]:
       raise ValueError(f"token store shard {name} is {size} bytes, not the {meta[f'{kind}_bytes']} recorded "
                        f"(truncated or missing); {_rebuild_hint(prefix, path)}")
@@ -186,7 +186,7 @@ def write_shards(source: Source, tokenizer: Any, path: str, *, docs_per_shard: i
     for index, unit in enumerate(source.shards(split, docs_per_shard)):
       if index % process_count == process_index:
         prefix = _shard_prefix(path, split, index)
-        (kept if os.path.exists(prefix + ".json") else todo).append((split, index, unit))
+        (kept if paths.as_path(prefix + ".json").exists() else todo).append((split, index, unit))
   workers = max(1, min(workers, len(todo)))
   if workers == 1:
     for split, index, unit in todo:
@@ -223,7 +223,7 @@ def write_manifest(source: Source, tokenizer: Any, path: str, *, docs_per_shard:
     shards = []
     for index in range(len(source.shards(split, docs_per_shard))):
       meta_path = _shard_prefix(path, split, index) + ".json"
-      if not os.path.exists(meta_path):
+      if not paths.as_path(meta_path).exists():
         raise ValueError(f"token store shard {meta_path} is missing (a worker did not finish, or data.store_dir is "
                          "not one file system shared by every process); rerun the preparation on a shared store_dir")
       shards.append(_read_json(meta_path))
@@ -232,20 +232,39 @@ def write_manifest(source: Source, tokenizer: Any, path: str, *, docs_per_shard:
   manifest = {"format": FORMAT_VERSION, "fingerprint": os.path.basename(path),
               "dtype": token_dtype(tokenizer.vocab_size).name, "vocab_size": tokenizer.vocab_size,
               "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "splits": splits}
-  _write_atomic(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
+  paths.write_atomic(os.path.join(path, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
 
 
 def build(source: Source, tokenizer: Any, path: str, *, docs_per_shard: int = DOCS_PER_SHARD, workers: int = 1,
           log: Log = print) -> str:
   """Single-process preparation: the missing shards, then the manifest; returns `path`."""
-  if not os.path.exists(os.path.join(path, MANIFEST)):
+  if not paths.as_path(os.path.join(path, MANIFEST)).exists():
     write_shards(source, tokenizer, path, docs_per_shard=docs_per_shard, workers=workers, log=log)
     write_manifest(source, tokenizer, path, docs_per_shard=docs_per_shard)
   return path
 
 
+class RangedTokens:
+  """A remote shard's token file read by byte ranges (`tokens[a:b]`) through epath: no memory map, no download."""
+
+  def __init__(self, path: str, dtype: np.dtype):
+    self.path, self.dtype = path, np.dtype(dtype)
+    self._file: Any = None
+    self._lock = threading.Lock()  # one handle, one position: grain's reader threads take turns
+
+  def __getitem__(self, window: slice) -> np.ndarray:
+    size = self.dtype.itemsize
+    with self._lock:
+      if self._file is None:
+        self._file = paths.as_path(self.path).open("rb")
+      self._file.seek(window.start * size)
+      data = self._file.read((window.stop - window.start) * size)
+    return np.frombuffer(data, dtype=self.dtype)
+
+
 class SplitStore:
-  """One split's shards as one token stream, memory-mapped lazily; picklable (maps are reopened per process)."""
+  """One split's shards as one token stream, opened lazily (memory maps locally, byte ranges on an object store);
+  picklable (shards are reopened per process)."""
 
   def __init__(self, path: str, split: str, meta: dict[str, Any], dtype: str):
     self.path, self.split, self.dtype = path, split, np.dtype(dtype)
@@ -260,11 +279,15 @@ class SplitStore:
   def __getstate__(self) -> dict[str, Any]:
     return {**self.__dict__, "_maps": {}}
 
-  def _shard(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+  def _shard(self, index: int) -> tuple[Any, np.ndarray]:
     if index not in self._maps:
       prefix = _shard_prefix(self.path, self.split, index)
-      self._maps[index] = (np.memmap(prefix + ".tokens", dtype=self.dtype, mode="r"),
-                           np.memmap(prefix + ".offsets", dtype=np.int64, mode="r"))
+      if paths.is_local(prefix):
+        self._maps[index] = (np.memmap(prefix + ".tokens", dtype=self.dtype, mode="r"),
+                             np.memmap(prefix + ".offsets", dtype=np.int64, mode="r"))
+      else:  # offsets are 8 bytes per document: read whole
+        offsets = np.frombuffer(paths.as_path(prefix + ".offsets").read_bytes(), dtype=np.int64)
+        self._maps[index] = (RangedTokens(prefix + ".tokens", self.dtype), offsets)
     return self._maps[index]
 
   def num_rows(self, seq_len: int) -> int:
@@ -306,7 +329,7 @@ class TokenStore:
   def open(cls, path: str) -> "TokenStore":
     """Reads the manifest and checks every shard's size (O(shards)); contents are checked by `verify`."""
     manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.exists(manifest_path):
+    if not paths.as_path(manifest_path).exists():
       raise ValueError(f"no token store at {path} (no {MANIFEST}); run python -m llm_jax.prepare --config=...")
     manifest = _read_json(manifest_path)
     if manifest.get("format") != FORMAT_VERSION:

@@ -1,10 +1,10 @@
-"""Local text shared by every corpus: files by comma-separated globs, strict UTF-8 reads, and cleaning
+"""Text shared by every corpus: files by comma-separated globs (local or gs://), strict UTF-8 reads, and cleaning
 (Unicode NFKC, stage-note removal and whitespace normalisation)."""
 
-import glob
-import os
 import re
 import unicodedata
+
+from llm_jax import paths
 
 # A stage note such as "[Laughter]" or "[The President spoke in Spanish.]": one line, no nested brackets, and
 # bounded in length so that a stray "[" can never swallow a paragraph of real text. The horizontal whitespace
@@ -35,8 +35,7 @@ def clean_text(text: str) -> str:
 
 def read_utf8(path: str) -> str:
   """Returns the text of `path`; a ValueError names the file and byte offset if it is not UTF-8."""
-  with open(path, "rb") as f:
-    data = f.read()
+  data = paths.as_path(path).read_bytes()
   try:
     text = data.decode("utf-8")
   except UnicodeDecodeError as e:
@@ -51,7 +50,7 @@ def text_file_paths(pattern: str, setting: str, fix: str = "") -> list[str]:
   `setting` names the flag in the error (e.g. "data.text_files"); `fix` ends its advice.
   """
   globs = [g.strip() for g in pattern.split(",") if g.strip()]
-  paths = {p for g in globs for p in glob.glob(os.path.expanduser(g), recursive=True) if os.path.isfile(p)}
-  if not paths:
+  found = {p for g in globs for p in paths.glob_files(g)}
+  if not found:
     raise ValueError(f"{setting}={pattern!r} matches no files; pass an existing glob{fix}")
-  return sorted(paths)
+  return sorted(found)

@@ -26,6 +26,7 @@ import safetensors.numpy
 
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
+from llm_jax import paths
 from llm_jax import workdir as workdir_lib
 from llm_jax.hf import tokenizer as hf_tokenizer
 from llm_jax.hf import weights
@@ -54,14 +55,14 @@ def read_hf_config(hf_dir: str) -> dict[str, Any]:
 
 def read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
   """Every tensor of every *.safetensors file in `hf_dir`, as float32 numpy (bfloat16 included)."""
-  paths = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
-  if not paths:
+  weight_files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+  if not weight_files:
     raise FileNotFoundError(f"{hf_dir} has no *.safetensors weights (pytorch_model.bin is not read: re-save "
                             "with save_pretrained(..., safe_serialization=True))")
   tensors = {}
   # The flax reader understands bfloat16, which numpy does not; read on the host, then free each copy.
   with jax.default_device(jax.local_devices(backend="cpu")[0]):
-    for path in paths:
+    for path in weight_files:
       try:
         with safetensors.safe_open(path, framework="flax") as f:
           for name in f.keys():
@@ -130,8 +131,8 @@ def import_hf(hf_dir: str, workdir: str) -> tuple[ModelConfig, int]:
 
   Returns (model config, parameter count). Config and tokenizer are checked before the weights are read.
   """
-  workdir_lib.check_local(hf_dir, "--from_hf")
-  workdir_lib.check_local(workdir, "--workdir")
+  paths.check_local(hf_dir, "--from_hf")
+  paths.check_local(workdir, "--workdir")
   _check_directory(workdir, "--workdir")
   hf = read_hf_config(hf_dir)
   cfg = weights.model_config_from_hf(hf)
@@ -200,7 +201,7 @@ def _export_tokenizer(tokenizer: Any, hf_dir: str) -> None:
 
 def export_hf(workdir: str, hf_dir: str, step: int | None = None) -> tuple[ModelConfig, int]:
   """Writes checkpoint `step` (default newest) of `workdir` as a Hugging Face directory; returns (config, step)."""
-  workdir_lib.check_local(hf_dir, "--to_hf")
+  paths.check_local(hf_dir, "--to_hf")
   _check_directory(hf_dir, "--to_hf")
   if os.path.isfile(os.path.join(hf_dir, HF_CONFIG_FILE)):
     raise ValueError(f"--to_hf={hf_dir} already holds a model (config.json); pass a new or empty directory")

@@ -16,6 +16,8 @@ from typing import Sequence
 
 import tokenizers
 
+from llm_jax import paths
+
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 # Tried in order when no config file names the end-of-text token.
@@ -26,10 +28,9 @@ DEFAULT_PAD_ID = 0
 
 def read_json(path: str) -> dict[str, Any]:
   """The JSON object in `path`, or {} when the file does not exist."""
-  if not os.path.isfile(path):
+  if not paths.as_path(path).is_file():
     return {}
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(paths.as_path(path).read_text(encoding="utf-8"))
 
 
 def token_content(token: Any) -> str | None:
@@ -47,10 +48,10 @@ def special_tokens(directory: str) -> dict[str, Any]:
 
 def read_tokenizer_json(path: str) -> tokenizers.Tokenizer:
   """The `tokenizers.Tokenizer` in `path`; a one-line ValueError when it is missing or not one."""
-  if not os.path.isfile(path):
+  if not paths.as_path(path).is_file():
     raise ValueError(f"tokenizer file {path!r} does not exist; pass an existing tokenizer.json or .model file")
   try:
-    return tokenizers.Tokenizer.from_file(path)
+    return tokenizers.Tokenizer.from_str(paths.as_path(path).read_text(encoding="utf-8"))
   except Exception as e:  # pylint: disable=broad-except  # the library raises bare Exceptions on bad files
     raise ValueError(f"{path} is not a Hugging Face tokenizer.json ({str(e).splitlines()[0][:200]})") from None
 

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from llm_jax import paths
 from llm_jax import workdir as workdir_lib
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorflow-datasets",
@@ -49,10 +50,9 @@ def _now() -> str:
 
 def read(workdir: str) -> dict[str, Any] | None:
   path = workdir_lib.path(workdir, workdir_lib.RUN_FILE)
-  if not os.path.exists(path):
+  if not paths.as_path(path).exists():
     return None
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  text = paths.as_path(path).read_text(encoding="utf-8")
   try:
     return json.loads(text)
   except json.JSONDecodeError as e:
@@ -63,10 +63,7 @@ def read(workdir: str) -> dict[str, Any] | None:
 def _write(workdir: str, card: dict[str, Any]) -> None:
   if jax.process_index() != 0:
     return
-  tmp = workdir_lib.path(workdir, workdir_lib.RUN_FILE + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(card, f, indent=2, default=str)
-  os.replace(tmp, workdir_lib.path(workdir, workdir_lib.RUN_FILE))
+  paths.write_atomic(workdir_lib.path(workdir, workdir_lib.RUN_FILE), json.dumps(card, indent=2, default=str))
 
 
 def start(workdir: str, config: ml_collections.ConfigDict, num_params: int) -> dict[str, Any]:

@@ -1,0 +1,128 @@
+"""Where files live: every file the project reads or writes goes through `etils.epath`, so a local path and an
+object-store URL (gs://, s3://) take the same code, and the few operations that differ between them live here.
+
+Paths stay plain strings in the rest of the code (`os.path.join`, `dirname` and `basename` are right for URLs
+too); only the I/O goes through `as_path`. A local path keeps the exact behaviour it had with `open`/`os`:
+epath hands it to its os backend. Without TensorFlow, epath reaches gs:// through fsspec (gcsfs must be
+installed on the machine); orbax reaches it through tensorstore and google-cloud-storage.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import re
+import sys
+
+from etils import epath
+
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_WILDCARD = re.compile(r"[*?\[]")
+
+
+def is_local(location: str) -> bool:
+  """False for a URL (gs://, s3://, ...), True for a file-system path."""
+  return not _URL_SCHEME.match(os.fspath(location))
+
+
+def as_path(location: str) -> epath.Path:
+  """The epath of `location` (a local path as it is: no `~` expansion, as with `open`)."""
+  return epath.Path(os.fspath(location))
+
+
+def absolute(location: str) -> str:
+  """An absolute local path, or the URL unchanged: `os.path.abspath("gs://b/x")` would make it a local folder
+  named 'gs:'."""
+  location = os.fspath(location)
+  return os.path.abspath(location) if is_local(location) else location
+
+
+def write_atomic(location: str, data: bytes | str) -> None:
+  """Writes a whole file so that a reader sees the old content or the new, never a part.
+
+  Locally: a temporary file in the same folder, then `os.replace`. On an object store one object write is
+  already atomic (the object appears whole when the upload finishes) and a rename is a copy plus a delete,
+  so the object is written directly.
+  """
+  payload = data.encode("utf-8") if isinstance(data, str) else data
+  path = as_path(location)
+  if not is_local(location):
+    path.write_bytes(payload)
+    return
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(payload)
+  os.replace(tmp, path)
+
+
+def makedirs(location: str) -> None:
+  """Creates a folder and its parents (a no-op on an object store, where folders are name prefixes)."""
+  as_path(location).mkdir(parents=True, exist_ok=True)
+
+
+def size(location: str) -> int:
+  """The file's length in bytes."""
+  return os.path.getsize(as_path(location)) if is_local(location) else as_path(location).stat().length
+
+
+def mtime_ns(location: str) -> int:
+  """The file's modification time in nanoseconds (an object store's has whole seconds)."""
+  if is_local(location):
+    return os.stat(as_path(location)).st_mtime_ns
+  return int(as_path(location).stat().mtime) * 10**9
+
+
+def warn_no_lock(location: str, what: str) -> None:
+  """One warning line: an object store has no flock, so one writer per `location` is the user's job."""
+  print(f"warning: {location} is on an object store, which has no file locks: {what} is not locked there; run "
+        "one job per workdir", file=sys.stderr, flush=True)
+
+
+def glob_files(pattern: str) -> list[str]:
+  """The files (not folders) matched by one glob: through `glob` for a local pattern (`~` expanded, `**`
+  recursive), through epath below the pattern's last wildcard-free folder for a URL (where epath refuses `**`)."""
+  if is_local(pattern):
+    return [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
+  if "**" in pattern:
+    raise ValueError(f"{pattern!r}: a recursive ** is not supported on an object store (epath refuses it, as it "
+                     "can take thousands of listing requests); name each level with *")
+  parts = pattern.split("/")
+  first = next((i for i, part in enumerate(parts) if _WILDCARD.search(part)), len(parts))
+  root = as_path("/".join(parts[:first]))
+  if first == len(parts):
+    return [pattern] if root.is_file() else []
+  return [os.fspath(p) for p in root.glob("/".join(parts[first:])) if p.is_file()]
+
+
+def check_local(location: str, what: str) -> None:
+  """Refuses a URL for a setting that only local files serve (TFDS data, Hugging Face folders, sweep roots): those
+  go through libraries or subprocesses that would quietly make a local folder named 'gs:'."""
+  match = _URL_SCHEME.match(location or "")
+  if match:
+    raise ValueError(f"{what}={location} is not a local path, and {what} takes only local ones; pass a local "
+                     "directory or a mounted bucket (e.g. gcsfuse) instead")
+
+
+# The fsspec protocol epath uses for each URL scheme when TensorFlow is absent, and the package that provides it.
+_FSSPEC = {"gs": ("gcs", "gcsfs"), "s3": ("s3", "s3fs")}
+
+
+def check_reachable(location: str, what: str) -> None:
+  """Refuses, in one line naming the package, a URL that epath could not open here, before any work is done."""
+  match = _URL_SCHEME.match(location or "")
+  if not match:
+    return
+  scheme = match.group(1)
+  if scheme not in _FSSPEC:
+    raise ValueError(f"{what}={location}: {scheme}:// is not supported; use a local path, gs:// or s3://")
+  if importlib.util.find_spec("tensorflow") is not None:
+    return  # epath then goes through tf.io.gfile
+  import fsspec  # pylint: disable=import-outside-toplevel  (etils' epath depends on it; only URLs need it here)
+
+  protocol, package = _FSSPEC[scheme]
+  try:
+    fsspec.get_filesystem_class(protocol)
+  except ImportError:
+    raise ValueError(f"{what}={location} needs the {package} package to reach {scheme}:// (or TensorFlow); "
+                     f"pip install {package} on every host") from None
