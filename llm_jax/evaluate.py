@@ -13,6 +13,7 @@ from absl import app
 from absl import flags
 
 from llm_jax import launch
+from llm_jax import paths
 from llm_jax.evals import documents as doc_eval
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A directory written by llm_jax.train or llm_jax.convert.")
@@ -31,7 +32,11 @@ flags.mark_flag_as_required("workdir")
 
 
 def _check_writable(path: str, what: str = "") -> None:
-  """Creates the report's directory and test-opens the file, so an unwritable --output fails before scoring."""
+  """Creates the report's directory and test-opens the file, so an unwritable --output fails before scoring (on an
+  object store, where nothing opens for appending, it only checks that the store is reachable)."""
+  if not paths.is_local(path):
+    paths.check_reachable(path, "--output")
+    return
   try:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     existed = os.path.exists(path)
@@ -53,7 +58,7 @@ def _check_flags() -> None:
       raise ValueError(f"--{name}={flag.value} must be >= 0 (0: the default)")
   if _OUTPUT.value:
     _check_writable(_OUTPUT.value)
-  elif os.path.isdir(_WORKDIR.value):
+  elif paths.is_local(_WORKDIR.value) and os.path.isdir(_WORKDIR.value):
     # The default report is named after the checkpoint step, known only once loaded: probe the folder.
     _check_writable(os.path.join(_WORKDIR.value, f".eval_probe{os.getpid()}.json"),
                     f"the report into --workdir={_WORKDIR.value}")

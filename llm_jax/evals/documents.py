@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from llm_jax import config as config_lib
 from llm_jax import metrics as metrics_lib
+from llm_jax import paths
 from llm_jax import workdir as workdir_lib
 from llm_jax.data import corpus
 from llm_jax.data.text import clean_text
@@ -156,10 +157,8 @@ def zero_shot_workdir(workdir: str, path: str, *, step: int | None = None, batch
 
 
 def write_report(path: str, report: dict[str, Any]) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2)
-    f.write("\n")
+  paths.makedirs(os.path.dirname(paths.absolute(path)))
+  paths.as_path(path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 class TrainingEvaluator:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
-import os
 from typing import Any
 from typing import Sequence
 
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax import metrics as metrics_lib
+from llm_jax import paths
 from llm_jax.model import ModelConfig
 from llm_jax.model import Transformer
 
@@ -41,11 +42,11 @@ class Item:
 
 def read_items(path: str) -> list[Item]:
   """Parses a zero-shot JSONL file; a ValueError names the file, line and what is wrong."""
-  if not os.path.isfile(path):
+  if not paths.as_path(path).is_file():
     raise FileNotFoundError(f"zero-shot file {path} does not exist; pass an existing JSONL file")
   items = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
+  with paths.as_path(path).open("rb") as raw:
+    for number, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8"), 1):
       if line.strip():
         items.append(_parse_item(line, f"{path}:{number}"))
   if not items:
