@@ -2,7 +2,8 @@
 
 Both files may live on an object store (gs://), where a file cannot be appended to: there each write replaces
 the whole object (metrics.jsonl, and the event file, which is written locally and uploaded at every flush), so
-a killed run leaves the last whole version. A write then costs the file's size, about 100 bytes per record.
+a killed run leaves the last whole version. A write then uploads the whole file: a few hundred bytes per logged
+step so far (about 3 MB after 10,000 log lines).
 """
 
 from __future__ import annotations

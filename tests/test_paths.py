@@ -13,6 +13,7 @@ in memory. Two things stay outside the fake, by necessity:
 """
 
 import importlib
+import importlib.util
 import json
 import os
 
@@ -25,6 +26,7 @@ from test_store import TOPICS
 from test_train import smoke_config
 from test_writers import _events
 
+from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import paths
 from llm_jax import trainer
 from llm_jax import workdir as workdir_lib
@@ -149,3 +151,25 @@ def test_a_gs_workdir_and_store_train_and_resume_in_the_bucket(bucket, tmp_path,
     shown |= {e.step for e in _events(str(local_copy)) if e.HasField("summary")}
   assert {10, 20} <= shown
   _no_local_gs_folder(os.getcwd(), REPO, str(tmp_path))
+
+
+def test_metrics_on_a_bucket_are_rewritten_whole_and_truncated_on_resume(bucket):
+  writer = writers.MetricWriter("gs://bucket/w")
+  for step in (10, 20, 30):
+    writer.write(step, {"loss": 10.0 - step / 10})
+  writer.close()
+  assert [r["step"] for r in writers.read_metrics("gs://bucket/w")] == [10, 20, 30]
+  writer = writers.MetricWriter("gs://bucket/w", resume_step=20)  # as a run resumed from checkpoint 20
+  assert [r["step"] for r in writers.read_metrics("gs://bucket/w")] == [10, 20]
+  writer.write(30, {"loss": 1.5})
+  writer.close()
+  assert writers.read_metrics("gs://bucket/w")[-1] == {"step": 30, "loss": 1.5}
+  assert not [k for k in bucket if ".tmp" in k] and len(_objects(bucket, "bucket/w/tensorboard/")) == 2
+
+
+def test_gs_checkpoints_go_to_orbax_as_they_are(monkeypatch):
+  assert workdir_lib.checkpoint_dir("gs://bucket/run") == "gs://bucket/run/checkpoints"
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # as on a host without the package
+  with pytest.raises(ValueError, match="^checkpoints in gs://bucket/run/checkpoints need the google-cloud-storage"):
+    checkpoint_lib.check_reachable("gs://bucket/run/checkpoints")
+  checkpoint_lib.check_reachable("/tmp/run/checkpoints")  # local: nothing to check
