@@ -57,7 +57,8 @@ def write_atomic(location: str, data: bytes | str) -> None:
 
 
 def makedirs(location: str) -> None:
-  """Creates a folder and its parents (a no-op on an object store, where folders are name prefixes)."""
+  """Creates a folder and its parents (on an object store, where folders are only name prefixes, nothing to make
+  once the bucket exists)."""
   as_path(location).mkdir(parents=True, exist_ok=True)
 
 
