@@ -24,21 +24,23 @@ _VERIFY = flags.DEFINE_bool("verify", False, "Also check every shard's sha256 ag
 flags.mark_flags_as_required(["config"])
 
 
-def prepare(config: ml_collections.ConfigDict, verify: bool) -> str:
-  """Builds what is missing of the tokenizer and token store of `config`, prints a summary, returns the store path."""
+def prepare(config: ml_collections.ConfigDict, verify: bool) -> tuple[str, ...]:
+  """Builds what is missing of the tokenizer and token stores of `config` (one per source), prints a summary,
+  returns the store paths."""
   data = pipeline.prepare_data(config_lib.data_config(config), config_lib.tokenizer_config(config),
                                log=writers.console)
-  store = store_lib.TokenStore.open(data.store_path)
-  if verify:
-    store.verify()
-  for split in ("train", "validation"):
-    counts, entry = store.counts(split), store.manifest["splits"][split]
-    writers.console(f"{split}: {counts['documents']:,} documents, {counts['num_tokens']:,} tokens, "
-                    f"{counts['bytes'] / 1e6:,.1f} MB of text, {len(entry['shards'])} shard(s), "
-                    f"{counts['bytes'] / max(counts['num_tokens'], 1):.2f} bytes/token")
-  writers.console(f"token store {data.store_path} ({store.manifest['dtype']}; tokenizer {data.tokenizer.path})"
-                  + ("; every shard matches its sha256" if verify else ""))
-  return data.store_path
+  for path in data.store_paths:
+    store = store_lib.TokenStore.open(path)
+    if verify:
+      store.verify()
+    for split in ("train", "validation"):
+      counts, entry = store.counts(split), store.manifest["splits"][split]
+      writers.console(f"{split}: {counts['documents']:,} documents, {counts['num_tokens']:,} tokens, "
+                      f"{counts['bytes'] / 1e6:,.1f} MB of text, {len(entry['shards'])} shard(s), "
+                      f"{counts['bytes'] / max(counts['num_tokens'], 1):.2f} bytes/token")
+    writers.console(f"token store {path} ({store.manifest['dtype']}; tokenizer {data.tokenizer.path})"
+                    + ("; every shard matches its sha256" if verify else ""))
+  return data.store_paths
 
 
 def main(argv: Sequence[str]) -> None:

@@ -8,7 +8,7 @@ metadata (built and checked here only), and loading a trained or converted model
     .lock                held while a run trains (`faults.WorkdirLock`)
     checkpoints/         orbax checkpoints (`checkpoint.Checkpointer`); unusable ones move to unusable_checkpoints/
     tokenizer/           trained tokenizers, cached per corpus and settings
-    data_store.json      which shared token store (data.store_dir) the run read
+    data_store.json      which shared token stores (data.store_dir; one per source) the run read
     tensorboard/         TensorBoard event files
 """
 
@@ -19,6 +19,7 @@ import json
 import os
 import re
 from typing import Any
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -93,10 +94,12 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def write_data_store(workdir: str, store_path: str) -> None:
-  """Records the token store (path and fingerprint) the run trained on; the store itself is shared."""
+def write_data_store(workdir: str, store_paths: Sequence[str]) -> None:
+  """Records the token stores (paths and fingerprints; one per source, in mixture order) the run trained on; the
+  stores themselves are shared."""
+  stores = [{"store": os.path.abspath(p), "fingerprint": os.path.basename(p)} for p in store_paths]
   with open(path(workdir, DATA_STORE_FILE), "w", encoding="utf-8") as f:
-    json.dump({"store": os.path.abspath(store_path), "fingerprint": os.path.basename(store_path)}, f, indent=2)
+    json.dump({"stores": stores}, f, indent=2)
 
 
 def write_model_card(workdir: str, cfg: ModelConfig, tokenizer_path: str) -> None:

@@ -282,3 +282,19 @@ def test_local_worker_processes_write_the_same_store(sotu, tokenizer, tmp_path):
   lines = []
   two = store_lib.build(sotu, tokenizer, str(tmp_path / "two" / "s"), docs_per_shard=60, workers=2, log=lines.append)
   assert _files(two) == _files(one) and lines[-1].startswith("prepared: 249 documents")
+
+
+def test_many_record_files_split_by_file_and_are_read_once(tmp_path, monkeypatch):
+  for i in range(20):
+    with open(tmp_path / f"{i:02d}.jsonl", "w", encoding="utf-8") as f:
+      for j in range(3):
+        f.write(json.dumps({"text": f"file {i} record {j}"}) + "\n")
+  source = make_source(DataConfig(corpus="text_files", text_files=str(tmp_path / "*.jsonl"), validation_fraction=0.2))
+  opened = []
+  real = sources._texts_of_records
+  monkeypatch.setattr(sources, "_texts_of_records", lambda path, field: opened.append(path) or real(path, field))
+  docs = {split: [key for key, _ in source.documents(split)] for split in sources.SPLITS}
+  files = {split: {key.rsplit(":", 1)[0] for key in docs[split]} for split in sources.SPLITS}
+  assert not files["train"] & files["validation"] and len(files["train"] | files["validation"]) == 20
+  assert len(docs["train"]) + len(docs["validation"]) == 60 and len(docs["validation"]) % 3 == 0
+  assert sorted(opened) == sorted(files["train"] | files["validation"])  # each file read once, by its split
