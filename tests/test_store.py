@@ -74,11 +74,11 @@ def test_killed_preparation_resumes_byte_identical(sotu, tokenizer, tmp_path, mo
   whole = store_lib.build(sotu, tokenizer, str(tmp_path / "whole" / "s"), docs_per_shard=50, log=quiet)
   real_encode, calls = tokenizer.encode_batch, []
 
-  def dies_in_the_third_shard(texts):
+  def dies_in_the_third_shard(texts, threads=0):
     calls.append(1)
     if len(calls) == 3:
       raise KeyboardInterrupt("killed")
-    return real_encode(texts)
+    return real_encode(texts, threads)
 
   monkeypatch.setattr(store_lib, "_BATCH_CHARS", 1 << 30)  # One tokenizer call per shard.
   monkeypatch.setattr(tokenizer, "encode_batch", dies_in_the_third_shard)
