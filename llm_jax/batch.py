@@ -10,10 +10,13 @@ Every array is (B, L): B sequences of L = seq_len model positions.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from typing import Any
 
-import jax
 import numpy as np
+
+if TYPE_CHECKING:  # JAX only for type hints and `abstract`: the data workers that import this never load it.
+  import jax
 
 Batch = dict[str, Any]
 
@@ -37,6 +40,7 @@ def make(**arrays: np.ndarray) -> dict[str, np.ndarray]:
 def abstract(batch_size: int, seq_len: int, sharding: jax.sharding.Sharding | None = None
              ) -> dict[str, jax.ShapeDtypeStruct]:
   """ShapeDtypeStructs of a (batch_size, seq_len) batch, for compiling a step without data."""
+  import jax  # pylint: disable=import-outside-toplevel
   return {k: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=sharding) for k, dtype in DTYPES.items()}
 
 

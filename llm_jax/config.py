@@ -57,7 +57,7 @@ def _model_defaults() -> ml_collections.ConfigDict:
 
 def _data_defaults() -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict()
-  s.corpus = "sotu"  # 'sotu' (built in), 'text_files' or 'tfds'.
+  s.corpus = "sotu"  # 'sotu' (built in), 'text_files', 'tfds' or 'mixture' (of the components in data.mixture).
   s.text_files = ""  # Glob(s), comma separated, for corpus='text_files': .txt/.gz text, .jsonl[.gz] or .parquet.
   s.text_field = "text"  # The JSONL field or Parquet column holding the text, for text_files of those kinds.
   s.tfds_name = ""  # A TFDS catalog name already prepared under data_dir, for corpus='tfds'.
@@ -68,6 +68,8 @@ def _data_defaults() -> ml_collections.ConfigDict:
   s.store_dir = ""  # Shared token stores (runs and sweeps reuse them); '' is ~/.cache/llm_jax/stores.
   s.validation_fraction = 0.05  # Share of documents held out (text_files corpora).
   s.seq_len = 128  # Tokens per packed training sequence.
+  # corpus='mixture': {name: {'corpus': ..., 'weight': share of training tokens, that corpus's settings}}.
+  s.mixture = ml_collections.ConfigDict()
   return s
 
 
@@ -175,7 +177,11 @@ def loop_plan(config: ml_collections.ConfigDict) -> loop_lib.LoopPlan:
 
 
 def data_config(config: ml_collections.ConfigDict) -> corpus.DataConfig:
-  return _frozen(corpus.DataConfig, config.data)
+  fields = config.data.to_dict()
+  base = corpus.DataConfig(**{**fields, "mixture": ()})
+  if base.corpus != "mixture":
+    return base
+  return dataclasses.replace(base, mixture=corpus.mixture_components(base, fields["mixture"]))
 
 
 def tokenizer_config(config: ml_collections.ConfigDict) -> tokenizer_lib.TokenizerConfig:
@@ -298,6 +304,8 @@ def _validate_run(config: ml_collections.ConfigDict) -> None:
 
 def _validate_data(config: ml_collections.ConfigDict) -> None:
   d = config.data
+  if d.corpus == "mixture":
+    _validate_mixture(config)
   _require(0.0 < d.validation_fraction < 1.0, f"data.validation_fraction={d.validation_fraction} must be in (0, 1)")
   if d.corpus == "text_files":
     _require(bool(d.text_files), "data.corpus='text_files' needs --config.data.text_files=<glob>")
@@ -314,6 +322,18 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
     _require(bool(d.tfds_name), "data.corpus='tfds' needs --config.data.tfds_name=<catalog name>")
 
 
+def _validate_mixture(config: ml_collections.ConfigDict) -> None:
+  """Each component is checked by corpus.mixture_components; the top-level source settings are the components'."""
+  defaults = get_config().data
+  for key in corpus.COMPONENT_FIELDS[1:]:
+    _require(config.data[key] == defaults[key], f"data.{key} is set but data.corpus='mixture' reads each "
+             f"component's own; set it in data.mixture.<name>.{key} (or restore data.{key}={defaults[key]!r})")
+  try:
+    data_config(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
 def _refuse_ignored(config: ml_collections.ConfigDict) -> None:
   """A setting the chosen corpus, optimizer, schedule or family never reads is an error, not a silent no-op."""
   defaults = get_config()
@@ -324,6 +344,8 @@ def _refuse_ignored(config: ml_collections.ConfigDict) -> None:
     ignored.append(("data", ("text_files",), f"data.corpus={d.corpus!r}", "data.corpus=text_files"))
   if d.corpus != "tfds":
     ignored.append(("data", ("tfds_name",), f"data.corpus={d.corpus!r}", "data.corpus=tfds"))
+  _require(d.corpus == "mixture" or not d.mixture, f"data.mixture is set but data.corpus={d.corpus!r} ignores it; "
+           "pass --config.data.corpus=mixture (or clear data.mixture)")
   if o.name != "sgd":
     ignored.append(("optim", ("momentum", "nesterov"), f"optim.name={o.name!r}", "optim.name=sgd"))
   if o.name != "adamw":

@@ -1,13 +1,16 @@
-"""`python -m llm_jax.prepare --config=experiments/<name>.py [--verify]`: build (or check) the token store that
-training with that config reads, so a run or a sweep starts without tokenising."""
+"""`python -m llm_jax.prepare --config=experiments/<name>.py [--verify] [--distributed]`: build (or check) the token
+stores that training with that config reads, so a run or a sweep starts without tokenising; with several processes
+(one per host of a pod) each tokenises its own share of the shards."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 import ml_collections
 from absl import app
 from absl import flags
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from llm_jax import config as config_lib
@@ -22,28 +25,36 @@ _CONFIG = config_flags.DEFINE_config_file(
 _VERIFY = flags.DEFINE_bool("verify", False, "Also check every shard's sha256 against the manifest (reads the "
                             "whole store).")
 flags.mark_flags_as_required(["config"])
+_DISTRIBUTED = launch.DistributedFlags()
 
 
-def prepare(config: ml_collections.ConfigDict, verify: bool) -> str:
-  """Builds what is missing of the tokenizer and token store of `config`, prints a summary, returns the store path."""
+def prepare(config: ml_collections.ConfigDict, verify: bool) -> tuple[str, ...]:
+  """Builds what is missing of the tokenizer and token stores of `config` (one per source), prints a summary,
+  returns the store paths."""
+  sync = multihost_utils.sync_global_devices if jax.process_count() > 1 else lambda name: None
   data = pipeline.prepare_data(config_lib.data_config(config), config_lib.tokenizer_config(config),
+                               process_index=jax.process_index(), process_count=jax.process_count(), barrier=sync,
                                log=writers.console)
-  store = store_lib.TokenStore.open(data.store_path)
-  if verify:
-    store.verify()
-  for split in ("train", "validation"):
-    counts, entry = store.counts(split), store.manifest["splits"][split]
-    writers.console(f"{split}: {counts['documents']:,} documents, {counts['num_tokens']:,} tokens, "
-                    f"{counts['bytes'] / 1e6:,.1f} MB of text, {len(entry['shards'])} shard(s), "
-                    f"{counts['bytes'] / max(counts['num_tokens'], 1):.2f} bytes/token")
-  writers.console(f"token store {data.store_path} ({store.manifest['dtype']}; tokenizer {data.tokenizer.path})"
-                  + ("; every shard matches its sha256" if verify else ""))
-  return data.store_path
+  if jax.process_index() > 0:
+    return data.store_paths
+  for path in data.store_paths:
+    store = store_lib.TokenStore.open(path)
+    if verify:
+      store.verify()
+    for split in ("train", "validation"):
+      counts, entry = store.counts(split), store.manifest["splits"][split]
+      writers.console(f"{split}: {counts['documents']:,} documents, {counts['num_tokens']:,} tokens, "
+                      f"{counts['bytes'] / 1e6:,.1f} MB of text, {len(entry['shards'])} shard(s), "
+                      f"{counts['bytes'] / max(counts['num_tokens'], 1):.2f} bytes/token")
+    writers.console(f"token store {path} ({store.manifest['dtype']}; tokenizer {data.tokenizer.path})"
+                    + ("; every shard matches its sha256" if verify else ""))
+  return data.store_paths
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  _DISTRIBUTED.initialize()
   launch.run_main("llm_jax.prepare", lambda: prepare(_CONFIG.value, _VERIFY.value))
 
 

@@ -82,9 +82,9 @@ class Tokenizer:
     """Returns the ids of `text`, without bos/eos."""
     return self._processor.encode(text, out_type=int)
 
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    """Returns the ids of each text, encoded on all cores."""
-    return self._processor.encode(list(texts), out_type=int, num_threads=os.cpu_count() or 1)
+  def encode_batch(self, texts: Sequence[str], threads: int = 0) -> list[list[int]]:
+    """Returns the ids of each text, encoded on `threads` threads (0: all cores)."""
+    return self._processor.encode(list(texts), out_type=int, num_threads=threads or os.cpu_count() or 1)
 
   def decode(self, ids: Sequence[int]) -> str:
     """Returns the text of `ids`; pad, bos and eos decode to nothing."""

@@ -90,8 +90,8 @@ def _prepare_data_once(config: ml_collections.ConfigDict, workdir: str) -> pipel
       tokenizer_dir=workdir_lib.path(workdir, workdir_lib.TOKENIZER_DIR),
       process_index=jax.process_index(), process_count=jax.process_count(), barrier=sync, log=writers.console)
   if jax.process_index() == 0:
-    workdir_lib.write_data_store(workdir, data.store_path)
-  writers.console(f"data: token store {data.store_path} ({data.train_num_documents:,} train and "
+    workdir_lib.write_data_store(workdir, data.store_paths)
+  writers.console(f"data: token store {', '.join(data.store_paths)} ({data.train_num_documents:,} train and "
                   f"{data.val_num_documents:,} validation documents, {data.train_num_tokens:,} train tokens)")
   return data
 

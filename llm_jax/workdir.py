@@ -8,7 +8,7 @@ metadata (built and checked here only), and loading a trained or converted model
     .lock                held while a run trains (`faults.WorkdirLock`; none on an object store)
     checkpoints/         orbax checkpoints (`checkpoint.Checkpointer`); unusable ones move to unusable_checkpoints/
     tokenizer/           trained tokenizers, cached per corpus and settings
-    data_store.json      which shared token store (data.store_dir) the run read
+    data_store.json      which shared token stores (data.store_dir; one per source) the run read
     tensorboard/         TensorBoard event files
 
 The workdir may be a local folder or an object-store URL (gs://...): every file goes through `paths`.
@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 from typing import Any
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -81,10 +82,11 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(paths.as_path(config_path).read_text(encoding="utf-8")))
 
 
-def write_data_store(workdir: str, store_path: str) -> None:
-  """Records the token store (path and fingerprint) the run trained on; the store itself is shared."""
-  record = {"store": paths.absolute(store_path), "fingerprint": os.path.basename(store_path)}
-  paths.as_path(path(workdir, DATA_STORE_FILE)).write_text(json.dumps(record, indent=2), encoding="utf-8")
+def write_data_store(workdir: str, store_paths: Sequence[str]) -> None:
+  """Records the token stores (paths and fingerprints; one per source, in mixture order) the run trained on; the
+  stores themselves are shared."""
+  stores = [{"store": paths.absolute(p), "fingerprint": os.path.basename(p)} for p in store_paths]
+  paths.as_path(path(workdir, DATA_STORE_FILE)).write_text(json.dumps({"stores": stores}, indent=2), encoding="utf-8")
 
 
 def write_model_card(workdir: str, cfg: ModelConfig, tokenizer_path: str) -> None:

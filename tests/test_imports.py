@@ -2,6 +2,8 @@
 
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 from conftest import REPO
@@ -85,3 +87,11 @@ def test_library_modules_import_no_entry_point_and_not_launch(module):
 def test_entry_points_never_import_each_other(module):
   bad = sorted(n for n in imports_of(module) if n in ENTRY_POINTS)
   assert not bad, f"{module} imports {bad}"
+
+
+def test_the_token_store_workers_do_not_load_jax():
+  # The store's worker processes import only the store: seconds of JAX start-up each would dominate small shards.
+  code = "import sys, llm_jax.data.store; print(sorted(m for m in ('jax', 'flax', 'tensorflow') if m in sys.modules))"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": REPO})
+  assert out.stdout.strip() == "[]"

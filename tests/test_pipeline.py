@@ -88,7 +88,7 @@ def test_prepare_text_files_round_trips_and_caches(tmp_path, monkeypatch):
   assert again.val_bytes == prepared.val_bytes and again.tokenizer.path == tokenizer.path
   other_seq_len = ml_collections.ConfigDict(cfg.to_dict())
   other_seq_len.data.seq_len = 32
-  assert prepare_data(other_seq_len, workdir).store_path == prepared.store_path
+  assert prepare_data(other_seq_len, workdir).store_paths == prepared.store_paths
   assert len(os.listdir(os.path.join(workdir, "tokenizer"))) == 1
   assert not [f for _, _, files in os.walk(os.path.join(workdir, "stores")) for f in files if ".tmp" in f]
 

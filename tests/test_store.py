@@ -74,11 +74,11 @@ def test_killed_preparation_resumes_byte_identical(sotu, tokenizer, tmp_path, mo
   whole = store_lib.build(sotu, tokenizer, str(tmp_path / "whole" / "s"), docs_per_shard=50, log=quiet)
   real_encode, calls = tokenizer.encode_batch, []
 
-  def dies_in_the_third_shard(texts):
+  def dies_in_the_third_shard(texts, threads=0):
     calls.append(1)
     if len(calls) == 3:
       raise KeyboardInterrupt("killed")
-    return real_encode(texts)
+    return real_encode(texts, threads)
 
   monkeypatch.setattr(store_lib, "_BATCH_CHARS", 1 << 30)  # One tokenizer call per shard.
   monkeypatch.setattr(tokenizer, "encode_batch", dies_in_the_third_shard)
@@ -282,3 +282,48 @@ def test_local_worker_processes_write_the_same_store(sotu, tokenizer, tmp_path):
   lines = []
   two = store_lib.build(sotu, tokenizer, str(tmp_path / "two" / "s"), docs_per_shard=60, workers=2, log=lines.append)
   assert _files(two) == _files(one) and lines[-1].startswith("prepared: 249 documents")
+
+
+def test_many_record_files_split_by_file_and_are_read_once(tmp_path, monkeypatch):
+  for i in range(20):
+    with open(tmp_path / f"{i:02d}.jsonl", "w", encoding="utf-8") as f:
+      for j in range(3):
+        f.write(json.dumps({"text": f"file {i} record {j}"}) + "\n")
+  source = make_source(DataConfig(corpus="text_files", text_files=str(tmp_path / "*.jsonl"), validation_fraction=0.2))
+  opened = []
+  real = sources._texts_of_records
+  monkeypatch.setattr(sources, "_texts_of_records", lambda path, field: opened.append(path) or real(path, field))
+  docs = {split: [key for key, _ in source.documents(split)] for split in sources.SPLITS}
+  files = {split: {key.rsplit(":", 1)[0] for key in docs[split]} for split in sources.SPLITS}
+  assert not files["train"] & files["validation"] and len(files["train"] | files["validation"]) == 20
+  assert len(docs["train"]) + len(docs["validation"]) == 60 and len(docs["validation"]) % 3 == 0
+  assert sorted(opened) == sorted(files["train"] | files["validation"])  # each file read once, by its split
+
+
+def test_two_processes_prepare_the_store_one_process_prepares(tmp_path):
+  from conftest import REPO  # pylint: disable=import-outside-toplevel
+  from test_distributed import _free_port  # pylint: disable=import-outside-toplevel
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for i in range(20):  # Above 16 record files: one shard per file, so both processes have shards to write.
+    with open(corpus / f"{i:02d}.jsonl", "w", encoding="utf-8") as f:
+      f.writelines(json.dumps({"text": text}) + "\n" for text in TOPICS[2 * i:2 * i + 2])
+  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+
+  def command(stores: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "llm_jax.prepare", "--config=experiments/smoke.py", "--config.data.corpus=text_files",
+            f"--config.data.text_files={corpus}/*.jsonl", f"--config.data.store_dir={tmp_path / stores}", *extra]
+  one = subprocess.run(command("one"), cwd=REPO, env=env, capture_output=True, text=True, check=False)
+  assert one.returncode == 0, one.stderr
+  port = _free_port()
+  procs = [subprocess.Popen(command("two", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                    f"--process_id={p}"), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for p in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs
+  assert "prepared shards of process 0/2" in outputs[0] and "token store" in outputs[0]  # process 0 reports
+  stores = {name: [d for d in os.listdir(tmp_path / name) if not d.startswith("tokenizers") and "lock" not in d]
+            for name in ("one", "two")}
+  assert stores["one"] == stores["two"] and len(stores["one"]) == 1
+  built = {name: _files(str(tmp_path / name / stores[name][0])) for name in ("one", "two")}
+  assert built["one"] == built["two"] and len(built["one"]) > 40

@@ -1,17 +1,26 @@
-"""Corpora by name: the built-in `sotu`, local text files (plain, .gz, JSONL, Parquet) and prepared TFDS datasets,
-as streaming sources (`make_source`) or, for small data, lists of cleaned documents (`load_documents`).
+"""Corpora by name: the built-in `sotu`, local text files (plain, .gz, JSONL, Parquet), prepared TFDS datasets and
+weighted mixtures of them, as streaming sources (`make_source`, `components`) or, for small data, lists of cleaned
+documents (`load_documents`).
 
 Splits are made per document by a stable hash of its name (`split.validation_keys`), so they do not depend on
 file order, Python's hash seed or the machine.
 """
 
 import dataclasses
+import math
 import os
+from typing import Any
 
+from llm_jax import paths
 from llm_jax.data import sources
+from llm_jax.data.mixture import CYCLE
 from llm_jax.data.sources import SPLITS
 
-CORPORA = ("sotu", "text_files", "tfds")
+CORPORA = ("sotu", "text_files", "tfds", "mixture")
+# What a mixture component may set: its corpus and that corpus's own settings (seq_len and the directories are the
+# mixture's, shared by every component).
+COMPONENT_FIELDS = ("corpus", "text_files", "text_field", "tfds_name", "tfds_text_key", "tfds_train_split",
+                    "tfds_validation_split", "validation_fraction")
 DEFAULT_DATA_DIR = sources.DEFAULT_DATA_DIR
 DEFAULT_STORE_DIR = "~/.cache/llm_jax/stores"
 
@@ -31,6 +40,76 @@ class DataConfig:
   store_dir: str = ""
   validation_fraction: float = 0.05
   seq_len: int = 128
+  # For corpus='mixture': (name, weight, the component's own DataConfig), weights summing to 1.
+  mixture: tuple["Component", ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+  """One source of a mixture: its name, its share of the training tokens and its own data settings."""
+
+  name: str
+  weight: float
+  data: DataConfig
+
+
+def components(data_cfg: DataConfig) -> tuple[Component, ...]:
+  """The sources training reads, with their shares: a mixture's components, else the corpus itself (weight 1)."""
+  if data_cfg.corpus == "mixture":
+    return data_cfg.mixture
+  return (Component("", 1.0, data_cfg),)
+
+
+# Per corpus, the component settings it reads (besides corpus); any other one set in a component is an error.
+_READS = {"sotu": (), "text_files": ("text_files", "text_field", "validation_fraction"),
+          "tfds": ("tfds_name", "tfds_text_key", "tfds_train_split", "tfds_validation_split")}
+
+
+def mixture_components(base: DataConfig, mixture: dict[str, dict[str, Any]]) -> tuple[Component, ...]:
+  """The components of data.mixture ({name: {"corpus": ..., "weight": ..., its settings}}), in name order, with
+  weights normalised to shares; one-line ValueErrors for what cannot work or would be ignored."""
+  example = "data.mixture = {'sotu': {'corpus': 'sotu', 'weight': 0.7}, 'web': {'corpus': 'text_files', ...}}"
+  if not mixture:
+    raise ValueError(f"data.corpus='mixture' needs components; set e.g. {example} in the experiment file")
+  defaults = DataConfig()
+  parts = []
+  for name in sorted(mixture):
+    entry, key = dict(mixture[name]), f"data.mixture.{name}"
+    unknown = sorted(set(entry) - set(COMPONENT_FIELDS) - {"weight"})
+    if unknown:
+      raise ValueError(f"{key} has unknown setting(s) {', '.join(unknown)}; a component takes weight and "
+                       f"{', '.join(COMPONENT_FIELDS)}")
+    weight = entry.pop("weight", None)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+      raise ValueError(f"{key}.weight={weight!r} must be a positive number (its share of training tokens)")
+    kind = entry.get("corpus")
+    if kind not in _READS:
+      raise ValueError(f"{key}.corpus={kind!r} is not one of {', '.join(_READS)}; set {key}.corpus")
+    for field in sorted(set(entry) - {"corpus"} - set(_READS[kind])):
+      if entry[field] != getattr(defaults, field):
+        raise ValueError(f"{key}.{field} is set but {key}.corpus={kind!r} ignores it; remove it")
+    data = dataclasses.replace(base, mixture=(), **{**{f: getattr(defaults, f) for f in COMPONENT_FIELDS}, **entry})
+    _check_component(data, key)
+    parts.append((name, float(weight), data))
+  total = sum(weight for _, weight, _ in parts)
+  if min(weight for _, weight, _ in parts) / total < 1 / CYCLE:
+    raise ValueError(f"data.mixture weights {[w for _, w, _ in parts]} give a component under 1/{CYCLE} of the "
+                     "training rows; raise its weight or drop it")
+  return tuple(Component(name, weight / total, data) for name, weight, data in parts)
+
+
+def _check_component(data: DataConfig, key: str) -> None:
+  if not 0.0 < data.validation_fraction < 1.0:
+    raise ValueError(f"{key}.validation_fraction={data.validation_fraction} must be in (0, 1)")
+  if data.corpus == "text_files":
+    if not data.text_files:
+      raise ValueError(f"{key} has corpus='text_files' but no text_files; set {key}.text_files=<glob>")
+    for pattern in filter(None, (p.strip() for p in data.text_files.split(","))):
+      paths.check_reachable(pattern, f"{key}.text_files")
+      if not paths.glob_files(pattern):
+        raise ValueError(f"{key}.text_files={pattern!r} matches no files; pass an existing glob")
+  if data.corpus == "tfds" and not data.tfds_name:
+    raise ValueError(f"{key} has corpus='tfds' but no tfds_name; set {key}.tfds_name=<catalog name>")
 
 
 def data_dir(data_cfg: DataConfig) -> str:
@@ -53,6 +132,8 @@ def make_source(data_cfg: DataConfig) -> sources.Source:
     return sources.sotu_source(data_dir(data_cfg))
   if data_cfg.corpus == "text_files":
     return sources.TextFiles(data_cfg.text_files, data_cfg.validation_fraction, data_cfg.text_field)
+  if data_cfg.corpus == "mixture":
+    raise ValueError("data.corpus='mixture' has one source per component; read them through corpus.components")
   if data_cfg.corpus == "tfds":
     splits = {"train": data_cfg.tfds_train_split, "validation": data_cfg.tfds_validation_split}
     return sources.TfdsSplits(data_cfg.tfds_name, data_dir(data_cfg), splits, data_cfg.tfds_text_key)
@@ -64,7 +145,8 @@ def load_documents(data_cfg: DataConfig, split: str) -> list[str]:
   (evaluation of a few documents, tests); training streams them through `make_source` into a token store."""
   if split not in SPLITS:
     raise ValueError(f"split={split!r} is not one of {SPLITS}; pass 'train' or 'validation'")
-  documents = [text for _, text in make_source(data_cfg).documents(split)]
+  documents = [text for component in components(data_cfg)
+               for _, text in make_source(component.data).documents(split)]
   if not documents and data_cfg.corpus == "tfds":
     split_name = data_cfg.tfds_train_split if split == "train" else data_cfg.tfds_validation_split
     raise ValueError(f"split {split_name!r} of TFDS dataset {data_cfg.tfds_name!r} has no text in feature "

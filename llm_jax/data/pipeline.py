@@ -8,22 +8,28 @@ so the per-process batches are disjoint and concatenate, in process order, to th
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
 from typing import Any
 from typing import Callable
 from typing import Iterator
+from typing import Sequence
 
 import grain
 import numpy as np
 
 from llm_jax import paths
+from llm_jax.data import mixture
 from llm_jax.data import store as store_lib
+from llm_jax.data.corpus import Component
 from llm_jax.data.corpus import DataConfig
+from llm_jax.data.corpus import components
 from llm_jax.data.corpus import make_source
 from llm_jax.data.corpus import store_dir as default_store_dir
 from llm_jax.data.packing import make_example
+from llm_jax.data.sources import Source
 from llm_jax.data.split import is_validation
 from llm_jax.tokenizer import MAX_TRAIN_CHARS
 from llm_jax.tokenizer import TokenizerConfig
@@ -69,12 +75,13 @@ class StoreRows:
     return self.split.rows(indices_B, self.seq_len)
 
 
-Rows = PackedRows | StoreRows
+Rows = PackedRows | StoreRows | mixture.ConcatRows
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PreparedData:
-  """The tokenizer, the packed rows of each split and their counts; `store_path` names the token store read.
+  """The tokenizer, the packed rows of each split and their counts; `store_paths` name the token stores read (one
+  per source: a mixture has several).
 
   `*_num_tokens` count tokenizer ids of the text (no bos/eos); `*_bytes` count UTF-8 bytes of the cleaned
   documents (no separators), so bits per byte = total target loss in bits / val_bytes.
@@ -89,7 +96,7 @@ class PreparedData:
   val_num_documents: int
   val_num_tokens: int
   val_bytes: int
-  store_path: str = ""
+  store_paths: tuple[str, ...] = ()
 
   @property
   def seq_len(self) -> int:
@@ -126,7 +133,8 @@ def _copy_into(path: str, directory: str) -> str:
 def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer_dir: str = "",
                  store_dir: str = "", process_index: int = 0, process_count: int = 1,
                  barrier: Callable[[str], None] = _no_barrier, log: Callable[[str], None] = print) -> PreparedData:
-  """Gets the tokenizer and the token store for (corpus, split rule, tokenizer), building what is missing.
+  """Gets the tokenizer and the token store of each source (one, or a mixture's components), building what is
+  missing.
 
   Both are cached under `store_dir` (data.store_dir when empty) and keyed by a cheap identity of the input
   (paths, sizes, mtimes; dataset versions), so a restart reads no text. With several processes, process 0
@@ -138,51 +146,96 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer_di
   if seq_len < 1:  # Checked before anything is read: the store itself does not depend on seq_len.
     raise ValueError(f"data.seq_len={seq_len} must be at least 1; pass e.g. --config.data.seq_len=128")
   root = store_dir or default_store_dir(data_cfg)
-  source = make_source(data_cfg)
-  identity = source.identity()
-  corpus_key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-  # Above this much input the tokenizer samples documents by a stable hash of their key (reading only those);
-  # below it, every document, as the in-memory path always did (so small corpora keep their exact tokenizer).
-  input_bytes = source.input_bytes("train") or 0
-  rate = _TOKENIZER_SAMPLE_RATIO * MAX_TRAIN_CHARS / input_bytes if input_bytes else 1.0
-  keep = (lambda key: is_validation(f"tokenizer:{key}", rate)) if rate < 1.0 else None
-
-  announced = []
-
-  def train_documents():  # called once per streaming pass (count, then take): say so once
-    if not announced:
-      log(f"reading {'a sample' if keep else 'all'} of the train split for the tokenizer's training text")
-      announced.append(True)
-    return (text for _, text in source.documents("train", keep))
-
-  get_tokenizer = lambda: get_or_train_streaming(train_documents, corpus_key, tok_cfg, os.path.join(root, "tokenizers"))
-  tokenizer = get_tokenizer() if process_index == 0 else None
-  barrier("llm_jax:tokenizer")
-  tokenizer = get_tokenizer() if tokenizer is None else tokenizer
+  parts = components(data_cfg)
+  sources = [make_source(part.data) for part in parts]  # Every source is checked before any text is read.
+  tokenizer = _get_tokenizer(parts, sources, tok_cfg, root, process_index, barrier, log)
   if tokenizer_dir and not tok_cfg.path:
     tokenizer = type(tokenizer).load(_copy_into(tokenizer.path, tokenizer_dir))
-  path = os.path.join(root, store_lib.fingerprint(identity, file_sha256(tokenizer.path), store_lib.DOCS_PER_SHARD))
+  stores = []
+  for part, source in zip(parts, sources):
+    what = f"data.corpus={part.data.corpus!r}" + (f" (mixture component {part.name!r})" if part.name else "")
+    stores.append(_get_store(source, tokenizer, root, what, process_index, process_count, barrier, log))
+  counts = {split: [store.counts(split) for store in stores] for split in ("train", "validation")}
+  for part, val in zip(parts, counts["validation"]):
+    if val["documents"] == 0:
+      raise ValueError(f"the validation split of data.corpus={part.data.corpus!r}"
+                       + (f" (mixture component {part.name!r})" if part.name else "")
+                       + " is empty; raise --config.data.validation_fraction or add documents")
+  if len(stores) == 1:
+    train, val = (StoreRows(stores[0].splits[split], seq_len) for split in ("train", "validation"))
+  else:
+    weights = tuple(part.weight for part in parts)
+    train = mixture.MixtureRows(tuple(StoreRows(s.splits["train"], seq_len) for s in stores), weights)
+    val = mixture.InterleavedRows(tuple(StoreRows(s.splits["validation"], seq_len) for s in stores), weights)
+  total = {split: {key: sum(c[key] for c in counts[split]) for key in ("documents", "num_tokens", "bytes")}
+           for split in counts}
+  return PreparedData(tokenizer, train, val, total["train"]["documents"], total["train"]["num_tokens"],
+                      total["train"]["bytes"], total["validation"]["documents"],
+                      total["validation"]["num_tokens"], total["validation"]["bytes"],
+                      store_paths=tuple(store.path for store in stores))
+
+
+def _tokenizer_sample(parts: Sequence[Component],
+                      sources: Sequence[Source]) -> tuple[Callable[[], Iterator[str]], bool]:
+  """The documents the tokenizer trains on: every train document of small inputs; of larger ones a share, picked
+  by a stable hash of the document's key, of about weight x _TOKENIZER_SAMPLE_RATIO x MAX_TRAIN_CHARS bytes per
+  source (so a mixture's sample follows its weights, and inputs of unknown size are read whole)."""
+  keeps = []
+  for part, source in zip(parts, sources):
+    input_bytes = source.input_bytes("train") or 0
+    rate = part.weight * _TOKENIZER_SAMPLE_RATIO * MAX_TRAIN_CHARS / input_bytes if input_bytes else 1.0
+    keeps.append(functools.partial(_keep_for_tokenizer, rate=rate) if rate < 1.0 else None)
+
+  def documents() -> Iterator[str]:
+    for source, keep in zip(sources, keeps):
+      yield from (text for _, text in source.documents("train", keep))
+  return documents, any(keeps)
+
+
+def _keep_for_tokenizer(key: str, rate: float) -> bool:
+  return is_validation(f"tokenizer:{key}", rate)
+
+
+def _get_tokenizer(parts: Sequence[Component], sources: Sequence[Source], tok_cfg: TokenizerConfig, root: str,
+                   process_index: int, barrier: Callable[[str], None], log: Callable[[str], None]) -> Any:
+  """Process 0 loads or trains the tokenizer (cached under root/tokenizers, keyed by the sources and weights);
+  the others then load it."""
+  identity = sources[0].identity() if len(sources) == 1 else [
+      {"name": p.name, "weight": p.weight, "source": s.identity()} for p, s in zip(parts, sources)]
+  corpus_key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+  sample, sampled = _tokenizer_sample(parts, sources)
+  announced = []
+
+  def train_documents() -> Iterator[str]:  # Called once per streaming pass (count, then take): say so once.
+    if not announced:
+      log(f"reading {'a sample' if sampled else 'all'} of the train split for the tokenizer's training text")
+      announced.append(True)
+    return sample()
+
+  get = lambda: get_or_train_streaming(train_documents, corpus_key, tok_cfg, os.path.join(root, "tokenizers"))
+  tokenizer = get() if process_index == 0 else None
+  barrier("llm_jax:tokenizer")
+  return get() if tokenizer is None else tokenizer
+
+
+def _get_store(source: Source, tokenizer: Any, root: str, what: str, process_index: int, process_count: int,
+               barrier: Callable[[str], None], log: Callable[[str], None]) -> store_lib.TokenStore:
+  """Opens the token store of (source, tokenizer) under `root`, tokenising it first if it is missing."""
+  path = os.path.join(root, store_lib.fingerprint(source.identity(), file_sha256(tokenizer.path),
+                                                  store_lib.DOCS_PER_SHARD))
   manifest = os.path.join(path, store_lib.MANIFEST)
   # Runs of a sweep starting together on one machine take turns: the first builds, the others then read.
   building = process_count == 1 and not paths.as_path(manifest).exists()
   with _exclusive(f"{path}.lock") if building else contextlib.nullcontext():
     if not paths.as_path(manifest).exists():
-      log(f"tokenising data.corpus={data_cfg.corpus!r} into the token store {path}")
+      log(f"tokenising {what} into the token store {path}")
       store_lib.write_shards(source, tokenizer, path, process_index=process_index, process_count=process_count,
                              workers=os.cpu_count() or 1, log=log)
-    barrier("llm_jax:store_shards")
+    barrier(f"llm_jax:store_shards:{os.path.basename(path)}")
     if process_index == 0 and not paths.as_path(manifest).exists():
       store_lib.write_manifest(source, tokenizer, path)
-  barrier("llm_jax:store_manifest")
-  store = store_lib.TokenStore.open(path)
-  train, val = store.counts("train"), store.counts("validation")
-  if val["documents"] == 0:
-    raise ValueError(f"the validation split of data.corpus={data_cfg.corpus!r} is empty; raise "
-                     "--config.data.validation_fraction or add documents")
-  return PreparedData(tokenizer, StoreRows(store.splits["train"], seq_len),
-                      StoreRows(store.splits["validation"], seq_len),
-                      train["documents"], train["num_tokens"], train["bytes"],
-                      val["documents"], val["num_tokens"], val["bytes"], store_path=path)
+  barrier(f"llm_jax:store_manifest:{os.path.basename(path)}")
+  return store_lib.TokenStore.open(path)
 
 
 def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
@@ -220,7 +273,10 @@ def make_train_iterator(prepared: PreparedData, *, global_batch_size: int, seed:
     raise ValueError(f"the train split packs to {num_rows} rows of data.seq_len={prepared.seq_len}, fewer than one "
                      f"global batch of {global_batch_size}; lower the batch size or --config.data.seq_len, or use "
                      "a larger corpus")
-  rows = grain.MapDataset.range(num_rows).shuffle(seed=seed % 2**32).repeat()
+  if isinstance(prepared.train, mixture.MixtureRows):
+    rows = prepared.train.order(seed)
+  else:
+    rows = grain.MapDataset.range(num_rows).shuffle(seed=seed % 2**32).repeat()
   # Batches of `local` consecutive rows: local batch s*P + p is process p's slice of global batch s.
   batches = rows.batch(local, drop_remainder=True)[process_index::process_count]
   batches = batches.map(_GatherExamples(prepared.train))

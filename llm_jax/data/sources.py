@@ -130,7 +130,8 @@ def _check_split(split: str) -> None:
 
 class TextFiles(Source):
   """Files by glob: plain or .gz text (one document per file, split by a stable hash of the path), or
-  JSONL/Parquet records (field `text_field`, split by a stable hash of 'path:record index')."""
+  JSONL/Parquet records (field `text_field`; split by a stable hash of 'path:record index' for up to _FEW_FILES
+  files, else by a stable hash of the path, so each file is read once, by one split)."""
 
   def __init__(self, pattern: str, validation_fraction: float, text_field: str = "text"):
     self.name, self.pattern, self.fraction, self.field = "text_files", pattern, validation_fraction, text_field
@@ -141,9 +142,10 @@ class TextFiles(Source):
                        "text; point it at one kind")
     self.records = all(records)
     self._few: dict[str, list[str]] | None = None
+    self._by_record = self.records and len(self.paths) <= _FEW_FILES
     if self.records:
       self._check_records()
-      self._validation = set()
+      self._validation = set() if self._by_record else validation_keys(self.paths, self.fraction)
     elif len(self.paths) <= _FEW_FILES and sum(map(paths.size, self.paths)) <= _FEW_FILES_BYTES:
       self._validation = self._split_few_files()
     else:
@@ -181,10 +183,10 @@ class TextFiles(Source):
     stats = [(p, paths.size(p), paths.mtime_ns(p)) for p in self.paths]
     return {"source": self.name, "files": stats, "validation_fraction": self.fraction,
             "text_field": self.field if self.records else None,
-            "rules": [_FEW_FILES, _FEW_FILES_BYTES, SHARD_BYTES]}
+            "rules": [_FEW_FILES, _FEW_FILES_BYTES, SHARD_BYTES, "records by file above _FEW_FILES"]}
 
   def _split_paths(self, split: str) -> list[str]:
-    if self.records or self._few is not None:
+    if self._by_record or self._few is not None:
       return list(self._few) if self._few is not None else list(self.paths)
     return [p for p in self.paths if (p in self._validation) == (split == "validation")]
 
@@ -203,7 +205,10 @@ class TextFiles(Source):
     return shards + ([(split, tuple(group))] if group else [])
 
   def input_bytes(self, split: str) -> int | None:
-    return sum(paths.size(p) for p in self._split_paths(split))
+    total = sum(paths.size(p) for p in self._split_paths(split))
+    if self._by_record:  # Both splits read every file; each keeps about its share of the records.
+      return round(total * (self.fraction if split == "validation" else 1.0 - self.fraction))
+    return total
 
   def read(self, unit: Any, keep: Keep | None = None) -> Iterator[Document]:
     split, unit_paths = unit
@@ -213,7 +218,8 @@ class TextFiles(Source):
       if self.records:
         for index, value in enumerate(_texts_of_records(path, self.field)):
           key = f"{path}:{index}"
-          if is_validation(key, self.fraction) == (split == "validation") and (keep is None or keep(key)):
+          in_split = not self._by_record or is_validation(key, self.fraction) == (split == "validation")
+          if in_split and (keep is None or keep(key)):
             text = clean_text(_as_text(value))
             if text:
               yield key, text

@@ -98,19 +98,21 @@ class Progress:
     return text
 
 
-def _encode_batches(source: Source, unit: Any, tokenizer: Any) -> Iterable[tuple[list[str], list[list[int]]]]:
+def _encode_batches(source: Source, unit: Any, tokenizer: Any,
+                    threads: int) -> Iterable[tuple[list[str], list[list[int]]]]:
   batch, chars = [], 0
   for _, text in source.read(unit):
     batch.append(text)
     chars += len(text)
     if chars >= _BATCH_CHARS:
-      yield batch, tokenizer.encode_batch(batch)
+      yield batch, tokenizer.encode_batch(batch, threads)
       batch, chars = [], 0
   if batch:
-    yield batch, tokenizer.encode_batch(batch)
+    yield batch, tokenizer.encode_batch(batch, threads)
 
 
-def _write_shard(source: Source, unit: Any, tokenizer: Any, prefix: str, progress: Progress | None) -> None:
+def _write_shard(source: Source, unit: Any, tokenizer: Any, prefix: str, progress: Progress | None,
+                 threads: int) -> None:
   """Tokenises one unit into `prefix`.tokens/.offsets (atomically), then its `prefix`.json."""
   dtype, has_bos = token_dtype(tokenizer.vocab_size), tokenizer.bos_id >= 0
   paths.makedirs(os.path.dirname(prefix))
@@ -118,7 +120,7 @@ def _write_shard(source: Source, unit: Any, tokenizer: Any, prefix: str, progres
   digest, offsets, stream = hashlib.sha256(), [], 0
   counts = {"documents": 0, "num_tokens": 0, "bytes": 0}
   with paths.as_path(prefix + ".tokens" + tmp).open("wb") as f:
-    for texts, ids in _encode_batches(source, unit, tokenizer):
+    for texts, ids in _encode_batches(source, unit, tokenizer, threads):
       num_tokens = num_bytes = 0
       for text, doc in zip(texts, ids):
         row = np.empty(len(doc) + 1 + has_bos, dtype=dtype)
@@ -175,8 +177,10 @@ def verify_shard(path: str, split: str, index: int, meta: dict[str, Any]) -> Non
 
 def write_shards(source: Source, tokenizer: Any, path: str, *, docs_per_shard: int = DOCS_PER_SHARD,
                  process_index: int = 0, process_count: int = 1, workers: int = 1, log: Log = print) -> None:
-  """Writes this process's missing shards (shard i belongs to process i mod process_count) of every split, in
-  `workers` local processes when there are several shards to write (reading and cleaning text is single-threaded).
+  """Writes this process's missing shards (shard i belongs to process i mod process_count) of every split on
+  `workers` local cores: one process per core when there are several shards to write (reading and cleaning text
+  are single-threaded, so processes scale where threads would not), each encoding on workers // processes
+  threads; with one shard, one process encoding on `workers` threads.
 
   Shards already whole (from a killed run) are kept and their sha256 verified at the end.
   """
@@ -187,12 +191,15 @@ def write_shards(source: Source, tokenizer: Any, path: str, *, docs_per_shard: i
       if index % process_count == process_index:
         prefix = _shard_prefix(path, split, index)
         (kept if paths.as_path(prefix + ".json").exists() else todo).append((split, index, unit))
-  workers = max(1, min(workers, len(todo)))
+  cores = max(1, workers)
+  workers = max(1, min(cores, len(todo)))
+  threads = max(1, cores // workers)
   if workers == 1:
     for split, index, unit in todo:
-      _write_shard(source, unit, tokenizer, _shard_prefix(path, split, index), progress)
+      _write_shard(source, unit, tokenizer, _shard_prefix(path, split, index), progress, threads)
   else:
-    jobs = [(source, tokenizer.path, unit, _shard_prefix(path, split, index)) for split, index, unit in todo]
+    jobs = [(source, tokenizer.path, unit, _shard_prefix(path, split, index), threads)
+            for split, index, unit in todo]
     # Spawned, not forked: the parent may hold JAX and grain threads.
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
       for counts in pool.imap_unordered(_shard_job, jobs):
@@ -206,12 +213,12 @@ def write_shards(source: Source, tokenizer: Any, path: str, *, docs_per_shard: i
 _WORKER_TOKENIZERS: dict[str, Any] = {}
 
 
-def _shard_job(job: tuple[Source, str, Any, str]) -> tuple[int, int, int]:
+def _shard_job(job: tuple[Source, str, Any, str, int]) -> tuple[int, int, int]:
   """One shard in a worker process; returns its (documents, tokens, bytes) for the parent's progress line."""
-  source, tokenizer_path, unit, prefix = job
+  source, tokenizer_path, unit, prefix, threads = job
   if tokenizer_path not in _WORKER_TOKENIZERS:
     _WORKER_TOKENIZERS[tokenizer_path] = load_tokenizer(tokenizer_path)
-  _write_shard(source, unit, _WORKER_TOKENIZERS[tokenizer_path], prefix, None)
+  _write_shard(source, unit, _WORKER_TOKENIZERS[tokenizer_path], prefix, None, threads)
   meta = _read_json(prefix + ".json")
   return meta["documents"], meta["num_tokens"], meta["bytes"]
 

@@ -99,8 +99,10 @@ class HFTokenizer:
     """Returns the ids of `text`, without bos/eos."""
     return self._tokenizer.encode(text, add_special_tokens=False).ids
 
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    """Returns the ids of each text (the library encodes on all cores)."""
+  def encode_batch(self, texts: Sequence[str], threads: int = 0) -> list[list[int]]:
+    """Returns the ids of each text; the library encodes on its own thread pool (sized by RAYON_NUM_THREADS), so
+    `threads`, part of the shared tokenizer interface, does not apply here."""
+    del threads
     return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
   def decode(self, ids: Sequence[int]) -> str:
