@@ -15,10 +15,14 @@ import pytest  # noqa: E402
 import tiny_hf  # noqa: E402
 from conftest import REPO  # noqa: E402
 
+from llm_jax import config as config_lib  # noqa: E402
 from llm_jax import sampling  # noqa: E402
 from llm_jax import tokenizer  # noqa: E402
+from llm_jax import trainer  # noqa: E402
 from llm_jax import workdir as workdir_lib  # noqa: E402
+from llm_jax import writers  # noqa: E402
 from llm_jax.checkpoint import Checkpointer  # noqa: E402
+from llm_jax.evals import documents as doc_eval  # noqa: E402
 from llm_jax.evals import harness  # noqa: E402
 from llm_jax.evals import scoring  # noqa: E402
 from llm_jax.model import ModelConfig  # noqa: E402
@@ -165,6 +169,23 @@ def test_bad_model_args_are_one_line_errors(workdir):
     cls(workdir=workdir, batch_size="auto")
   with pytest.raises(FileNotFoundError, match="does not exist"):
     cls(workdir=workdir + "_missing")
+
+
+def test_harness_tasks_and_zero_shot_files_run_every_k_steps_during_training(tmp_path, monkeypatch):
+  monkeypatch.chdir(REPO)
+  c = config_lib.from_file(os.path.join(REPO, "experiments", "smoke.py"))
+  c.num_train_steps, c.eval_every, c.extra_eval_every, c.sample.max_length = 10, 10, 4, 20
+  c.eval_harness_tasks, c.eval_harness_include_path, c.eval_zero_shot_files = "llm_jax_tiny_mc", TASKS, MC_FILE
+  trainer.train_and_evaluate(c, str(tmp_path / "run"))
+  records = writers.read_metrics(str(tmp_path / "run"))
+  extra = {r["step"]: r for r in records if "harness/llm_jax_tiny_mc/acc" in r}
+  assert sorted(extra) == [4, 8, 10]  # every 4 steps and at the end, not with the step-10 validation pass as well
+  assert [r["step"] for r in records if "val_loss" in r] == [10]
+  assert all("harness/llm_jax_tiny_mc/acc" not in r for r in records if "val_loss" in r)
+  for r in extra.values():  # the same items through the harness and through the zero-shot scorer
+    assert r["harness/llm_jax_tiny_mc/acc"] == r["zero_shot/tiny_mc/accuracy"]
+  zero_shot = doc_eval.zero_shot_workdir(str(tmp_path / "run"), MC_FILE, step=10)
+  assert extra[10]["zero_shot/tiny_mc/accuracy"] == zero_shot["accuracy"]
 
 
 @pytest.mark.slow

@@ -212,7 +212,10 @@ class HarnessTasks:
   def __init__(self, backend: Backend, tasks: Sequence[str], *, include_path: str = "", limit: int = 0):
     require_lm_eval("eval_harness_tasks")
     from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
-    self.manager = TaskManager(include_path=include_path or None)
+    # Indexing lm_eval's own thousands of tasks takes about 20 s: skip it when include_path has them all.
+    self.manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
+    if self.manager is None or set(tasks) - set(self.manager.all_tasks):
+      self.manager = TaskManager(include_path=include_path or None)
     missing = sorted(set(tasks) - set(self.manager.all_tasks))
     if missing:
       raise ValueError(f"eval_harness_tasks names {missing}, which lm_eval does not know"
