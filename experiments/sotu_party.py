@@ -18,13 +18,28 @@ Files:    `python experiments/sotu_party.py --out=experiments/data/sotu_party` w
           --config.eval_harness_include_path=experiments/data/sotu_party (or --config.eval_zero_shot_files=
           experiments/data/sotu_party/test_mc.jsonl).
 Measure:  `python experiments/sotu_party.py --out=experiments/data/sotu_party --workdir=/tmp/sotu_small_wd` scores
-          the test side zero-shot and with K_SHOT examples (at most SHOT_MAX_CHARS characters each) drawn from
-          the train side (3 seeds), summed log-likelihood
-          of each label. The model: README's first command's config, trained once:
+          the test side zero-shot and with K_SHOTS examples (at most SHOT_MAX_CHARS characters each) drawn from
+          the train side (3 seeds each) by each label's summed and per-token log-likelihood, and calibrated (see
+          `measure`). The model: README's first command's config, trained once:
           python -m llm_jax.train --config=experiments/sotu_small.py --workdir=/tmp/sotu_small_wd
           (3 min 47 s on the shared 2-core CPU, 2026-12-01, validation loss 4.3189 at step 400). Note: the
           model was pre-trained on 238 of the 249 speeches, test paragraphs included (never their party).
-Results:  see RESULTS below (filled from the measuring run's output; commands and wall times there).
+Results (2026-12-01, /tmp/sotu_small_wd at step 400, `python experiments/sotu_party.py
+          --workdir=/tmp/sotu_small_wd`, 14 min 38 s wall for all seven scorings on the shared 2-core CPU at load
+          average 8-15, 112-148 s each; writing the files alone takes 1.6 s):
+          3,142 train rows (143 speeches), 1,186 test rows (47 speeches: 701 Democratic, 485 Republican).
+            run            accuracy (summed)   per-token   calibrated         truncated contexts
+            chance         0.5000
+            majority       0.5911 (train's majority label, Democratic, on test)
+            zero-shot      0.4089              0.5911      0.4806             0
+            1-shot (3 seeds) 0.4089 ×3         0.5911 ×3   0.5101 0.5565 0.4798 (mean 0.5155)   3 0 3
+            2-shot (3 seeds) 0.4089 ×3         0.5911 ×3   0.5464 0.4857 0.4342 (mean 0.4888)   418 384 515
+          The 3.7M-parameter model has learned nothing usable about party from 0.8M tokens of pre-training: the
+          summed rule always answers " Republican" (2 tokens) and the per-token rule always " Democratic"
+          (5 tokens), in every prompt; removing the label prior (calibrated, content-free prompt) leaves accuracies
+          within a few points of chance, spread as wide as the seeds. With 2 examples 32-43% of prompts exceed the
+          128 positions and lose their oldest tokens (part of the first example). Fine-tuned rows (SFT, LoRA)
+          are to be added by their runs.
 """
 
 from __future__ import annotations
@@ -45,11 +60,10 @@ from llm_jax.data.text import read_utf8
 PARTIES = ("Democratic", "Republican")
 TEST_FRACTION = 0.2
 MIN_CHARS, MAX_CHARS = 60, 200
-K_SHOT = 2
+K_SHOTS = (1, 2)
 SHOT_MAX_CHARS = 100
 SEEDS = (0, 1, 2)
 TASK_NAME = "sotu_party"
-RESULTS = """(not measured yet)"""
 # lm_eval reads the YAML's data_files relative to where it runs: the repository root.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -164,22 +178,32 @@ def write_files(out: str, rows: dict[str, list[Row]]) -> None:
     f.write(TASK_YAML.format(name=TASK_NAME, out=os.path.relpath(out, REPO_ROOT)))
 
 
-def measure(workdir: str, rows: dict[str, list[Row]], k: int, seeds: tuple[int, ...]) -> list[dict]:
-  """Accuracies on the test side: zero-shot, then k-shot for each seed; with wall times and truncated contexts."""
+def measure(workdir: str, rows: dict[str, list[Row]], ks: tuple[int, ...], seeds: tuple[int, ...]) -> list[dict]:
+  """Test-side accuracies zero-shot, then k-shot for each k and seed, with wall times and truncated contexts.
+
+  accuracy / accuracy_norm: the best label by summed / per-token log-likelihood. accuracy_calibrated: the best
+  label after subtracting each label's log-likelihood after a content-free prompt (the same examples, an empty
+  paragraph), which removes the model's prior over the label strings.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
   from llm_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   from llm_jax.evals import scoring  # pylint: disable=import-outside-toplevel
   loaded = workdir_lib.load_model(workdir)
-  runs = [("zero-shot", None)] + [(f"{k}-shot", seed) for seed in seeds]
+  runs = [("zero-shot", 0, None)] + [(f"{k}-shot", k, seed) for k in ks for seed in seeds]
   results = []
-  for name, seed in runs:
-    prefix = "" if seed is None else few_shot_prefix(draw_shots(rows["train"], k, seed))
+  for name, k, seed in runs:
+    prefix = few_shot_prefix(draw_shots(rows["train"], k, seed)) if k else ""
     items = [scoring.Item(**mc_item(r, prefix)) for r in rows["test"]]
     start = time.perf_counter()
     result = scoring.zero_shot(loaded.params, loaded.cfg, loaded.tokenizer, items, batch_size=32)
+    content_free = scoring.zero_shot(loaded.params, loaded.cfg, loaded.tokenizer,
+                                     [scoring.Item(prefix + prompt(""), items[0].choices, 0)])
+    calibrated = np.argmax(np.asarray(result.log_likelihoods) - np.asarray(content_free.log_likelihoods), axis=1)
     lengths = [len(loaded.tokenizer.encode(it.context)) + 2 for it in items]  # + start token + label tokens
-    predicted = [PARTIES[p] for p in result.predictions]
     results.append({"run": name, "seed": seed, "accuracy": result.accuracy, "accuracy_norm": result.accuracy_norm,
-                    "share_predicted_" + PARTIES[1]: predicted.count(PARTIES[1]) / len(predicted),
+                    "accuracy_calibrated": float(np.mean(calibrated == np.asarray(result.labels))),
+                    "share_predicted_" + PARTIES[1]: float(np.mean(np.asarray(result.predictions) == 1)),
                     "truncated_contexts": sum(n > loaded.cfg.max_len for n in lengths),
                     "seconds": time.perf_counter() - start})
   return results
@@ -189,7 +213,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="experiments/data/sotu_party", help="folder for the JSONL and YAML files")
   parser.add_argument("--workdir", default="", help="a sotu-pretrained workdir to measure (default: only write)")
-  parser.add_argument("--k", type=int, default=K_SHOT, help="examples per few-shot prompt")
+  parser.add_argument("--k", default=",".join(map(str, K_SHOTS)), help="examples per few-shot prompt, e.g. 1,2")
   args = parser.parse_args()
   rows = build_rows()
   write_files(args.out, rows)
@@ -197,7 +221,7 @@ def main() -> None:
   speeches_per_side = {s: len({r.speech for r in rs}) for s, rs in rows.items()}
   print(json.dumps({"rows": counts, "speeches": speeches_per_side, **baselines(rows)}))
   if args.workdir:
-    for result in measure(args.workdir, rows, args.k, SEEDS):
+    for result in measure(args.workdir, rows, tuple(int(k) for k in args.k.split(",")), SEEDS):
       print(json.dumps(result))
 
 

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import sys
 
+from llm_jax import launch
 from llm_jax.evals import harness
 
 
-def main() -> None:
-  try:
-    harness.register()
-  except ValueError as e:  # lm_eval is not installed: one line, not a traceback
-    sys.exit(f"llm_jax.harness: {e}")
+def _run() -> None:
+  harness.register()
   from lm_eval.__main__ import cli_evaluate  # pylint: disable=import-outside-toplevel
   sys.argv[0] = "lm_eval"
   cli_evaluate()
+
+
+def main() -> None:
+  # A missing workdir, lm_eval or task becomes one line on stderr (exit 2), as in the other entry points.
+  launch.run_main("llm_jax.harness", _run)
 
 
 if __name__ == "__main__":
