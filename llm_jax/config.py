@@ -137,6 +137,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 32  # Sequences per validation batch.
   c.eval_text_files = ""  # Extra eval sets: comma-separated globs, one document per file (loss, bits/byte).
   c.eval_zero_shot_files = ""  # Zero-shot JSONL files scored at every evaluation (accuracy).
+  c.eval_harness_tasks = ""  # lm-eval task names (comma-separated) run like eval_zero_shot_files; the eval extra.
+  c.eval_harness_include_path = ""  # Folder of lm-eval YAML tasks for eval_harness_tasks (experiments/data/...).
+  c.eval_harness_limit = 0  # Items per harness task at each evaluation; 0: all of them.
+  c.extra_eval_every = 0  # Steps between the three extra evaluations above; 0: with every validation pass.
   c.checkpoint_every = 200  # Steps between checkpoints (and always at the end).
   c.keep_checkpoints = 3  # Newest checkpoints kept on disk.
   c.peak_flops_per_device = 0.0  # For MFU; 0: datasheet value by device kind, measured on CPU.
@@ -320,6 +324,24 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
              "JSONL files such as experiments/data/zero_shot_example.jsonl")
   if d.corpus == "tfds":
     _require(bool(d.tfds_name), "data.corpus='tfds' needs --config.data.tfds_name=<catalog name>")
+  _validate_extra_eval(config)
+
+
+def _validate_extra_eval(config: ml_collections.ConfigDict) -> None:
+  tasks = config.eval_harness_tasks.strip()
+  for key, value in (("eval_harness_include_path", config.eval_harness_include_path),
+                     ("eval_harness_limit", config.eval_harness_limit)):
+    _require(bool(tasks) or not value, f"{key} is set but no eval_harness_tasks are; name the tasks or clear {key}")
+  _require(config.eval_harness_limit >= 0, f"eval_harness_limit={config.eval_harness_limit} must be >= 0 (0: all)")
+  path = config.eval_harness_include_path
+  _require(not path or os.path.isdir(path), f"eval_harness_include_path={path!r} is not a folder; pass the folder "
+           "of the tasks' YAML files")
+  _require(not tasks or importlib.util.find_spec("lm_eval") is not None, "eval_harness_tasks needs lm_eval, which "
+           "is not installed; pip install -e .[eval] (lm-eval==0.4.13)")
+  extra = config.eval_text_files.strip() or config.eval_zero_shot_files.strip() or tasks
+  _require(config.extra_eval_every >= 0, f"extra_eval_every={config.extra_eval_every} must be >= 0")
+  _require(bool(extra) or not config.extra_eval_every, "extra_eval_every is set but there are no eval_text_files, "
+           "eval_zero_shot_files or eval_harness_tasks to run; set one or clear extra_eval_every")
 
 
 def _validate_mixture(config: ml_collections.ConfigDict) -> None:

@@ -27,6 +27,7 @@ class LoopPlan:
   stop_at_step: int = 0
   log_every: int = 20
   eval_every: int = 200
+  extra_eval_every: int = 0
   checkpoint_every: int = 200
   on_nonfinite: str = "stop"
 
@@ -136,6 +137,9 @@ class Loop:
         if (c.eval_every and step % c.eval_every == 0) or step == c.num_train_steps:
           self._check_finite(pending)
           self._evaluate(step, state)
+        if c.extra_eval_every and (step % c.extra_eval_every == 0 or step == c.num_train_steps):
+          self._check_finite(pending)
+          self._evaluate_extra(step, state)
         if preempted or step == last or step % c.checkpoint_every == 0:
           self._save(step, state, pending)
         if preempted:
@@ -187,10 +191,21 @@ class Loop:
 
   def _evaluate(self, step: int, state: steps_lib.TrainState) -> None:
     ev = evaluate(self.fns, state.params, self.eval_batches)
-    if self.extra_eval is not None:
+    if self.extra_eval is not None and not self.plan.extra_eval_every:
       ev.update(self.extra_eval(state.params))
     self.writer.write(step, ev)
     writers.console(f"step {step:>6d}/{self.plan.num_train_steps} | validation loss {ev['val_loss']:.4f} | "
                     f"perplexity {ev['val_perplexity']:.2f}")
     self.final_metrics.update(ev)
     self.clock.reset(step)  # evaluation time is not training throughput
+
+  def _evaluate_extra(self, step: int, state: steps_lib.TrainState) -> None:
+    """The extra eval sets on their own interval (extra_eval_every), logged with the other eval metrics."""
+    if self.extra_eval is None:
+      return
+    ev = self.extra_eval(state.params)
+    self.writer.write(step, ev)
+    shown = " | ".join(f"{k} {v:.4f}" for k, v in ev.items() if k.endswith(("accuracy", "/acc", "doc_loss")))
+    writers.console(f"step {step:>6d}/{self.plan.num_train_steps} | {shown or 'extra evaluation done'}")
+    self.final_metrics.update(ev)
+    self.clock.reset(step)

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import time
 from typing import Any
+from typing import Callable
 
 import jax
 import ml_collections
@@ -26,6 +27,7 @@ from llm_jax import workdir as workdir_lib
 from llm_jax import writers
 from llm_jax.data import pipeline
 from llm_jax.evals import documents as doc_eval
+from llm_jax.evals import harness
 from llm_jax.model import ModelConfig
 from llm_jax.model import check_vocab_fits
 from llm_jax.model import count_params
@@ -111,18 +113,26 @@ def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _extra_evaluator(config: ml_collections.ConfigDict, cfg: ModelConfig,
-                     tokenizer: Any) -> doc_eval.TrainingEvaluator | None:
-  """The configured extra eval sets (text files, zero-shot JSONL), or None when there are none."""
+                     tokenizer: Any) -> Callable[[Any], dict[str, float]] | None:
+  """The configured extra eval sets (text files, zero-shot JSONL, lm-eval tasks) as one callable, or None."""
   text_files = config.eval_text_files.strip()
   zero_shot = [p.strip() for p in config.eval_zero_shot_files.split(",") if p.strip()]
-  if not text_files and not zero_shot:
+  tasks = [t.strip() for t in config.eval_harness_tasks.split(",") if t.strip()]
+  if not text_files and not zero_shot and not tasks:
     return None
   if jax.process_count() > 1:
-    raise ValueError("eval_text_files and eval_zero_shot_files run on one process only; run "
-                     "python -m llm_jax.evaluate on the checkpoints instead")
-  text_sets = {"text_files": doc_eval.text_files_documents(text_files)} if text_files else {}
-  return doc_eval.TrainingEvaluator(cfg, tokenizer, text_sets=text_sets, zero_shot_files=zero_shot,
-                                    seq_len=config.data.seq_len, batch_size=config.eval_batch_size)
+    raise ValueError("eval_text_files, eval_zero_shot_files and eval_harness_tasks run on one process only; run "
+                     "python -m llm_jax.evaluate or python -m llm_jax.harness on the checkpoints instead")
+  evaluators = []
+  if text_files or zero_shot:
+    text_sets = {"text_files": doc_eval.text_files_documents(text_files)} if text_files else {}
+    evaluators.append(doc_eval.TrainingEvaluator(cfg, tokenizer, text_sets=text_sets, zero_shot_files=zero_shot,
+                                                 seq_len=config.data.seq_len, batch_size=config.eval_batch_size))
+  if tasks:
+    backend = harness.Backend(None, cfg, tokenizer, batch_size=config.eval_batch_size, seed=config.seed)
+    evaluators.append(harness.HarnessTasks(backend, tasks, include_path=config.eval_harness_include_path,
+                                           limit=config.eval_harness_limit))
+  return lambda params: {k: v for evaluate in evaluators for k, v in evaluate(params).items()}
 
 
 def _resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -90,6 +90,11 @@ CONFIG_CASES = [
     ("optim.warmup_steps", 31, "optim.warmup_steps=31 is longer than the run (num_train_steps=30)"),
     ("data.validation_fraction", 0.0, "data.validation_fraction=0.0 must be in (0, 1)"),
     ("data.validation_fraction", 1.0, "data.validation_fraction=1.0 must be in (0, 1)"),
+    ("eval_harness_limit", 5, "eval_harness_limit is set but no eval_harness_tasks are"),
+    ("eval_harness_include_path", "tests", "eval_harness_include_path is set but no eval_harness_tasks are"),
+    ("extra_eval_every", 5, "extra_eval_every is set but there are no eval_text_files, eval_zero_shot_files or "
+     "eval_harness_tasks"),
+    ("extra_eval_every", -1, "extra_eval_every=-1 must be >= 0"),
 ]
 # Several keys at once: settings that only matter together.
 CONFIG_GROUP_CASES = [
@@ -98,6 +103,10 @@ CONFIG_GROUP_CASES = [
     ("adam eps with sgd", {"optim.name": "sgd", "optim.eps": 1e-6}, "optim.eps is set but optim.name='sgd'"),
     ("llama KV cache over the bound", {"model.family": "llama", "model.num_kv_heads": 2,
                                        "sample.max_length": 10**8}, "KV cache, over the 16 GiB bound"),
+    ("harness tasks from a missing folder", {"eval_harness_tasks": "t", "eval_harness_include_path": "/nonexistent"},
+     "eval_harness_include_path='/nonexistent' is not a folder"),
+    ("negative harness limit", {"eval_harness_tasks": "t", "eval_harness_limit": -1},
+     "eval_harness_limit=-1 must be >= 0"),
 ]
 
 

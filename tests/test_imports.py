@@ -10,7 +10,7 @@ from conftest import REPO
 
 PACKAGE = os.path.join(REPO, "llm_jax")
 ENTRY_POINTS = {"llm_jax.train", "llm_jax.generate", "llm_jax.evaluate", "llm_jax.convert", "llm_jax.sweep",
-                "llm_jax.bench", "llm_jax.prepare"}
+                "llm_jax.bench", "llm_jax.prepare", "llm_jax.harness"}
 # The model and its step: no experiment-config types, no flags, no data pipeline, no trainer.
 CORE = {"llm_jax.model", "llm_jax.steps", "llm_jax.optim", "llm_jax.metrics", "llm_jax.sharding", "llm_jax.batch"}
 CORE_MAY_NOT_REACH = ("ml_collections", "absl", "llm_jax.data", "llm_jax.trainer")
@@ -95,3 +95,24 @@ def test_the_token_store_workers_do_not_load_jax():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
                        env={**os.environ, "PYTHONPATH": REPO})
   assert out.stdout.strip() == "[]"
+
+
+def _top_level_imports(module: str) -> set[str]:
+  with open(MODULES[module], encoding="utf-8") as f:
+    tree = ast.parse(f.read())
+  names = set()
+  for node in tree.body:
+    if isinstance(node, ast.Import):
+      names.update(a.name.split(".")[0] for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names.add(node.module.split(".")[0])
+  return names
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_lm_eval_stays_optional(module):
+  """Only the harness backend and its entry point touch lm_eval (the `eval` extra), and only inside functions."""
+  if module in ("llm_jax.evals.harness", "llm_jax.harness"):
+    assert "lm_eval" not in _top_level_imports(module)
+  else:
+    assert "lm_eval" not in imports_of(module)
