@@ -11,7 +11,7 @@ import os
 from llm_jax.data import sources
 from llm_jax.data.sources import SPLITS
 
-CORPORA = ("sotu", "text_files", "tfds")
+CORPORA = ("sotu", "text_files", "tfds", "sft")
 DEFAULT_DATA_DIR = sources.DEFAULT_DATA_DIR
 DEFAULT_STORE_DIR = "~/.cache/llm_jax/stores"
 
@@ -31,6 +31,8 @@ class DataConfig:
   store_dir: str = ""
   validation_fraction: float = 0.05
   seq_len: int = 128
+  sft_files: str = ""
+  train_on_prompt: bool = False
 
 
 def data_dir(data_cfg: DataConfig) -> str:
@@ -56,6 +58,9 @@ def make_source(data_cfg: DataConfig) -> sources.Source:
   if data_cfg.corpus == "tfds":
     splits = {"train": data_cfg.tfds_train_split, "validation": data_cfg.tfds_validation_split}
     return sources.TfdsSplits(data_cfg.tfds_name, data_dir(data_cfg), splits, data_cfg.tfds_text_key)
+  if data_cfg.corpus == "sft":
+    raise ValueError("data.corpus='sft' is read whole into memory (pipeline.prepare_sft), not streamed into the "
+                     "token store; `llm_jax.prepare` has nothing to build for it")
   raise ValueError(f"data.corpus={data_cfg.corpus!r} is not one of {CORPORA}; pass e.g. --config.data.corpus=sotu")
 
 
