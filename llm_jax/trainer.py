@@ -213,12 +213,7 @@ def _check_prompt_fits(config: ml_collections.ConfigDict, cfg: ModelConfig, toke
 def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> dict[str, float]:
   runcard.read(workdir)  # a damaged run card is refused now, not after preparing data and compiling
   with faults.interruptible("preparing the tokenizer and data"):
-    if config.data.corpus == "sft":  # small: read whole into memory, not the token store
-      data = pipeline.prepare_sft(config_lib.data_config(config), config_lib.tokenizer_config(config))
-      writers.console(f"data: {data.train_num_documents:,} train and {data.val_num_documents:,} validation SFT rows "
-                      f"from {config.data.sft_files} ({data.train.num_rows:,} packed train rows)")
-    else:
-      data = _prepare_data_once(config, workdir)
+    data = _prepare_data_once(config, workdir)
   peak, peak_source = metrics_lib.peak_flops_total(config.peak_flops_per_device)
   if config.model.vocab_size:
     check_vocab_fits(config.model.vocab_size, data.tokenizer.vocab_size,

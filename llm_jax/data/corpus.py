@@ -59,8 +59,9 @@ def make_source(data_cfg: DataConfig) -> sources.Source:
     splits = {"train": data_cfg.tfds_train_split, "validation": data_cfg.tfds_validation_split}
     return sources.TfdsSplits(data_cfg.tfds_name, data_dir(data_cfg), splits, data_cfg.tfds_text_key)
   if data_cfg.corpus == "sft":
-    raise ValueError("data.corpus='sft' is read whole into memory (pipeline.prepare_sft), not streamed into the "
-                     "token store; `llm_jax.prepare` has nothing to build for it")
+    raise ValueError("data.corpus='sft' holds fine-tuning rows, not documents: they are read into memory for "
+                     "training (pipeline.prepare_sft), with no token store to prepare and no document split to "
+                     "score; evaluate with --text_files=<glob> or --zero_shot=<file>")
   raise ValueError(f"data.corpus={data_cfg.corpus!r} is not one of {CORPORA}; pass e.g. --config.data.corpus=sotu")
 
 
