@@ -86,7 +86,12 @@ def tokens_and_weights(text: str, spans: Sequence[tuple[int, int]], tokenizer: A
   """
   ids = tokenizer.encode(text)
   weights = np.zeros(len(ids), np.float32)
-  boundary = lambda c: len(ids) if c >= len(text) else _common_prefix(tokenizer.encode(text[:c]), ids) if c else 0
+
+  def boundary(c: int) -> int:
+    if c <= 0 or c >= len(text):
+      return 0 if c <= 0 else len(ids)
+    return _common_prefix(tokenizer.encode(text[:c]), ids)
+
   for start, end in spans:
     weights[boundary(start):boundary(end)] = 1.0
   return ids, weights
