@@ -96,7 +96,13 @@ def make_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
 def _prepare_data_once(config: ml_collections.ConfigDict, workdir: str) -> pipeline.PreparedData:
   """Gets the tokenizer and the shared token store (every process tokenises its shards when the store is
-  missing; process 0 trains the tokenizer and writes the manifest) and records the store in the workdir."""
+  missing; process 0 trains the tokenizer and writes the manifest) and records the store in the workdir. SFT rows
+  are small: they are read into memory instead (`pipeline.prepare_sft`), with the model's own tokenizer."""
+  if config.data.corpus == "sft":
+    data = pipeline.prepare_sft(config_lib.data_config(config), config_lib.tokenizer_config(config))
+    writers.console(f"data: {data.train_num_documents:,} train and {data.val_num_documents:,} validation SFT rows "
+                    f"from {config.data.sft_files} ({data.train.num_rows:,} packed train rows)")
+    return data
   sync = multihost_utils.sync_global_devices if jax.process_count() > 1 else lambda name: None
   data = pipeline.prepare_data(
       config_lib.data_config(config), config_lib.tokenizer_config(config),

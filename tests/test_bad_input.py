@@ -314,3 +314,12 @@ def test_other_entry_points_reject_bad_input(module, args, fragment, trained, tm
   result = run_module(module, *[a.format(run=trained, tmp=tmp_path, unwritable=unwritable) for a in args])
   _one_line(result, fragment.format(tmp=tmp_path))
   assert not os.path.exists(os.path.join(trained, "eval_validation_10.json"))  # refused before scoring
+
+
+def test_train_names_the_file_and_line_of_a_bad_sft_row(trained, tmp_path):
+  rows = tmp_path / "rows.jsonl"
+  rows.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+  result = run_module("llm_jax.train", SMOKE, f"--workdir={tmp_path / 'run'}", "--config.data.corpus=sft",
+                      f"--config.data.sft_files={rows}", f"--config.init_params_from={trained}")
+  _one_line(result, f"{rows} line 2 has neither 'completion' nor 'messages' (it has ['prompt'])")
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
