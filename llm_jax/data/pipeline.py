@@ -1,4 +1,5 @@
-"""The input pipeline: corpus to a shared token store (`prepare_data`), then grain batches for train and eval.
+"""The input pipeline: corpus to a shared token store (`prepare_data`) or SFT rows held in memory (`prepare_sft`),
+then grain batches for train and eval.
 
 Batch layout across processes: global batch s holds rows [s*B, (s+1)*B) of one shuffled, endlessly
 repeated stream of packed rows (B = global batch size); process p of P gets rows [p*B/P, (p+1)*B/P) of it,
