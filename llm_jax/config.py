@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 
 from llm_jax import loop as loop_lib
+from llm_jax import lora
 from llm_jax import model as model_lib
 from llm_jax import optim
 from llm_jax import paths
@@ -52,12 +53,15 @@ def _model_defaults() -> ml_collections.ConfigDict:
   s.scan_layers = True  # Compile one layer and scan it: compile time flat in depth.
   s.remat_policy = "none"  # 'none', 'full', 'dots', 'dots_saveable'.
   s.attention_impl = "einsum"  # 'einsum' or 'jax' (jax.nn.dot_product_attention; cuDNN on GPU).
+  s.lora_rank = 0  # LoRA adapter rank; 0 trains every weight. > 0 trains only adapters (needs init_params_from).
+  s.lora_alpha = 16.0  # LoRA scale numerator: an adapter adds (x·A)·B·lora_alpha/lora_rank.
+  s.lora_targets = "q,v"  # Comma-separated projections to adapt: q, k, v, o (attention), mlp_in, mlp_out.
   return s
 
 
 def _data_defaults() -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict()
-  s.corpus = "sotu"  # 'sotu' (built in), 'text_files', 'tfds' or 'mixture' (of the components in data.mixture).
+  s.corpus = "sotu"  # 'sotu' (built in), 'text_files', 'tfds', 'mixture' (of data.mixture) or 'sft' (rows in memory).
   s.text_files = ""  # Glob(s), comma separated, for corpus='text_files': .txt/.gz text, .jsonl[.gz] or .parquet.
   s.text_field = "text"  # The JSONL field or Parquet column holding the text, for text_files of those kinds.
   s.tfds_name = ""  # A TFDS catalog name already prepared under data_dir, for corpus='tfds'.
@@ -70,6 +74,8 @@ def _data_defaults() -> ml_collections.ConfigDict:
   s.seq_len = 128  # Tokens per packed training sequence.
   # corpus='mixture': {name: {'corpus': ..., 'weight': share of training tokens, that corpus's settings}}.
   s.mixture = ml_collections.ConfigDict()
+  s.sft_files = ""  # Glob(s), comma separated, for corpus='sft': .jsonl[.gz]/.parquet rows (see llm_jax/data/sft.py).
+  s.train_on_prompt = False  # corpus='sft': count every token in the loss, not only completions and assistant turns.
   return s
 
 
@@ -157,12 +163,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> model_li
   """Resolves the 0-means-derived model fields into a frozen ModelConfig (`vocab_size`: the tokenizer's)."""
   m = config.model
   head_dim = m.head_dim or (m.d_model // m.num_heads if m.num_heads else 0)
-  if m.d_ff:
-    d_ff = m.d_ff
-  elif m.family == "llama":
-    d_ff = 64 * math.ceil(8 * m.d_model / 3 / 64)
-  else:
-    d_ff = 4 * m.d_model
+  d_ff = m.d_ff or (64 * math.ceil(8 * m.d_model / 3 / 64) if m.family == "llama" else 4 * m.d_model)
   derived = {"vocab_size": m.vocab_size or vocab_size, "num_kv_heads": m.num_kv_heads or m.num_heads,
              "head_dim": head_dim, "d_ff": d_ff, "max_len": m.max_len or config.data.seq_len}
   return model_lib.ModelConfig(**{**m.to_dict(), **derived})
@@ -196,11 +197,12 @@ def with_model(config: ml_collections.ConfigDict, cfg: model_lib.ModelConfig, *,
                keep_runtime_fields: bool = False) -> ml_collections.ConfigDict:
   """A copy of `config` recording `cfg`'s dimensions and the tokenizer file (a pretrained or converted model).
 
-  With `keep_runtime_fields` the run keeps its own choice of how to compute (ModelConfig.RUNTIME_FIELDS).
+  With `keep_runtime_fields` the run keeps its own ModelConfig.RUNTIME_FIELDS (how to compute) and ADAPTER_FIELDS.
   """
   config = ml_collections.ConfigDict(config.to_dict())
+  kept = model_lib.ModelConfig.RUNTIME_FIELDS + model_lib.ModelConfig.ADAPTER_FIELDS
   for field in dataclasses.fields(cfg):
-    if not (keep_runtime_fields and field.name in model_lib.ModelConfig.RUNTIME_FIELDS):
+    if not (keep_runtime_fields and field.name in kept):
       config.model[field.name] = getattr(cfg, field.name)
   config.tokenizer.path = tokenizer_path
   return config
@@ -256,6 +258,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_model(config)
   _validate_run(config)
   _validate_data(config)
+  _validate_finetune(config)
   _refuse_ignored(config)
   _validate_sample(config)
 
@@ -356,6 +359,25 @@ def _validate_mixture(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(str(e)) from None
 
 
+def _validate_finetune(config: ml_collections.ConfigDict) -> None:
+  """SFT data and LoRA: both start from a model (its tokenizer, its weights)."""
+  m, d = config.model, config.data
+  patterns = [p.strip() for p in d.sft_files.split(",") if p.strip()] if d.corpus == "sft" else []
+  _require(d.corpus != "sft" or bool(patterns), "data.corpus='sft' needs --config.data.sft_files=<glob of .jsonl>")
+  for pattern in patterns:
+    _require(bool(glob.glob(os.path.expanduser(pattern))), f"data.sft_files={pattern!r} matches no files; pass an "
+             "existing glob with --config.data.sft_files=...")
+  _require(d.corpus != "sft" or bool(config.init_params_from or config.tokenizer.path), "data.corpus='sft' fine-tunes"
+           " a model and keeps its tokenizer: pass --config.init_params_from=WORKDIR (or --config.tokenizer.path)")
+  _require(m.lora_rank >= 0 and (m.lora_rank == 0 or bool(config.init_params_from)), f"model.lora_rank={m.lora_rank}"
+           " must be 0 (off) or positive with --config.init_params_from=WORKDIR (the base model the adapters train on)")
+  _require(math.isfinite(m.lora_alpha) and m.lora_alpha > 0, f"model.lora_alpha={m.lora_alpha} must be positive")
+  try:
+    lora.parse_targets(m.lora_targets)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
 def _refuse_ignored(config: ml_collections.ConfigDict) -> None:
   """A setting the chosen corpus, optimizer, schedule or family never reads is an error, not a silent no-op."""
   defaults = get_config()
@@ -368,6 +390,10 @@ def _refuse_ignored(config: ml_collections.ConfigDict) -> None:
     ignored.append(("data", ("tfds_name",), f"data.corpus={d.corpus!r}", "data.corpus=tfds"))
   _require(d.corpus == "mixture" or not d.mixture, f"data.mixture is set but data.corpus={d.corpus!r} ignores it; "
            "pass --config.data.corpus=mixture (or clear data.mixture)")
+  if d.corpus != "sft":
+    ignored.append(("data", ("sft_files", "train_on_prompt"), f"data.corpus={d.corpus!r}", "data.corpus=sft"))
+  if m.lora_rank == 0:
+    ignored.append(("model", ("lora_alpha", "lora_targets"), "model.lora_rank=0", "model.lora_rank=8"))
   if o.name != "sgd":
     ignored.append(("optim", ("momentum", "nesterov"), f"optim.name={o.name!r}", "optim.name=sgd"))
   if o.name != "adamw":

@@ -1,12 +1,19 @@
-"""`python -m llm_jax.generate --workdir=DIR --prompt=...`: sample continuations from a trained model."""
+"""`python -m llm_jax.generate --workdir=DIR --prompt=...`: sample continuations from a trained model; with `--chat`,
+assistant replies through the model's chat template.
+
+--chat --prompt=TEXT answers the one user message TEXT. --chat without --prompt reads user turns from stdin, one per
+line, and keeps the conversation (each turn's first reply joins it) until end of input.
+"""
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 from absl import app
 from absl import flags
 
+from llm_jax import chat
 from llm_jax import launch
 from llm_jax import sampling
 from llm_jax import workdir as workdir_lib
@@ -21,6 +28,9 @@ _TOP_K = flags.DEFINE_integer("top_k", 40, "Keep the k most likely tokens; 0 kee
 _TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass; 1.0 keeps all.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint to load; default the newest.")
+_CHAT = flags.DEFINE_bool("chat", False, "Reply as the assistant through the model's chat template (its tokenizer's "
+                          "chat_template, else llm_jax.chat's default), stopping at end-of-turn: --prompt is the user "
+                          "message, or user turns come from stdin, one per line.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -34,6 +44,9 @@ def main(argv: Sequence[str]) -> None:
                             temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
     sampling.check_prompt(_PROMPT.value)
     loaded = workdir_lib.load_model(_WORKDIR.value, _STEP.value)
+    if _CHAT.value:
+      _chat(loaded)
+      return
     texts = sampling.generate_texts(loaded.params, loaded.cfg, loaded.tokenizer, _PROMPT.value,
                                     max_length=_MAX_LENGTH.value, num_return_sequences=_NUM.value,
                                     temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
@@ -42,6 +55,24 @@ def main(argv: Sequence[str]) -> None:
       print(f"--- {i}: {text}", flush=True)
 
   launch.run_main("llm_jax.generate", body)
+
+
+def _chat(loaded: workdir_lib.LoadedModel) -> None:
+  """Replies to --prompt, or to each line of stdin in one growing conversation."""
+  template = chat.template_for(loaded.tokenizer.path)
+  turns = [_PROMPT.value] if flags.FLAGS["prompt"].present else (line.rstrip("\n") for line in sys.stdin)
+  messages: list[dict[str, str]] = []
+  for turn in turns:
+    if not turn.strip():
+      continue
+    messages.append({"role": "user", "content": turn})
+    replies = sampling.chat_replies(loaded.params, loaded.cfg, loaded.tokenizer, template, messages,
+                                    max_length=_MAX_LENGTH.value, num_return_sequences=_NUM.value,
+                                    temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                                    seed=_SEED.value + len(messages))
+    for i, reply in enumerate(replies, 1):
+      print(f"--- {i}: {reply}", flush=True)
+    messages.append({"role": "assistant", "content": replies[0]})
 
 
 if __name__ == "__main__":

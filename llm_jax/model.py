@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_jax import lora
+
 Array = jax.Array
 Cache = dict[str, Array]
 
@@ -41,6 +43,8 @@ class ModelConfig:
   # how the same parameters are computed with, not what the parameters are.
   RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("dropout_rate", "compute_dtype", "scan_layers", "remat_policy",
                                                "attention_impl")
+  # LoRA fields: a run fine-tuning adapters sets them; the base model it starts from has rank 0.
+  ADAPTER_FIELDS: ClassVar[tuple[str, ...]] = ("lora_rank", "lora_alpha", "lora_targets")
 
   family: str = "gpt2"
   vocab_size: int = 2048
@@ -64,6 +68,9 @@ class ModelConfig:
   scan_layers: bool = True
   remat_policy: str = "none"
   attention_impl: str = "einsum"
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: str = "q,v"
 
   @property
   def is_llama(self) -> bool:
@@ -190,7 +197,8 @@ class Attention(nn.Module):
     cfg = self.cfg
     w_DxHxK = param_with_axes(self, name, init_normal(0.02), (cfg.d_model, heads, cfg.head_dim),
                               ("embed", axis, "head_dim"))
-    y = jnp.einsum("BLD,DHK->BLHK", x_BxLxD, w_DxHxK.astype(cfg.dtype))
+    y = lora.adapt(cfg, self, name, jnp.einsum("BLD,DHK->BLHK", x_BxLxD, w_DxHxK.astype(cfg.dtype)), x_BxLxD,
+                   ("D", "HK"), ((cfg.d_model,), (heads, cfg.head_dim)), (("embed",), (axis, "head_dim")))
     if not cfg.is_llama:
       b_HxK = param_with_axes(self, name + "_bias", nn.initializers.zeros, (heads, cfg.head_dim),
                               (axis, "head_dim"))
@@ -235,7 +243,9 @@ class Attention(nn.Module):
                                         cfg.attention_impl)
     w_HxKxD = param_with_axes(self, "out", init_normal(0.02 / (2 * cfg.num_layers) ** 0.5),
                               (cfg.num_heads, cfg.head_dim, cfg.d_model), ("heads", "head_dim", "embed"))
-    y_BxLxD = jnp.einsum("BLHK,HKD->BLD", out_BxLxHxK, w_HxKxD.astype(cfg.dtype))
+    y_BxLxD = lora.adapt(cfg, self, "out", jnp.einsum("BLHK,HKD->BLD", out_BxLxHxK, w_HxKxD.astype(cfg.dtype)),
+                         out_BxLxHxK, ("HK", "D"), ((cfg.num_heads, cfg.head_dim), (cfg.d_model,)),
+                         (("heads", "head_dim"), ("embed",)))
     if not cfg.is_llama:
       y_BxLxD += param_with_axes(self, "out_bias", nn.initializers.zeros, (cfg.d_model,),
                                  ("embed",)).astype(cfg.dtype)
@@ -252,21 +262,27 @@ class Mlp(nn.Module):
     cfg, dt = self.cfg, self.cfg.dtype
     d, f = cfg.d_model, cfg.d_ff
     out_init = init_normal(0.02 / (2 * cfg.num_layers) ** 0.5)
+    in_spec = (("D", "F"), ((d,), (f,)), (("embed",), ("mlp",)))
+    out_spec = (("F", "D"), ((f,), (d,)), (("mlp",), ("embed",)))
     if cfg.is_llama:
       gate_DxF = param_with_axes(self, "gate", init_normal(0.02), (d, f), ("embed", "mlp"))
       up_DxF = param_with_axes(self, "up", init_normal(0.02), (d, f), ("embed", "mlp"))
-      h_BxLxF = (jax.nn.silu(jnp.einsum("BLD,DF->BLF", x_BxLxD, gate_DxF.astype(dt)))
-                 * jnp.einsum("BLD,DF->BLF", x_BxLxD, up_DxF.astype(dt)))
+      gate_BxLxF = lora.adapt(cfg, self, "gate", jnp.einsum("BLD,DF->BLF", x_BxLxD, gate_DxF.astype(dt)), x_BxLxD,
+                              *in_spec)
+      up_BxLxF = lora.adapt(cfg, self, "up", jnp.einsum("BLD,DF->BLF", x_BxLxD, up_DxF.astype(dt)), x_BxLxD, *in_spec)
+      h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
       h_BxLxF = constrain(h_BxLxF, ("batch", "length", "act_mlp"))
       down_FxD = param_with_axes(self, "down", out_init, (f, d), ("mlp", "embed"))
-      return jnp.einsum("BLF,FD->BLD", h_BxLxF, down_FxD.astype(dt))
+      return lora.adapt(cfg, self, "down", jnp.einsum("BLF,FD->BLD", h_BxLxF, down_FxD.astype(dt)), h_BxLxF, *out_spec)
     fc_DxF = param_with_axes(self, "fc", init_normal(0.02), (d, f), ("embed", "mlp"))
     fc_bias_F = param_with_axes(self, "fc_bias", nn.initializers.zeros, (f,), ("mlp",))
-    h_BxLxF = jnp.einsum("BLD,DF->BLF", x_BxLxD, fc_DxF.astype(dt)) + fc_bias_F.astype(dt)
+    h_BxLxF = lora.adapt(cfg, self, "fc", jnp.einsum("BLD,DF->BLF", x_BxLxD, fc_DxF.astype(dt)), x_BxLxD,
+                         *in_spec) + fc_bias_F.astype(dt)
     h_BxLxF = constrain(jax.nn.gelu(h_BxLxF, approximate=True), ("batch", "length", "act_mlp"))
     proj_FxD = param_with_axes(self, "proj", out_init, (f, d), ("mlp", "embed"))
     proj_bias_D = param_with_axes(self, "proj_bias", nn.initializers.zeros, (d,), ("embed",))
-    return jnp.einsum("BLF,FD->BLD", h_BxLxF, proj_FxD.astype(dt)) + proj_bias_D.astype(dt)
+    return lora.adapt(cfg, self, "proj", jnp.einsum("BLF,FD->BLD", h_BxLxF, proj_FxD.astype(dt)), h_BxLxF,
+                      *out_spec) + proj_bias_D.astype(dt)
 
 
 class Block(nn.Module):

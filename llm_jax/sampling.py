@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm_jax import chat
 from llm_jax.model import ModelConfig
 from llm_jax.model import Transformer
 from llm_jax.model import init_cache
@@ -186,6 +187,24 @@ def generate(params: Any, cfg: ModelConfig, prompt_tokens: Sequence[int], *, max
                           num_sequences=num_return_sequences, max_length=max_length,
                           greedy=greedy, top_k=0 if greedy else int(top_k))
   return np.asarray(out_NxT)
+
+
+def prompt_ids(tok: Any, text: str) -> list[int]:
+  """[bos] + the ids of `text`, as training saw documents and SFT rows (no second bos when the text holds one)."""
+  ids = tok.encode(text)
+  return ([tok.bos_id] if tok.bos_id >= 0 and not (ids and ids[0] == tok.bos_id) else []) + ids
+
+
+def chat_replies(params: Any, cfg: ModelConfig, tok: Any, template: chat.ChatTemplate, messages: list[dict[str, str]],
+                 *, max_length: int, num_return_sequences: int, temperature: float, top_k: int, top_p: float,
+                 seed: int) -> list[str]:
+  """The assistant's next turn after `messages`, rendered with `template`: each reply is cut where it reaches the
+  end-of-turn marker (or eos), and `max_length` counts the rendered conversation."""
+  ids = prompt_ids(tok, template.render(messages, add_generation_prompt=True))
+  rows = generate(params, cfg, ids, max_length=max_length, num_return_sequences=num_return_sequences,
+                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_id=tok.eos_id)
+  texts = [tok.decode([int(t) for t in row[len(ids):] if int(t) != tok.eos_id]) for row in rows]
+  return [text.split(template.end_of_turn)[0] if template.end_of_turn else text for text in texts]
 
 
 def generate_texts(params: Any, cfg: ModelConfig, tok: Any, prompt: str, *, max_length: int,

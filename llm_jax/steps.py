@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from llm_jax import batch as batch_lib
+from llm_jax import lora
 from llm_jax import metrics as metrics_lib
 from llm_jax import sharding
 from llm_jax.model import ModelConfig
@@ -34,23 +35,58 @@ class TrainState:
 
 @flax.struct.dataclass
 class StepFns:
-  """The compiled entry points and the placement they were compiled for."""
+  """The compiled entry points and the placement they were compiled for.
+
+  With LoRA (cfg.lora_rank > 0) the state's params are the adapters only and the frozen base weights are a separate,
+  never-donated input of every step: `with_base` binds them once, so they are neither updated nor copied per step.
+  """
 
   init: Callable[[], TrainState] = flax.struct.field(pytree_node=False)
-  train: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]] = flax.struct.field(
-      pytree_node=False)
-  eval: Callable[[Any, Batch], dict[str, jax.Array]] = flax.struct.field(pytree_node=False)
+  train_jit: Callable[..., tuple[TrainState, dict[str, jax.Array]]] = flax.struct.field(pytree_node=False)
+  eval_jit: Callable[..., dict[str, jax.Array]] = flax.struct.field(pytree_node=False)
   state_shardings: Any = flax.struct.field(pytree_node=False)
   abstract_state: Any = flax.struct.field(pytree_node=False)
   batch_sharding: NamedSharding = flax.struct.field(pytree_node=False)
+  abstract_base: Any = flax.struct.field(pytree_node=False, default=None)  # LoRA only, as base_shardings and base
+  base_shardings: Any = flax.struct.field(pytree_node=False, default=None)
+  base: Any = flax.struct.field(pytree_node=False, default=None)
+
+  @property
+  def lora(self) -> bool:
+    return self.abstract_base is not None
+
+  def with_base(self, base: Any) -> StepFns:
+    """These steps with the frozen base weights of a LoRA run bound."""
+    return self.replace(base=base)
+
+  def _base(self) -> tuple[Any, ...]:
+    if not self.lora:
+      return ()
+    if self.base is None:
+      raise ValueError("a LoRA step needs the base weights: call with_base(params) first")
+    return (self.base,)
+
+  def train(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    return self.train_jit(state, batch, *self._base())
+
+  def eval(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
+    return self.eval_jit(params, batch, *self._base())
+
+  def full_params(self, params: Any) -> Any:
+    """The whole model's parameters for the state's `params` (base and adapters together under LoRA)."""
+    return lora.combine(*self._base(), params) if self.lora else params
 
   def lower_train(self, global_batch_size: int, seq_len: int) -> jax.stages.Lowered:
     """The train step lowered for abstract inputs of this placement (compile it to see memory and FLOPs)."""
     state = sharding.with_shardings(self.abstract_state, self.state_shardings)
-    return self.train.lower(state, batch_lib.abstract(global_batch_size, seq_len, self.batch_sharding))
+    base = (sharding.with_shardings(self.abstract_base, self.base_shardings),) if self.lora else ()
+    return self.train_jit.lower(state, batch_lib.abstract(global_batch_size, seq_len, self.batch_sharding), *base)
 
 
-def _forward_loss(params: Any, model: Transformer, batch: Batch, dropout_key: jax.Array | None):
+def _forward_loss(params: Any, model: Transformer, batch: Batch, dropout_key: jax.Array | None, base: Any = None):
+  """Summed weighted NLL and (weight sum, correct): the mean loss is their ratio. `base`: LoRA's frozen weights."""
+  if base is not None:
+    params = lora.combine(base, params)
   deterministic = dropout_key is None
   rngs = None if deterministic else {"dropout": dropout_key}
   logits_BxLxV, _ = model.apply({"params": params}, batch["inputs"], batch["positions"],
@@ -69,9 +105,11 @@ def _micro_batches(batch: Batch, accum: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
-def train_step(state: TrainState, batch: Batch, *, model: Transformer, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, accum: int) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer update on the mean next-token loss of the global batch (summed over micro-batches).
+def train_step(state: TrainState, batch: Batch, base: Any = None, *, model: Transformer,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               accum: int) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update on the mean next-token loss of the global batch (summed over micro-batches); with
+  LoRA `state.params` are the adapters, the only leaves differentiated and updated, and `base` the frozen rest.
 
   A non-finite loss or gradient norm leaves parameters and optimizer state untouched and sets the
   `nonfinite` metric; the trainer then stops or carries on according to `on_nonfinite`.
@@ -85,7 +123,7 @@ def train_step(state: TrainState, batch: Batch, *, model: Transformer, tx: optax
       grads_acc, nll_acc, count_acc, correct_acc = carry
       micro, index = xs
       key = jax.random.fold_in(jax.random.fold_in(base_key, state.step), index) if dropout else None
-      (nll, (count, correct)), grads = grad_fn(state.params, model, micro, key)
+      (nll, (count, correct)), grads = grad_fn(state.params, model, micro, key, base)
       grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
       return (grads_acc, nll_acc + nll, count_acc + count, correct_acc + correct), None
 
@@ -116,10 +154,10 @@ def train_step(state: TrainState, batch: Batch, *, model: Transformer, tx: optax
   return new_state, step_metrics
 
 
-def eval_step(params: Any, batch: Batch, *, model: Transformer) -> dict[str, jax.Array]:
+def eval_step(params: Any, batch: Batch, base: Any = None, *, model: Transformer) -> dict[str, jax.Array]:
   """Summed NLL, token count and correct guesses of one batch (reduce over batches on the host)."""
   with nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    nll_sum, (count, correct) = _forward_loss(params, model, batch, None)
+    nll_sum, (count, correct) = _forward_loss(params, model, batch, None, base)
   return {"nll_sum": nll_sum, "tokens": count, "correct": correct}
 
 
@@ -127,39 +165,52 @@ def _init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, s
   model = Transformer(cfg)
   init_key, state_key = jax.random.split(jax.random.key(seed))
   boxed = model.init(init_key, jnp.zeros((1, seq_len), jnp.int32))["params"]
-  params = nn.unbox(boxed)
+  # LoRA trains the adapters alone: the state holds them, and the base (boxed[0]) arrives from elsewhere.
+  boxed = lora.split(boxed) if cfg.lora_rank > 0 else (None, boxed)
+  params = nn.unbox(boxed[1])
   return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
                     rng=jax.random.key_data(state_key)), boxed
 
 
-def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int,
-                    seq_len: int) -> tuple[Any, Any, Any]:
-  """(abstract state, its shardings, parameter shardings): optimizer moments sharded like params."""
-  abstract_state, abstract_boxed = jax.eval_shape(
+def _shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int,
+               seq_len: int) -> tuple[Any, Any, Any, Any]:
+  """(abstract state, its shardings, parameter shardings, (abstract base, base shardings) or None under LoRA):
+  optimizer moments sharded like params."""
+  abstract_state, (abstract_base, abstract_boxed) = jax.eval_shape(
       functools.partial(_init_state, cfg, tx, seed, seq_len))
   params_sh = sharding.param_shardings(abstract_boxed, mesh)
+  base = None if abstract_base is None else (nn.unbox(abstract_base), sharding.param_shardings(abstract_base, mesh))
   replicated = sharding.replicated(mesh)
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, params_sh,
                                  transform_non_params=lambda _: replicated,
                                  is_leaf=lambda x: isinstance(x, NamedSharding))
   shardings = TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated)
-  return abstract_state, shardings, params_sh
+  return abstract_state, shardings, params_sh, base
+
+
+def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, seed: int,
+                    seq_len: int) -> tuple[Any, Any, Any]:
+  """(abstract state, its shardings, parameter shardings): optimizer moments sharded like params."""
+  return _shardings(cfg, tx, mesh, seed, seq_len)[:3]
 
 
 def build_steps(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
                 mesh: Mesh, *, seed: int, seq_len: int, accum: int) -> StepFns:
   """Jits init, train and eval once, with explicit in/out shardings and the state donated."""
   model = Transformer(cfg)
-  abstract_state, state_sh, params_sh = state_shardings(cfg, tx, mesh, seed, seq_len)
+  abstract_state, state_sh, params_sh, base = _shardings(cfg, tx, mesh, seed, seq_len)
   sharding.check_divisible(abstract_state.params, params_sh, mesh)
   batch_sh = sharding.batch_sharding(mesh)
   batch_shardings = {k: batch_sh for k in batch_lib.KEYS}
   replicated = sharding.replicated(mesh)
+  base_in = () if base is None else (base[1],)  # the frozen base: an input, never donated
   init = jax.jit(lambda: _init_state(cfg, tx, seed, seq_len)[0], out_shardings=state_sh)
   train = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule, accum=accum),
-                  in_shardings=(state_sh, batch_shardings), out_shardings=(state_sh, replicated),
+                  in_shardings=(state_sh, batch_shardings, *base_in), out_shardings=(state_sh, replicated),
                   donate_argnums=(0,))
   evaluate = jax.jit(functools.partial(eval_step, model=model),
-                     in_shardings=(params_sh, batch_shardings), out_shardings=replicated)
-  return StepFns(init=init, train=train, eval=evaluate, state_shardings=state_sh,
-                 abstract_state=abstract_state, batch_sharding=batch_sh)
+                     in_shardings=(params_sh, batch_shardings, *base_in), out_shardings=replicated)
+  abstract_base, base_sh = base or (None, None)
+  return StepFns(init=init, train_jit=train, eval_jit=evaluate, state_shardings=state_sh,
+                 abstract_state=abstract_state, batch_sharding=batch_sh, abstract_base=abstract_base,
+                 base_shardings=base_sh)

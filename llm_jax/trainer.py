@@ -38,13 +38,15 @@ def _restore_or_init(ckpt: checkpoint_lib.Checkpointer, fns: steps_lib.StepFns, 
                      init_params_from: str, meta: dict[str, Any],
                      tokenizer_path: str) -> tuple[int, steps_lib.TrainState, dict]:
   """(step, state, saved loop state): the newest usable checkpoint, else a fresh start, optionally from
-  another run's weights.
+  another run's weights (under LoRA those are the base, which `_with_lora_base` binds to the steps).
 
   Raises (before the metric writer exists, so metrics.jsonl is never truncated) rather than start over on
   a workdir whose checkpoints are all unusable, now or in an earlier run.
   """
   def check(saved: dict[str, Any]) -> None:
     workdir_lib.check_resumable(saved, meta, tokenizer_path)
+    if "lora_base" in meta:
+      workdir_lib.check_lora_base(saved.get("lora_base"), meta["lora_base"], f"the checkpoints in {ckpt.directory}")
     workdir_lib.check_optim_drift(saved, meta["optim"], meta["opt_state_tree"])
 
   restored = ckpt.restore(fns.abstract_state, fns.state_shardings, check_meta=check)
@@ -55,7 +57,7 @@ def _restore_or_init(ckpt: checkpoint_lib.Checkpointer, fns: steps_lib.StepFns, 
           f"{ckpt.unusable_directory} ({', '.join(ckpt.quarantined())}); starting over would overwrite this "
           "workdir's metrics: restore one, or move that folder away to start over, or use a new --workdir")
     state = fns.init()
-    if init_params_from:
+    if init_params_from and not fns.lora:
       source = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(init_params_from), async_save=False)
       try:
         _, params = source.restore_params(fns.abstract_state.params, fns.state_shardings.params)
@@ -66,6 +68,17 @@ def _restore_or_init(ckpt: checkpoint_lib.Checkpointer, fns: steps_lib.StepFns, 
   step, state, data_state, _ = restored
   train_iter.set_state(data_state["iterator"])
   return step, state, data_state
+
+
+def _with_lora_base(fns: steps_lib.StepFns, init_params_from: str) -> tuple[steps_lib.StepFns, dict[str, Any]]:
+  """LoRA steps bound to the base weights of `init_params_from`'s newest checkpoint, and the reference to that base
+  (workdir, step, model card hash) that checkpoints and the model card keep."""
+  source = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(init_params_from), async_save=False)
+  try:
+    step, base = source.restore_params(fns.abstract_base, fns.base_shardings)
+  finally:
+    source.close()
+  return fns.with_base(base), workdir_lib.lora_base_reference(init_params_from, step)
 
 
 def make_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -85,7 +98,13 @@ def make_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
 def _prepare_data_once(config: ml_collections.ConfigDict, workdir: str) -> pipeline.PreparedData:
   """Gets the tokenizer and the shared token store (every process tokenises its shards when the store is
-  missing; process 0 trains the tokenizer and writes the manifest) and records the store in the workdir."""
+  missing; process 0 trains the tokenizer and writes the manifest) and records the store in the workdir. SFT rows
+  are small: they are read into memory instead (`pipeline.prepare_sft`), with the model's own tokenizer."""
+  if config.data.corpus == "sft":
+    data = pipeline.prepare_sft(config_lib.data_config(config), config_lib.tokenizer_config(config))
+    writers.console(f"data: {data.train_num_documents:,} train and {data.val_num_documents:,} validation SFT rows "
+                    f"from {config.data.sft_files} ({data.train.num_rows:,} packed train rows)")
+    return data
   sync = multihost_utils.sync_global_devices if jax.process_count() > 1 else lambda name: None
   data = pipeline.prepare_data(
       config_lib.data_config(config), config_lib.tokenizer_config(config),
@@ -112,9 +131,10 @@ def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return result
 
 
-def _extra_evaluator(config: ml_collections.ConfigDict, cfg: ModelConfig,
-                     tokenizer: Any) -> Callable[[Any], dict[str, float]] | None:
-  """The configured extra eval sets (text files, zero-shot JSONL, lm-eval tasks) as one callable, or None."""
+def _extra_evaluator(config: ml_collections.ConfigDict, cfg: ModelConfig, tokenizer: Any,
+                     full_params: Callable[[Any], Any]) -> Callable[[Any], dict[str, float]] | None:
+  """The configured extra eval sets (text files, zero-shot JSONL, lm-eval tasks) as a function of the state's params
+  (`full_params` turns them into the model's: LoRA adds the base), or None when there are none."""
   text_files = config.eval_text_files.strip()
   zero_shot = [p.strip() for p in config.eval_zero_shot_files.split(",") if p.strip()]
   tasks = [t.strip() for t in config.eval_harness_tasks.split(",") if t.strip()]
@@ -132,7 +152,7 @@ def _extra_evaluator(config: ml_collections.ConfigDict, cfg: ModelConfig,
     backend = harness.Backend(None, cfg, tokenizer, batch_size=config.eval_batch_size, seed=config.seed)
     evaluators.append(harness.HarnessTasks(backend, tasks, include_path=config.eval_harness_include_path,
                                            limit=config.eval_harness_limit))
-  return lambda params: {k: v for evaluate in evaluators for k, v in evaluate(params).items()}
+  return lambda params: {k: v for evaluate in evaluators for k, v in evaluate(full_params(params)).items()}
 
 
 def _resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -226,11 +246,15 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
     train_iter = pipeline.make_train_iterator(
         data, global_batch_size=config.global_batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
+    lora_base = {}
+    if fns.lora:
+      fns, lora_base["lora_base"] = _with_lora_base(fns, config.init_params_from)
     # optim and the optimizer state's tree let a resume with other optim settings be refused by name; the
     # seed, one that would silently change the data order.
     meta = workdir_lib.checkpoint_meta(cfg, data.tokenizer.path, seed=config.seed,
                                        optim=dataclasses.asdict(config_lib.optim_config(config)),
-                                       opt_state_tree=str(jax.tree.structure(fns.abstract_state.opt_state)))
+                                       opt_state_tree=str(jax.tree.structure(fns.abstract_state.opt_state)),
+                                       **lora_base)
     start_step, state, loop_state = _restore_or_init(ckpt, fns, train_iter, config.init_params_from, meta,
                                                      data.tokenizer.path)
     eval_batches = pipeline.make_eval_batches(
@@ -238,11 +262,12 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
         process_index=jax.process_index(), process_count=jax.process_count())
     if jax.process_index() == 0:
       workdir_lib.write_run_config(workdir, config.to_json_best_effort(indent=2))
-      workdir_lib.write_model_card(workdir, cfg, data.tokenizer.path)
+      workdir_lib.write_model_card(workdir, cfg, data.tokenizer.path, lora_base.get("lora_base"))
     writer = writers.MetricWriter(workdir, resume_step=start_step)
     flops = metrics_lib.flops_per_token(cfg, config.data.seq_len)
     writers.console(
-        f"model {cfg.family}: {count_params(state.params):,} parameters "
+        f"model {cfg.family}: {count_params(fns.full_params(state.params)):,} parameters "
+        f"{f'({count_params(state.params):,} trained: LoRA adapters) ' if fns.lora else ''}"
         f"({int(flops['non_embedding_params']):,} non-embedding), {flops['causal'] / 1e6:.2f} MFLOPs/token; "
         f"mesh {dict(mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source}); "
         f"{'resuming from step ' + str(start_step) if start_step else 'starting from scratch'}")
@@ -251,11 +276,11 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
     loop = loop_lib.Loop(config_lib.loop_plan(config), fns, train_iter, eval_batches, ckpt, writer, meta, clock,
                          nonfinite_steps=int(loop_state.get("nonfinite_steps", 0)),
                          unlogged=list(loop_state.get("unlogged", [])),
-                         extra_eval=_extra_evaluator(config, cfg, data.tokenizer))
+                         extra_eval=_extra_evaluator(config, cfg, data.tokenizer, fns.full_params))
     state, status = _run_recorded(loop, state, start_step, workdir, runcard.start(workdir, config,
                                                                                    count_params(state.params)))
   try:
-    _print_samples(config, cfg, state.params, data.tokenizer)
+    _print_samples(config, *workdir_lib.merge_adapters(cfg, fns.full_params(state.params)), data.tokenizer)
   except ValueError as e:
     # The training itself ended well (run.json says so); the exit status must still say sampling did not.
     raise faults.RunError(f"training {status} (checkpoint {int(state.step)}); sampling failed: {e}") from None

@@ -2,7 +2,8 @@
 metadata (built and checked here only), and loading a trained or converted model from it.
 
     config.json          the resolved llm_jax config of the run (not a Hugging Face config.json)
-    model.json           the model card: ModelConfig and the tokenizer's path, all `generate`/`evaluate` need
+    model.json           the model card: ModelConfig and the tokenizer's path, all `generate`/`evaluate` need (and,
+                         for LoRA runs, the base model the adapters belong to: `lora_base_reference`)
     metrics.jsonl        one JSON object per logged step (`writers`)
     run.json             the run card: what ran, when, how it ended (`sweeps.runcard`)
     .lock                held while a run trains (`faults.WorkdirLock`; none on an object store)
@@ -28,6 +29,7 @@ import ml_collections
 
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import faults
+from llm_jax import lora
 from llm_jax import paths
 from llm_jax import sharding
 from llm_jax.hf.tokenizer import HFTokenizer
@@ -89,9 +91,12 @@ def write_data_store(workdir: str, store_paths: Sequence[str]) -> None:
   paths.as_path(path(workdir, DATA_STORE_FILE)).write_text(json.dumps({"stores": stores}, indent=2), encoding="utf-8")
 
 
-def write_model_card(workdir: str, cfg: ModelConfig, tokenizer_path: str) -> None:
+def write_model_card(workdir: str, cfg: ModelConfig, tokenizer_path: str,
+                     lora_base: dict[str, Any] | None = None) -> None:
   """What `generate` and `evaluate` need to rebuild the model without the experiment config."""
   card = {"model": dataclasses.asdict(cfg), "tokenizer": os.path.relpath(tokenizer_path, workdir)}
+  if lora_base is not None:
+    card["lora_base"] = lora_base
   paths.as_path(path(workdir, MODEL_FILE)).write_text(json.dumps(card, indent=2), encoding="utf-8")
 
 
@@ -105,6 +110,36 @@ def read_model_card(workdir: str) -> tuple[ModelConfig, str]:
                             "or llm_jax.convert")
   card = json.loads(paths.as_path(card_path).read_text(encoding="utf-8"))
   return ModelConfig(**card["model"]), os.path.join(workdir, card["tokenizer"])
+
+
+def read_lora_base(workdir: str) -> dict[str, Any] | None:
+  """The base model reference a LoRA run's model card holds, or None."""
+  with open(path(workdir, MODEL_FILE), encoding="utf-8") as f:
+    return json.load(f).get("lora_base")
+
+
+def lora_base_reference(base_workdir: str, step: int) -> dict[str, Any]:
+  """What names a LoRA run's base model: its workdir, checkpoint step and the sha256 of its model card."""
+  return {"workdir": os.path.abspath(base_workdir), "step": int(step),
+          "model_sha256": file_sha256(path(base_workdir, MODEL_FILE))}
+
+
+def check_lora_base(saved: dict[str, Any] | None, given: dict[str, Any], where: str) -> None:
+  """Refuses adapters trained on another base model than `given` (a `lora_base_reference`)."""
+  if saved is not None and saved != given:
+    differing = ", ".join(f"{k}: {saved.get(k)!r} vs {given.get(k)!r}" for k in given if saved.get(k) != given[k])
+    raise faults.RunError(f"the LoRA adapters of {where} were trained on another base model than the one given "
+                          f"({differing}); pass --config.init_params_from={saved.get('workdir')} (that base, at "
+                          f"step {saved.get('step')}) or use a new --workdir")
+
+
+def merge_adapters(cfg: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
+  """(the plain model config, its parameters) with a LoRA model's adapters folded into the weights."""
+  if cfg.lora_rank <= 0:
+    return cfg, params
+  merged = lora.merge(params, rank=cfg.lora_rank, alpha=cfg.lora_alpha, scanned=cfg.scan_layers)
+  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in ModelConfig.ADAPTER_FIELDS}
+  return dataclasses.replace(cfg, **defaults), merged
 
 
 def checkpoint_meta(cfg: ModelConfig, tokenizer_path: str, **extra: Any) -> dict[str, Any]:
@@ -126,8 +161,9 @@ def check_resumable(saved_meta: dict[str, Any], meta: dict[str, Any], tokenizer_
   """Refuses to resume a checkpoint with other model dimensions (ModelConfig.RUNTIME_FIELDS may change) or
   another tokenizer; `meta` is this run's `checkpoint_meta`."""
   saved_model, model = saved_meta.get("model", {}), meta["model"]
-  differing = sorted(k for k in set(saved_model) | set(model)
-                     if k not in ModelConfig.RUNTIME_FIELDS and saved_model.get(k) != model.get(k))
+  default = dataclasses.asdict(ModelConfig())  # for fields added after a checkpoint was written (LoRA's)
+  differing = sorted(k for k in set(saved_model) | set(model) if k not in ModelConfig.RUNTIME_FIELDS
+                     and saved_model.get(k, default.get(k)) != model.get(k, default.get(k)))
   if differing:
     detail = ", ".join(f"model.{k}: checkpoint {saved_model.get(k)!r} vs config {model.get(k)!r}"
                        for k in differing)
@@ -177,10 +213,19 @@ class LoadedModel:
 
 
 def load_model(workdir: str, step: int | None = None) -> LoadedModel:
-  """Parameters of checkpoint `step` (default: newest), replicated on this host's devices."""
+  """Parameters of checkpoint `step` (default: newest), replicated on this host's devices; a LoRA run's adapters
+  come merged into its base model's weights (W + A·B·alpha/r), so callers see a plain model."""
   paths.check_reachable(workdir, "--workdir")
   checkpoint_lib.check_reachable(checkpoint_dir(workdir))
   cfg, tokenizer_path = read_model_card(workdir)
+  base = None
+  if cfg.lora_rank > 0:
+    reference = read_lora_base(workdir) or {}
+    if not reference.get("workdir") or not paths.as_path(reference["workdir"]).is_dir():
+      raise FileNotFoundError(f"the base model {reference.get('workdir')!r} of LoRA workdir {workdir} (named in "
+                              f"{MODEL_FILE}) is missing; restore it there")
+    check_lora_base(reference, lora_base_reference(reference["workdir"], reference["step"]), workdir)
+    base = load_model(reference["workdir"], reference["step"])
   if not paths.as_path(tokenizer_path).exists():
     raise FileNotFoundError(f"tokenizer {tokenizer_path} named in {MODEL_FILE} is missing")
   tokenizer = load_tokenizer(tokenizer_path)
@@ -188,6 +233,8 @@ def load_model(workdir: str, step: int | None = None) -> LoadedModel:
                    f"the model only {cfg.vocab_size}: {tokenizer_path} does not belong to this checkpoint")
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   params_abstract = nn.unbox(abstract_params(cfg))
+  if base is not None:  # a LoRA checkpoint holds the adapters (and their optimizer state) only
+    params_abstract = lora.split(params_abstract)[1]
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh), params_abstract)
   ckpt = checkpoint_lib.Checkpointer(checkpoint_dir(workdir), async_save=False)
   try:
@@ -200,4 +247,7 @@ def load_model(workdir: str, step: int | None = None) -> LoadedModel:
   finally:
     ckpt.close()
   check_tokenizer(saved_meta, file_sha256(tokenizer_path), tokenizer_path, restored_step)
+  if base is not None:
+    check_lora_base(saved_meta.get("lora_base"), read_lora_base(workdir), f"checkpoint {restored_step}")
+    cfg, params = merge_adapters(cfg, lora.combine(base.params, params))
   return LoadedModel(cfg=cfg, params=params, tokenizer=tokenizer, step=restored_step)

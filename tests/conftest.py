@@ -34,3 +34,17 @@ def run_module(module: str, *args: str, devices: int = 8, env: dict | None = Non
 @pytest.fixture(name="cli")
 def cli_fixture():
   return run_module
+
+
+@pytest.fixture(name="pretrained", scope="session")
+def pretrained_fixture(tmp_path_factory):
+  """A tiny GPT-2 trained 10 steps on the built-in corpus: the base that SFT and LoRA tests fine-tune."""
+  from llm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from llm_jax import trainer  # pylint: disable=import-outside-toplevel
+
+  c = config_lib.from_file(os.path.join(REPO, "experiments", "smoke.py"))
+  c.num_train_steps, c.eval_every, c.checkpoint_every = 10, 10, 10
+  c.sample.max_length, c.sample.num_return_sequences = 20, 1
+  workdir = str(tmp_path_factory.mktemp("pretrained"))
+  trainer.train_and_evaluate(c, workdir)
+  return workdir

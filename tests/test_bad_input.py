@@ -95,12 +95,28 @@ CONFIG_CASES = [
     ("extra_eval_every", 5, "extra_eval_every is set but there are no eval_text_files, eval_zero_shot_files or "
      "eval_harness_tasks"),
     ("extra_eval_every", -1, "extra_eval_every=-1 must be >= 0"),
+    ("data.sft_files", "rows.jsonl", "data.sft_files is set but data.corpus='sotu' ignores it; pass "
+     "--config.data.corpus=sft"),
+    ("data.train_on_prompt", True, "data.train_on_prompt is set but data.corpus='sotu' ignores it"),
+    ("data.corpus", "sft", "data.corpus='sft' needs --config.data.sft_files="),
+    ("model.lora_rank", 4, "model.lora_rank=4 must be 0 (off) or positive with --config.init_params_from=WORKDIR"),
+    ("model.lora_rank", -1, "model.lora_rank=-1 must be 0 (off)"),
+    ("model.lora_targets", "q,o", "model.lora_targets is set but model.lora_rank=0 ignores it"),
 ]
 # Several keys at once: settings that only matter together.
 CONFIG_GROUP_CASES = [
     ("adam betas with sgd", {"optim.name": "sgd", "optim.b1": 0.8}, "optim.b1 is set but optim.name='sgd' ignores "
      "it; pass --config.optim.name=adamw (or restore optim.b1=0.9)"),
     ("adam eps with sgd", {"optim.name": "sgd", "optim.eps": 1e-6}, "optim.eps is set but optim.name='sgd'"),
+    ("sft without a model", {"data.corpus": "sft", "data.sft_files": "experiments/data/*.jsonl"},
+     "data.corpus='sft' fine-tunes a model and keeps its tokenizer: pass --config.init_params_from=WORKDIR"),
+    ("sft files matching nothing", {"data.corpus": "sft", "data.sft_files": "/nonexistent/*.jsonl"},
+     "data.sft_files='/nonexistent/*.jsonl' matches no files"),
+    ("LoRA targets matching no projection", {"model.lora_rank": 4, "init_params_from": "/tmp",
+                                             "model.lora_targets": "q,attn"},
+     "model.lora_targets='q,attn': attn matches no projection; use comma-separated names from q, k, v, o, mlp_in"),
+    ("LoRA alpha", {"model.lora_rank": 4, "init_params_from": "/tmp", "model.lora_alpha": 0.0},
+     "model.lora_alpha=0.0 must be positive"),
     ("llama KV cache over the bound", {"model.family": "llama", "model.num_kv_heads": 2,
                                        "sample.max_length": 10**8}, "KV cache, over the 16 GiB bound"),
     ("harness tasks from a missing folder", {"eval_harness_tasks": "t", "eval_harness_include_path": "/nonexistent"},
@@ -307,3 +323,12 @@ def test_other_entry_points_reject_bad_input(module, args, fragment, trained, tm
   result = run_module(module, *[a.format(run=trained, tmp=tmp_path, unwritable=unwritable) for a in args])
   _one_line(result, fragment.format(tmp=tmp_path))
   assert not os.path.exists(os.path.join(trained, "eval_validation_10.json"))  # refused before scoring
+
+
+def test_train_names_the_file_and_line_of_a_bad_sft_row(trained, tmp_path):
+  rows = tmp_path / "rows.jsonl"
+  rows.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+  result = run_module("llm_jax.train", SMOKE, f"--workdir={tmp_path / 'run'}", "--config.data.corpus=sft",
+                      f"--config.data.sft_files={rows}", f"--config.init_params_from={trained}")
+  _one_line(result, f"{rows} line 2 has neither 'completion' nor 'messages' (it has ['prompt'])")
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")

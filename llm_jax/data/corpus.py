@@ -16,7 +16,7 @@ from llm_jax.data import sources
 from llm_jax.data.mixture import CYCLE
 from llm_jax.data.sources import SPLITS
 
-CORPORA = ("sotu", "text_files", "tfds", "mixture")
+CORPORA = ("sotu", "text_files", "tfds", "mixture", "sft")
 # What a mixture component may set: its corpus and that corpus's own settings (seq_len and the directories are the
 # mixture's, shared by every component).
 COMPONENT_FIELDS = ("corpus", "text_files", "text_field", "tfds_name", "tfds_text_key", "tfds_train_split",
@@ -40,6 +40,8 @@ class DataConfig:
   store_dir: str = ""
   validation_fraction: float = 0.05
   seq_len: int = 128
+  sft_files: str = ""
+  train_on_prompt: bool = False
   # For corpus='mixture': (name, weight, the component's own DataConfig), weights summing to 1.
   mixture: tuple["Component", ...] = ()
 
@@ -137,6 +139,10 @@ def make_source(data_cfg: DataConfig) -> sources.Source:
   if data_cfg.corpus == "tfds":
     splits = {"train": data_cfg.tfds_train_split, "validation": data_cfg.tfds_validation_split}
     return sources.TfdsSplits(data_cfg.tfds_name, data_dir(data_cfg), splits, data_cfg.tfds_text_key)
+  if data_cfg.corpus == "sft":
+    raise ValueError("data.corpus='sft' holds fine-tuning rows, not documents: they are read into memory for "
+                     "training (pipeline.prepare_sft), with no token store to prepare and no document split to "
+                     "score; evaluate with --text_files=<glob> or --zero_shot=<file>")
   raise ValueError(f"data.corpus={data_cfg.corpus!r} is not one of {CORPORA}; pass e.g. --config.data.corpus=sotu")
 
 

@@ -4,6 +4,8 @@ Shapes: N rows, L = seq_len model positions, L1 = L + 1 tokens per packed row (i
 by all but one token).
 """
 
+from __future__ import annotations
+
 from typing import Sequence
 
 import numpy as np
@@ -54,11 +56,13 @@ def pack_documents(token_docs: Sequence[Sequence[int]], seq_len: int, bos_id: in
   return tokens_NxL1, segment_ids_NxL1
 
 
-def make_example(tokens_L1: np.ndarray, segment_ids_L1: np.ndarray) -> dict[str, np.ndarray]:
+def make_example(tokens_L1: np.ndarray, segment_ids_L1: np.ndarray,
+                 weights_L1: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """Turns packed rows (shape (..., L1)) into model inputs with next-token targets, each of shape (..., L).
 
   `positions` restart at 0 in each segment (0 on padding); `loss_mask` is 1.0 where input and target belong
-  to the same document, so no loss is taken across documents or on padding.
+  to the same document, so no loss is taken across documents or on padding, times the target token's weight
+  in `weights_L1` when given (supervised fine-tuning: 0 on prompt tokens).
   """
   tokens_L1 = np.asarray(tokens_L1, dtype=np.int32)
   segment_ids_L1 = np.asarray(segment_ids_L1, dtype=np.int32)
@@ -74,5 +78,5 @@ def make_example(tokens_L1: np.ndarray, segment_ids_L1: np.ndarray) -> dict[str,
       targets=tokens_L1[..., 1:],
       segment_ids=segment_ids_L,
       positions=np.where(segment_ids_L > 0, index_L - segment_start_L, 0),
-      loss_mask=same_document_L,
+      loss_mask=same_document_L if weights_L1 is None else same_document_L * np.asarray(weights_L1)[..., 1:],
   )

@@ -1,4 +1,5 @@
-"""The input pipeline: corpus to a shared token store (`prepare_data`), then grain batches for train and eval.
+"""The input pipeline: corpus to a shared token store (`prepare_data`) or SFT rows held in memory (`prepare_sft`),
+then grain batches for train and eval.
 
 Batch layout across processes: global batch s holds rows [s*B, (s+1)*B) of one shuffled, endlessly
 repeated stream of packed rows (B = global batch size); process p of P gets rows [p*B/P, (p+1)*B/P) of it,
@@ -20,8 +21,10 @@ from typing import Sequence
 import grain
 import numpy as np
 
+from llm_jax import chat
 from llm_jax import paths
 from llm_jax.data import mixture
+from llm_jax.data import sft as sft_lib
 from llm_jax.data import store as store_lib
 from llm_jax.data.corpus import Component
 from llm_jax.data.corpus import DataConfig
@@ -35,6 +38,7 @@ from llm_jax.tokenizer import MAX_TRAIN_CHARS
 from llm_jax.tokenizer import TokenizerConfig
 from llm_jax.tokenizer import file_sha256
 from llm_jax.tokenizer import get_or_train_streaming
+from llm_jax.tokenizer import load_tokenizer
 
 # The tokenizer reads all train documents of inputs up to this many times tokenizer.MAX_TRAIN_CHARS bytes, and a
 # hash-sampled share of about that many characters of larger ones.
@@ -43,10 +47,12 @@ _TOKENIZER_SAMPLE_RATIO = 16
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PackedRows:
-  """Rows held in memory as N x L1 int32 arrays (tests and small data); the same interface as `StoreRows`."""
+  """Rows held in memory as N x L1 arrays (tests and small data, SFT sets with their per-token loss weights); the
+  same interface as `StoreRows`."""
 
   tokens_NxL1: np.ndarray
   segment_ids_NxL1: np.ndarray
+  weights_NxL1: np.ndarray | None = None
 
   @property
   def num_rows(self) -> int:
@@ -56,8 +62,10 @@ class PackedRows:
   def seq_len(self) -> int:
     return self.tokens_NxL1.shape[1] - 1
 
-  def rows(self, indices_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return self.tokens_NxL1[indices_B], self.segment_ids_NxL1[indices_B]
+  def rows(self, indices_B: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(tokens, segment ids) of the rows, and their weights when the rows carry them."""
+    picked = (self.tokens_NxL1[indices_B], self.segment_ids_NxL1[indices_B])
+    return picked if self.weights_NxL1 is None else (*picked, self.weights_NxL1[indices_B])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -238,6 +246,22 @@ def _get_store(source: Source, tokenizer: Any, root: str, what: str, process_ind
   return store_lib.TokenStore.open(path)
 
 
+def prepare_sft(data_cfg: DataConfig, tok_cfg: TokenizerConfig) -> PreparedData:
+  """The SFT rows of data.sft_files, rendered with the tokenizer's chat template (else `chat.DEFAULT_TEMPLATE`),
+  split by row and packed whole in memory with their loss weights (no token store: SFT sets are small).
+
+  Needs an existing tokenizer (tokenizer.path, which init_params_from sets): fine-tuning keeps the model's own.
+  """
+  tokenizer = load_tokenizer(os.path.expanduser(tok_cfg.path))
+  examples = sft_lib.load_examples(data_cfg.sft_files, tokenizer, chat.template_for(tokenizer.path),
+                                   train_on_prompt=data_cfg.train_on_prompt, seq_len=data_cfg.seq_len)
+  splits = sft_lib.split_examples(examples, data_cfg.validation_fraction)
+  rows = [PackedRows(*sft_lib.pack_examples(split, data_cfg.seq_len)) for split in splits]
+  counts = [(len(split), sum(len(e.tokens) for e in split)) for split in splits]
+  # Bytes are not counted for SFT rows (bits per byte is a pre-training measure): 0.
+  return PreparedData(tokenizer, rows[0], rows[1], counts[0][0], counts[0][1], 0, counts[1][0], counts[1][1], 0)
+
+
 def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
   if global_batch_size < 1 or global_batch_size % process_count:
     raise ValueError(f"global batch size {global_batch_size} must be a positive multiple of the process count "
@@ -305,7 +329,11 @@ def make_eval_batches(prepared: PreparedData, *, batch_size: int, max_batches: i
     indices = np.arange(start, min(start + local, num_rows))
     tokens = np.zeros((local, row_len), dtype=np.int32)
     segment_ids = np.zeros_like(tokens)
+    weights = np.ones((local, row_len), dtype=np.float32)  # padding rows count nothing: their segment is 0
     if len(indices):
-      tokens[:len(indices)], segment_ids[:len(indices)] = prepared.val.rows(indices)
-    batches.append(make_example(tokens, segment_ids))
+      picked = prepared.val.rows(indices)
+      tokens[:len(indices)], segment_ids[:len(indices)] = picked[:2]
+      if len(picked) > 2:
+        weights[:len(indices)] = picked[2]
+    batches.append(make_example(tokens, segment_ids, weights))
   return batches
