@@ -130,7 +130,7 @@ def test_a_gs_workdir_and_store_train_and_resume_in_the_bucket(bucket, tmp_path,
   for name in ("config.json", "model.json", "run.json", "metrics.jsonl", "data_store.json"):
     assert name in run, run
   assert [n for n in run if n.startswith("tokenizer/") and n.endswith(".model")]
-  store = json.loads(bucket["bucket/run/data_store.json"].getvalue())["store"]
+  [store] = [s["store"] for s in json.loads(bucket["bucket/run/data_store.json"].getvalue())["stores"]]
   assert store.startswith("gs://bucket/stores/") and f"{store[len('gs://'):]}/manifest.json" in bucket
   assert [n for n in _objects(bucket, store[len("gs://"):] + "/") if n.endswith(".tokens")]
   assert os.path.isdir(os.path.join(checkpoints, "10"))
