@@ -6,6 +6,7 @@ the machine); only a local one is made absolute.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import importlib.util
 import os
@@ -19,6 +20,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from llm_jax import optim
 from llm_jax import paths
 from llm_jax import sharding
 
@@ -49,6 +51,15 @@ def check_reachable(directory: str) -> None:
   if not found:
     raise ValueError(f"checkpoints in {directory} need the google-cloud-storage package (orbax reaches gs:// "
                      "through it); pip install google-cloud-storage on every host")
+
+
+def _schedule_free_tx(meta: dict[str, Any]) -> Any:
+  """The optimizer a schedule-free checkpoint was trained with (from its recorded optim settings), else None."""
+  saved = meta.get("optim") or {}
+  if saved.get("name") != "schedule_free_adamw":
+    return None
+  fields = {f.name for f in dataclasses.fields(optim.OptimConfig)}
+  return optim.make_optimizer(optim.OptimConfig(**{k: v for k, v in saved.items() if k in fields}), 1)[0]
 
 
 def unusable_dir(directory: str) -> str:
@@ -233,7 +244,8 @@ class Checkpointer:
     raise AssertionError("unreachable")
 
   def restore_params(self, abstract_params: Any, shardings: Any, step: int | None = None) -> tuple[int, Any]:
-    """Only the parameters (no optimizer state) of checkpoint `step` or the newest one."""
+    """The parameters to evaluate or start from, of checkpoint `step` or the newest one: the saved parameters,
+    or for a schedule-free run the averaged ones (`optim.eval_params`), read with the optimizer state."""
     steps = self.steps()
     if not steps:
       raise CheckpointError(f"no checkpoint in {self.directory}; train first with python -m "
@@ -242,10 +254,17 @@ class Checkpointer:
     if step not in steps:
       raise CheckpointError(f"no checkpoint at step {step} in {self.directory}; available: {steps}")
     target = {"params": sharding.with_shardings(abstract_params, shardings)}
+    tx = _schedule_free_tx(self.restore_meta(step))
+    if tx is not None:  # its params are the gradient point y; evaluation wants x, computed from y and z
+      abstract_opt = jax.eval_shape(tx.init, abstract_params)
+      target["opt_state"] = sharding.with_shardings(
+          abstract_opt, sharding.opt_state_shardings(abstract_opt, abstract_params, shardings))
     restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))
-    return step, restored["state"]["params"]
+        partial_restore=True)))["state"]
+    if tx is not None:
+      return step, optim.eval_params(restored["opt_state"], restored["params"])
+    return step, restored["params"]
 
   def _quarantine(self, step: int) -> str:
     """Moves an unusable checkpoint out of the manager's sight (never deletes it), so the step can be redone."""

@@ -21,6 +21,7 @@ from llm_jax import lora
 from llm_jax import model as model_lib
 from llm_jax import optim
 from llm_jax import paths
+from llm_jax import profiler
 from llm_jax import sampling
 from llm_jax import tokenizer as tokenizer_lib
 from llm_jax.data import corpus
@@ -56,6 +57,9 @@ def _model_defaults() -> ml_collections.ConfigDict:
   s.lora_rank = 0  # LoRA adapter rank; 0 trains every weight. > 0 trains only adapters (needs init_params_from).
   s.lora_alpha = 16.0  # LoRA scale numerator: an adapter adds (x·A)·B·lora_alpha/lora_rank.
   s.lora_targets = "q,v"  # Comma-separated projections to adapt: q, k, v, o (attention), mlp_in, mlp_out.
+  s.qk_norm = False  # RMSNorm on each query and key head (learned scale over the head dim), before RoPE.
+  s.logit_softcap = 0.0  # Soft-cap the output logits to cap·tanh(logits / cap); 0 disables.
+  s.mlp_activation = "default"  # 'default' (gpt2 GELU, llama SwiGLU) or 'relu2' (relu(x)²; llama: in the gate).
   return s
 
 
@@ -90,19 +94,25 @@ def _tokenizer_defaults() -> ml_collections.ConfigDict:
 
 def _optim_defaults() -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict()
-  s.name = "adamw"  # 'adamw' or 'sgd' (with momentum).
+  s.name = "adamw"  # 'adamw', 'sgd' (momentum), 'muon', 'lion', 'adafactor' or 'schedule_free_adamw'.
   s.learning_rate = 3e-3  # Peak learning rate.
   s.schedule = "cosine"  # 'constant', 'linear', 'cosine', 'rsqrt', 'wsd'.
   s.warmup_steps = 100  # Linear warm-up from 0 to the peak.
   s.decay_fraction = 0.2  # 'wsd': share of the run spent in the final linear decay.
   s.min_lr_ratio = 0.1  # Final learning rate as a share of the peak (cosine, linear, wsd).
-  s.b1 = 0.9  # AdamW first-moment decay.
-  s.b2 = 0.95  # AdamW second-moment decay.
-  s.eps = 1e-8  # AdamW denominator epsilon.
+  s.b1 = 0.9  # First-moment decay: AdamW, Muon's AdamW group, Lion; schedule-free's interpolation (y) weight.
+  s.b2 = 0.95  # Second-moment decay (AdamW, Muon's AdamW group, schedule-free AdamW); Lion's momentum decay.
+  s.eps = 1e-8  # Denominator epsilon (AdamW, Muon, schedule-free AdamW).
   s.weight_decay = 0.1  # Decoupled; never applied to norms, biases or position embeddings.
   s.momentum = 0.9  # 'sgd' only.
   s.nesterov = False  # 'sgd' only.
   s.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables.
+  # 'muon' only: peak learning rate of the AdamW group (embeddings, norms, biases, output head); learning_rate
+  # is then Muon's, for the weight matrices. Same schedule shape.
+  s.adam_learning_rate = 3e-3
+  # Per-group learning-rate multipliers, 'group=factor,...' over embed (token and position tables), head
+  # (untied output head), norm, bias, matrix (every other weight); unnamed groups keep 1. '' disables.
+  s.lr_multipliers = ""
   return s
 
 
@@ -150,6 +160,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 200  # Steps between checkpoints (and always at the end).
   c.keep_checkpoints = 3  # Newest checkpoints kept on disk.
   c.peak_flops_per_device = 0.0  # For MFU; 0: datasheet value by device kind, measured on CPU.
+  c.z_loss = 0.0  # Adds z_loss·log(Z)² per token to the training loss (logged as z_loss); 0 disables.
+  c.profile_steps = ""  # 'START,END': a jax.profiler trace of steps START..END into the workdir's tensorboard/.
   c.model = _model_defaults()
   c.data = _data_defaults()
   c.tokenizer = _tokenizer_defaults()
@@ -282,6 +294,9 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
   _require(not m.max_len or m.max_len >= d.seq_len,
            f"model.max_len={m.max_len} is shorter than data.seq_len={d.seq_len}; raise model.max_len")
   _require(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
+  _choice("model.mlp_activation", m.mlp_activation, model_lib.MLP_ACTIVATIONS)
+  _require(math.isfinite(m.logit_softcap) and m.logit_softcap >= 0,
+           f"model.logit_softcap={m.logit_softcap} must be >= 0 and finite (0 disables; e.g. 30)")
 
 
 def _validate_run(config: ml_collections.ConfigDict) -> None:
@@ -302,11 +317,21 @@ def _validate_run(config: ml_collections.ConfigDict) -> None:
   _require(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
   for key in ("weight_decay", "grad_clip_norm"):
     _require(o[key] >= 0, f"optim.{key}={o[key]} must be >= 0 (0 disables)")
+  try:
+    optim.check(optim_config(config))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "eval_batch_size"):
     _require(config[key] > 0, f"{key}={config[key]} must be positive")
   _require(0.0 <= config.max_replicated_share <= 1.0,
            f"max_replicated_share={config.max_replicated_share} must be in [0, 1]")
   _require(config.eval_every >= 0, f"eval_every={config.eval_every} must be >= 0 (0 disables)")
+  _require(math.isfinite(config.z_loss) and config.z_loss >= 0,
+           f"z_loss={config.z_loss} must be >= 0 and finite (0 disables; e.g. 1e-4)")
+  try:
+    profiler.parse_steps(config.profile_steps, config.num_train_steps)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def _validate_data(config: ml_collections.ConfigDict) -> None:
@@ -394,10 +419,9 @@ def _refuse_ignored(config: ml_collections.ConfigDict) -> None:
     ignored.append(("data", ("sft_files", "train_on_prompt"), f"data.corpus={d.corpus!r}", "data.corpus=sft"))
   if m.lora_rank == 0:
     ignored.append(("model", ("lora_alpha", "lora_targets"), "model.lora_rank=0", "model.lora_rank=8"))
-  if o.name != "sgd":
-    ignored.append(("optim", ("momentum", "nesterov"), f"optim.name={o.name!r}", "optim.name=sgd"))
-  if o.name != "adamw":
-    ignored.append(("optim", ("b1", "b2", "eps"), f"optim.name={o.name!r}", "optim.name=adamw"))
+  for key, readers in optim.READS.items():
+    if o.name not in readers:
+      ignored.append(("optim", (key,), f"optim.name={o.name!r}", f"optim.name={readers[0]}"))
   if o.schedule != "wsd":
     ignored.append(("optim", ("decay_fraction",), f"optim.schedule={o.schedule!r}", "optim.schedule=wsd"))
   if m.family != "llama":

@@ -13,6 +13,8 @@ import numpy as np
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import faults
 from llm_jax import metrics as metrics_lib
+from llm_jax import optim
+from llm_jax import profiler as profiler_lib
 from llm_jax import sharding
 from llm_jax import steps as steps_lib
 from llm_jax import writers
@@ -30,6 +32,7 @@ class LoopPlan:
   extra_eval_every: int = 0
   checkpoint_every: int = 200
   on_nonfinite: str = "stop"
+  profile_steps: str = ""
 
 
 def evaluate(fns: steps_lib.StepFns, params: Any, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
@@ -110,6 +113,7 @@ class Loop:
   nonfinite_steps: int = 0
   unlogged: list[dict[str, float]] = dataclasses.field(default_factory=list)
   extra_eval: Callable[[Any], dict[str, float]] | None = None
+  profile_dir: str = ""  # where a profile_steps trace goes (the workdir's TensorBoard directory)
   final_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def run(self, state: steps_lib.TrainState, start_step: int) -> steps_lib.TrainState:
@@ -118,12 +122,15 @@ class Loop:
     preemption = faults.Preemption()
     preemption.install()
     pending: list[tuple[int, dict[str, jax.Array]]] = []
+    trace = profiler_lib.StepProfiler(profiler_lib.parse_steps(c.profile_steps, c.num_train_steps), self.profile_dir)
     try:
       # Logs and evaluations fall on their intervals and at the true end only, never where a slice
       # (stop_at_step) or a preemption cuts the run: a cut window travels in the checkpoint (`unlogged`).
       for step in range(start_step + 1, last + 1):
         batch = sharding.global_batch(next(self.train_iter), self.fns.batch_sharding)
+        trace.before_step(step)
         state, step_metrics = self.fns.train(state, batch)
+        trace.after_step(step, step_metrics)
         pending.append((step, step_metrics))
         if step == start_step + 1:  # one sync, so compilation does not count as training throughput
           jax.block_until_ready(step_metrics)
@@ -149,6 +156,7 @@ class Loop:
           writers.console(f"step {step:>6d} | {preemption.reason}: checkpoint {step} written, exiting")
           break
     finally:
+      trace.stop()
       preemption.uninstall()
       self.writer.flush()
     return state
@@ -179,7 +187,8 @@ class Loop:
     good = [m for m in fetched if not m["nonfinite"]] or fetched
     # float64 means of exact float32 values: identical whether or not part of the window was carried
     # through a checkpoint as Python floats.
-    m = {k: float(np.mean(np.asarray([g[k] for g in good], np.float64))) for k in ("loss", "accuracy", "grad_norm")}
+    averaged = ("loss", "accuracy", "grad_norm") + (("z_loss",) if "z_loss" in fetched[-1] else ())
+    m = {k: float(np.mean(np.asarray([g[k] for g in good], np.float64))) for k in averaged}
     m["learning_rate"] = float(fetched[-1]["learning_rate"])
     m["nonfinite_steps"] = float(self.nonfinite_steps)
     m.update(self.clock.measure(step))
@@ -190,9 +199,10 @@ class Loop:
     self.final_metrics.update(m)
 
   def _evaluate(self, step: int, state: steps_lib.TrainState) -> None:
-    ev = evaluate(self.fns, state.params, self.eval_batches)
+    params = optim.eval_params(state.opt_state, state.params)  # schedule-free: its averaged x
+    ev = evaluate(self.fns, params, self.eval_batches)
     if self.extra_eval is not None and not self.plan.extra_eval_every:
-      ev.update(self.extra_eval(state.params))
+      ev.update(self.extra_eval(params))
     self.writer.write(step, ev)
     writers.console(f"step {step:>6d}/{self.plan.num_train_steps} | validation loss {ev['val_loss']:.4f} | "
                     f"perplexity {ev['val_perplexity']:.2f}")
@@ -203,7 +213,7 @@ class Loop:
     """The extra eval sets on their own interval (extra_eval_every), logged with the other eval metrics."""
     if self.extra_eval is None:
       return
-    ev = self.extra_eval(state.params)
+    ev = self.extra_eval(optim.eval_params(state.opt_state, state.params))
     self.writer.write(step, ev)
     shown = " | ".join(f"{k} {v:.4f}" for k, v in ev.items() if k.endswith(("accuracy", "/acc", "doc_loss")))
     writers.console(f"step {step:>6d}/{self.plan.num_train_steps} | {shown or 'extra evaluation done'}")

@@ -44,6 +44,12 @@ def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
   return jnp.sum(nll_BxL * mask), jnp.sum(mask), jnp.sum(correct * mask)
 
 
+def z_loss_sum(logits_BxLxV: jax.Array, mask_BxL: jax.Array) -> jax.Array:
+  """Summed masked log(Z)², Z the softmax normaliser: the z-loss (PaLM) that keeps log(Z) near 0."""
+  log_z_BxL = jax.nn.logsumexp(logits_BxLxV.astype(jnp.float32), axis=-1)
+  return jnp.sum(jnp.square(log_z_BxL) * mask_BxL.astype(jnp.float32))
+
+
 # exp() of larger losses overflows float64; such a run has diverged and its perplexity is shown capped.
 _MAX_LOG_PERPLEXITY = 700.0
 

@@ -33,6 +33,7 @@ Cache = dict[str, Array]
 FAMILIES = ("gpt2", "llama")
 REMAT_POLICIES = ("none", "full", "dots", "dots_saveable")
 ATTENTION_IMPLS = ("einsum", "jax")
+MLP_ACTIVATIONS = ("default", "relu2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,9 @@ class ModelConfig:
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: str = "q,v"
+  qk_norm: bool = False  # RMSNorm (learned scale over the head dim) on queries and keys, before RoPE.
+  logit_softcap: float = 0.0  # cap·tanh(logits / cap) on the output logits; 0 disables.
+  mlp_activation: str = "default"  # 'default' (GELU; SwiGLU for llama) or 'relu2' (for llama the gated relu²).
 
   @property
   def is_llama(self) -> bool:
@@ -117,16 +121,17 @@ class Norm(nn.Module):
 
   rms: bool
   eps: float
+  axis: str = "embed"  # the logical name of the normalised (last) dimension
 
   @nn.compact
   def __call__(self, x_BxLxD: Array) -> Array:
     d = x_BxLxD.shape[-1]
     x = x_BxLxD.astype(jnp.float32)
-    scale_D = param_with_axes(self, "scale", nn.initializers.ones, (d,), ("embed",))
+    scale_D = param_with_axes(self, "scale", nn.initializers.ones, (d,), (self.axis,))
     if self.rms:
       y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps) * scale_D
     else:
-      bias_D = param_with_axes(self, "bias", nn.initializers.zeros, (d,), ("embed",))
+      bias_D = param_with_axes(self, "bias", nn.initializers.zeros, (d,), (self.axis,))
       mean = jnp.mean(x, axis=-1, keepdims=True)
       var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
       y = (x - mean) * jax.lax.rsqrt(var + self.eps) * scale_D + bias_D
@@ -213,6 +218,9 @@ class Attention(nn.Module):
                           ("batch", "length", "act_heads", "head_dim"))
     k_BxLxGxK = self._proj("key", x_BxLxD, cfg.num_kv_heads, "kv_heads")
     v_BxLxGxK = self._proj("value", x_BxLxD, cfg.num_kv_heads, "kv_heads")
+    if cfg.qk_norm:
+      q_BxLxHxK = Norm(True, cfg.norm_eps, "head_dim", name="query_norm")(q_BxLxHxK)
+      k_BxLxGxK = Norm(True, cfg.norm_eps, "head_dim", name="key_norm")(k_BxLxGxK)
     if cfg.is_llama:
       inv_freq_K2 = rope_inverse_frequencies(cfg)
       q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, inv_freq_K2)
@@ -252,8 +260,14 @@ class Attention(nn.Module):
     return y_BxLxD, cache
 
 
+def activation(cfg: ModelConfig, h: Array) -> Array:
+  """The MLP's nonlinearity: the family's own (GELU, or SiLU in SwiGLU's gate) or relu(h)²."""
+  relu2 = cfg.mlp_activation == "relu2"
+  return jnp.square(jax.nn.relu(h)) if relu2 else jax.nn.silu(h) if cfg.is_llama else jax.nn.gelu(h, approximate=True)
+
+
 class Mlp(nn.Module):
-  """GELU MLP with biases (GPT-2) or SwiGLU without biases (Llama)."""
+  """GELU MLP with biases (GPT-2) or SwiGLU without biases (Llama); `mlp_activation` swaps the nonlinearity."""
 
   cfg: ModelConfig
 
@@ -270,7 +284,7 @@ class Mlp(nn.Module):
       gate_BxLxF = lora.adapt(cfg, self, "gate", jnp.einsum("BLD,DF->BLF", x_BxLxD, gate_DxF.astype(dt)), x_BxLxD,
                               *in_spec)
       up_BxLxF = lora.adapt(cfg, self, "up", jnp.einsum("BLD,DF->BLF", x_BxLxD, up_DxF.astype(dt)), x_BxLxD, *in_spec)
-      h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
+      h_BxLxF = activation(cfg, gate_BxLxF) * up_BxLxF
       h_BxLxF = constrain(h_BxLxF, ("batch", "length", "act_mlp"))
       down_FxD = param_with_axes(self, "down", out_init, (f, d), ("mlp", "embed"))
       return lora.adapt(cfg, self, "down", jnp.einsum("BLF,FD->BLD", h_BxLxF, down_FxD.astype(dt)), h_BxLxF, *out_spec)
@@ -278,7 +292,7 @@ class Mlp(nn.Module):
     fc_bias_F = param_with_axes(self, "fc_bias", nn.initializers.zeros, (f,), ("mlp",))
     h_BxLxF = lora.adapt(cfg, self, "fc", jnp.einsum("BLD,DF->BLF", x_BxLxD, fc_DxF.astype(dt)), x_BxLxD,
                          *in_spec) + fc_bias_F.astype(dt)
-    h_BxLxF = constrain(jax.nn.gelu(h_BxLxF, approximate=True), ("batch", "length", "act_mlp"))
+    h_BxLxF = constrain(activation(cfg, h_BxLxF), ("batch", "length", "act_mlp"))
     proj_FxD = param_with_axes(self, "proj", out_init, (f, d), ("mlp", "embed"))
     proj_bias_D = param_with_axes(self, "proj_bias", nn.initializers.zeros, (d,), ("embed",))
     return lora.adapt(cfg, self, "proj", jnp.einsum("BLF,FD->BLD", h_BxLxF, proj_FxD.astype(dt)), h_BxLxF,
@@ -362,8 +376,10 @@ class Transformer(nn.Module):
       head_DxV = param_with_axes(self, "lm_head", init_normal(0.02), (cfg.d_model, cfg.vocab_size),
                                  ("embed", "vocab"))
       logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, head_DxV.astype(cfg.dtype))
-    logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
-    return logits_BxLxV.astype(jnp.float32), cache
+    logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "act_vocab")).astype(jnp.float32)
+    if cfg.logit_softcap > 0:
+      logits_BxLxV = cfg.logit_softcap * jnp.tanh(logits_BxLxV / cfg.logit_softcap)
+    return logits_BxLxV, cache
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> Cache:
@@ -385,7 +401,7 @@ def count_non_embedding_params(cfg: ModelConfig) -> int:
   else:
     per_layer = attn + 2 * d * f + k * (cfg.num_heads + 2 * cfg.num_kv_heads) + d + f + d + 4 * d
   final_norm = d if cfg.is_llama else 2 * d
-  return cfg.num_layers * per_layer + final_norm
+  return cfg.num_layers * (per_layer + (2 * k if cfg.qk_norm else 0)) + final_norm
 
 
 @functools.cache

@@ -1,4 +1,5 @@
-"""Learning-rate schedules and the optax chain (clipping, AdamW or SGD, weight-decay mask)."""
+"""Learning-rate schedules and the optax chain: clipping, the optimizer (AdamW, SGD, Muon, Lion, Adafactor or
+schedule-free AdamW), the weight-decay mask and per-group learning-rate multipliers."""
 
 from __future__ import annotations
 
@@ -7,11 +8,18 @@ from typing import Any
 
 import jax
 import optax
+from optax import contrib
 
 # Parameter names (the last path entry) that are never decayed: norms, biases, position tables.
 NO_DECAY_SUFFIXES = ("scale", "bias", "pos_embed")
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "muon", "lion", "adafactor", "schedule_free_adamw")
 SCHEDULES = ("constant", "linear", "cosine", "rsqrt", "wsd")
+# Parameter groups, for learning-rate multipliers and for what Muon orthogonalises ('matrix' only).
+PARAM_GROUPS = ("embed", "head", "norm", "bias", "matrix")
+# Which optimizers read which optimizer-specific keys (config.validate refuses the others).
+READS = {"b1": ("adamw", "muon", "lion", "schedule_free_adamw"), "b2": ("adamw", "muon", "lion", "schedule_free_adamw"),
+         "eps": ("adamw", "muon", "schedule_free_adamw"), "momentum": ("sgd",), "nesterov": ("sgd",),
+         "adam_learning_rate": ("muon",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +39,8 @@ class OptimConfig:
   momentum: float = 0.9
   nesterov: bool = False
   grad_clip_norm: float = 1.0
+  adam_learning_rate: float = 3e-3
+  lr_multipliers: str = ""
 
 
 def make_schedule(o: OptimConfig, num_steps: int) -> optax.Schedule:
@@ -60,28 +70,144 @@ def make_schedule(o: OptimConfig, num_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
 
 
+def _names(path: tuple[Any, ...]) -> list[str]:
+  return [str(getattr(p, "key", p)) for p in path]
+
+
 def decay_mask(params: Any) -> Any:
   """True for the weight matrices that weight decay applies to."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: not _names(path)[-1].endswith(NO_DECAY_SUFFIXES), params)
 
-  def keep(path: tuple[Any, ...], _: Any) -> bool:
-    name = str(getattr(path[-1], "key", path[-1]))
-    return not name.endswith(NO_DECAY_SUFFIXES)
 
-  return jax.tree_util.tree_map_with_path(keep, params)
+def param_group(path: tuple[Any, ...]) -> str:
+  """The group (one of PARAM_GROUPS) of the parameter at `path` in the model's tree."""
+  names = _names(path)
+  if names[-1] in ("embed", "pos_embed"):
+    return "embed"
+  if names[-1] == "lm_head":
+    return "head"
+  if names[-1] == "scale" or any(n.endswith("_norm") for n in names):
+    return "norm"
+  if names[-1].endswith("bias"):
+    return "bias"
+  return "matrix"
+
+
+def param_groups(params: Any) -> Any:
+  return jax.tree_util.tree_map_with_path(lambda path, _: param_group(path), params)
+
+
+def muon_dimension_numbers(params: Any) -> Any:
+  """How Muon sees each weight matrix as (inputs, outputs); None for the rest (embeddings, head, norms, biases,
+  anything under two dimensions), which AdamW updates.
+
+  A scanned stack's layer axis is a batch axis (each layer orthogonalised alone). The attention output
+  (H, K, D) reduces over heads and head dim; every other matrix reduces over its first axis: (D, H, K)
+  projections and (D, F), (F, D) MLP matrices.
+  """
+  def dims(path: tuple[Any, ...], x: Any) -> contrib.MuonDimensionNumbers | None:
+    names, n = _names(path), x.ndim
+    lead = 1 if "layers" in names else 0
+    if param_group(path) != "matrix" or n - lead < 2:
+      return None
+    if names[-1] == "out":
+      return contrib.MuonDimensionNumbers(reduction_axis=tuple(range(lead, n - 1)), output_axis=n - 1)
+    return contrib.MuonDimensionNumbers(reduction_axis=lead, output_axis=tuple(range(lead + 1, n)))
+
+  return jax.tree_util.tree_map_with_path(dims, params)
+
+
+def parse_lr_multipliers(spec: str) -> dict[str, float]:
+  """'group=factor,...' (groups from PARAM_GROUPS) as a dict; a one-line ValueError names a bad entry."""
+  out: dict[str, float] = {}
+  for entry in filter(None, (e.strip() for e in spec.split(","))):
+    group, sep, value = entry.partition("=")
+    try:
+      factor = float(value)
+    except ValueError:
+      factor = -1.0
+    if not sep or group.strip() not in PARAM_GROUPS or not factor >= 0 or group.strip() in out:
+      raise ValueError(f"optim.lr_multipliers entry {entry!r} is not group=factor with a factor >= 0 and a "
+                       f"group named once from {', '.join(PARAM_GROUPS)}; e.g. "
+                       "--config.optim.lr_multipliers='embed=0.5,head=2'")
+    out[group.strip()] = factor
+  return out
+
+
+def check(o: OptimConfig) -> None:
+  """The settings of the newer optimizers and the multipliers; a one-line ValueError names the key and the fix."""
+  if not (o.adam_learning_rate > 0 and o.adam_learning_rate < float("inf")):
+    raise ValueError(f"optim.adam_learning_rate={o.adam_learning_rate} must be positive and finite")
+  if o.name == "schedule_free_adamw" and o.schedule != "constant":
+    raise ValueError(f"optim.name='schedule_free_adamw' replaces the learning-rate decay, but optim.schedule="
+                     f"{o.schedule!r}; pass --config.optim.schedule=constant (warm-up still applies)")
+  if o.name == "schedule_free_adamw" and not 0.0 < o.b1 < 1.0:
+    raise ValueError(f"optim.b1={o.b1} must be in (0, 1) for schedule_free_adamw (its eval params divide by b1)")
+  parse_lr_multipliers(o.lr_multipliers)
+
+
+def _group_scaling(spec: str) -> optax.GradientTransformation | None:
+  """Scales each group's update (a per-group learning rate); None when no multiplier is set."""
+  factors = parse_lr_multipliers(spec)
+  if not factors:
+    return None
+  transforms = {g: optax.scale(factors.get(g, 1.0)) for g in PARAM_GROUPS}
+  return optax.partition(transforms, param_groups)
+
+
+def _muon(o: OptimConfig, schedule: optax.Schedule, num_steps: int) -> optax.GradientTransformation:
+  """Muon on the 'matrix' group; AdamW (decay mask, its own learning rate) on embeddings, norms, biases, head."""
+  adam_schedule = make_schedule(dataclasses.replace(o, learning_rate=o.adam_learning_rate), num_steps)
+  label = lambda params: jax.tree.map(lambda d: "adamw" if d is None else "muon", muon_dimension_numbers(params),
+                                     is_leaf=lambda d: d is None or isinstance(d, contrib.MuonDimensionNumbers))
+  matrices = contrib.muon(schedule, weight_decay=o.weight_decay, muon_weight_dimension_numbers=muon_dimension_numbers)
+  rest = optax.adamw(adam_schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
+  return optax.partition({"muon": matrices, "adamw": rest}, label)
+
+
+def _schedule_free_adamw(o: OptimConfig, schedule: optax.Schedule,
+                         scaling: optax.GradientTransformation | None) -> optax.GradientTransformation:
+  """optax's schedule_free_adamw built from its parts, so it takes the decay mask and group multipliers."""
+  base = [optax.scale_by_rms(decay=o.b2, eps=o.eps, eps_in_sqrt=False, bias_correction=True),
+          optax.add_decayed_weights(o.weight_decay, mask=decay_mask)]
+  base += [scaling] if scaling is not None else []
+  base.append(optax.scale_by_learning_rate(schedule))
+  return contrib.schedule_free(optax.chain(*base), learning_rate=schedule, b1=o.b1)
+
+
+def _core(o: OptimConfig, schedule: optax.Schedule, num_steps: int) -> list[optax.GradientTransformation]:
+  """The optimizer's transforms (a list, so the chain and its state tree stay flat as before)."""
+  if o.name == "adamw":
+    return [optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)]
+  if o.name == "sgd":
+    parts = [optax.add_decayed_weights(o.weight_decay, mask=decay_mask)] if o.weight_decay > 0 else []
+    return parts + [optax.sgd(schedule, momentum=o.momentum, nesterov=o.nesterov)]
+  if o.name == "muon":
+    return [_muon(o, schedule, num_steps)]
+  if o.name == "lion":
+    return [optax.lion(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask)]
+  if o.name == "adafactor":
+    # Absolute steps like AdamW's (no parameter-scale factor); decay lr·wd·p, as the other optimizers.
+    return [optax.adafactor(schedule, multiply_by_parameter_scale=False,
+                            weight_decay_rate=lambda count: o.weight_decay * schedule(count),
+                            weight_decay_mask=decay_mask)]
+  raise ValueError(f"optim.name={o.name!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
 
 
 def make_optimizer(o: OptimConfig, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optax chain and its schedule (returned so metrics can log the learning rate)."""
   schedule = make_schedule(o, num_steps)
   parts = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
-  if o.name == "adamw":
-    parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                             mask=decay_mask))
-  elif o.name == "sgd":
-    if o.weight_decay > 0:
-      parts.append(optax.add_decayed_weights(o.weight_decay, mask=decay_mask))
-    parts.append(optax.sgd(schedule, momentum=o.momentum, nesterov=o.nesterov))
+  scaling = _group_scaling(o.lr_multipliers)
+  if o.name == "schedule_free_adamw":
+    parts.append(_schedule_free_adamw(o, schedule, scaling))
   else:
-    raise ValueError(f"optim.name={o.name!r} is unknown; use adamw or sgd")
+    parts += _core(o, schedule, num_steps) + ([scaling] if scaling is not None else [])
   return optax.chain(*parts), schedule
 
+
+def eval_params(opt_state: Any, params: Any) -> Any:
+  """The parameters to evaluate, sample and export: schedule-free's averaged x, otherwise `params` themselves."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, contrib.ScheduleFreeState))
+           if isinstance(s, contrib.ScheduleFreeState)]
+  return contrib.schedule_free_eval_params(found[0], params) if found else params

@@ -146,3 +146,31 @@ def check_replication(abstract_params: Any, shardings: Any, mesh: Mesh, toleranc
                     f"{dict(mesh.shape)}, above max_replicated_share={tolerance}; check LOGICAL_RULES "
                     "in llm_jax/sharding.py or raise --config.max_replicated_share")
   return share
+
+
+def opt_state_shardings(abstract_opt_state: Any, abstract_params: Any, params_sh: Any) -> Any:
+  """Each optimizer-state leaf sharded like the parameter it shadows, found by path and shape.
+
+  A leaf shadows a parameter when the dict keys ending its path are that parameter's path and the shapes
+  agree. This works where `optax.tree_map_params` cannot (partitioned or masked states such as Muon's,
+  which cannot be initialised on a placeholder); the rest (counts, Adafactor's factored row and column
+  statistics, which are small) is replicated.
+  """
+  def keys(path: tuple[Any, ...]) -> tuple[str, ...]:
+    trailing = []
+    for entry in reversed(path):
+      if not isinstance(entry, jax.tree_util.DictKey):
+        break
+      trailing.append(str(entry.key))
+    return tuple(reversed(trailing))
+
+  first = jax.tree.leaves(params_sh)[0]
+  replicated_sh = replicated(first.mesh) if isinstance(first, NamedSharding) else first  # one device: itself
+  by_path = {keys(path): (leaf.shape, sh) for (path, leaf), sh in
+             zip(jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(params_sh))}
+
+  def one(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
+    shape, sh = by_path.get(keys(path), (None, replicated_sh))
+    return sh if shape == leaf.shape else replicated_sh
+
+  return jax.tree_util.tree_map_with_path(one, abstract_opt_state)

@@ -83,8 +83,10 @@ class StepFns:
     return self.train_jit.lower(state, batch_lib.abstract(global_batch_size, seq_len, self.batch_sharding), *base)
 
 
-def _forward_loss(params: Any, model: Transformer, batch: Batch, dropout_key: jax.Array | None, base: Any = None):
-  """Summed weighted NLL and (weight sum, correct): the mean loss is their ratio. `base`: LoRA's frozen weights."""
+def _forward_loss(params: Any, model: Transformer, batch: Batch, dropout_key: jax.Array | None, base: Any = None,
+                  z_loss: float = 0.0):
+  """(summed objective, (weight sum, correct, summed weighted NLL, summed log(Z)²)): the objective adds
+  z_loss·log(Z)²; the mean loss is NLL / weight sum. `base`: LoRA's frozen weights."""
   if base is not None:
     params = lora.combine(base, params)
   deterministic = dropout_key is None
@@ -92,7 +94,10 @@ def _forward_loss(params: Any, model: Transformer, batch: Batch, dropout_key: ja
   logits_BxLxV, _ = model.apply({"params": params}, batch["inputs"], batch["positions"],
                                 batch["segment_ids"], deterministic=deterministic, rngs=rngs)
   nll_sum, count, correct = metrics_lib.cross_entropy(logits_BxLxV, batch["targets"], batch["loss_mask"])
-  return nll_sum, (count, correct)
+  if not z_loss:
+    return nll_sum, (count, correct, nll_sum, jnp.float32(0))
+  z_sum = metrics_lib.z_loss_sum(logits_BxLxV, batch["loss_mask"])
+  return nll_sum + z_loss * z_sum, (count, correct, nll_sum, z_sum)
 
 
 def _micro_batches(batch: Batch, accum: int) -> Batch:
@@ -106,9 +111,10 @@ def _micro_batches(batch: Batch, accum: int) -> Batch:
 
 
 def train_step(state: TrainState, batch: Batch, base: Any = None, *, model: Transformer,
-               tx: optax.GradientTransformation, schedule: optax.Schedule,
-               accum: int) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer update on the mean next-token loss of the global batch (summed over micro-batches); with
+               tx: optax.GradientTransformation, schedule: optax.Schedule, accum: int,
+               z_loss: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update on the mean next-token loss of the global batch (summed over micro-batches), plus
+  z_loss times the mean log(Z)² when z_loss > 0 (the `loss` metric stays the plain NLL; `z_loss` is logged). With
   LoRA `state.params` are the adapters, the only leaves differentiated and updated, and `base` the frozen rest.
 
   A non-finite loss or gradient norm leaves parameters and optimizer state untouched and sets the
@@ -120,20 +126,20 @@ def train_step(state: TrainState, batch: Batch, base: Any = None, *, model: Tran
     dropout = model.cfg.dropout_rate > 0
 
     def micro_step(carry, xs):
-      grads_acc, nll_acc, count_acc, correct_acc = carry
+      grads_acc, sums = carry
       micro, index = xs
       key = jax.random.fold_in(jax.random.fold_in(base_key, state.step), index) if dropout else None
-      (nll, (count, correct)), grads = grad_fn(state.params, model, micro, key, base)
+      (_, aux), grads = grad_fn(state.params, model, micro, key, base, z_loss)
       grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-      return (grads_acc, nll_acc + nll, count_acc + count, correct_acc + correct), None
+      return (grads_acc, tuple(s + a for s, a in zip(sums, aux))), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+    init = (zeros, (jnp.float32(0),) * 4)
     if accum == 1:
       carry, _ = micro_step(init, (batch, 0))
     else:
       carry, _ = jax.lax.scan(micro_step, init, (_micro_batches(batch, accum), jnp.arange(accum)))
-    grads_sum, nll_sum, count, correct = carry
+    grads_sum, (count, correct, nll_sum, z_sum) = carry
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads_sum)
     grad_norm = optax.global_norm(grads)
@@ -151,13 +157,15 @@ def train_step(state: TrainState, batch: Batch, base: Any = None, *, model: Tran
       "tokens": count,
       "nonfinite": 1.0 - finite.astype(jnp.float32),
   }
+  if z_loss:
+    step_metrics["z_loss"] = z_sum / denom
   return new_state, step_metrics
 
 
 def eval_step(params: Any, batch: Batch, base: Any = None, *, model: Transformer) -> dict[str, jax.Array]:
   """Summed NLL, token count and correct guesses of one batch (reduce over batches on the host)."""
   with nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    nll_sum, (count, correct) = _forward_loss(params, model, batch, None, base)
+    nll_sum, (count, correct, _, _) = _forward_loss(params, model, batch, None, base)
   return {"nll_sum": nll_sum, "tokens": count, "correct": correct}
 
 
@@ -181,9 +189,7 @@ def _shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, s
   params_sh = sharding.param_shardings(abstract_boxed, mesh)
   base = None if abstract_base is None else (nn.unbox(abstract_base), sharding.param_shardings(abstract_base, mesh))
   replicated = sharding.replicated(mesh)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, params_sh,
-                                 transform_non_params=lambda _: replicated,
-                                 is_leaf=lambda x: isinstance(x, NamedSharding))
+  opt_sh = sharding.opt_state_shardings(abstract_state.opt_state, abstract_state.params, params_sh)
   shardings = TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated)
   return abstract_state, shardings, params_sh, base
 
@@ -195,7 +201,7 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
 
 
 def build_steps(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                mesh: Mesh, *, seed: int, seq_len: int, accum: int) -> StepFns:
+                mesh: Mesh, *, seed: int, seq_len: int, accum: int, z_loss: float = 0.0) -> StepFns:
   """Jits init, train and eval once, with explicit in/out shardings and the state donated."""
   model = Transformer(cfg)
   abstract_state, state_sh, params_sh, base = _shardings(cfg, tx, mesh, seed, seq_len)
@@ -205,7 +211,7 @@ def build_steps(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: op
   replicated = sharding.replicated(mesh)
   base_in = () if base is None else (base[1],)  # the frozen base: an input, never donated
   init = jax.jit(lambda: _init_state(cfg, tx, seed, seq_len)[0], out_shardings=state_sh)
-  train = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule, accum=accum),
+  train = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule, accum=accum, z_loss=z_loss),
                   in_shardings=(state_sh, batch_shardings, *base_in), out_shardings=(state_sh, replicated),
                   donate_argnums=(0,))
   evaluate = jax.jit(functools.partial(eval_step, model=model),

@@ -90,7 +90,7 @@ def make_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   cfg = config_lib.model_config(config, vocab_size)
   tx, schedule = optim.make_optimizer(config_lib.optim_config(config), config.num_train_steps)
   fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=config.seed, seq_len=config.data.seq_len,
-                              accum=config.grad_accum_steps)
+                              accum=config.grad_accum_steps, z_loss=config.z_loss)
   sharding.check_replication(fns.abstract_state.params, fns.state_shardings.params, mesh,
                              config.max_replicated_share)
   return cfg, fns
@@ -276,11 +276,13 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
     loop = loop_lib.Loop(config_lib.loop_plan(config), fns, train_iter, eval_batches, ckpt, writer, meta, clock,
                          nonfinite_steps=int(loop_state.get("nonfinite_steps", 0)),
                          unlogged=list(loop_state.get("unlogged", [])),
-                         extra_eval=_extra_evaluator(config, cfg, data.tokenizer, fns.full_params))
+                         extra_eval=_extra_evaluator(config, cfg, data.tokenizer, fns.full_params),
+                         profile_dir=workdir_lib.path(workdir, workdir_lib.TENSORBOARD_DIR))
     state, status = _run_recorded(loop, state, start_step, workdir, runcard.start(workdir, config,
                                                                                    count_params(state.params)))
   try:
-    _print_samples(config, *workdir_lib.merge_adapters(cfg, fns.full_params(state.params)), data.tokenizer)
+    params = fns.full_params(optim.eval_params(state.opt_state, state.params))
+    _print_samples(config, *workdir_lib.merge_adapters(cfg, params), data.tokenizer)
   except ValueError as e:
     # The training itself ended well (run.json says so); the exit status must still say sampling did not.
     raise faults.RunError(f"training {status} (checkpoint {int(state.step)}); sampling failed: {e}") from None

@@ -102,6 +102,14 @@ CONFIG_CASES = [
     ("model.lora_rank", 4, "model.lora_rank=4 must be 0 (off) or positive with --config.init_params_from=WORKDIR"),
     ("model.lora_rank", -1, "model.lora_rank=-1 must be 0 (off)"),
     ("model.lora_targets", "q,o", "model.lora_targets is set but model.lora_rank=0 ignores it"),
+    ("optim.adam_learning_rate", 1e-3, "optim.adam_learning_rate is set but optim.name='adamw' ignores it; pass "
+     "--config.optim.name=muon"),
+    ("optim.lr_multipliers", "embed", "optim.lr_multipliers entry 'embed' is not group=factor"),
+    ("optim.lr_multipliers", "layers=2", "optim.lr_multipliers entry 'layers=2' is not group=factor"),
+    ("model.logit_softcap", -1.0, "model.logit_softcap=-1.0 must be >= 0"),
+    ("model.mlp_activation", "swish", "model.mlp_activation='swish' is not one of default, relu2"),
+    ("z_loss", -1e-4, "z_loss=-0.0001 must be >= 0"),
+    ("z_loss", float("nan"), "z_loss=nan must be >= 0 and finite"),
 ]
 # Several keys at once: settings that only matter together.
 CONFIG_GROUP_CASES = [
@@ -117,6 +125,13 @@ CONFIG_GROUP_CASES = [
      "model.lora_targets='q,attn': attn matches no projection; use comma-separated names from q, k, v, o, mlp_in"),
     ("LoRA alpha", {"model.lora_rank": 4, "init_params_from": "/tmp", "model.lora_alpha": 0.0},
      "model.lora_alpha=0.0 must be positive"),
+    ("schedule-free with a decaying schedule", {"optim.name": "schedule_free_adamw"},
+     "optim.name='schedule_free_adamw' replaces the learning-rate decay, but optim.schedule='cosine'"),
+    ("schedule-free with b1=0", {"optim.name": "schedule_free_adamw", "optim.schedule": "constant", "optim.b1": 0.0},
+     "optim.b1=0.0 must be in (0, 1) for schedule_free_adamw"),
+    ("eps with lion", {"optim.name": "lion", "optim.eps": 1e-6}, "optim.eps is set but optim.name='lion' ignores it"),
+    ("betas with adafactor", {"optim.name": "adafactor", "optim.b2": 0.99}, "optim.b2 is set but optim.name="
+     "'adafactor' ignores it"),
     ("llama KV cache over the bound", {"model.family": "llama", "model.num_kv_heads": 2,
                                        "sample.max_length": 10**8}, "KV cache, over the 16 GiB bound"),
     ("harness tasks from a missing folder", {"eval_harness_tasks": "t", "eval_harness_include_path": "/nonexistent"},
@@ -157,6 +172,20 @@ def test_validate_accepts_the_settings_each_choice_reads():
   for key, value in {"optim.name": "sgd", "optim.momentum": 0.5, "optim.nesterov": True, "optim.schedule": "wsd",
                      "optim.decay_fraction": 0.3, "model.family": "llama", "model.num_kv_heads": 2,
                      "model.rope_theta": 5e5}.items():
+    _set(config, key, value)
+  config_lib.validate(config)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"optim.name": "muon", "optim.learning_rate": 0.02, "optim.adam_learning_rate": 1e-3, "optim.b1": 0.8},
+    {"optim.name": "lion", "optim.b2": 0.99, "optim.lr_multipliers": "embed=0.5,head=2"},
+    {"optim.name": "schedule_free_adamw", "optim.schedule": "constant", "optim.b1": 0.95},
+    {"optim.name": "adafactor", "model.qk_norm": True, "model.logit_softcap": 30.0, "z_loss": 1e-4,
+     "model.mlp_activation": "relu2", "model.tie_embeddings": False, "profile_steps": "2,4"},
+], ids=["muon", "lion", "schedule_free_adamw", "adafactor+knobs"])
+def test_validate_accepts_the_newer_optimizers_and_knobs(overrides):
+  config = smoke_config()
+  for key, value in overrides.items():
     _set(config, key, value)
   config_lib.validate(config)
 

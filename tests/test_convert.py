@@ -1,5 +1,6 @@
 """Tests for Hugging Face conversion, against `transformers` itself: logits, greedy generation, loss, round trips."""
 
+import dataclasses
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from llm_jax import workdir as workdir_lib  # noqa: E402
 from llm_jax.evals import documents as doc_eval  # noqa: E402
 from llm_jax.hf import files as hf_files  # noqa: E402
 from llm_jax.hf import weights  # noqa: E402
+from llm_jax.model import ModelConfig  # noqa: E402
 from llm_jax.model import Transformer  # noqa: E402
 
 FAMILIES = ("gpt2", "llama")
@@ -253,3 +255,13 @@ def test_unscanned_params_export_like_scanned(converted):
   scanned = weights.params_to_hf(loaded.params, loaded.cfg)
   for name, x in weights.params_to_hf(unrolled, loaded.cfg).items():
     np.testing.assert_array_equal(x, scanned[name])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("knob, value", [("qk_norm", True), ("logit_softcap", 30.0), ("mlp_activation", "relu2")])
+def test_export_refuses_knobs_the_hf_format_cannot_express(family, knob, value):
+  base = ModelConfig(family=family, num_kv_heads=4, tie_embeddings=False)
+  assert weights.hf_config_from_model(base, -1, 0)["tie_word_embeddings"] is False  # an untied head is expressed
+  with pytest.raises(ValueError, match=f"cannot express model {knob}=") as err:
+    weights.hf_config_from_model(dataclasses.replace(base, **{knob: value}), -1, 0)
+  assert "\n" not in str(err.value)

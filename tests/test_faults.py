@@ -1,5 +1,6 @@
 """Never lose a run: SIGKILL and SIGTERM resume exactly, unusable checkpoints, other meshes, divergence, drift."""
 
+import dataclasses
 import os
 import random
 import signal
@@ -126,28 +127,45 @@ def _state_on(mesh_shape, c, cfg):
   return fns
 
 
-def test_checkpoint_restores_onto_other_meshes_and_one_device(tmp_path):
+def _distinct_moments(state):
+  """Every optimizer-state array made distinct from zero and from the params, so a restore that mixes them up shows."""
+  leaves, tree = jax.tree.flatten(state.opt_state)
+  moved = [x * 0.5 + 0.01 * (i + 1) if x.dtype == np.float32 and x.ndim else x for i, x in enumerate(leaves)]
+  return state.replace(opt_state=tree.unflatten(moved))
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon", "schedule_free_adamw"])
+def test_checkpoint_restores_onto_other_meshes_and_one_device(tmp_path, name):
   c = config_lib.get_config()
   c.model.update({"family": "llama", "num_layers": 2, "d_model": 64, "num_heads": 4, "num_kv_heads": 2})
+  c.optim.update({"name": name, "schedule": "constant" if name == "schedule_free_adamw" else "cosine"})
   c.data.seq_len = 16
   cfg = config_lib.model_config(c, 128)
   source = _state_on((2, 2, 2), c, cfg)
   with jax.set_mesh(source.batch_sharding.mesh):
-    state = source.init()
+    state = _distinct_moments(source.init())
   saver = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(str(tmp_path)), keep=2)
-  saver.save(1, state, {"iterator": {}}, {"model": {}})
+  saver.save(1, state, {"iterator": {}}, {"model": {}, "optim": dataclasses.asdict(config_lib.optim_config(c))})
   saver.close()
   expected = jax.device_get(state)
+  expected_eval = optim.eval_params(expected.opt_state, expected.params)
+  assert (expected_eval is not expected.params) == (name == "schedule_free_adamw")
   for shape in [(8, 1, 1), (1, 1, 1)]:
     target = _state_on(shape, c, cfg)
     reader = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(str(tmp_path)), keep=2)
     step, restored, _, _ = reader.restore(target.abstract_state, target.state_shardings)
+    reader.close()
+    reader = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(str(tmp_path)), keep=2)  # a new reader, as
+    _, eval_params = reader.restore_params(target.abstract_state.params, target.state_shardings.params)  # evaluate's
     reader.close()
     assert step == 1
     assert restored.params["layers"]["attn"]["query"].sharding == target.state_shardings.params["layers"]["attn"][
         "query"]
     for a, b in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(expected)):
       np.testing.assert_array_equal(a, b)
+    # What evaluate, generate, export and init_params_from read: schedule-free's averaged x, else the params.
+    for a, b in zip(jax.tree.leaves(jax.device_get(eval_params)), jax.tree.leaves(expected_eval)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 class _PoisonedIterator:

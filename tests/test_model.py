@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from llm_jax.model import Mlp
 from llm_jax.model import ModelConfig
 from llm_jax.model import Transformer
 from llm_jax.model import abstract_params
@@ -241,9 +242,11 @@ def test_logical_axis_annotations():
   assert unrolled["pos_embed"] == P("positions", "embed")
 
 
-@pytest.mark.parametrize("family, tie", [("gpt2", True), ("llama", True), ("llama", False)])
-def test_count_non_embedding_params_matches_tree(family, tie):
-  cfg = tiny_config(family, tie_embeddings=tie)
+@pytest.mark.parametrize("family, tie, qk_norm", [("gpt2", True, False), ("llama", True, False),
+                                                   ("llama", False, False), ("gpt2", False, True),
+                                                   ("llama", True, True)])
+def test_count_non_embedding_params_matches_tree(family, tie, qk_norm):
+  cfg = tiny_config(family, tie_embeddings=tie, qk_norm=qk_norm)
   params = nn.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(0),
                                    jnp.zeros((1, LENGTH), jnp.int32))["params"])
   embedding = params["embed"].size + sum(params[k].size for k in ("pos_embed", "lm_head") if k in params)
@@ -273,3 +276,50 @@ def test_bfloat16_compute_is_close_to_float32():
   assert got.dtype == jnp.float32
   err = float(jnp.max(jnp.abs(got - want)))
   assert 0 < err < 0.05 * float(jnp.max(jnp.abs(want)))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_qk_norm_makes_the_output_blind_to_the_scale_of_queries_and_keys(family):
+  tokens = random_tokens((2, LENGTH))
+  for qk_norm in (True, False):
+    cfg = tiny_config(family, qk_norm=qk_norm, norm_eps=1e-12)  # eps would break the exact invariance
+    params = init_params(cfg)
+    if qk_norm:
+      assert params["layers"]["attn"]["query_norm"]["scale"].shape == (2, cfg.head_dim)
+    # RMSNorm after the projection cancels any common factor of W_q (and its bias): q·10 normalises to q.
+    scaled = jax.tree_util.tree_map_with_path(
+        lambda path, x: x * 10.0 if len(path) > 1 and path[-2].key == "attn"
+        and path[-1].key.startswith(("query", "key")) else x, params)
+    logits, logits_scaled = forward(cfg)(params, tokens), forward(cfg)(scaled, tokens)
+    if qk_norm:
+      np.testing.assert_allclose(logits_scaled, logits, rtol=1e-4, atol=1e-5)
+    else:
+      assert not np.allclose(logits_scaled, logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_logit_softcap_is_cap_times_tanh_of_the_plain_logits(family):
+  cfg = tiny_config(family)
+  params, tokens = init_params(cfg), random_tokens((2, LENGTH))
+  params["embed"] = params["embed"] * 30.0  # logits of tens, so the cap bites
+  plain = np.asarray(forward(cfg)(params, tokens), np.float64)
+  capped = np.asarray(forward(dataclasses.replace(cfg, logit_softcap=5.0))(params, tokens))
+  assert np.abs(plain).max() > 10.0 and np.abs(capped).max() <= 5.0
+  np.testing.assert_allclose(capped, 5.0 * np.tanh(plain / 5.0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_relu2_mlp_matches_numpy(family):
+  cfg = tiny_config(family, mlp_activation="relu2")
+  x = np.random.default_rng(3).normal(size=(2, 5, cfg.d_model)).astype(np.float32)
+  mlp = Mlp(cfg)
+  params = jax.tree.map(lambda a: np.random.default_rng(4).normal(0, 0.2, a.shape).astype(np.float32),
+                        nn.unbox(jax.eval_shape(mlp.init, jax.random.key(0), x)["params"]))
+  got = np.asarray(mlp.apply({"params": params}, x))
+  x64 = x.astype(np.float64)
+  p = {k: v.astype(np.float64) for k, v in params.items()}
+  if family == "llama":
+    expected = (np.maximum(x64 @ p["gate"], 0) ** 2 * (x64 @ p["up"])) @ p["down"]
+  else:
+    expected = np.maximum(x64 @ p["fc"] + p["fc_bias"], 0) ** 2 @ p["proj"] + p["proj_bias"]
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

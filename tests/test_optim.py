@@ -56,12 +56,13 @@ def test_decay_mask_spares_norms_biases_and_position_table():
                              "mlp": {"fc": True, "fc_bias": False}}}
 
 
-@pytest.mark.parametrize("name", ["adamw", "sgd"])
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
 def test_weight_decay_only_touches_masked_parameters(name):
-  c = _optim_cfg(name=name, schedule="constant", warmup_steps=0, weight_decay=0.5, grad_clip_norm=0.0,
-                 momentum=0.0)
+  extra = {"momentum": 0.0} if name == "sgd" else {}
+  c = _optim_cfg(name=name, schedule="constant", warmup_steps=0, weight_decay=0.5, grad_clip_norm=0.0, **extra)
   tx, _ = optim.make_optimizer(c, 10)
-  params = {"kernel": jnp.ones((3,)), "norm": {"scale": jnp.ones((3,))}}
+  # A 2-D kernel, so that Muon orthogonalises it (a zero gradient orthogonalises to a zero update).
+  params = {"kernel": jnp.ones((4, 4)), "norm": {"scale": jnp.ones((3,))}}
   zero_grads = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zero_grads, tx.init(params), params)
   new = optax.apply_updates(params, updates)
@@ -77,3 +78,89 @@ def test_gradient_clipping_bounds_the_update_norm():
   params = {"w": jnp.zeros((4,))}
   updates, _ = tx.update({"w": jnp.full((4,), 10.0)}, tx.init(params), params)
   assert float(optax.global_norm(updates)) == pytest.approx(1.0, rel=1e-6)
+
+
+def _tiny_tree():
+  """A model-shaped tree: a scanned (N, D, H, K) projection, an (N, H, K, D) output, an (N, D, F) MLP matrix,
+  a bias, a norm scale, the embedding and an untied head."""
+  shapes = {"embed": (16, 8), "lm_head": (8, 16), "final_norm": {"scale": (8,)},
+            "layers": {"attn": {"query": (2, 8, 2, 4), "out": (2, 2, 4, 8)},
+                       "mlp": {"fc": (2, 8, 12), "fc_bias": (2, 12)}}}
+  leaves, tree = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  keys = jax.random.split(jax.random.key(0), 2 * len(leaves))
+  params = tree.unflatten([jax.random.normal(k, s) for k, s in zip(keys[::2], leaves)])
+  grads = tree.unflatten([jax.random.normal(k, s) for k, s in zip(keys[1::2], leaves)])
+  return params, grads
+
+
+def test_param_groups_and_muon_dimension_numbers():
+  params, _ = _tiny_tree()
+  assert optim.param_groups(params) == {
+      "embed": "embed", "lm_head": "head", "final_norm": {"scale": "norm"},
+      "layers": {"attn": {"query": "matrix", "out": "matrix"}, "mlp": {"fc": "matrix", "fc_bias": "bias"}}}
+  dims = optim.muon_dimension_numbers(params)
+  assert dims["layers"]["attn"]["query"] == optax.contrib.MuonDimensionNumbers(1, (2, 3))
+  assert dims["layers"]["attn"]["out"] == optax.contrib.MuonDimensionNumbers((1, 2), 3)
+  assert dims["embed"] is None and dims["lm_head"] is None and dims["layers"]["mlp"]["fc_bias"] is None
+
+
+def test_muon_orthogonalises_matrices_and_adamw_updates_the_rest():
+  params, grads = _tiny_tree()
+  c = _optim_cfg(name="muon", schedule="constant", warmup_steps=0, weight_decay=0.0, grad_clip_norm=0.0,
+                 learning_rate=0.02, adam_learning_rate=1e-3)
+  tx, _ = optim.make_optimizer(c, 10)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # Second implementation: plain optax Muon on each layer's matrix reshaped to 2-D (inputs, outputs) ...
+  plain = optax.contrib.muon(0.02)
+  for path, to_2d in ((("attn", "query"), lambda x: x.reshape(8, 8)), (("attn", "out"), lambda x: x.reshape(8, 8)),
+                      (("mlp", "fc"), lambda x: x)):
+    for layer in range(2):
+      g = to_2d(grads["layers"][path[0]][path[1]][layer])
+      p = to_2d(params["layers"][path[0]][path[1]][layer])
+      expected, _ = plain.update(g, plain.init(p), p)
+      got = to_2d(updates["layers"][path[0]][path[1]][layer])
+      np.testing.assert_allclose(got, expected, rtol=2e-4, atol=1e-6)
+  # ... and plain optax AdamW at the AdamW group's own rate for the embedding, head, norm and bias.
+  adam = optax.adamw(1e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0)
+  for get in (lambda t: t["embed"], lambda t: t["lm_head"], lambda t: t["final_norm"]["scale"],
+              lambda t: t["layers"]["mlp"]["fc_bias"]):
+    expected, _ = adam.update(get(grads), adam.init(get(params)), get(params))
+    np.testing.assert_allclose(get(updates), expected, rtol=1e-5, atol=1e-9)
+
+
+def test_lr_multipliers_scale_each_group_update():
+  params, grads = _tiny_tree()
+  base = {"schedule": "constant", "warmup_steps": 0, "weight_decay": 0.1, "grad_clip_norm": 0.0}
+  tx, _ = optim.make_optimizer(_optim_cfg(**base), 10)
+  scaled_tx, _ = optim.make_optimizer(_optim_cfg(lr_multipliers="embed=0.5, matrix=2,norm=0", **base), 10)
+  plain, _ = tx.update(grads, tx.init(params), params)
+  scaled, _ = scaled_tx.update(grads, scaled_tx.init(params), params)
+  factors = {"embed": 0.5, "matrix": 2.0, "norm": 0.0, "head": 1.0, "bias": 1.0}
+  groups = optim.param_groups(params)
+  for g, a, b in zip(jax.tree.leaves(groups), jax.tree.leaves(plain), jax.tree.leaves(scaled)):
+    np.testing.assert_allclose(b, factors[g] * a, rtol=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["embed", "embed=x", "layer=2", "embed=-1", "embed=1,embed=2"])
+def test_bad_lr_multipliers_are_refused_in_one_line(spec):
+  with pytest.raises(ValueError, match="optim.lr_multipliers entry"):
+    optim.parse_lr_multipliers(spec)
+
+
+def test_schedule_free_eval_params_are_the_averaged_iterate():
+  params, grads = _tiny_tree()
+  c = _optim_cfg(name="schedule_free_adamw", schedule="constant", warmup_steps=2, b1=0.9)
+  tx, _ = optim.make_optimizer(c, 10)
+  state = tx.init(params)
+  assert optim.eval_params(state, params) is not params
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  # x = (y - (1 - b1)·z) / b1, with z the schedule-free state's base iterate (behind the clipping state).
+  z = state[1].z
+  expected = jax.tree.map(lambda y, zi: (y - 0.1 * zi) / 0.9, params, z)
+  for a, b in zip(jax.tree.leaves(optim.eval_params(state, params)), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(jax.tree.leaves(expected)[0], jax.tree.leaves(params)[0])
+  adamw, _ = optim.make_optimizer(_optim_cfg(), 10)
+  assert optim.eval_params(adamw.init(params), params) is params

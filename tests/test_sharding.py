@@ -89,6 +89,51 @@ def test_parameter_and_optimizer_shardings_follow_the_rules():
   assert sharding.replicated_fraction(abstract, fns.state_shardings.params) == 0.0
 
 
+def _trained_params(c, mesh_shape, steps=2):
+  cfg = config_lib.model_config(c, VOCAB)
+  tx, schedule = optim.make_optimizer(config_lib.optim_config(c), 10)
+  mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
+  with jax.set_mesh(mesh):
+    fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=0, seq_len=SEQ, accum=1)
+    state = fns.init()
+    for _ in range(steps):
+      state, _ = fns.train(state, _batch())
+    return jax.device_get(state.params)
+
+
+def test_muon_steps_agree_across_meshes():
+  c = _config("llama")
+  c.optim.update({"name": "muon", "learning_rate": 0.02, "adam_learning_rate": 3e-3})
+  reference = _trained_params(c, (1, 1, 1))
+  for shape in [(2, 2, 2)]:  # data, fsdp and tensor at once: one compile, Newton-Schulz on sharded matrices
+    params = _trained_params(c, shape)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(reference)):
+      np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6, err_msg=f"{shape} {jax.tree_util.keystr(path)}")
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_every_optimizer_state_is_sharded_like_its_parameters(name):
+  c = _config("llama")
+  c.optim.update({"name": name, "schedule": "constant" if name == "schedule_free_adamw" else "cosine"})
+  if name == "sgd":
+    c.optim.momentum = 0.9
+  cfg = config_lib.model_config(c, VOCAB)
+  tx, _ = optim.make_optimizer(config_lib.optim_config(c), 10)
+  mesh = sharding.make_mesh((2, 2, 2))
+  abstract, shardings, params_sh = steps_lib.state_shardings(cfg, tx, mesh, 0, SEQ)
+  query_sh = params_sh["layers"]["attn"]["query"]
+  state_leaves = jax.tree_util.tree_leaves_with_path(abstract.opt_state)
+  sh_leaves = jax.tree.leaves(shardings.opt_state)
+  # The trap: optimizer state left fully replicated. Every per-parameter moment must follow its parameter ...
+  shadows = [(jax.tree_util.keystr(p), sh) for (p, x), sh in zip(state_leaves, sh_leaves)
+             if jax.tree_util.keystr(p).endswith("['layers']['attn']['query']") and x.shape == (2, 64, 16, 8)]
+  assert shadows and all(sh == query_sh for _, sh in shadows), shadows
+  # ... so that what stays replicated (counts, scalars, Adafactor's factored statistics) is a sliver.
+  total = sum(x.size for _, x in state_leaves)
+  replicated_size = sum(x.size for (_, x), sh in zip(state_leaves, sh_leaves) if sh.is_fully_replicated)
+  assert replicated_size <= 0.02 * total, (name, replicated_size, total)
+
+
 def test_replicated_fraction_counts_bytes():
   c = _config("gpt2")
   cfg = config_lib.model_config(c, VOCAB)

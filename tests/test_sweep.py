@@ -240,3 +240,10 @@ def test_sweep_command_line_errors_are_one_line(tmp_path, args, fragment):
   result = run_module("llm_jax.sweep", *[fill(a) for a in args])
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 2 and len(lines) == 1 and fill(fragment) in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("name", ["ablation_optimizer", "ablation_optimizer_seeds", "ablation_knobs"])
+def test_the_recipe_ablation_sweeps_expand_into_valid_runs(name, tmp_path):
+  sweep = plan.load_sweep(os.path.join(REPO, "experiments", f"{name}.py"))
+  runs = plan.expand(sweep, str(tmp_path), [])  # validates every run's resolved config
+  assert len(runs) == {"ablation_optimizer": 7, "ablation_optimizer_seeds": 6, "ablation_knobs": 18}[name]

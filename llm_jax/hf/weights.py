@@ -122,7 +122,16 @@ def _llama_config(hf: dict[str, Any]) -> ModelConfig:
 
 
 def hf_config_from_model(cfg: ModelConfig, bos_id: int, eos_id: int) -> dict[str, Any]:
-  """The Hugging Face config.json of our model (float32 weights); bos_id < 0 writes eos as bos, like GPT-2."""
+  """The Hugging Face config.json of our model (float32 weights); bos_id < 0 writes eos as bos, like GPT-2.
+
+  Refuses, in one line, the knobs neither HF GPT-2 nor HF Llama can express (their models would load and
+  silently compute something else). Untied heads are expressed (tie_word_embeddings=false, `lm_head`).
+  """
+  inexpressible = [f"{name}={value!r}" for name, value, off in (
+      ("qk_norm", cfg.qk_norm, False), ("logit_softcap", cfg.logit_softcap, 0.0),
+      ("mlp_activation", cfg.mlp_activation, "default")) if value != off]
+  _require(not inexpressible, f"the Hugging Face {cfg.family} format cannot express model "
+           f"{', '.join(inexpressible)}; export only models trained with these off")
   common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "dtype": "float32",
             "bos_token_id": bos_id if bos_id >= 0 else eos_id, "eos_token_id": eos_id}
   if cfg.family == "gpt2":
