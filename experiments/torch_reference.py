@@ -63,7 +63,7 @@ class TorchGPT(nn.Module):
   def forward(self, tokens_BxL: torch.Tensor, positions_BxL: torch.Tensor,
               segment_ids_BxL: torch.Tensor) -> torch.Tensor:
     l = tokens_BxL.shape[1]
-    # Causal by slot and never across documents, as llm_jax.model.attention_mask: True = may attend.
+    # Causal by slot and never across documents, as llm_jax.attention.attention_mask: True = may attend.
     causal_LxS = torch.ones(l, l, dtype=torch.bool, device=tokens_BxL.device).tril()
     same_doc_BxLxS = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
     mask_Bx1xLxS = (causal_LxS & same_doc_BxLxS)[:, None]

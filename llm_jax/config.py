@@ -1,4 +1,5 @@
-"""The experiment config: every default with a comment, `validate()`, and the frozen dataclasses built from it.
+"""The experiment config: every default with a comment, and the frozen dataclasses built from it (its checks are
+in `validation`).
 
 Experiment files and the command line speak ml_collections ConfigDicts; nothing below the trainer does.
 `model_config`, `optim_config`, `data_config` and `tokenizer_config` turn the sections into the frozen
@@ -8,7 +9,6 @@ dataclasses that the library takes, and `with_model` writes a model's dimensions
 from __future__ import annotations
 
 import dataclasses
-import glob
 import importlib.util
 import math
 import os
@@ -17,12 +17,8 @@ from typing import Any
 import ml_collections
 
 from llm_jax import loop as loop_lib
-from llm_jax import lora
 from llm_jax import model as model_lib
 from llm_jax import optim
-from llm_jax import paths
-from llm_jax import profiler
-from llm_jax import sampling
 from llm_jax import tokenizer as tokenizer_lib
 from llm_jax.data import corpus
 
@@ -243,228 +239,3 @@ def from_file(spec: str) -> ml_collections.ConfigDict:
     raise
   except Exception as e:  # pylint: disable=broad-except  # a user's file can raise anything
     raise ValueError(f"config file {spec} does not give a config ({type(e).__name__}: {e})") from e
-
-
-def _require(ok: bool, message: str) -> None:
-  if not ok:
-    raise ConfigError(message)
-
-
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-  _require(value in allowed, f"{key}={value!r} is not one of {', '.join(allowed)}; "
-           f"pass --config.{key}=<one of them>")
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError (one line, naming the key and the fix) for configs that cannot work."""
-  m, d, o = config.model, config.data, config.optim
-  _choice("model.family", m.family, model_lib.FAMILIES)
-  _choice("model.remat_policy", m.remat_policy, model_lib.REMAT_POLICIES)
-  _choice("model.attention_impl", m.attention_impl, model_lib.ATTENTION_IMPLS)
-  _choice("model.compute_dtype", m.compute_dtype, ("float32", "bfloat16"))
-  _choice("data.corpus", d.corpus, corpus.CORPORA)
-  _choice("tokenizer.model_type", config.tokenizer.model_type, tokenizer_lib.MODEL_TYPES)
-  _choice("optim.name", o.name, optim.OPTIMIZERS)
-  _choice("on_nonfinite", config.on_nonfinite, ("stop", "skip"))
-  _choice("optim.schedule", o.schedule, optim.SCHEDULES)
-  _validate_model(config)
-  _validate_run(config)
-  _validate_data(config)
-  _validate_finetune(config)
-  _refuse_ignored(config)
-  _validate_sample(config)
-
-
-def _validate_model(config: ml_collections.ConfigDict) -> None:
-  m, d = config.model, config.data
-  for key in ("num_layers", "d_model", "num_heads"):
-    _require(m[key] > 0, f"model.{key}={m[key]} must be positive")
-  for key in ("vocab_size", "num_kv_heads", "head_dim", "d_ff", "max_len"):
-    _require(m[key] >= 0, f"model.{key}={m[key]} must be >= 0 (0: derived)")
-  _require(m.d_model % m.num_heads == 0 or m.head_dim > 0,
-           f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model}; pick heads "
-           "that divide the width or set model.head_dim")
-  kv = m.num_kv_heads or m.num_heads
-  _require(m.num_heads % kv == 0, f"model.num_kv_heads={kv} does not divide model.num_heads="
-           f"{m.num_heads}; grouped-query attention needs num_heads to be a multiple of it")
-  head_dim = m.head_dim or m.d_model // m.num_heads
-  _require(m.family != "llama" or head_dim % 2 == 0,
-           f"RoPE needs an even head dimension, got {head_dim}; change model.head_dim or model.num_heads")
-  _require(d.seq_len > 1, f"data.seq_len={d.seq_len} must be at least 2")
-  _require(not m.max_len or m.max_len >= d.seq_len,
-           f"model.max_len={m.max_len} is shorter than data.seq_len={d.seq_len}; raise model.max_len")
-  _require(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
-  _choice("model.mlp_activation", m.mlp_activation, model_lib.MLP_ACTIVATIONS)
-  _require(math.isfinite(m.logit_softcap) and m.logit_softcap >= 0,
-           f"model.logit_softcap={m.logit_softcap} must be >= 0 and finite (0 disables; e.g. 30)")
-
-
-def _validate_run(config: ml_collections.ConfigDict) -> None:
-  o = config.optim
-  _require(config.num_train_steps > 0, f"num_train_steps={config.num_train_steps} must be positive")
-  _require(0 <= config.stop_at_step <= config.num_train_steps, f"stop_at_step={config.stop_at_step} must "
-           f"be between 0 and num_train_steps={config.num_train_steps}")
-  _require(config.grad_accum_steps > 0 and config.global_batch_size % config.grad_accum_steps == 0,
-           f"global_batch_size={config.global_batch_size} does not divide into grad_accum_steps="
-           f"{config.grad_accum_steps} micro-batches; make it a multiple")
-  _require(math.isfinite(o.learning_rate) and o.learning_rate > 0,
-           f"optim.learning_rate={o.learning_rate} must be positive and finite")
-  _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
-  _require(o.warmup_steps <= config.num_train_steps, f"optim.warmup_steps={o.warmup_steps} is longer than the "
-           f"run (num_train_steps={config.num_train_steps}); the peak learning rate would never be reached: lower "
-           "optim.warmup_steps")
-  _require(0.0 < o.decay_fraction <= 1.0, f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
-  _require(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
-  for key in ("weight_decay", "grad_clip_norm"):
-    _require(o[key] >= 0, f"optim.{key}={o[key]} must be >= 0 (0 disables)")
-  try:
-    optim.check(optim_config(config))
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "eval_batch_size"):
-    _require(config[key] > 0, f"{key}={config[key]} must be positive")
-  _require(0.0 <= config.max_replicated_share <= 1.0,
-           f"max_replicated_share={config.max_replicated_share} must be in [0, 1]")
-  _require(config.eval_every >= 0, f"eval_every={config.eval_every} must be >= 0 (0 disables)")
-  _require(math.isfinite(config.z_loss) and config.z_loss >= 0,
-           f"z_loss={config.z_loss} must be >= 0 and finite (0 disables; e.g. 1e-4)")
-  try:
-    profiler.parse_steps(config.profile_steps, config.num_train_steps)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-
-
-def _validate_data(config: ml_collections.ConfigDict) -> None:
-  d = config.data
-  if d.corpus == "mixture":
-    _validate_mixture(config)
-  _require(0.0 < d.validation_fraction < 1.0, f"data.validation_fraction={d.validation_fraction} must be in (0, 1)")
-  if d.corpus == "text_files":
-    _require(bool(d.text_files), "data.corpus='text_files' needs --config.data.text_files=<glob>")
-    for pattern in filter(None, (p.strip() for p in d.text_files.split(","))):
-      paths.check_reachable(pattern, "data.text_files")  # gs:// globs are listed through epath
-      _require(bool(paths.glob_files(pattern)), f"data.text_files={pattern!r} matches no "
-               "files; pass an existing glob with --config.data.text_files=...")
-  for pattern in filter(None, (p.strip() for p in config.eval_text_files.split(","))):
-    _require(bool(glob.glob(pattern)), f"eval_text_files={pattern!r} matches no files; pass existing globs")
-  for path in filter(None, (p.strip() for p in config.eval_zero_shot_files.split(","))):
-    _require(os.path.exists(path), f"eval_zero_shot_files names {path!r}, which does not exist; pass "
-             "JSONL files such as experiments/data/zero_shot_example.jsonl")
-  if d.corpus == "tfds":
-    _require(bool(d.tfds_name), "data.corpus='tfds' needs --config.data.tfds_name=<catalog name>")
-  _validate_extra_eval(config)
-
-
-def _validate_extra_eval(config: ml_collections.ConfigDict) -> None:
-  tasks = config.eval_harness_tasks.strip()
-  for key, value in (("eval_harness_include_path", config.eval_harness_include_path),
-                     ("eval_harness_limit", config.eval_harness_limit)):
-    _require(bool(tasks) or not value, f"{key} is set but no eval_harness_tasks are; name the tasks or clear {key}")
-  _require(config.eval_harness_limit >= 0, f"eval_harness_limit={config.eval_harness_limit} must be >= 0 (0: all)")
-  path = config.eval_harness_include_path
-  _require(not path or os.path.isdir(path), f"eval_harness_include_path={path!r} is not a folder; pass the folder "
-           "of the tasks' YAML files")
-  _require(not tasks or importlib.util.find_spec("lm_eval") is not None, "eval_harness_tasks needs lm_eval, which "
-           "is not installed; pip install -e .[eval] (lm-eval==0.4.13)")
-  extra = config.eval_text_files.strip() or config.eval_zero_shot_files.strip() or tasks
-  _require(config.extra_eval_every >= 0, f"extra_eval_every={config.extra_eval_every} must be >= 0")
-  _require(bool(extra) or not config.extra_eval_every, "extra_eval_every is set but there are no eval_text_files, "
-           "eval_zero_shot_files or eval_harness_tasks to run; set one or clear extra_eval_every")
-
-
-def _validate_mixture(config: ml_collections.ConfigDict) -> None:
-  """Each component is checked by corpus.mixture_components; the top-level source settings are the components'."""
-  defaults = get_config().data
-  for key in corpus.COMPONENT_FIELDS[1:]:
-    _require(config.data[key] == defaults[key], f"data.{key} is set but data.corpus='mixture' reads each "
-             f"component's own; set it in data.mixture.<name>.{key} (or restore data.{key}={defaults[key]!r})")
-  try:
-    data_config(config)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-
-
-def _validate_finetune(config: ml_collections.ConfigDict) -> None:
-  """SFT data and LoRA: both start from a model (its tokenizer, its weights)."""
-  m, d = config.model, config.data
-  patterns = [p.strip() for p in d.sft_files.split(",") if p.strip()] if d.corpus == "sft" else []
-  _require(d.corpus != "sft" or bool(patterns), "data.corpus='sft' needs --config.data.sft_files=<glob of .jsonl>")
-  for pattern in patterns:
-    _require(bool(glob.glob(os.path.expanduser(pattern))), f"data.sft_files={pattern!r} matches no files; pass an "
-             "existing glob with --config.data.sft_files=...")
-  _require(d.corpus != "sft" or bool(config.init_params_from or config.tokenizer.path), "data.corpus='sft' fine-tunes"
-           " a model and keeps its tokenizer: pass --config.init_params_from=WORKDIR (or --config.tokenizer.path)")
-  _require(m.lora_rank >= 0 and (m.lora_rank == 0 or bool(config.init_params_from)), f"model.lora_rank={m.lora_rank}"
-           " must be 0 (off) or positive with --config.init_params_from=WORKDIR (the base model the adapters train on)")
-  _require(math.isfinite(m.lora_alpha) and m.lora_alpha > 0, f"model.lora_alpha={m.lora_alpha} must be positive")
-  try:
-    lora.parse_targets(m.lora_targets)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-
-
-def _refuse_ignored(config: ml_collections.ConfigDict) -> None:
-  """A setting the chosen corpus, optimizer, schedule or family never reads is an error, not a silent no-op."""
-  defaults = get_config()
-  m, d, o = config.model, config.data, config.optim
-  # (section, keys, the choice that ignores them, the value that would read them)
-  ignored = []
-  if d.corpus != "text_files":
-    ignored.append(("data", ("text_files",), f"data.corpus={d.corpus!r}", "data.corpus=text_files"))
-  if d.corpus != "tfds":
-    ignored.append(("data", ("tfds_name",), f"data.corpus={d.corpus!r}", "data.corpus=tfds"))
-  _require(d.corpus == "mixture" or not d.mixture, f"data.mixture is set but data.corpus={d.corpus!r} ignores it; "
-           "pass --config.data.corpus=mixture (or clear data.mixture)")
-  if d.corpus != "sft":
-    ignored.append(("data", ("sft_files", "train_on_prompt"), f"data.corpus={d.corpus!r}", "data.corpus=sft"))
-  if m.lora_rank == 0:
-    ignored.append(("model", ("lora_alpha", "lora_targets"), "model.lora_rank=0", "model.lora_rank=8"))
-  for key, readers in optim.READS.items():
-    if o.name not in readers:
-      ignored.append(("optim", (key,), f"optim.name={o.name!r}", f"optim.name={readers[0]}"))
-  if o.schedule != "wsd":
-    ignored.append(("optim", ("decay_fraction",), f"optim.schedule={o.schedule!r}", "optim.schedule=wsd"))
-  if m.family != "llama":
-    rope = tuple(k for k in m.keys() if k.startswith("rope_"))
-    ignored.append(("model", rope, f"model.family={m.family!r}", "model.family=llama"))
-  for section, keys, chooser, reader in ignored:
-    for key in keys:
-      default = defaults[section][key]
-      _require(config[section][key] == default,
-               f"{section}.{key} is set but {chooser} ignores it; pass --config.{reader} (or "
-               f"{'clear' if default in ('', False) else 'restore'} {section}.{key}"
-               f"{'' if default in ('', False) else f'={default}'})")
-
-
-def _validate_sample(config: ml_collections.ConfigDict) -> None:
-  """The end-of-run sampling settings, checked before training so a bad one cannot cost a whole run.
-
-  The prompt's length in tokens needs the tokenizer; the trainer checks it once the tokenizer is known.
-  """
-  s = config.sample
-  prefix = "--config.sample."
-  try:
-    sampling.check_settings(max_length=s.max_length, num_return_sequences=s.num_return_sequences,
-                            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, prefix=prefix)
-    sampling.check_prompt(s.prompt, prefix)
-    # With init_params_from the model's dimensions are the source run's, read later; the trainer checks the
-    # fit then, with the prompt's length.
-    if not config.init_params_from:
-      sampling.check_fits(model_config(config, config.model.vocab_size or 1), s.max_length,
-                          s.num_return_sequences, prefix)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-
-
-def validate_for_devices(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
-  """Checks that need the mesh: the batch must split evenly over the data-parallel devices."""
-  data_parallel = mesh_shape["data"] * mesh_shape["fsdp"]
-  micro = config.global_batch_size // config.grad_accum_steps
-  _require(micro % data_parallel == 0,
-           f"micro-batch of {micro} sequences (global_batch_size={config.global_batch_size} / "
-           f"grad_accum_steps={config.grad_accum_steps}) does not divide over data x fsdp = "
-           f"{data_parallel} devices; make global_batch_size a multiple of "
-           f"{data_parallel * config.grad_accum_steps}")
-  _require(config.eval_batch_size % data_parallel == 0,
-           f"eval_batch_size={config.eval_batch_size} does not divide over data x fsdp = "
-           f"{data_parallel} devices; make it a multiple of {data_parallel}")

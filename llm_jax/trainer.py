@@ -23,6 +23,7 @@ from llm_jax import paths
 from llm_jax import sampling
 from llm_jax import sharding
 from llm_jax import steps as steps_lib
+from llm_jax import validation
 from llm_jax import workdir as workdir_lib
 from llm_jax import writers
 from llm_jax.data import pipeline
@@ -157,7 +158,7 @@ def _extra_evaluator(config: ml_collections.ConfigDict, cfg: ModelConfig, tokeni
 
 def _resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The validated config, with the model dimensions and tokenizer of `init_params_from` when it is set."""
-  config_lib.validate(config)
+  validation.validate(config)
   for key, value in (("init_params_from", config.init_params_from), ("tokenizer.path", config.tokenizer.path),
                      ("data.text_files", config.data.text_files), ("data.store_dir", config.data.store_dir)):
     paths.check_reachable(value, f"--config.{key}")
@@ -166,13 +167,13 @@ def _resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
   source_cfg, tokenizer_path = workdir_lib.read_model_card(config.init_params_from)
   config = config_lib.with_model(config, source_cfg, tokenizer_path=tokenizer_path, keep_runtime_fields=True)
-  config_lib.validate(config)
+  validation.validate(config)
   return config
 
 
 def _mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
-  config_lib.validate_for_devices(config, dict(mesh.shape))
+  validation.validate_for_devices(config, dict(mesh.shape))
   return mesh
 
 

@@ -12,6 +12,7 @@ from llm_jax import config as config_lib
 from llm_jax import faults
 from llm_jax import sampling
 from llm_jax import trainer
+from llm_jax import validation
 from llm_jax import workdir as workdir_lib
 
 SMOKE = "--config=experiments/smoke.py"
@@ -149,10 +150,10 @@ def _set(config, key, value):
 @pytest.mark.parametrize("key, value, fragment", CONFIG_CASES, ids=[f"{c[0]}={c[1]}" for c in CONFIG_CASES])
 def test_validate_refuses_bad_config(key, value, fragment):
   config = smoke_config()
-  config_lib.validate(config)  # the smoke config itself is fine
+  validation.validate(config)  # the smoke config itself is fine
   _set(config, key, value)
   with pytest.raises(config_lib.ConfigError) as err:
-    config_lib.validate(config)
+    validation.validate(config)
   assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
@@ -163,7 +164,7 @@ def test_validate_refuses_settings_that_clash(name, overrides, fragment):
   for key, value in overrides.items():
     _set(config, key, value)
   with pytest.raises(config_lib.ConfigError) as err:
-    config_lib.validate(config)
+    validation.validate(config)
   assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
@@ -173,7 +174,7 @@ def test_validate_accepts_the_settings_each_choice_reads():
                      "optim.decay_fraction": 0.3, "model.family": "llama", "model.num_kv_heads": 2,
                      "model.rope_theta": 5e5}.items():
     _set(config, key, value)
-  config_lib.validate(config)
+  validation.validate(config)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -187,7 +188,7 @@ def test_validate_accepts_the_newer_optimizers_and_knobs(overrides):
   config = smoke_config()
   for key, value in overrides.items():
     _set(config, key, value)
-  config_lib.validate(config)
+  validation.validate(config)
 
 
 TRAIN_CASES = [

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from llm_jax import config as config_lib
+from llm_jax import validation
 from llm_jax.data import mixture
 from llm_jax.data.packing import PAD_ID
 from llm_jax.data.pipeline import PackedRows
@@ -123,7 +124,7 @@ def _mixture_config(tmp_path, weights=(0.75, 0.25)):
 
 def test_two_text_sources_get_their_own_stores_and_mix_by_weight(tmp_path):
   config = _mixture_config(tmp_path)
-  config_lib.validate(config)
+  validation.validate(config)
   data_cfg = config_lib.data_config(config)
   assert [(c.name, c.weight) for c in data_cfg.mixture] == [("alpha", 0.75), ("beta", 0.25)]
   prepared = prepare_data(data_cfg, config_lib.tokenizer_config(config), log=lambda line: None)
@@ -153,5 +154,5 @@ def test_bad_mixtures_fail_in_one_line(tmp_path, edit, fragment):
   config = _mixture_config(tmp_path)
   edit(config)
   with pytest.raises(config_lib.ConfigError, match="^[^\n]*$") as error:
-    config_lib.validate(config)
+    validation.validate(config)
   assert fragment in str(error.value)

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from llm_jax.attention import apply_rope
+from llm_jax.attention import dot_product_attention
+from llm_jax.attention import rope_inverse_frequencies
 from llm_jax.model import Mlp
 from llm_jax.model import ModelConfig
 from llm_jax.model import Transformer
 from llm_jax.model import abstract_params
-from llm_jax.model import apply_rope
 from llm_jax.model import count_non_embedding_params
 from llm_jax.model import count_params
-from llm_jax.model import dot_product_attention
-from llm_jax.model import rope_inverse_frequencies
 
 LENGTH = 16
 

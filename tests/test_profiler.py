@@ -9,6 +9,7 @@ from test_train import smoke_config
 from llm_jax import config as config_lib
 from llm_jax import profiler
 from llm_jax import trainer
+from llm_jax import validation
 
 
 @pytest.mark.parametrize("spec, expected", [("", None), ("2,3", (2, 3)), (" 1 , 30 ", (1, 30)), ("(4,9)", (4, 9)),
@@ -21,7 +22,7 @@ def test_profile_steps_parse(spec, expected):
 def test_bad_profile_steps_are_refused_by_validate_in_one_line(spec):
   c = smoke_config(profile_steps=spec)
   with pytest.raises(config_lib.ConfigError) as err:
-    config_lib.validate(c)
+    validation.validate(c)
   assert "profile_steps=" in str(err.value) and "num_train_steps=30" in str(err.value) and "\n" not in str(err.value)
 
 

@@ -11,6 +11,7 @@ import pytest
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
 from llm_jax import trainer
+from llm_jax import validation
 from llm_jax import workdir as workdir_lib
 from llm_jax import writers
 from llm_jax.data.text import clean_text
@@ -107,7 +108,7 @@ def test_every_experiment_config_loads_and_validates(path):
   spec.loader.exec_module(module)
   for variant in getattr(module, "VARIANTS", (None,)):
     c = module.get_config(variant) if variant else module.get_config()
-    config_lib.validate(c)
+    validation.validate(c)
     config_lib.model_config(c, c.tokenizer.vocab_size)
 
 

@@ -27,6 +27,7 @@ import safetensors.numpy
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
 from llm_jax import paths
+from llm_jax import validation
 from llm_jax import workdir as workdir_lib
 from llm_jax.hf import tokenizer as hf_tokenizer
 from llm_jax.hf import weights
@@ -116,7 +117,7 @@ def write_workdir_config(workdir: str, cfg: ModelConfig, tokenizer_path: str) ->
   """A resolved llm_jax config.json (the run config) with this model, so tools that rebuild data from it work."""
   config = config_lib.with_model(config_lib.get_config(), cfg, tokenizer_path=os.path.abspath(tokenizer_path))
   config.data.seq_len = min(MAX_EVAL_SEQ_LEN, cfg.max_len)
-  config_lib.validate(config)
+  validation.validate(config)
   workdir_lib.write_run_config(workdir, config.to_json_best_effort(indent=2))
 
 

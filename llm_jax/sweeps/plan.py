@@ -41,6 +41,7 @@ from typing import Callable
 import ml_collections
 
 from llm_jax import config as config_lib
+from llm_jax import validation
 from llm_jax.sweeps import runcard
 
 MANIFEST = "sweep.json"
@@ -144,7 +145,7 @@ def validate(sweep: Sweep) -> None:
 
 def resolved_config(base: ml_collections.ConfigDict, settings: dict[str, Any],
                     where: str) -> ml_collections.ConfigDict:
-  """`base` with `settings` applied, checked by `config.validate`; errors name the sweep file."""
+  """`base` with `settings` applied, checked by `validation.validate`; errors name the sweep file."""
   c = copy.deepcopy(base)
   for key, value in settings.items():
     *parents, leaf = key.split(".")
@@ -157,7 +158,7 @@ def resolved_config(base: ml_collections.ConfigDict, settings: dict[str, Any],
       raise ValueError(f"{key}={value!r} in {where} does not fit the config ({e}); give a value of the "
                        "default's type") from e
   try:
-    config_lib.validate(c)
+    validation.validate(c)
   except config_lib.ConfigError as e:
     point = ", ".join(f"{k}={v!r}" for k, v in settings.items())
     raise ValueError(f"{where}: the run with {point} is invalid: {e}") from e

@@ -1,0 +1,69 @@
+"""Attention arithmetic the model composes: RoPE frequencies and rotation, the causal and document mask, and
+softmax(QKᵀ/√K)V over grouped key/value heads (shape legend in `llm_jax.model`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+
+if TYPE_CHECKING:
+  from llm_jax.model import ModelConfig
+
+Array = jax.Array
+
+
+def rope_inverse_frequencies(cfg: ModelConfig) -> Array:
+  """Per-pair rotation frequencies, with Llama-3 long-context scaling when configured."""
+  k = cfg.head_dim
+  inv_freq_K2 = 1.0 / (cfg.rope_theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
+  if cfg.rope_scaling_factor <= 0:
+    return inv_freq_K2
+  wavelen = 2 * jnp.pi / inv_freq_K2
+  low_wavelen = cfg.rope_original_max_len / cfg.rope_low_freq_factor
+  high_wavelen = cfg.rope_original_max_len / cfg.rope_high_freq_factor
+  smooth = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
+      cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+  smoothed = (1 - smooth) * inv_freq_K2 / cfg.rope_scaling_factor + smooth * inv_freq_K2
+  scaled = jnp.where(wavelen > low_wavelen, inv_freq_K2 / cfg.rope_scaling_factor, inv_freq_K2)
+  is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x_BxLxHxK: Array, positions_BxL: Array, inv_freq_K2: Array) -> Array:
+  """Rotates the two halves of each head (the Hugging Face 'rotate_half' layout)."""
+  angles_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq_K2
+  cos = jnp.cos(angles_BxLxK2)[:, :, None, :]
+  sin = jnp.sin(angles_BxLxK2)[:, :, None, :]
+  x = x_BxLxHxK.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxK.dtype)
+
+
+def attention_mask(q_pos_BxL: Array, k_pos_BxS: Array, q_seg_BxL: Array | None,
+                   k_seg_BxS: Array | None) -> Array:
+  """Causal by slot index, and never across segments (packed documents)."""
+  mask_BxLxS = k_pos_BxS[:, None, :] <= q_pos_BxL[:, :, None]
+  if q_seg_BxL is not None:
+    mask_BxLxS &= q_seg_BxL[:, :, None] == k_seg_BxS[:, None, :]
+  return mask_BxLxS
+
+
+def dot_product_attention(q_BxLxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array,
+                          mask_BxLxS: Array, impl: str = "einsum") -> Array:
+  """softmax(QKᵀ/√K)V with grouped key/value heads; softmax in float32."""
+  if impl == "jax":
+    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK,
+                                        mask=mask_BxLxS[:, None, :, :])
+  b, l, h, k = q_BxLxHxK.shape
+  g = k_BxSxGxK.shape[2]
+  q_BxLxGxRxK = q_BxLxHxK.reshape(b, l, g, h // g, k)
+  logits_BxGxRxLxS = jnp.einsum("BLGRK,BSGK->BGRLS", q_BxLxGxRxK, k_BxSxGxK,
+                                preferred_element_type=jnp.float32) / jnp.sqrt(k).astype(jnp.float32)
+  logits_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxGxRxLxS,
+                               jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits_BxGxRxLxS, axis=-1).astype(v_BxSxGxK.dtype)
+  out_BxLxGxRxK = jnp.einsum("BGRLS,BSGK->BLGRK", probs, v_BxSxGxK)
+  return out_BxLxGxRxK.reshape(b, l, h, k)
