@@ -20,6 +20,7 @@ import os
 import numpy as np
 import pytest
 from conftest import REPO
+from etils import epath
 from etils.epath import backend as epath_backend
 from fsspec.implementations.memory import MemoryFileSystem
 from test_store import TOPICS
@@ -113,6 +114,15 @@ def test_store_rows_read_by_byte_ranges_equal_the_memory_mapped_ones(bucket, tmp
     np.testing.assert_array_equal(got[0], expected[0])
     np.testing.assert_array_equal(got[1], expected[1])
   _no_local_gs_folder(os.getcwd(), REPO, str(tmp_path))
+  # A truncated shard in the bucket: opening reads only the manifest (a stat per shard would be a request each);
+  # the first read of that shard names it, in one line, and nothing is deleted.
+  shard = epath.Path("gs://bucket/store/train/000001.tokens")
+  shard.write_bytes(shard.read_bytes()[:-2])
+  damaged = store_lib.TokenStore.open(remote)
+  with pytest.raises(ValueError, match="^[^\n]*$") as error:
+    damaged.splits["train"].rows(np.arange(damaged.splits["train"].num_rows(37)), 37)
+  assert "token store shard gs://bucket/store/train/000001.tokens is" in str(error.value)
+  assert "bucket/store/train/000001.tokens" in bucket
 
 
 def test_a_gs_workdir_and_store_train_and_resume_in_the_bucket(bucket, tmp_path, monkeypatch, capsys):
