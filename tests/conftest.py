@@ -11,6 +11,10 @@ import jax  # noqa: E402  pylint: disable=wrong-import-position
 
 jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/llm_jax/jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+# The command-line tests' child processes share that cache (JAX reads its options from these variables): most of
+# them compile the same smoke step, which then costs one compile per test session instead of one per child.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/llm_jax/jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
