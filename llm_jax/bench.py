@@ -54,7 +54,11 @@ BENCH_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 def bench_config(spec: str) -> ml_collections.ConfigDict:
   """The experiment config `spec` names: 'tiny' (a variant of experiments/bench.py) or 'path.py[:variant]'."""
-  return config_lib.from_file(spec if ".py" in spec else f"{BENCH_FILE}:{spec}")
+  c = config_lib.from_file(spec if ".py" in spec else f"{BENCH_FILE}:{spec}")
+  # A config that sizes the vocabulary from its tokenizer (model.vocab_size=0, as the experiment files do) is
+  # benchmarked at the size it asks the tokenizer for, which sentencepiece returns exactly.
+  c.model.vocab_size = c.model.vocab_size or c.tokenizer.vocab_size
+  return c
 
 
 def _median_step_time(train, state, batches, steps: int, repeats: int, warmup: int):
