@@ -227,6 +227,17 @@ def _check_prompt_fits(config: ml_collections.ConfigDict, cfg: ModelConfig, toke
                      prefix="--config.sample.")
 
 
+def _announce_model(cfg: ModelConfig, fns: Any, state: Any, flops: dict[str, float], mesh: jax.sharding.Mesh,
+                    peak: tuple[float, str], start_step: int) -> None:
+  """The start-up line: parameters (and LoRA's trained share), FLOPs per token, mesh, peak, resume point."""
+  writers.console(
+      f"model {cfg.family}: {count_params(fns.full_params(state.params)):,} parameters "
+      f"{f'({count_params(state.params):,} trained: LoRA adapters) ' if fns.lora else ''}"
+      f"({int(flops['non_embedding_params']):,} non-embedding), {flops['causal'] / 1e6:.2f} MFLOPs/token; "
+      f"mesh {dict(mesh.shape)}; peak {peak[0] / 1e9:.0f} GFLOP/s ({peak[1]}); "
+      f"{'resuming from step ' + str(start_step) if start_step else 'starting from scratch'}")
+
+
 def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> dict[str, float]:
   runcard.read(workdir)  # a damaged run card is refused now, not after preparing data and compiling
   with faults.interruptible("preparing the tokenizer and data"):
@@ -266,12 +277,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
       workdir_lib.write_model_card(workdir, cfg, data.tokenizer.path, lora_base.get("lora_base"))
     writer = writers.MetricWriter(workdir, resume_step=start_step)
     flops = metrics_lib.flops_per_token(cfg, config.data.seq_len)
-    writers.console(
-        f"model {cfg.family}: {count_params(fns.full_params(state.params)):,} parameters "
-        f"{f'({count_params(state.params):,} trained: LoRA adapters) ' if fns.lora else ''}"
-        f"({int(flops['non_embedding_params']):,} non-embedding), {flops['causal'] / 1e6:.2f} MFLOPs/token; "
-        f"mesh {dict(mesh.shape)}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source}); "
-        f"{'resuming from step ' + str(start_step) if start_step else 'starting from scratch'}")
+    _announce_model(cfg, fns, state, flops, mesh, (peak, peak_source), start_step)
     clock = loop_lib.Throughput(config.global_batch_size * config.data.seq_len, flops["causal"], peak,
                                 config.num_train_steps, last_step=start_step)
     loop = loop_lib.Loop(config_lib.loop_plan(config), fns, train_iter, eval_batches, ckpt, writer, meta, clock,
