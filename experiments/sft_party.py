@@ -8,9 +8,10 @@ Commands: python -m llm_jax.train --config=experiments/sotu_small.py --workdir=/
           for v in full lora; do for s in 0 1 2; do
             python -m llm_jax.train --config=experiments/sft_party.py:$v --workdir=/tmp/party_${v}_$s --config.seed=$s
             python -m llm_jax.evaluate --workdir=/tmp/party_${v}_$s \\
-              --zero_shot=experiments/data/sotu_party/test_mc.jsonl --text_files=''
+              --zero_shot=experiments/data/sotu_party/test_mc.jsonl
           done; done
-Results:  see experiments/sotu_party.py's docstring (the four-way table).
+Results:  not run yet (2026-12-01: no machine time was left after the merges); rows (a) and (b), zero- and
+          few-shot, are in experiments/sotu_party.py's docstring.
 """
 
 from llm_jax import config as config_lib
