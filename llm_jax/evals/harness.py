@@ -76,13 +76,8 @@ class Backend:
     start_id, max_len = scoring.conditioning_id(self.tokenizer), self.cfg.max_len
     sequences = []
     for i, (context, continuation) in enumerate(pairs):
-      context_ids, continuation_ids = scoring.encode_pair(self.tokenizer, context, continuation)
-      if not continuation_ids:
-        raise ValueError(f"loglikelihood request {i}: the continuation {continuation!r} encodes to no tokens")
-      if len(continuation_ids) >= max_len:
-        raise ValueError(f"loglikelihood request {i}: the continuation has {len(continuation_ids)} tokens; the "
-                         f"model reads at most {max_len}")
-      sequences.append((([start_id] + context_ids + continuation_ids)[-(max_len + 1):], len(continuation_ids)))
+      sequences.append(scoring.choice_sequence(self.tokenizer, context, continuation, start_id, max_len,
+                                               f"loglikelihood request {i}: the continuation {continuation!r}"))
     scores = self.score_sequences(sequences)
     return [(-float(nll), bool(hits == tokens)) for nll, hits, tokens in
             zip(scores["nll"], scores["correct"], scores["tokens"])]

@@ -117,6 +117,18 @@ def encode_pair(tokenizer: Any, context: str, choice: str) -> tuple[list[int], l
   return context_ids, whole_ids[len(context_ids):]
 
 
+def choice_sequence(tokenizer: Any, context: str, choice: str, start_id: int, max_len: int,
+                    subject: str) -> tuple[list[int], int]:
+  """([start] + context + choice ids, cut to the model's last max_len + 1 tokens; the choice's token count), for
+  `layout_rows`; one-line errors name `subject` when the choice is empty or longer than the model reads."""
+  context_ids, choice_ids = encode_pair(tokenizer, context, choice)
+  if not choice_ids:
+    raise ValueError(f"{subject} encodes to no tokens")
+  if len(choice_ids) >= max_len:
+    raise ValueError(f"{subject} has {len(choice_ids)} tokens; the model reads at most {max_len}")
+  return ([start_id] + context_ids + choice_ids)[-(max_len + 1):], len(choice_ids)
+
+
 def layout_rows(sequences: Sequence[tuple[Sequence[int], int]], length: int) -> Rows:
   """Rows of `length` positions from (token sequence, number of final targets to score) pairs."""
   rows = {k: np.zeros((len(sequences), length), np.float32 if k == "loss_mask" else np.int32) for k in ROW_KEYS}
@@ -138,13 +150,8 @@ def make_choice_rows(items: Sequence[Item], tokenizer: Any, max_len: int) -> Row
   sequences = []
   for i, item in enumerate(items):
     for j, choice in enumerate(item.choices):
-      context_ids, choice_ids = encode_pair(tokenizer, item.context, choice)
-      if not choice_ids:
-        raise ValueError(f"choice {j} of zero-shot item {i} encodes to no tokens")
-      if len(choice_ids) >= max_len:
-        raise ValueError(f"choice {j} of zero-shot item {i} has {len(choice_ids)} tokens; the model reads at most "
-                         f"{max_len}")
-      sequences.append((([start_id] + context_ids + choice_ids)[-(max_len + 1):], len(choice_ids)))
+      sequences.append(choice_sequence(tokenizer, item.context, choice, start_id, max_len,
+                                       f"choice {j} of zero-shot item {i}"))
   longest = max(len(seq) - 1 for seq, _ in sequences)
   return layout_rows(sequences, min(max_len, -(-longest // LENGTH_QUANTUM) * LENGTH_QUANTUM))
 
