@@ -209,20 +209,73 @@ def measure(workdir: str, rows: dict[str, list[Row]], ks: tuple[int, ...], seeds
   return results
 
 
+def plot_table(measured: str, sweep_runs: str, path: str) -> None:
+  """The four-way table as one figure: every seed's test accuracy per method, chance and majority as lines.
+
+  `measured` is the JSONL `--results` writes (rows (a), (b)); `sweep_runs` the runs.csv of
+  `python -m llm_jax.sweep --report` over experiments/sft_party_sweep.py (rows (c), (d)).
+  """
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  with open(measured, encoding="utf-8") as f:
+    lines = [json.loads(line) for line in f if line.strip()]
+  header, scored = lines[0], lines[1:]
+  with open(sweep_runs, encoding="utf-8") as f:
+    tuned = list(csv.DictReader(f))
+  methods = {}  # method -> {rule: [accuracy per seed]}
+  for r in scored:
+    rules = methods.setdefault(("(a) " if r["seed"] is None else "(b) ") + r["run"], {})
+    for rule, key in (("summed", "accuracy"), ("calibrated", "accuracy_calibrated")):
+      rules.setdefault(rule, []).append(r[key])
+  for r in tuned:
+    rules = methods.setdefault("(c) full SFT" if r["variant"].startswith("model.lora_rank=0") else "(d) LoRA r=8", {})
+    for rule, key in (("summed", "zero_shot/test_mc/accuracy"), ("per-token", "zero_shot/test_mc/accuracy_norm")):
+      rules.setdefault(rule, []).append(float(r[key]))
+  fig, ax = plt.subplots(figsize=(8, 4.5))
+  markers = {"summed": ("o", 0.0), "calibrated": ("D", 0.15), "per-token": ("^", 0.15)}
+  for x, rules in enumerate(methods.values()):
+    for rule, values in rules.items():
+      marker, dx = markers[rule]
+      ax.scatter([x + dx] * len(values), values, marker=marker, color=f"C{list(markers).index(rule)}",
+                 label=rule if x in (0, len(methods) - 1) else None, alpha=0.8)
+  ax.axhline(header["chance"], color="grey", linestyle=":", label=f"chance {header['chance']:.3f}")
+  ax.axhline(header["majority"], color="black", linestyle="--", label=f"majority {header['majority']:.3f}")
+  ax.set_xticks(range(len(methods)), list(methods), rotation=15)
+  ax.set(ylabel="test accuracy (1,186 paragraphs)", title="sotu party task: one point per seed and scoring rule")
+  handles, labels = ax.get_legend_handles_labels()
+  unique = dict(zip(labels, handles))
+  ax.legend(unique.values(), unique.keys(), fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="experiments/data/sotu_party", help="folder for the JSONL and YAML files")
   parser.add_argument("--workdir", default="", help="a sotu-pretrained workdir to measure (default: only write)")
   parser.add_argument("--k", default=",".join(map(str, K_SHOTS)), help="examples per few-shot prompt, e.g. 1,2")
+  parser.add_argument("--results", default="", help="also write the counts and measured lines to this JSONL")
+  parser.add_argument("--plot", default="", help="draw the four-way table from --results and --sweep_runs to this "
+                      "PNG, and do nothing else")
+  parser.add_argument("--sweep_runs", default="", help="runs.csv of the experiments/sft_party_sweep.py report")
   args = parser.parse_args()
+  if args.plot:
+    plot_table(args.results, args.sweep_runs, args.plot)
+    return
   rows = build_rows()
   write_files(args.out, rows)
   counts = {s: {p: sum(r.party == p for r in rs) for p in PARTIES} for s, rs in rows.items()}
   speeches_per_side = {s: len({r.speech for r in rs}) for s, rs in rows.items()}
-  print(json.dumps({"rows": counts, "speeches": speeches_per_side, **baselines(rows)}))
+  lines = [{"rows": counts, "speeches": speeches_per_side, **baselines(rows)}]
+  print(json.dumps(lines[0]))
   if args.workdir:
     for result in measure(args.workdir, rows, tuple(int(k) for k in args.k.split(",")), SEEDS):
+      lines.append(result)
       print(json.dumps(result))
+  if args.results:
+    _write_jsonl(args.results, lines)
 
 
 if __name__ == "__main__":

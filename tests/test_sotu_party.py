@@ -78,3 +78,22 @@ def test_few_shot_draws_are_seeded_short_train_rows(rows):
   base = party.baselines(rows)
   shares = [sum(r.party == p for r in rows["test"]) / len(rows["test"]) for p in party.PARTIES]
   assert base["chance"] == 0.5 and base["majority"] in shares
+
+
+def test_the_committed_measurements_are_of_todays_split_and_plot_with_the_sweep(rows, tmp_path):
+  measured = os.path.join(REPO, "experiments", "results", "sotu_party", "zero_few_shot.jsonl")
+  with open(measured, encoding="utf-8") as f:
+    header = json.loads(f.readline())
+  assert header["majority"] == pytest.approx(party.baselines(rows)["majority"], abs=1e-12)
+  assert header["rows"]["test"] == {p: sum(r.party == p for r in rows["test"]) for p in party.PARTIES}
+  runs = tmp_path / "runs.csv"
+  with open(runs, "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, ["variant", "zero_shot/test_mc/accuracy", "zero_shot/test_mc/accuracy_norm"])
+    writer.writeheader()
+    writer.writerow({"variant": "model.lora_rank=0,x", "zero_shot/test_mc/accuracy": 0.6,
+                     "zero_shot/test_mc/accuracy_norm": 0.59})
+    writer.writerow({"variant": "model.lora_rank=8,x", "zero_shot/test_mc/accuracy": 0.58,
+                     "zero_shot/test_mc/accuracy_norm": 0.59})
+  party.plot_table(measured, str(runs), str(tmp_path / "table.png"))
+  with open(tmp_path / "table.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"

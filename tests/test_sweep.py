@@ -177,6 +177,29 @@ def test_report_aggregates_seeds_and_marks_differences_beyond_the_noise(tmp_path
                    "final_val_loss_vs_optim_learning_rate.png"}
 
 
+def test_report_carries_the_downstream_task_metrics_logged_during_training(tmp_path):
+  path = _write_sweep(tmp_path, 'BASE = "experiments/smoke.py"\nSEEDS = (0, 1)\n'
+                      'GRID = {"optim.learning_rate": [0.001, 0.003]}\n')
+  sweep = plan.load_sweep(path)
+  runs = plan.expand(sweep, str(tmp_path))
+  accuracy = {(0.001, 0): 0.60, (0.001, 1): 0.50, (0.003, 0): 0.70, (0.003, 1): 0.72}
+  for run in runs:
+    _fake_run(run, "finished", (4.0, 3.9))
+    lr = run.point["optim.learning_rate"]
+    with open(os.path.join(run.workdir, "metrics.jsonl"), "a", encoding="utf-8") as f:  # an early value, then the last
+      f.write(json.dumps({"step": 10, "zero_shot/party/accuracy": 0.1, "harness/t/acc": 0.2}) + "\n")
+      f.write(json.dumps({"step": 20, "zero_shot/party/accuracy": accuracy[lr, run.seed]}) + "\n")
+  result = report.write_report(sweep, str(tmp_path))
+  rows = {r["optim.learning_rate"]: r for r in result.rows}
+  assert rows[0.001]["zero_shot/party/accuracy_mean"] == pytest.approx(0.55)
+  assert rows[0.001]["zero_shot/party/accuracy_std"] == pytest.approx(0.0707107, abs=1e-6)  # sqrt(0.005)
+  assert rows[0.003]["zero_shot/party/accuracy_mean"] == pytest.approx(0.71)
+  assert rows[0.003]["harness/t/acc_mean"] == pytest.approx(0.2)  # logged once: that value is the last
+  assert "zero_shot/party/accuracy |" in result.table and "| 0.5500 ± 0.0707 |" in result.table
+  names = {os.path.basename(f) for f in result.files}
+  assert {"zero_shot_party_accuracy_vs_optim_learning_rate.png", "harness_t_acc_vs_optim_learning_rate.png"} <= names
+
+
 def _finished_val_losses(workdir) -> list[float]:
   return [r["val_loss"] for r in writers.read_metrics(str(workdir)) if "val_loss" in r]
 
@@ -242,8 +265,11 @@ def test_sweep_command_line_errors_are_one_line(tmp_path, args, fragment):
   assert result.returncode == 2 and len(lines) == 1 and fill(fragment) in lines[0], result.stderr
 
 
-@pytest.mark.parametrize("name", ["ablation_optimizer", "ablation_optimizer_seeds", "ablation_knobs"])
-def test_the_recipe_ablation_sweeps_expand_into_valid_runs(name, tmp_path):
+SWEEP_FILES = {"ablation_optimizer": 6, "ablation_optimizer_seeds": 6, "ablation_knobs": 18, "sft_party_sweep": 6}
+
+
+@pytest.mark.parametrize("name", sorted(SWEEP_FILES))
+def test_the_committed_sweeps_expand_into_valid_runs(name, tmp_path):
   sweep = plan.load_sweep(os.path.join(REPO, "experiments", f"{name}.py"))
   runs = plan.expand(sweep, str(tmp_path), [])  # validates every run's resolved config
-  assert len(runs) == {"ablation_optimizer": 7, "ablation_optimizer_seeds": 6, "ablation_knobs": 18}[name]
+  assert len(runs) == SWEEP_FILES[name]

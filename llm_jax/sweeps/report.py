@@ -4,7 +4,10 @@ Per run (finished runs only), from `metrics.jsonl` and `run.json`:
   final_val_loss  the last logged validation loss;   best_val_loss  the lowest one;
   tokens_per_s, mfu  medians over the run's log lines (robust to other jobs sharing the machine;
                      the trainer already keeps compilation out of them);
-  wall_time_s     the run card's training wall time (all invocations);   num_params  from the run card.
+  wall_time_s     the run card's training wall time (all invocations);   num_params  from the run card;
+  zero_shot/<file>/<metric>, harness/<task>/<metric>  the last logged value of each downstream-task metric
+                  the runs evaluated during training (eval_zero_shot_files, eval_harness_tasks), when every
+                  finished run has it.
 Per variant: the mean and the sample standard deviation (ddof=1) over its seeds.
 
 Seed noise. For each validation-loss metric the reference is the variant with the lowest mean, and a
@@ -34,6 +37,7 @@ from llm_jax.sweeps import runcard  # noqa: E402
 
 METRICS = ("final_val_loss", "best_val_loss", "tokens_per_s", "mfu", "wall_time_s", "num_params")
 NOISE_METRICS = ("final_val_loss", "best_val_loss")
+TASK_PREFIXES = ("zero_shot/", "harness/")  # metric names the training-time task evaluators log
 
 
 @dataclasses.dataclass
@@ -60,6 +64,7 @@ def collect_run(run: plan.Run) -> RunResult | None:
   curve = [(int(r["step"]), float(r["val_loss"])) for r in records if "val_loss" in r]
   if not curve:
     return None
+  tasks = {k: float(v) for r in records for k, v in r.items() if k.startswith(TASK_PREFIXES)}  # last value wins
   speed = [r for r in records if "tokens_per_s" in r]
   median = lambda key: float(np.median([r[key] for r in speed])) if speed else math.nan
   values = {
@@ -69,6 +74,7 @@ def collect_run(run: plan.Run) -> RunResult | None:
       "mfu": median("mfu"),
       "wall_time_s": float(card.get("wall_time_s", math.nan)),
       "num_params": float(card.get("num_params", math.nan)),
+      **tasks,
   }
   return RunResult(run=run, values=values, val_curve=curve)
 
@@ -82,6 +88,12 @@ def _mark_noise(rows: list[dict[str, Any]], metric: str) -> None:
     row[f"{metric}_beyond_noise"] = row["n"] > 1 and ref["n"] > 1 and abs(delta) > 2 * se
 
 
+def task_metrics(results: list[RunResult]) -> list[str]:
+  """The downstream-task metrics every run logged, in name order."""
+  shared = set.intersection(*[set(r.values) for r in results]) if results else set()
+  return sorted(k for k in shared if k.startswith(TASK_PREFIXES))
+
+
 def aggregate(results: list[RunResult]) -> list[dict[str, Any]]:
   """One row per variant: its swept values, n seeds, mean and sample std of every metric, noise marks."""
   by_variant: dict[str, list[RunResult]] = {}
@@ -91,7 +103,7 @@ def aggregate(results: list[RunResult]) -> list[dict[str, Any]]:
   for variant, group in by_variant.items():
     row: dict[str, Any] = {"variant": variant, **group[0].run.point, "n": len(group),
                            "seeds": " ".join(str(g.run.seed) for g in group)}
-    for m in METRICS:
+    for m in METRICS + tuple(task_metrics(results)):
       xs = np.array([g.values[m] for g in group], dtype=np.float64)
       row[f"{m}_mean"] = float(xs.mean())
       row[f"{m}_std"] = float(xs.std(ddof=1)) if len(xs) > 1 else math.nan
@@ -118,14 +130,15 @@ def _delta(row: dict[str, Any], metric: str) -> str:
   return f"{row[f'{metric}_delta']:+.4f}" + (" †" if row[f"{metric}_beyond_noise"] else "")
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-  """The per-variant table (mean ± std over seeds) with the seed-noise footnote."""
+def markdown_table(rows: list[dict[str, Any]], tasks: tuple[str, ...] = ()) -> str:
+  """The per-variant table (mean ± std over seeds, `tasks` metrics last) with the seed-noise footnote."""
   lines = ["| variant | seeds | final val loss | Δ final | best val loss | Δ best | tokens/s | MFU (%) | "
-           "wall time (s) | params |", "|" + "---|" * 10]
+           "wall time (s) | params |" + "".join(f" {t} |" for t in tasks), "|" + "---|" * (10 + len(tasks))]
   for r in rows:
     cells = [r["variant"], str(r["n"]), _pm(r, "final_val_loss", ".4f"), _delta(r, "final_val_loss"),
              _pm(r, "best_val_loss", ".4f"), _delta(r, "best_val_loss"), _pm(r, "tokens_per_s", ",.0f"),
-             _pm(r, "mfu", ".1f", 100.0), _pm(r, "wall_time_s", ".0f"), f"{r['num_params_mean']:,.0f}"]
+             _pm(r, "mfu", ".1f", 100.0), _pm(r, "wall_time_s", ".0f"), f"{r['num_params_mean']:,.0f}",
+             *(_pm(r, t, ".4f") for t in tasks)]
     lines.append("| " + " | ".join(cells) + " |")
   note = ("\nMean ± sample standard deviation over seeds. Δ: difference to the variant with the lowest mean; "
           "† marks a difference larger than the seed noise, |Δ| > 2·sqrt(s²/n + s_ref²/n_ref).\n")
@@ -153,9 +166,10 @@ def _numeric(values: list[Any]) -> bool:
 
 
 def plot_against(rows: list[dict[str, Any]], finals: dict[str, list[float]], keys: list[str],
-                 group_keys: list[str], path: str) -> None:
-  """Final validation loss against the values of `keys` (zipped keys move together): mean ± std and
-  every seed's value (`finals`, by variant), one series per combination of the other swept `group_keys`."""
+                 group_keys: list[str], path: str, metric: str = "final_val_loss") -> None:
+  """`metric` (final validation loss by default) against the values of `keys` (zipped keys move together):
+  mean ± std and every seed's value (`finals`, by variant), one series per combination of the other swept
+  `group_keys`."""
   label = lambda row: ", ".join(str(row[k]) for k in keys)
   xs = list(dict.fromkeys(label(r) for r in rows))
   numeric = len(keys) == 1 and _numeric([r[keys[0]] for r in rows])
@@ -167,8 +181,8 @@ def plot_against(rows: list[dict[str, Any]], finals: dict[str, list[float]], key
   for name, members in series.items():
     members = sorted(members, key=position)
     x = [position(r) for r in members]
-    yerr = [0.0 if math.isnan(r["final_val_loss_std"]) else r["final_val_loss_std"] for r in members]
-    line = ax.errorbar(x, [r["final_val_loss_mean"] for r in members], yerr=yerr, fmt="o-" if numeric else "o",
+    yerr = [0.0 if math.isnan(r[f"{metric}_std"]) else r[f"{metric}_std"] for r in members]
+    line = ax.errorbar(x, [r[f"{metric}_mean"] for r in members], yerr=yerr, fmt="o-" if numeric else "o",
                        capsize=4, label=name or "mean ± std")
     for row in members:
       seeds = finals[row["variant"]]
@@ -181,8 +195,8 @@ def plot_against(rows: list[dict[str, Any]], finals: dict[str, list[float]], key
   else:
     ax.set_xticks(range(len(xs)), xs)
     ax.set_xlim(-0.5, len(xs) - 0.5)
-  ax.set(xlabel=", ".join(keys), ylabel="final validation loss",
-         title="Final validation loss (dot: mean ± std over seeds; ×: each seed)")
+  name = "final validation loss" if metric == "final_val_loss" else metric
+  ax.set(xlabel=", ".join(keys), ylabel=name, title=f"{name} (dot: mean ± std over seeds; ×: each seed)")
   ax.grid(alpha=0.3)
   if group_keys:
     ax.legend(fontsize=8)
@@ -194,14 +208,16 @@ def _plots(results: list[RunResult], rows: list[dict[str, Any]], sweep: plan.Swe
   """The curves and one plot per swept key (per group of zipped keys), variants in the sweep's order."""
   order = list(dict.fromkeys(r.run.variant for r in results))
   rows = sorted(rows, key=lambda row: order.index(row["variant"]))
-  finals = {v: [r.values["final_val_loss"] for r in results if r.run.variant == v] for v in order}
   paths = [os.path.join(out_dir, "val_loss_curves.png")]
   plot_curves(results, rows, paths[0])
   axes = [[k] for k in sweep.grid] + ([list(sweep.zipped)] if sweep.zipped else [])
-  for keys in axes:
-    others = [k for k in sweep.grid if k not in keys] + ([] if keys == list(sweep.zipped) else list(sweep.zipped))
-    paths.append(os.path.join(out_dir, f"final_val_loss_vs_{'+'.join(keys).replace('.', '_')}.png"))
-    plot_against(rows, finals, keys, others, paths[-1])
+  for metric in ["final_val_loss", *task_metrics(results)]:
+    finals = {v: [r.values[metric] for r in results if r.run.variant == v] for v in order}
+    for keys in axes:
+      others = [k for k in sweep.grid if k not in keys] + ([] if keys == list(sweep.zipped) else list(sweep.zipped))
+      stem = f"{metric}_vs_{'+'.join(keys)}".replace(".", "_").replace("/", "_")
+      paths.append(os.path.join(out_dir, f"{stem}.png"))
+      plot_against(rows, finals, keys, others, paths[-1], metric)
   return paths
 
 
@@ -218,7 +234,7 @@ def write_report(sweep: plan.Sweep, root: str) -> Report:
   write_csv(files[0], rows)
   write_csv(files[1], [{"run": r.run.name, "variant": r.run.variant, "seed": r.run.seed, **r.values}
                        for r in results])
-  table = markdown_table(rows)
+  table = markdown_table(rows, tuple(task_metrics(results)))
   missing = [run.name for run in runs if run.name not in {r.run.name for r in results}]
   with open(files[2], "w", encoding="utf-8") as f:
     f.write(f"Sweep `{sweep.path}` (base `{sweep.base}`): {len(results)} of {len(runs)} runs finished"
