@@ -52,3 +52,18 @@ def pretrained_fixture(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("pretrained"))
   trainer.train_and_evaluate(c, workdir)
   return workdir
+
+
+@pytest.fixture(name="smoke_20", scope="session")
+def smoke_20_fixture(tmp_path_factory):
+  """The smoke config trained 20 steps straight through: the reference run that resumed and multi-process runs match.
+
+  Shared by tests/test_train.py, test_trainer_loop.py and test_distributed.py; tests read it and never write to it.
+  """
+  from test_train import smoke_config  # pylint: disable=import-outside-toplevel
+
+  from llm_jax import trainer  # pylint: disable=import-outside-toplevel
+
+  workdir = str(tmp_path_factory.mktemp("smoke_20"))
+  trainer.train_and_evaluate(smoke_config(num_train_steps=20), workdir)
+  return workdir

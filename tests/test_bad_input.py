@@ -19,10 +19,9 @@ SMOKE = "--config=experiments/smoke.py"
 
 
 @pytest.fixture(name="trained", scope="module")
-def trained_fixture(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("trained"))
-  trainer.train_and_evaluate(smoke_config(num_train_steps=10), workdir)
-  return workdir
+def trained_fixture(pretrained):
+  """The session's 10-step smoke run (tests/conftest.py), shared with the SFT and LoRA tests: copy it to change it."""
+  return pretrained
 
 
 @pytest.fixture(name="files", scope="module")

@@ -10,7 +10,6 @@ import time
 import numpy as np
 import pytest
 
-from llm_jax import trainer
 from llm_jax import writers
 
 SMOKE = "--config=experiments/smoke.py"
@@ -30,11 +29,9 @@ def _spawn(process_id: int, port: int, workdir: str, repo: str, steps: int = 20,
 
 
 @pytest.mark.slow
-def test_two_processes_reach_the_losses_of_one(tmp_path):
+def test_two_processes_reach_the_losses_of_one(tmp_path, smoke_20):
   from conftest import REPO  # pylint: disable=import-outside-toplevel
-  from test_train import smoke_config  # pylint: disable=import-outside-toplevel
-  single = str(tmp_path / "single")
-  trainer.train_and_evaluate(smoke_config(num_train_steps=20), single)
+  single = smoke_20
   multi = str(tmp_path / "multi")
   port = _free_port()
   procs = [_spawn(i, port, multi, REPO) for i in range(2)]

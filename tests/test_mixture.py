@@ -46,13 +46,15 @@ def test_the_cycle_matches_brute_force_counting():
     np.testing.assert_array_equal(schedule.draws_before(int(position) + 1), seen)
 
 
-def test_token_shares_hold_within_one_percent_over_1000_batches():
+def test_token_shares_hold_within_one_percent_over_500_batches():
+  # 4,000 rows: several epochs of every component (the 400-row one included) and many periods of the 512-draw
+  # schedule, whose counts stay within one row of the weights at every prefix (test above).
   weights = (0.6, 0.3, 0.1)
   prepared = _prepared((37, 400, 5), weights)
   iterator = make_train_iterator(prepared, global_batch_size=8, seed=3, process_index=0, process_count=1)
   counts = np.zeros(3)
   first_rows = {k: [] for k in range(3)}
-  for _ in range(1000):
+  for _ in range(500):
     tokens_BxL = next(iterator)["inputs"]
     k_B = tokens_BxL[:, 0] // 10_000 - 1
     counts += np.bincount(k_B, minlength=3) * SEQ_LEN

@@ -4,6 +4,7 @@ format, and the one-line errors for damaged shards and bad sources."""
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pydoc_data.topics import topics
@@ -34,6 +35,13 @@ def sotu(tmp_path_factory):
   return sources.sotu_source(str(tmp_path_factory.mktemp("tfds")))
 
 
+@pytest.fixture(scope="module")
+def sotu_store(sotu, tokenizer, tmp_path_factory):
+  """The built-in corpus's store at 50 documents a shard, built once: tests compare against it or copy it."""
+  return store_lib.build(sotu, tokenizer, str(tmp_path_factory.mktemp("store") / "s"), docs_per_shard=50,
+                         log=lambda line: None)
+
+
 def _files(path: str) -> dict[str, bytes]:
   found = {}
   for root, _, names in os.walk(path):
@@ -48,9 +56,8 @@ def _stream(tokenizer, documents: list[str]) -> list[int]:
   return [t for d in documents for t in [tokenizer.bos_id, *tokenizer.encode(d), tokenizer.eos_id]]
 
 
-def test_sotu_store_holds_each_document_and_todays_rows(sotu, tokenizer, tmp_path):
-  path = store_lib.build(sotu, tokenizer, str(tmp_path / "s"), docs_per_shard=50, log=lambda line: None)
-  store = store_lib.TokenStore.open(path)
+def test_sotu_store_holds_each_document_and_todays_rows(sotu, tokenizer, sotu_store):
+  store = store_lib.TokenStore.open(sotu_store)
   assert store.manifest["dtype"] == "uint16" and len(store.manifest["splits"]["train"]["shards"]) == 5
   for split in sources.SPLITS:
     documents = [text for _, text in sotu.documents(split)]
@@ -69,9 +76,8 @@ def test_sotu_store_holds_each_document_and_todays_rows(sotu, tokenizer, tmp_pat
   store.verify()
 
 
-def test_killed_preparation_resumes_byte_identical(sotu, tokenizer, tmp_path, monkeypatch):
+def test_killed_preparation_resumes_byte_identical(sotu, tokenizer, sotu_store, tmp_path, monkeypatch):
   quiet = lambda line: None
-  whole = store_lib.build(sotu, tokenizer, str(tmp_path / "whole" / "s"), docs_per_shard=50, log=quiet)
   real_encode, calls = tokenizer.encode_batch, []
 
   def dies_in_the_third_shard(texts, threads=0):
@@ -90,25 +96,24 @@ def test_killed_preparation_resumes_byte_identical(sotu, tokenizer, tmp_path, mo
   lines = []
   resumed = store_lib.build(sotu, tokenizer, str(tmp_path / "resumed" / "s"), docs_per_shard=50, log=lines.append)
   assert "kept 2 shard(s) from an interrupted run" in lines[-1]
-  assert _files(resumed) == _files(whole)
+  assert _files(resumed) == _files(sotu_store)
 
 
-def test_two_workers_then_the_manifest_equal_one_process(sotu, tokenizer, tmp_path):
+def test_two_workers_then_the_manifest_equal_one_process(sotu, tokenizer, sotu_store, tmp_path):
   quiet = lambda line: None
-  single = store_lib.build(sotu, tokenizer, str(tmp_path / "single" / "s"), docs_per_shard=40, log=quiet)
   split_path = str(tmp_path / "split" / "s")
   for process_index in (0, 1):
-    store_lib.write_shards(sotu, tokenizer, split_path, docs_per_shard=40, process_index=process_index,
+    store_lib.write_shards(sotu, tokenizer, split_path, docs_per_shard=50, process_index=process_index,
                            process_count=2, log=quiet)
     if process_index == 0:  # Worker 0 alone has not written shard 1, so there is no manifest yet.
       with pytest.raises(ValueError, match="train/000001.json is missing"):
-        store_lib.write_manifest(sotu, tokenizer, split_path, docs_per_shard=40)
-  store_lib.write_manifest(sotu, tokenizer, split_path, docs_per_shard=40)
-  assert _files(split_path) == _files(single)
+        store_lib.write_manifest(sotu, tokenizer, split_path, docs_per_shard=50)
+  store_lib.write_manifest(sotu, tokenizer, split_path, docs_per_shard=50)
+  assert _files(split_path) == _files(sotu_store)
 
 
-def test_truncated_and_corrupted_shards_are_named_and_kept(sotu, tokenizer, tmp_path):
-  path = store_lib.build(sotu, tokenizer, str(tmp_path / "s"), docs_per_shard=50, log=lambda line: None)
+def test_truncated_and_corrupted_shards_are_named_and_kept(sotu_store, tmp_path):
+  path = shutil.copytree(sotu_store, str(tmp_path / "s"))
   before = sorted(_files(path))
   shard = os.path.join(path, "train", "000002.tokens")
   with open(shard, "r+b") as f:
@@ -278,12 +283,10 @@ def test_prepare_command_builds_verifies_and_fails_in_one_line(tmp_path):
                                                 "--config.data.text_files=..."]
 
 
-def test_local_worker_processes_write_the_same_store(sotu, tokenizer, tmp_path):
-  quiet = lambda line: None
-  one = store_lib.build(sotu, tokenizer, str(tmp_path / "one" / "s"), docs_per_shard=60, log=quiet)
+def test_local_worker_processes_write_the_same_store(sotu, tokenizer, sotu_store, tmp_path):
   lines = []
-  two = store_lib.build(sotu, tokenizer, str(tmp_path / "two" / "s"), docs_per_shard=60, workers=2, log=lines.append)
-  assert _files(two) == _files(one) and lines[-1].startswith("prepared: 249 documents")
+  two = store_lib.build(sotu, tokenizer, str(tmp_path / "two" / "s"), docs_per_shard=50, workers=2, log=lines.append)
+  assert _files(two) == _files(sotu_store) and lines[-1].startswith("prepared: 249 documents")
 
 
 def test_many_record_files_split_by_file_and_are_read_once(tmp_path, monkeypatch):

@@ -85,9 +85,8 @@ def test_smoke_run_matches_golden_losses(tmp_path):
   assert card["config"]["num_train_steps"] == 30 and "jax" in card["packages"] and "git_dirty" in card
 
 
-def test_stop_and_resume_is_bit_exact(tmp_path):
-  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  trainer.train_and_evaluate(smoke_config(num_train_steps=20), straight)
+def test_stop_and_resume_is_bit_exact(tmp_path, smoke_20):
+  straight, resumed = smoke_20, str(tmp_path / "resumed")
   trainer.train_and_evaluate(smoke_config(num_train_steps=20, stop_at_step=10), resumed)
   assert losses(resumed) == losses(straight)[:1]
   trainer.train_and_evaluate(smoke_config(num_train_steps=20), resumed)

@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -22,20 +23,13 @@ def _records(workdir: str) -> list[dict]:
   return writers.read_metrics(workdir)
 
 
-@pytest.fixture(name="uninterrupted_20", scope="module")
-def uninterrupted_20_fixture(tmp_path_factory) -> str:
-  workdir = str(tmp_path_factory.mktemp("straight"))
-  trainer.train_and_evaluate(smoke_config(num_train_steps=20), workdir)
-  return workdir
-
-
-def test_slices_write_the_records_of_an_uninterrupted_run_and_time_only_timed_steps(tmp_path, uninterrupted_20):
+def test_slices_write_the_records_of_an_uninterrupted_run_and_time_only_timed_steps(tmp_path, smoke_20):
   # Slices ending off the log interval (7, 19): no extra records, and the first window after the resume at
   # 19 holds only step 20, the compiling step, so it must report no throughput rather than one step's worth.
   workdir = str(tmp_path)
   for stop in (7, 19, 0):
     trainer.train_and_evaluate(smoke_config(num_train_steps=20, stop_at_step=stop), workdir)
-  sliced, straight = _records(workdir), _records(uninterrupted_20)
+  sliced, straight = _records(workdir), _records(smoke_20)
   assert [r["step"] for r in sliced] == [r["step"] for r in straight]
   assert [r.get("loss") for r in sliced] == [r.get("loss") for r in straight]
   last_train = [r for r in sliced if "loss" in r][-1]
@@ -150,8 +144,8 @@ def test_unreachable_or_local_only_urls_are_one_line_and_nothing_is_written_loca
   assert not os.path.exists(os.path.join(str(tmp_path), "w", "checkpoints"))
 
 
-def test_a_corrupt_run_card_is_one_line_before_training(tmp_path):
-  trainer.train_and_evaluate(smoke_config(num_train_steps=10), str(tmp_path))
+def test_a_corrupt_run_card_is_one_line_before_training(tmp_path, pretrained):
+  shutil.copytree(pretrained, tmp_path, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock"))  # 10 smoke steps
   run_json = os.path.join(str(tmp_path), "run.json")
   with open(run_json, "w", encoding="utf-8") as f:
     f.write('{"status": "finished", "config": {')
