@@ -9,7 +9,8 @@ Method:   both start from our initial parameters (experiments/torch_reference.py
           untimed steps of each, steps run in --repeats blocks of --steps: ours, then torch on the same steps,
           and so on, so load from other processes hits both alike. Reported per config: median ms/step and
           tokens/s with the spread over blocks, ours ÷ torch tokens/s, every step's loss of both, and the
-          validation loss of both on the same eval batches. torch runs on os.cpu_count() threads.
+          validation loss of both on the same eval batches. torch runs on os.cpu_count() threads unless
+          --torch_threads says otherwise.
 Defaults: 3 + 3 x 3 = 12 steps of each: tiny, 10m and sotu_small take about 10 minutes on 2 quiet cores.
 Long run: --configs=tiny --warmup=50 --steps=390 --repeats=5 trains each 2,000 steps (the issue's small recipe) and
           reports both whole-run training times and validation losses at the end.
@@ -50,6 +51,9 @@ flags.FLAGS.set_default("warmup", 3)
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 4, "Validation batches both are scored on at the end.")
 _DEVICE = flags.DEFINE_enum("device", "cpu", ["cpu", "cuda"], "Where torch runs (JAX uses its default backend).")
 _AUTOCAST = flags.DEFINE_bool("autocast_bf16", False, "Run torch's forward under bfloat16 autocast (GPU shapes).")
+# On a machine other jobs oversubscribe, torch's OpenMP threads wait on each other (2026-12-01, load 10 on 2 cores:
+# 5.5 s per tiny step on 2 threads against 50 ms quiet); one thread shows what torch does there without that.
+_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch CPU threads; 0: os.cpu_count().")
 
 
 def _prepare(name: str, c: Any, workdir: str) -> pipeline.PreparedData:
@@ -182,7 +186,7 @@ def main(argv: Sequence[str]) -> None:
     for name in FLAGS.configs:
       bench.bench_config(name)  # unknown names fail before any data is prepared
     if _DEVICE.value == "cpu":
-      torch.set_num_threads(os.cpu_count() or 1)
+      torch.set_num_threads(_TORCH_THREADS.value or os.cpu_count() or 1)
     results = []
     for name in FLAGS.configs:
       r = compare(name, FLAGS.steps, FLAGS.repeats, FLAGS.warmup, _EVAL_BATCHES.value, _DEVICE.value,
