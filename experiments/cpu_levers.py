@@ -2,6 +2,8 @@
 
 Commands: python experiments/cpu_levers.py --mode=model --configs=tiny,10m --set=compute_dtype=bfloat16
               [--steps=20 --repeats=5 --warmup=2]
+          python experiments/cpu_levers.py --mode=model --configs=tiny --set= \
+              --compile_options=xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT
           python experiments/cpu_levers.py --mode=flags --configs=tiny --rounds=3
               --xla_flags='--xla_cpu_use_onednn=true;--xla_cpu_experimental_ynn_fusion_type=dot'
           (bare config names are variants of experiments/bench.py, as in `python -m llm_jax.bench`)
@@ -45,6 +47,9 @@ FLAGS = flags.FLAGS
 # --configs, --steps, --repeats, --warmup and --workdir are llm_jax.bench's flags (importing it defines them).
 _MODE = flags.DEFINE_enum("mode", "model", ["model", "flags"], "What to compare (see the docstring).")
 _SET = flags.DEFINE_list("set", ["compute_dtype=bfloat16"], "--mode=model: model keys of B, key=value.")
+_OPTIONS = flags.DEFINE_list("compile_options", [], "--mode=model: XLA options B's step is compiled with, key=value "
+                             "(enums by name, e.g. xla_cpu_experimental_xnn_fusion_type=LIBRARY_FUSION_TYPE_DOT): "
+                             "an XLA flag measured in one process.")
 _XLA_FLAGS = flags.DEFINE_string("xla_flags", "", "--mode=flags: ';'-separated XLA_FLAGS sets to try.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "--mode=flags: rounds of (baseline, each flag set).")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 4, "--mode=model: validation batches both are scored on.")
@@ -81,8 +86,10 @@ def _timed_blocks(sides: list[tuple[Any, Any]], batches: list[Any], warmup: int,
 
 
 def compare_model(name: str, settings: Sequence[str], block: int, repeats: int, warmup: int, eval_batches: int,
-                  workdir: str) -> dict[str, Any]:
-  """Default (A) against the default with `settings` (B) on config `name`: speed ratio and both loss curves."""
+                  workdir: str, options: Sequence[str] = ()) -> dict[str, Any]:
+  """Default (A) against the default with `settings` and XLA compile `options` (B) on config `name`: speed ratio
+  and both loss curves."""
+  compile_options = [dict(o.partition("=")[::2] for o in opts) for opts in ((), options)]
   c_a = bench.bench_config(name)
   c_b = with_model_keys(c_a, settings)
   data = pipeline.prepare_data(config_lib.data_config(c_a), config_lib.tokenizer_config(c_a),
@@ -93,15 +100,16 @@ def compare_model(name: str, settings: Sequence[str], block: int, repeats: int, 
     built = [trainer.make_steps(c, mesh, c.model.vocab_size) for c in (c_a, c_b)]
     state_a = built[0][1].init()
     # B starts from A's very state (a copy: steps donate theirs), whatever order B's layers create parameters in.
-    sides = [(fns.lower_train(b, l).compile(), jax.tree.map(jax.numpy.copy, state_a)) for _, fns in built]
+    sides = [(fns.lower_train(b, l).compile(opts), jax.tree.map(jax.numpy.copy, state_a))
+             for (_, fns), opts in zip(built, compile_options)]
     it = pipeline.make_train_iterator(data, global_batch_size=b, seed=c_a.seed, process_index=0, process_count=1)
     batches = [sharding.global_batch(next(it), built[0][1].batch_sharding) for _ in range(warmup + block * repeats)]
     states, seconds, losses = _timed_blocks(sides, batches, warmup, block, repeats)
     val = pipeline.make_eval_batches(data, batch_size=c_a.eval_batch_size, max_batches=eval_batches)
     val_loss = [loop_lib.evaluate(fns, state.params, val)["val_loss"] for (_, fns), state in zip(built, states)]
   ratios = [a / b_s for a, b_s in zip(seconds[0], seconds[1])]
-  return {"config": name, "set": list(settings), "tokens_per_step": b * l, "warmup": warmup, "block": block,
-          "repeats": repeats, "ms_per_step_a": [1000 * s for s in seconds[0]],
+  return {"config": name, "set": list(settings) + list(options), "tokens_per_step": b * l, "warmup": warmup,
+          "block": block, "repeats": repeats, "ms_per_step_a": [1000 * s for s in seconds[0]],
           "ms_per_step_b": [1000 * s for s in seconds[1]], "b_over_a_tokens_per_s": statistics.median(ratios),
           "b_over_a_min": min(ratios), "b_over_a_max": max(ratios), "loss_a": losses[0], "loss_b": losses[1],
           "val_loss_a": val_loss[0], "val_loss_b": val_loss[1]}
@@ -156,7 +164,7 @@ def main(argv: Sequence[str]) -> None:
     for name in FLAGS.configs:
       if _MODE.value == "model":
         r = compare_model(name, _SET.value, FLAGS.steps, FLAGS.repeats, FLAGS.warmup, _EVAL_BATCHES.value,
-                          FLAGS.workdir)
+                          FLAGS.workdir, _OPTIONS.value)
         print(format_model(r), flush=True)
       else:
         flag_sets = [f.strip() for f in _XLA_FLAGS.value.split(";") if f.strip()]
