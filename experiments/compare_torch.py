@@ -9,8 +9,11 @@ Method:   both start from our initial parameters (experiments/torch_reference.py
           untimed steps of each, steps run in --repeats blocks of --steps: ours, then torch on the same steps,
           and so on, so load from other processes hits both alike. Reported per config: median ms/step and
           tokens/s with the spread over blocks, ours ÷ torch tokens/s, every step's loss of both, and the
-          validation loss of both on the same eval batches. torch runs on os.cpu_count() threads.
+          validation loss of both on the same eval batches. torch runs on os.cpu_count() threads unless
+          --torch_threads says otherwise.
 Defaults: 3 + 3 x 3 = 12 steps of each: tiny, 10m and sotu_small take about 10 minutes on 2 quiet cores.
+Long run: --configs=tiny --warmup=50 --steps=390 --repeats=5 trains each 2,000 steps (the issue's small recipe) and
+          reports both whole-run training times and validation losses at the end.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ flags.FLAGS.set_default("warmup", 3)
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 4, "Validation batches both are scored on at the end.")
 _DEVICE = flags.DEFINE_enum("device", "cpu", ["cpu", "cuda"], "Where torch runs (JAX uses its default backend).")
 _AUTOCAST = flags.DEFINE_bool("autocast_bf16", False, "Run torch's forward under bfloat16 autocast (GPU shapes).")
+# On a machine other jobs oversubscribe, torch's OpenMP threads wait on each other (2026-12-01, load 10 on 2 cores:
+# 5.5 s per tiny step on 2 threads against 50 ms quiet); one thread shows what torch does there without that.
+_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch CPU threads; 0: os.cpu_count().")
 
 
 def _prepare(name: str, c: Any, workdir: str) -> pipeline.PreparedData:
@@ -133,6 +139,9 @@ def compare(name: str, block: int, repeats: int, warmup: int, eval_batches: int,
       "config": name, "model": dataclasses.asdict(cfg), "global_batch_size": b, "seq_len": l, "steps": steps,
       "warmup_steps": warmup, "block": block, "timed_blocks": repeats, "compile_s": compile_s,
       "warmup_ms_per_step": {"ours": 1000 * ours_s[0], "torch": 1000 * torch_s[0]}, "ours": ours, "torch": theirs,
+      # Every step of each, compilation included in ours (the first warm-up step): the whole run's training time.
+      "train_s": {"ours": ours_s[0] * warmup + sum(ours_s[1:]) * block,
+                  "torch": torch_s[0] * warmup + sum(torch_s[1:]) * block},
       "ours_over_torch_tokens_per_s": ours["tokens_per_s_median"] / theirs["tokens_per_s_median"],
       "ours_over_torch_per_block_pair": statistics.median(t / o for o, t in zip(ours_s[1:], torch_s[1:])),
       "loss_ours": ours_loss, "loss_torch": torch_loss,
@@ -164,6 +173,8 @@ def format_result(r: dict[str, Any]) -> str:
             f"{r['loss_ours'][i] - r['loss_torch'][i]:+.1e}" for i in rows]
   lines.append(f"  validation loss ({r['eval_batches']} batches): ours {r['val_loss_ours']:.5f}, torch "
                f"{r['val_loss_torch']:.5f}; max |loss diff| over steps {r['max_abs_loss_diff']:.1e}")
+  lines.append(f"  {r['steps']} steps of training: ours {r['train_s']['ours']:.1f} s (with compilation), torch "
+               f"{r['train_s']['torch']:.1f} s")
   return "\n".join(lines)
 
 
@@ -175,7 +186,7 @@ def main(argv: Sequence[str]) -> None:
     for name in FLAGS.configs:
       bench.bench_config(name)  # unknown names fail before any data is prepared
     if _DEVICE.value == "cpu":
-      torch.set_num_threads(os.cpu_count() or 1)
+      torch.set_num_threads(_TORCH_THREADS.value or os.cpu_count() or 1)
     results = []
     for name in FLAGS.configs:
       r = compare(name, FLAGS.steps, FLAGS.repeats, FLAGS.warmup, _EVAL_BATCHES.value, _DEVICE.value,

@@ -44,7 +44,6 @@ def get_config(variant: str = "full"):
   c.eval_batches = 4
   c.eval_batch_size = 16
   c.checkpoint_every = 150
-  c.model.remat_policy = "dots"
   c.sample.num_return_sequences = 1
   if variant == "lora":
     c.model.lora_rank = 8

@@ -46,7 +46,6 @@ def get_config(variant: str = "full"):
   c.eval_batches = 4
   c.eval_batch_size = 16
   c.checkpoint_every = 50
-  c.model.remat_policy = "dots"  # as the base (RUNTIME_FIELDS are the run's own)
   c.sample.num_return_sequences = 2
   if variant == "lora":
     c.model.lora_rank = 8

@@ -29,7 +29,6 @@ def get_config(variant: str = "gpt2"):
   c.model.num_layers = 4
   c.model.d_model = 256
   c.model.num_heads = 4
-  c.model.remat_policy = "dots"  # recomputing is faster than saving on XLA:CPU (BENCHMARKS.md)
   c.optim.learning_rate = 3e-3
   c.optim.warmup_steps = 40
   c.log_every = 20

@@ -32,6 +32,7 @@ from llm_jax.evals import harness
 from llm_jax.model import ModelConfig
 from llm_jax.model import check_vocab_fits
 from llm_jax.model import count_params
+from llm_jax.model import resolve_remat_policy
 from llm_jax.sweeps import runcard
 
 
@@ -227,6 +228,13 @@ def _check_prompt_fits(config: ml_collections.ConfigDict, cfg: ModelConfig, toke
                      prefix="--config.sample.")
 
 
+def _remat_line(cfg: ModelConfig) -> str:
+  """The remat policy the step runs with, and why when 'auto' chose it."""
+  backend = jax.default_backend()
+  resolved = resolve_remat_policy(cfg.remat_policy, backend)
+  return f"{resolved} (auto on {backend})" if cfg.remat_policy == "auto" else resolved
+
+
 def _announce_model(cfg: ModelConfig, fns: Any, state: Any, flops: dict[str, float], mesh: jax.sharding.Mesh,
                     peak: tuple[float, str], start_step: int) -> None:
   """The start-up line: parameters (and LoRA's trained share), FLOPs per token, mesh, peak, resume point."""
@@ -234,7 +242,7 @@ def _announce_model(cfg: ModelConfig, fns: Any, state: Any, flops: dict[str, flo
       f"model {cfg.family}: {count_params(fns.full_params(state.params)):,} parameters "
       f"{f'({count_params(state.params):,} trained: LoRA adapters) ' if fns.lora else ''}"
       f"({int(flops['non_embedding_params']):,} non-embedding), {flops['causal'] / 1e6:.2f} MFLOPs/token; "
-      f"mesh {dict(mesh.shape)}; peak {peak[0] / 1e9:.0f} GFLOP/s ({peak[1]}); "
+      f"remat {_remat_line(cfg)}; mesh {dict(mesh.shape)}; peak {peak[0] / 1e9:.0f} GFLOP/s ({peak[1]}); "
       f"{'resuming from step ' + str(start_step) if start_step else 'starting from scratch'}")
 
 

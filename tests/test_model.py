@@ -18,6 +18,7 @@ from llm_jax.model import Transformer
 from llm_jax.model import abstract_params
 from llm_jax.model import count_non_embedding_params
 from llm_jax.model import count_params
+from llm_jax.model import resolve_remat_policy
 
 LENGTH = 16
 
@@ -215,9 +216,9 @@ def loss_and_grads(cfg: ModelConfig, params, tokens_BxL):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("scan_layers, policies", [(True, ["full", "dots"]), (False, ["full"])])
+@pytest.mark.parametrize("scan_layers, policies", [(True, ["full", "dots", "auto"]), (False, ["full"])])
 def test_remat_policies_match_no_remat(scan_layers, policies):
-  cfg = tiny_config("llama", scan_layers=scan_layers)
+  cfg = tiny_config("llama", scan_layers=scan_layers, remat_policy="none")
   params = init_params(cfg)
   tokens = random_tokens((2, LENGTH + 1))
   want_loss, want_grads = loss_and_grads(cfg, params, tokens)
@@ -225,6 +226,23 @@ def test_remat_policies_match_no_remat(scan_layers, policies):
     got_loss, got_grads = loss_and_grads(dataclasses.replace(cfg, remat_policy=policy), params, tokens)
     np.testing.assert_allclose(got_loss, want_loss, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got_grads, want_grads)
+
+
+def test_auto_remat_is_the_measured_choice_per_backend_and_an_explicit_policy_wins():
+  # BENCHMARKS.md: recomputing dots beats saving activations on XLA:CPU; accelerators save (unmeasured there).
+  assert [resolve_remat_policy("auto", b) for b in ("cpu", "gpu", "tpu")] == ["dots", "none", "none"]
+  assert [resolve_remat_policy(p, "cpu") for p in ("none", "full", "dots_saveable")] == ["none", "full",
+                                                                                            "dots_saveable"]
+  assert resolve_remat_policy("dots", "gpu") == "dots"
+  # The default config reaches the model as 'auto' and, on this CPU backend, traces a remat (checkpointed) block.
+  tokens = jnp.zeros((1, 4), jnp.int32)
+
+  def traced(cfg: ModelConfig) -> str:
+    return str(jax.make_jaxpr(lambda p: Transformer(cfg).apply({"params": p}, tokens)[0])(init_params(cfg)))
+
+  assert ModelConfig().remat_policy == "auto" and jax.default_backend() == "cpu"
+  assert "remat" in traced(tiny_config("gpt2"))
+  assert "remat" not in traced(tiny_config("gpt2", remat_policy="none"))
 
 
 def test_logical_axis_annotations():

@@ -1,0 +1,185 @@
+"""CPU levers on the whole train step: a model setting against the default in one process, XLA:CPU flags across runs.
+
+Commands: python experiments/cpu_levers.py --mode=model --configs=tiny,10m --set=compute_dtype=bfloat16
+              [--steps=20 --repeats=5 --warmup=2]
+          python experiments/cpu_levers.py --mode=model --configs=tiny --set= \
+              --compile_options=xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT
+          python experiments/cpu_levers.py --mode=flags --configs=tiny --rounds=3
+              --xla_flags='--xla_cpu_use_onednn=true;--xla_cpu_experimental_ynn_fusion_type=dot'
+          (bare config names are variants of experiments/bench.py, as in `python -m llm_jax.bench`)
+Method:   --mode=model builds two train steps of one config, the default (A) and the default with --set's model
+          keys (B), from the same initial parameters on the same real batches, and after --warmup untimed steps of
+          each alternates timed blocks of --steps steps (A, B, A, B, ... --repeats times) so load from other
+          processes hits both alike. It prints B ÷ A tokens/s (median of the per-block-pair ratios, with their
+          range), both loss curves at a few steps and both validation losses. --mode=flags cannot share a process
+          (XLA reads XLA_FLAGS once, at start-up): each round runs `python -m llm_jax.bench` on synthetic batches
+          once without extra flags and once per ';'-separated flag set, in that order, and reports each flag set's
+          tokens/s ÷ the same round's baseline (median and range over --rounds).
+Hardware and results: BENCHMARKS.md ("What limits the CPU figures", 2026-12-01).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+from typing import Sequence
+
+import jax
+import ml_collections
+from absl import app
+from absl import flags
+
+from llm_jax import bench
+from llm_jax import config as config_lib
+from llm_jax import launch
+from llm_jax import loop as loop_lib
+from llm_jax import sharding
+from llm_jax import trainer
+from llm_jax.data import pipeline
+
+FLAGS = flags.FLAGS
+# --configs, --steps, --repeats, --warmup and --workdir are llm_jax.bench's flags (importing it defines them).
+_MODE = flags.DEFINE_enum("mode", "model", ["model", "flags"], "What to compare (see the docstring).")
+_SET = flags.DEFINE_list("set", ["compute_dtype=bfloat16"], "--mode=model: model keys of B, key=value.")
+_OPTIONS = flags.DEFINE_list("compile_options", [], "--mode=model: XLA options B's step is compiled with, key=value "
+                             "(enums by name, e.g. xla_cpu_experimental_xnn_fusion_type=LIBRARY_FUSION_TYPE_DOT): "
+                             "an XLA flag measured in one process.")
+_XLA_FLAGS = flags.DEFINE_string("xla_flags", "", "--mode=flags: ';'-separated XLA_FLAGS sets to try.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "--mode=flags: rounds of (baseline, each flag set).")
+_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 4, "--mode=model: validation batches both are scored on.")
+
+
+def with_model_keys(c: Any, settings: Sequence[str]) -> Any:
+  """A copy of config `c` with 'key=value' model settings, each value parsed as the key's default type."""
+  c = ml_collections.ConfigDict(c.to_dict())
+  for item in settings:
+    key, sep, value = item.partition("=")
+    if not sep or key not in c.model:
+      raise ValueError(f"--set={item!r} is not model_key=value with a key of config.model; e.g. compute_dtype=bfloat16")
+    kind = type(c.model[key])
+    c.model[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
+  return c
+
+
+def _timed_blocks(sides: list[tuple[Any, Any]], batches: list[Any], warmup: int, block: int, repeats: int):
+  """Runs every side's warm-up, then `repeats` rounds of one timed block per side; seconds/step and losses."""
+  seconds = [[] for _ in sides]
+  losses = [[] for _ in sides]
+  states = [state for _, state in sides]
+  for first, n in [(0, warmup)] + [(warmup + r * block, block) for r in range(repeats)]:
+    for s, (train, _) in enumerate(sides):
+      start = time.perf_counter()
+      out = []
+      for i in range(first, first + n):
+        states[s], m = train(states[s], batches[i])
+        out.append(m["loss"])
+      jax.block_until_ready(out)
+      seconds[s].append((time.perf_counter() - start) / n)
+      losses[s] += [float(x) for x in out]
+  return states, [x[1:] for x in seconds], losses
+
+
+def compare_model(name: str, settings: Sequence[str], block: int, repeats: int, warmup: int, eval_batches: int,
+                  workdir: str, options: Sequence[str] = ()) -> dict[str, Any]:
+  """Default (A) against the default with `settings` and XLA compile `options` (B) on config `name`: speed ratio
+  and both loss curves."""
+  compile_options = [dict(o.partition("=")[::2] for o in opts) for opts in ((), options)]
+  c_a = bench.bench_config(name)
+  c_b = with_model_keys(c_a, settings)
+  data = pipeline.prepare_data(config_lib.data_config(c_a), config_lib.tokenizer_config(c_a),
+                               tokenizer_dir=os.path.join(workdir, name, "tokenizer"))
+  mesh = sharding.make_mesh((-1, 1, 1))
+  b, l = c_a.global_batch_size, c_a.data.seq_len
+  with jax.set_mesh(mesh):
+    built = [trainer.make_steps(c, mesh, c.model.vocab_size) for c in (c_a, c_b)]
+    state_a = built[0][1].init()
+    # B starts from A's very state (a copy: steps donate theirs), whatever order B's layers create parameters in.
+    sides = [(fns.lower_train(b, l).compile(opts), jax.tree.map(jax.numpy.copy, state_a))
+             for (_, fns), opts in zip(built, compile_options)]
+    it = pipeline.make_train_iterator(data, global_batch_size=b, seed=c_a.seed, process_index=0, process_count=1)
+    batches = [sharding.global_batch(next(it), built[0][1].batch_sharding) for _ in range(warmup + block * repeats)]
+    states, seconds, losses = _timed_blocks(sides, batches, warmup, block, repeats)
+    val = pipeline.make_eval_batches(data, batch_size=c_a.eval_batch_size, max_batches=eval_batches)
+    val_loss = [loop_lib.evaluate(fns, state.params, val)["val_loss"] for (_, fns), state in zip(built, states)]
+  ratios = [a / b_s for a, b_s in zip(seconds[0], seconds[1])]
+  return {"config": name, "set": list(settings) + list(options), "tokens_per_step": b * l, "warmup": warmup,
+          "block": block, "repeats": repeats, "ms_per_step_a": [1000 * s for s in seconds[0]],
+          "ms_per_step_b": [1000 * s for s in seconds[1]], "b_over_a_tokens_per_s": statistics.median(ratios),
+          "b_over_a_min": min(ratios), "b_over_a_max": max(ratios), "loss_a": losses[0], "loss_b": losses[1],
+          "val_loss_a": val_loss[0], "val_loss_b": val_loss[1]}
+
+
+def format_model(r: dict[str, Any]) -> str:
+  n = len(r["loss_a"])
+  rows = sorted({0, n // 4, n // 2, 3 * n // 4, n - 1})
+  lines = [f"[{r['config']}] B = default + {','.join(r['set'])}: {r['repeats']} alternating blocks of {r['block']} "
+           f"after {r['warmup']} warm-up steps",
+           f"  A {statistics.median(r['ms_per_step_a']):.1f} ms/step, B {statistics.median(r['ms_per_step_b']):.1f} "
+           f"ms/step; B / A tokens/s {r['b_over_a_tokens_per_s']:.3f}x (block pairs {r['b_over_a_min']:.3f}–"
+           f"{r['b_over_a_max']:.3f})", "  step    loss A    loss B      B - A"]
+  lines += [f"  {i + 1:>4d}  {r['loss_a'][i]:8.5f}  {r['loss_b'][i]:8.5f}  {r['loss_b'][i] - r['loss_a'][i]:+.2e}"
+            for i in rows]
+  lines.append(f"  validation loss: A {r['val_loss_a']:.5f}, B {r['val_loss_b']:.5f}")
+  return "\n".join(lines)
+
+
+def _bench_once(name: str, xla_flags: str, steps: int, repeats: int, warmup: int) -> float:
+  """Tokens/s of one `python -m llm_jax.bench` process on synthetic batches, with XLA_FLAGS set to `xla_flags`."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "bench.json")
+    env = {**os.environ, "XLA_FLAGS": xla_flags}
+    subprocess.run([sys.executable, "-m", "llm_jax.bench", f"--configs={name}", f"--steps={steps}",
+                    f"--repeats={repeats}", f"--warmup={warmup}", "--real_data=false", "--decode=false",
+                    f"--json={out}"], env=env, check=True, stdout=subprocess.DEVNULL)
+    with open(out, encoding="utf-8") as f:
+      return json.load(f)["results"][0]["tokens_per_s"]
+
+
+def compare_flags(name: str, flag_sets: Sequence[str], rounds: int, steps: int, repeats: int,
+                  warmup: int) -> dict[str, Any]:
+  """Each flag set's tokens/s over the same round's baseline (no extra flags), over `rounds` rounds."""
+  base_flags = os.environ.get("XLA_FLAGS", "")
+  samples: dict[str, list[float]] = {f: [] for f in ("", *flag_sets)}
+  for _ in range(rounds):
+    for f in samples:
+      samples[f].append(_bench_once(name, f"{base_flags} {f}".strip(), steps, repeats, warmup))
+  ratios = {f: [s / b for s, b in zip(samples[f], samples[""])] for f in flag_sets}
+  return {"config": name, "rounds": rounds, "tokens_per_s": samples,
+          "over_baseline": {f: {"median": statistics.median(r), "min": min(r), "max": max(r)}
+                            for f, r in ratios.items()}}
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+
+  def body() -> None:
+    results = []
+    for name in FLAGS.configs:
+      if _MODE.value == "model":
+        r = compare_model(name, _SET.value, FLAGS.steps, FLAGS.repeats, FLAGS.warmup, _EVAL_BATCHES.value,
+                          FLAGS.workdir, _OPTIONS.value)
+        print(format_model(r), flush=True)
+      else:
+        flag_sets = [f.strip() for f in _XLA_FLAGS.value.split(";") if f.strip()]
+        if not flag_sets:
+          raise ValueError("--mode=flags needs --xla_flags='--flag=value[;--other=value]'")
+        r = compare_flags(name, flag_sets, _ROUNDS.value, FLAGS.steps, FLAGS.repeats, FLAGS.warmup)
+        for f, s in r["over_baseline"].items():
+          print(f"[{name}] {f}: {s['median']:.3f}x baseline tokens/s ({s['min']:.3f}–{s['max']:.3f}, "
+                f"{r['rounds']} rounds)", flush=True)
+      results.append(r)
+    if FLAGS.json:
+      bench.write_json(FLAGS.json, results)
+
+  launch.run_main("llm_jax.cpu_levers", body)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=launch.parse_flags)
