@@ -5,6 +5,8 @@ Data:     experiments/data/sotu_party/train.jsonl (3,142 {"prompt", "completion"
           label " Democratic" / " Republican" and eos count in the loss), 5% of rows held out by hash for the
           validation loss; accuracy is measured afterwards on test_mc.jsonl (1,186 paragraphs of 47 other speeches).
 Commands: python -m llm_jax.train --config=experiments/sotu_small.py --workdir=/tmp/sotu_small_wd      # the base
+          python -m llm_jax.sweep --sweep=experiments/sft_party_sweep.py --root=/tmp/sft_party   # both, 3 seeds,
+          #   scored in the run and reported with plots (experiments/sft_party_sweep.py); or, one run at a time:
           for v in full lora; do for s in 0 1 2; do
             python -m llm_jax.train --config=experiments/sft_party.py:$v --workdir=/tmp/party_${v}_$s --config.seed=$s
             python -m llm_jax.evaluate --workdir=/tmp/party_${v}_$s \\

@@ -38,8 +38,10 @@ Results (2026-12-01, /tmp/sotu_small_wd at step 400, `python experiments/sotu_pa
           summed rule always answers " Republican" (2 tokens) and the per-token rule always " Democratic"
           (5 tokens), in every prompt; removing the label prior (calibrated, content-free prompt) leaves accuracies
           within a few points of chance, spread as wide as the seeds. With 2 examples 32-43% of prompts exceed the
-          128 positions and lose their oldest tokens (part of the first example). Fine-tuned rows (SFT, LoRA)
-          are to be added by their runs.
+          128 positions and lose their oldest tokens (part of the first example). These lines are
+          experiments/results/sotu_party/zero_few_shot.jsonl (what --results writes). The fine-tuned rows (c)
+          full SFT and (d) LoRA: experiments/sft_party_sweep.py; all four in one figure (--plot):
+          experiments/results/sotu_party/four_way.png.
 """
 
 from __future__ import annotations
