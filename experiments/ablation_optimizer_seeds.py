@@ -1,6 +1,7 @@
 """Ablation, step 2 of 3: AdamW and Muon on sotu_small at the best learning rate of step 1, three seeds each.
 
-Command:  python -m llm_jax.sweep --sweep=experiments/ablation_optimizer_seeds.py --root=/tmp/ablation_optimizer_seeds
+Command:  python -m llm_jax.sweep --sweep=experiments/ablation_optimizer_seeds.py \
+            --root=/tmp/ablation_optimizer_seeds
           python -m llm_jax.sweep --report --root=/tmp/ablation_optimizer_seeds
 Shape:    as experiments/ablation_optimizer.py (sotu_small as it is). AdamW 3e-3 was the best of 1e-3, 3e-3, 1e-2;
           Muon 0.02 the best of 0.02 and 0.05 when this step was started (0.01, run afterwards: see step 1).
@@ -14,7 +15,8 @@ Result:   final validation loss, mean ± std over seeds 0, 1, 2 (experiments/res
           similar size as the smoke-shape pilot (Muon 0.05 3.5085 ± 0.0200 against AdamW 3e-3 3.7316 ± 0.0634,
           experiments/results/pilot_smoke/ablation_optimizer_seeds/). Tokens/s and wall time are load, not
           optimizer: the cost of Muon's Newton-Schulz iterations (a few small matrix products per weight matrix
-          per step) is below what this record can resolve. This record ran with --root=/tmp/abl/ablation_optimizer_seeds.
+          per step) is below what this record can resolve.
+          This record ran with --root=/tmp/abl/ablation_optimizer_seeds.
 """
 
 BASE = "experiments/sotu_small.py"
