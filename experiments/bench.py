@@ -4,6 +4,8 @@ Command:  python -m llm_jax.bench --configs=tiny,10m   (a bare name is a variant
           `path.py:variant` works too, e.g. --configs=experiments/sotu_small.py)
 Variants: smoke       2 layers x 64, context 64, batch 8: the bench's own test
           tiny        4 layers x 128, 4 heads, context 64, batch 12 (the nanoGPT "small recipe" shape)
+          tiny_2k     tiny trained as a run, not timed as a step: 2,000 steps, AdamW 1e-3, 100 warm-up steps,
+                      cosine to 1e-4 (experiments/compare_torch.py's long run; the shape's loss comparison)
           10m         6 layers x 384, 6 heads, context 256, batch 64 (10.6M parameters)
           llama_500m  24 layers x 1280, 20 heads sharing 4 KV heads, context 2048, batch 16, bf16, cuDNN
                       attention: for GPU/TPU
@@ -17,7 +19,7 @@ Variants: smoke       2 layers x 64, context 64, batch 8: the bench's own test
                       tokenizer has 8,192 pieces (what the built-in corpus can train) inside the larger
                       embedding, so the real-data runs and the torch comparison work too.
 Hardware and results: BENCHMARKS.md (2026-11-28: tiny 49.9 ms/step, 10m 10.35 s/step on 2 CPU cores).
-Every variant: AdamW at a constant learning rate (no warm-up), vocabulary 512 (llama_500m: 32,000).
+Every variant but tiny_2k: AdamW at a constant learning rate (no warm-up), vocabulary 512 (llama_500m: 32,000).
 The CPU shapes keep the default remat policy 'auto', which on XLA:CPU recomputes the dots in the backward pass
 (faster than saving them there: 10m 10.2 s vs 12.9 s per fwd+bwd, tiny 48 vs 68 ms, because saved activations are
 re-laid-out by copy kernels for the weight gradients); the accelerator shapes set 'dots' themselves, for memory.
@@ -25,7 +27,7 @@ re-laid-out by copy kernels for the weight gradients); the accelerator shapes se
 
 from llm_jax import config as config_lib
 
-VARIANTS = ("smoke", "tiny", "10m", "llama_500m", "gpt2_125m", "gpt2_350m", "llama_1b")
+VARIANTS = ("smoke", "tiny", "tiny_2k", "10m", "llama_500m", "gpt2_125m", "gpt2_350m", "llama_1b")
 _SHAPES = {
     # layers, width, heads, kv heads, context, batch, vocabulary
     "smoke": (2, 64, 4, 4, 64, 8, 512),
@@ -41,9 +43,9 @@ _GPU = ("gpt2_125m", "gpt2_350m", "llama_1b")
 
 
 def get_config(variant: str = "tiny"):
-  if variant not in _SHAPES:
+  if variant not in VARIANTS:
     raise ValueError(f"unknown bench config {variant!r}; choose from {', '.join(VARIANTS)}")
-  layers, width, heads, kv_heads, context, batch, vocab = _SHAPES[variant]
+  layers, width, heads, kv_heads, context, batch, vocab = _SHAPES[variant.removesuffix("_2k")]
   c = config_lib.get_config()
   c.model.update({"num_layers": layers, "d_model": width, "num_heads": heads, "num_kv_heads": kv_heads,
                   "vocab_size": vocab})
@@ -53,6 +55,9 @@ def get_config(variant: str = "tiny"):
   c.num_train_steps = 1000
   c.optim.schedule = "constant"
   c.optim.warmup_steps = 0
+  if variant == "tiny_2k":
+    c.num_train_steps = 2000
+    c.optim.update({"learning_rate": 1e-3, "schedule": "cosine", "warmup_steps": 100, "min_lr_ratio": 0.1})
   if variant == "llama_500m":
     c.model.update({"family": "llama", "compute_dtype": "bfloat16", "attention_impl": "jax", "remat_policy": "dots"})
   if variant in _GPU:
