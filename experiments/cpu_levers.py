@@ -30,6 +30,7 @@ import time
 from typing import Any
 from typing import Sequence
 
+import cpu_prototypes
 import jax
 import ml_collections
 from absl import app
@@ -52,6 +53,8 @@ _OPTIONS = flags.DEFINE_list("compile_options", [], "--mode=model: XLA options B
                              "an XLA flag measured in one process.")
 _XLA_FLAGS = flags.DEFINE_string("xla_flags", "", "--mode=flags: ';'-separated XLA_FLAGS sets to try.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "--mode=flags: rounds of (baseline, each flag set).")
+_PROTOTYPE = flags.DEFINE_enum("prototype", "", ["", *cpu_prototypes.PROTOTYPES], "--mode=model: a prototype "
+                                "(experiments/cpu_prototypes.py) patched into B's trace.")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 4, "--mode=model: validation batches both are scored on.")
 
 
@@ -86,9 +89,9 @@ def _timed_blocks(sides: list[tuple[Any, Any]], batches: list[Any], warmup: int,
 
 
 def compare_model(name: str, settings: Sequence[str], block: int, repeats: int, warmup: int, eval_batches: int,
-                  workdir: str, options: Sequence[str] = ()) -> dict[str, Any]:
-  """Default (A) against the default with `settings` and XLA compile `options` (B) on config `name`: speed ratio
-  and both loss curves."""
+                  workdir: str, options: Sequence[str] = (), prototype: str = "") -> dict[str, Any]:
+  """Default (A) against the default with `settings`, XLA compile `options` and `prototype` patched into its trace
+  (B) on config `name`: speed ratio and both loss curves."""
   compile_options = [dict(o.partition("=")[::2] for o in opts) for opts in ((), options)]
   c_a = bench.bench_config(name)
   c_b = with_model_keys(c_a, settings)
@@ -100,15 +103,18 @@ def compare_model(name: str, settings: Sequence[str], block: int, repeats: int, 
     built = [trainer.make_steps(c, mesh, c.model.vocab_size) for c in (c_a, c_b)]
     state_a = built[0][1].init()
     # B starts from A's very state (a copy: steps donate theirs), whatever order B's layers create parameters in.
-    sides = [(fns.lower_train(b, l).compile(opts), jax.tree.map(jax.numpy.copy, state_a))
-             for (_, fns), opts in zip(built, compile_options)]
+    sides = []
+    for (_, fns), opts, patch in zip(built, compile_options, ("", prototype)):
+      with cpu_prototypes.patched(patch):
+        sides.append((fns.lower_train(b, l).compile(opts), jax.tree.map(jax.numpy.copy, state_a)))
     it = pipeline.make_train_iterator(data, global_batch_size=b, seed=c_a.seed, process_index=0, process_count=1)
     batches = [sharding.global_batch(next(it), built[0][1].batch_sharding) for _ in range(warmup + block * repeats)]
     states, seconds, losses = _timed_blocks(sides, batches, warmup, block, repeats)
     val = pipeline.make_eval_batches(data, batch_size=c_a.eval_batch_size, max_batches=eval_batches)
     val_loss = [loop_lib.evaluate(fns, state.params, val)["val_loss"] for (_, fns), state in zip(built, states)]
   ratios = [a / b_s for a, b_s in zip(seconds[0], seconds[1])]
-  return {"config": name, "set": list(settings) + list(options), "tokens_per_step": b * l, "warmup": warmup,
+  return {"config": name, "set": list(settings) + list(options) + ([f"prototype={prototype}"] if prototype else []),
+          "tokens_per_step": b * l, "warmup": warmup,
           "block": block, "repeats": repeats, "ms_per_step_a": [1000 * s for s in seconds[0]],
           "ms_per_step_b": [1000 * s for s in seconds[1]], "b_over_a_tokens_per_s": statistics.median(ratios),
           "b_over_a_min": min(ratios), "b_over_a_max": max(ratios), "loss_a": losses[0], "loss_b": losses[1],
@@ -164,7 +170,7 @@ def main(argv: Sequence[str]) -> None:
     for name in FLAGS.configs:
       if _MODE.value == "model":
         r = compare_model(name, _SET.value, FLAGS.steps, FLAGS.repeats, FLAGS.warmup, _EVAL_BATCHES.value,
-                          FLAGS.workdir, _OPTIONS.value)
+                          FLAGS.workdir, _OPTIONS.value, _PROTOTYPE.value)
         print(format_model(r), flush=True)
       else:
         flag_sets = [f.strip() for f in _XLA_FLAGS.value.split(";") if f.strip()]
