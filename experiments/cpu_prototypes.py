@@ -1,12 +1,11 @@
-"""CPU levers tried as prototypes: patches of the model's attention and projections that `cpu_levers.py --prototype`
-applies while it traces side B only, so each measurement stays reproducible without living in `llm_jax`.
+"""CPU levers tried as prototypes: patches of the model's projections that `cpu_levers.py --prototype` applies
+while it traces side B only, so each measurement stays reproducible without living in `llm_jax`.
 
-- `batched_attention`: queries, keys and values transposed once to (batch, kv group, [repeat,] length, head dim),
-  so both attention dots have their batch dimensions leading and their contraction dimensions trailing, the
-  layout XLA:CPU's dot kernels take without re-laying operands out; transposed back to (B, L, H, K) after.
 - `dense_vjp`: every activation × weight einsum of the model whose weight dimensions are (inputs..., outputs...)
   gets a custom VJP that flattens both sides to matrices and writes the two gradients as plain 2-D dots,
   dx = dy · Wᵀ and dW = xᵀ · dy, instead of the einsum transposes autodiff derives.
+
+Batched-dot attention started here too (commit a38f7fd) and is now `llm_jax.attention`'s own layout.
 """
 
 from __future__ import annotations
@@ -22,24 +21,7 @@ import jax.numpy as jnp
 
 from llm_jax import model as model_lib
 
-PROTOTYPES = ("batched_attention", "dense_vjp")
-
-
-def batched_attention(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, mask_BxLxS: jax.Array,
-                      impl: str = "einsum") -> jax.Array:
-  """softmax(QKᵀ/√K)V as `llm_jax.attention.dot_product_attention` computes it, with batch-leading operands."""
-  del impl
-  b, l, h, k = q_BxLxHxK.shape
-  g = k_BxSxGxK.shape[2]
-  q_BxGxRxLxK = q_BxLxHxK.reshape(b, l, g, h // g, k).transpose(0, 2, 3, 1, 4)
-  k_BxGxSxK = k_BxSxGxK.transpose(0, 2, 1, 3)
-  v_BxGxSxK = v_BxSxGxK.transpose(0, 2, 1, 3)
-  logits_BxGxRxLxS = jnp.einsum("BGRLK,BGSK->BGRLS", q_BxGxRxLxK, k_BxGxSxK,
-                                preferred_element_type=jnp.float32) / jnp.sqrt(k).astype(jnp.float32)
-  logits_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxGxRxLxS, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits_BxGxRxLxS, axis=-1).astype(v_BxSxGxK.dtype)
-  out_BxGxRxLxK = jnp.einsum("BGRLS,BGSK->BGRLK", probs, v_BxGxSxK)
-  return out_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(b, l, h, k)
+PROTOTYPES = ("dense_vjp",)
 
 
 def _weight_split(spec: str) -> int | None:
@@ -99,8 +81,7 @@ def patched(name: str) -> Iterator[None]:
   """Applies prototype `name` ('' for none) to `llm_jax.model` for the duration of the block (a trace)."""
   if name and name not in PROTOTYPES:
     raise ValueError(f"--prototype={name!r} is unknown; choose from {', '.join(PROTOTYPES)} (or '' for none)")
-  attr, value = {"": (None, None), "batched_attention": ("dot_product_attention", batched_attention),
-                 "dense_vjp": ("jnp", _JnpWithDenseVjp())}[name]
+  attr, value = {"": (None, None), "dense_vjp": ("jnp", _JnpWithDenseVjp())}[name]
   if attr is None:
     yield
     return

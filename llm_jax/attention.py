@@ -59,11 +59,15 @@ def dot_product_attention(q_BxLxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array,
                                         mask=mask_BxLxS[:, None, :, :])
   b, l, h, k = q_BxLxHxK.shape
   g = k_BxSxGxK.shape[2]
-  q_BxLxGxRxK = q_BxLxHxK.reshape(b, l, g, h // g, k)
-  logits_BxGxRxLxS = jnp.einsum("BLGRK,BSGK->BGRLS", q_BxLxGxRxK, k_BxSxGxK,
+  # Batch dimensions (B, G) leading and contractions trailing in both dots, transposed once here: XLA:CPU then
+  # needs no re-layout copies around them (train step 1.04x at the tiny shape, 1.11x at 10m; BENCHMARKS.md).
+  q_BxGxRxLxK = q_BxLxHxK.reshape(b, l, g, h // g, k).transpose(0, 2, 3, 1, 4)
+  k_BxGxSxK = k_BxSxGxK.transpose(0, 2, 1, 3)
+  v_BxGxSxK = v_BxSxGxK.transpose(0, 2, 1, 3)
+  logits_BxGxRxLxS = jnp.einsum("BGRLK,BGSK->BGRLS", q_BxGxRxLxK, k_BxGxSxK,
                                 preferred_element_type=jnp.float32) / jnp.sqrt(k).astype(jnp.float32)
   logits_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxGxRxLxS,
                                jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits_BxGxRxLxS, axis=-1).astype(v_BxSxGxK.dtype)
-  out_BxLxGxRxK = jnp.einsum("BGRLS,BSGK->BLGRK", probs, v_BxSxGxK)
-  return out_BxLxGxRxK.reshape(b, l, h, k)
+  out_BxGxRxLxK = jnp.einsum("BGRLS,BGSK->BGRLK", probs, v_BxGxSxK)
+  return out_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(b, l, h, k)
