@@ -25,14 +25,16 @@ baseline as the report computes it, 2·sqrt(s²/n + s_base²/n_base)):
   | QK-norm                   | 4.5189 ± 0.0418 | 4.4785 4.5164 4.5619 | +0.204 | 0.048: out  | 3,717,120 |
 
 Speed (quiet machine, same evening): the knobs cost nothing measurable (3,550-4,100 tokens/s against AdamW's
-3,900-4,400 in README's run); Muon costs about a third of the step at this size: 2,380-3,200 tokens/s, 5 min 26 s
-for the whole run against 2 min 58 s to 4 min 41 s for AdamW. Its Newton-Schulz iterations (5 per matrix, each
-about 4·m²·n + 2·m³ FLOPs for an m × n matrix, m ≤ n) add about 19 GFLOP per step to the ~47 of the forward and
-backward at width 256 and 2,048 tokens a step; the share falls as tokens per step grow against the width.
-At equal wall time Muon still wins: AdamW 3e-3 given 650 steps (1.6× the tokens, warm-up 65; `python -m llm_jax.train
---config=experiments/sotu_small.py:adamw --config.num_train_steps=650 --config.optim.warmup_steps=65`, one seed)
-reached 4.0678 in 6 min 26 s, Muon's 400 steps 4.0151 in 5 min 26 s (median 3,682 against 2,738 tokens/s in
-the two runs, one after the other on the quiet machine: Muon's step takes 1.34× AdamW's at this size).
+3,900-4,400 in README's run); Muon costs about a third of the step at this size: 2,380-3,200 tokens/s and 5 min
+26 s for the whole run, against 2 min 58 s (2026-11-28) to about 4 minutes (this evening's knob runs) for AdamW.
+Its Newton-Schulz iterations (5 per matrix, each about 4·m²·n + 2·m³ FLOPs for an m × n matrix, m ≤ n) add
+about 19 GFLOP per step to the ~47 of the forward and backward at width 256 and 2,048 tokens a step; the share
+falls as tokens per step grow against the width.
+At equal wall time Muon still wins: AdamW 3e-3 given 650 steps (1.6× the tokens, warm-up 65, one seed;
+`python -m llm_jax.train --config=experiments/sotu_small.py:adamw --config.num_train_steps=650
+--config.optim.warmup_steps=65`) reached 4.0678 in 6 min 26 s, Muon's 400 steps 4.0151 in 5 min 26 s (median
+3,682 against 2,738 tokens/s in the two runs, one after the other on the quiet machine: Muon's step takes 1.34×
+AdamW's at this size).
 
 Conclusion. Muon is the one clear answer: 0.29 nats lower than AdamW at sotu_small, each at the best of a
 3-value grid, twenty times the seed noise and lower on every seed; the smoke pilot gave the same sign (−0.22).
