@@ -3,7 +3,8 @@ RMSNorm, SwiGLU, 4 query heads sharing 2 KV heads) at the same width and depth o
 
 Command:  python -m llm_jax.sweep --sweep=experiments/ablation_family.py --root=/tmp/ablation_family
           python -m llm_jax.sweep --report --root=/tmp/ablation_family
-Runs:     2 families × 3 seeds of experiments/sotu_small.py, shortened to 250 steps of 16 × 128 tokens.
+Runs:     2 families × 3 seeds of experiments/sotu_small.py:adamw (sotu_small as it was then), shortened to
+          250 steps of 16 × 128 tokens.
 Hardware: 2-core x86-64 CPU, float32, one device; 12 min 58 s for the six runs (2026-11-28, 2m01s–2m20s
           each, other jobs sharing the machine).
 Result:   Llama 4.6965 ± 0.1147, GPT-2 4.9178 ± 0.1629 final validation loss (mean ± std over 3 seeds):
@@ -11,7 +12,7 @@ Result:   Llama 4.6965 ± 0.1147, GPT-2 4.9178 ± 0.1629 final validation loss (
           conclusion: experiments/results/ablation_family/README.md.
 """
 
-BASE = "experiments/sotu_small.py"
+BASE = "experiments/sotu_small.py:adamw"  # the recipe when this ran; Muon became the default after
 SEEDS = (0, 1, 2)
 # Each family as it is usually built: the Llama family with grouped-query attention.
 ZIP = {"model.family": ["gpt2", "llama"], "model.num_kv_heads": [0, 2]}

@@ -2,10 +2,10 @@
 
 Command:  python -m llm_jax.sweep --sweep=experiments/ablation_optimizer.py --root=/tmp/ablation_optimizer
           python -m llm_jax.sweep --report --root=/tmp/ablation_optimizer
-Shape:    experiments/sotu_small.py as it is (GPT-2 family, 4 layers, width 256, BPE 2048, 400 steps of
-          16 × 128 tokens, warm-up 40, cosine). Muon updates the weight matrices at `learning_rate`; the
-          embeddings, norms, biases and the (tied) head stay on AdamW at `adam_learning_rate` (3e-3,
-          sotu_small's AdamW rate).
+Shape:    experiments/sotu_small.py:adamw, sotu_small as it was then (GPT-2 family, 4 layers, width 256, BPE
+          2048, 400 steps of 16 × 128 tokens, warm-up 40, cosine). Muon updates the weight matrices at
+          `learning_rate`; the embeddings, norms, biases and the (tied) head stay on AdamW at
+          `adam_learning_rate` (3e-3, sotu_small's AdamW rate).
 Hardware: 2-core x86-64 CPU, float32, one device, 2026-12-01, shared with test suites, benchmarks and up to three
           other training runs (load average 6-11): 13-28 minutes a run against about 3 quietly, so the tokens/s,
           MFU and wall-time columns of the report measure the load, not the optimizers.
@@ -22,7 +22,7 @@ Pilot:    the same grid at the smoke shape (2 layers, width 64, 300 steps of 16 
           OVERRIDES num_train_steps=300, global_batch_size=16, optim.warmup_steps=30, eval_batches=4).
 """
 
-BASE = "experiments/sotu_small.py"
+BASE = "experiments/sotu_small.py:adamw"  # the recipe when this ran; Muon became the default after
 SEEDS = (0,)
 ZIP = {"optim.name": ["adamw", "adamw", "adamw", "muon", "muon", "muon"],
        "optim.learning_rate": [1e-3, 3e-3, 1e-2, 0.01, 0.02, 0.05]}

@@ -1,6 +1,6 @@
 """Our jitted train step against the plain PyTorch reference: same init, same real batches, alternating timed blocks.
 
-Command:  python experiments/compare_torch.py --configs=tiny,10m,experiments/sotu_small.py --json=torch.json
+Command:  python experiments/compare_torch.py --configs=tiny,10m,experiments/sotu_small.py:adamw --json=torch.json
           [--warmup=3 --steps=3 --repeats=3: untimed steps, steps per timed block, timed blocks]
           (bare names are variants of experiments/bench.py, as in `python -m llm_jax.bench`; run from the
           repository root with llm_jax installed or on PYTHONPATH)
@@ -44,7 +44,7 @@ FLAGS = flags.FLAGS
 
 # --configs, --steps, --repeats, --warmup, --json and --workdir are llm_jax.bench's flags (importing it defines
 # them), with smaller defaults here: a step of each implementation runs per timed step. Its other flags are unused.
-flags.FLAGS.set_default("configs", ["tiny", "10m", "experiments/sotu_small.py"])
+flags.FLAGS.set_default("configs", ["tiny", "10m", "experiments/sotu_small.py:adamw"])
 flags.FLAGS.set_default("steps", 3)
 flags.FLAGS.set_default("repeats", 3)
 flags.FLAGS.set_default("warmup", 3)

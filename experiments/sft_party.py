@@ -4,7 +4,7 @@ rows (c) and (d) of the task's four-way table.
 Data:     experiments/data/sotu_party/train.jsonl (3,142 {"prompt", "completion"} rows from 143 speeches; only the
           label " Democratic" / " Republican" and eos count in the loss), 5% of rows held out by hash for the
           validation loss; accuracy is measured afterwards on test_mc.jsonl (1,186 paragraphs of 47 other speeches).
-Commands: python -m llm_jax.train --config=experiments/sotu_small.py --workdir=/tmp/sotu_small_wd      # the base
+Commands: python -m llm_jax.train --config=experiments/sotu_small.py:adamw --workdir=/tmp/sotu_small_wd      # the base
           python -m llm_jax.sweep --sweep=experiments/sft_party_sweep.py --root=/tmp/sft_party   # both, 3 seeds,
           #   scored in the run and reported with plots (experiments/sft_party_sweep.py); or, one run at a time:
           for v in full lora; do for s in 0 1 2; do
@@ -40,6 +40,7 @@ def get_config(variant: str = "full"):
   c.num_train_steps = 150
   c.global_batch_size = 16
   c.optim.warmup_steps = 15
+  c.optim.name = "adamw"  # fine-tuning: the ablation that made Muon the default measured pre-training only
   c.optim.learning_rate = 1e-3
   c.log_every = 25
   c.eval_every = 75

@@ -1,7 +1,7 @@
 """The party task's fine-tuned rows as one sweep: full SFT and LoRA (experiments/sft_party.py), three seeds each,
 with the test accuracy scored in the run and carried into the sweep report (table and plots).
 
-Command:  python -m llm_jax.train --config=experiments/sotu_small.py --workdir=/tmp/sotu_small_wd      # the base
+Command:  python -m llm_jax.train --config=experiments/sotu_small.py:adamw --workdir=/tmp/sotu_small_wd      # the base
           python -m llm_jax.sweep --sweep=experiments/sft_party_sweep.py --root=/tmp/sft_party
           python -m llm_jax.sweep --report --root=/tmp/sft_party
 The two variants are sft_party.py's: `full` (every weight, learning rate 1e-3) and `lora` (rank 8 on

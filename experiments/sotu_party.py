@@ -21,7 +21,7 @@ Measure:  `python experiments/sotu_party.py --out=experiments/data/sotu_party --
           the test side zero-shot and with K_SHOTS examples (at most SHOT_MAX_CHARS characters each) drawn from
           the train side (3 seeds each) by each label's summed and per-token log-likelihood, and calibrated (see
           `measure`). The model: README's first command's config, trained once:
-          python -m llm_jax.train --config=experiments/sotu_small.py --workdir=/tmp/sotu_small_wd
+          python -m llm_jax.train --config=experiments/sotu_small.py:adamw --workdir=/tmp/sotu_small_wd
           (3 min 47 s on the shared 2-core CPU, 2026-12-01, validation loss 4.3189 at step 400). Note: the
           model was pre-trained on 238 of the 249 speeches, test paragraphs included (never their party).
 Results (2026-12-01, /tmp/sotu_small_wd at step 400, `python experiments/sotu_party.py

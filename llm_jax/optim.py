@@ -26,8 +26,8 @@ READS = {"b1": ("adamw", "muon", "lion", "schedule_free_adamw"), "b2": ("adamw",
 class OptimConfig:
   """The optimizer and its schedule (config.py documents each field and builds this from the experiment)."""
 
-  name: str = "adamw"
-  learning_rate: float = 3e-3
+  name: str = "muon"
+  learning_rate: float = 0.02
   schedule: str = "cosine"
   warmup_steps: int = 100
   decay_fraction: float = 0.2

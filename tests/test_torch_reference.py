@@ -71,7 +71,7 @@ def test_torch_reference_matches_our_losses_through_adamw_steps():
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
 def test_torch_reference_schedule_matches_optim(schedule):
-  o = optim.OptimConfig(schedule=schedule, learning_rate=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+  o = optim.OptimConfig(name="adamw", schedule=schedule, learning_rate=1e-3, warmup_steps=10, min_lr_ratio=0.1)
   ours = optim.make_schedule(o, 100)
   for step in (0, 1, 5, 10, 11, 50, 99, 100, 120):
     assert torch_reference.learning_rate(o, 100, step) == pytest.approx(float(ours(step)), rel=1e-6, abs=1e-12)

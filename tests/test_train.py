@@ -63,6 +63,9 @@ def losses(workdir: str) -> list[tuple[int, float]]:
 # check the new numbers are plausible (loss falls from ~6.3), and paste them here.
 GOLDEN_TRAIN_LOSS_STEP_30 = 5.012191
 GOLDEN_VAL_LOSS_STEP_30 = 4.976485
+# The same run with the default optimizer (Muon 0.02, AdamW 3e-3 on the rest), recorded the same way on 2026-12-01.
+GOLDEN_MUON_TRAIN_LOSS_STEP_30 = 4.969975
+GOLDEN_MUON_VAL_LOSS_STEP_30 = 4.931727
 
 
 def test_smoke_run_matches_golden_losses(tmp_path):
@@ -83,6 +86,16 @@ def test_smoke_run_matches_golden_losses(tmp_path):
   assert card["status"] == "finished" and card["device_count"] == 8 and card["end_time"]
   assert card["final_metrics"]["val_loss"] == final["val_loss"]
   assert card["config"]["num_train_steps"] == 30 and "jax" in card["packages"] and "git_dirty" in card
+
+
+def test_smoke_run_with_the_default_optimizer_matches_its_golden_losses(tmp_path):
+  c = smoke_config()
+  defaults = config_lib.get_config().optim
+  c.optim.update({k: defaults[k] for k in ("name", "learning_rate", "adam_learning_rate")})
+  assert c.optim.name == "muon"  # the default this golden pins; re-record both if the default changes
+  final = trainer.train_and_evaluate(c, str(tmp_path))
+  assert final["loss"] == pytest.approx(GOLDEN_MUON_TRAIN_LOSS_STEP_30, abs=2e-4)
+  assert final["val_loss"] == pytest.approx(GOLDEN_MUON_VAL_LOSS_STEP_30, abs=2e-4)
 
 
 def test_stop_and_resume_is_bit_exact(tmp_path, smoke_20):

@@ -156,7 +156,7 @@ def plot_curves(results: list[RunResult], rows: list[dict[str, Any]], path: str)
     ax.fill_between(steps, ys.min(0), ys.max(0), alpha=0.25)
   ax.set(xlabel="step", ylabel="validation loss", title="Validation loss (line: mean, band: min–max over seeds)")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: names can be long
   fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
 
@@ -199,7 +199,7 @@ def plot_against(rows: list[dict[str, Any]], finals: dict[str, list[float]], key
   ax.set(xlabel=", ".join(keys), ylabel=name, title=f"{name} (dot: mean ± std over seeds; ×: each seed)")
   ax.grid(alpha=0.3)
   if group_keys:
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
 
