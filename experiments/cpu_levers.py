@@ -4,11 +4,13 @@ Commands: python experiments/cpu_levers.py --mode=model --configs=tiny,10m --set
               [--steps=20 --repeats=5 --warmup=2]
           python experiments/cpu_levers.py --mode=model --configs=tiny --set= \
               --compile_options=xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT
+          python experiments/cpu_levers.py --mode=model --configs=tiny --set= --prototype=dense_vjp
           python experiments/cpu_levers.py --mode=flags --configs=tiny --rounds=3
               --xla_flags='--xla_cpu_use_onednn=true;--xla_cpu_experimental_ynn_fusion_type=dot'
           (bare config names are variants of experiments/bench.py, as in `python -m llm_jax.bench`)
 Method:   --mode=model builds two train steps of one config, the default (A) and the default with --set's model
-          keys (B), from the same initial parameters on the same real batches, and after --warmup untimed steps of
+          keys (B; --compile_options and a --prototype of experiments/cpu_prototypes.py apply to B alone), from
+          the same initial parameters on the same real batches, and after --warmup untimed steps of
           each alternates timed blocks of --steps steps (A, B, A, B, ... --repeats times) so load from other
           processes hits both alike. It prints B ÷ A tokens/s (median of the per-block-pair ratios, with their
           range), both loss curves at a few steps and both validation losses. --mode=flags cannot share a process
