@@ -81,10 +81,10 @@ def patched(name: str) -> Iterator[None]:
   """Applies prototype `name` ('' for none) to `llm_jax.model` for the duration of the block (a trace)."""
   if name and name not in PROTOTYPES:
     raise ValueError(f"--prototype={name!r} is unknown; choose from {', '.join(PROTOTYPES)} (or '' for none)")
-  attr, value = {"": (None, None), "dense_vjp": ("jnp", _JnpWithDenseVjp())}[name]
-  if attr is None:
+  if not name:
     yield
     return
+  attr, value = {"dense_vjp": ("jnp", _JnpWithDenseVjp())}[name]
   saved = getattr(model_lib, attr)
   setattr(model_lib, attr, value)
   # JAX caches the traces of scan and remat bodies by function, which a patched global does not change: without
