@@ -7,8 +7,8 @@ Variants: `experiments/sotu_small.py:llama` swaps in the Llama family (RoPE, RMS
 Hardware: 2-core x86-64 CPU (no accelerator), float32, one device.
 Wall time: 5 min 26 s on a quiet machine (2026-12-01, token store and tokenizer cached): 2,380–3,200 tokens/s,
           32–43% MFU (model FLOPs; Muon's own are not counted) against a 192 GFLOP/s float32 matmul measured in
-          the same process. Muon's step takes about
-          1.34× AdamW's here (experiments/ablation_knobs.py); the :adamw variant ran in 2 min 58 s (2026-11-28).
+          the same process. Muon's step takes about 1.34× AdamW's here (experiments/ablation_knobs.py); the
+          :adamw variant ran in 2 min 58 s (2026-11-28).
 Result:   gpt2, 400 steps × 16 × 128 tokens (0.8M tokens, a quarter of an epoch), Muon 0.02 on the weight
           matrices and AdamW 3e-3 on the rest: train loss 4.09, validation loss 4.6465 at step 100, 4.3750 at
           200, 4.1578 at 300 and 4.0151 (perplexity 55.4) at step 400 (2026-12-01; the :adamw variant: 4.3189,
