@@ -4,6 +4,14 @@ while it traces side B only, so each measurement stays reproducible without livi
 - `dense_vjp`: every activation × weight einsum of the model whose weight dimensions are (inputs..., outputs...)
   gets a custom VJP that flattens both sides to matrices and writes the two gradients as plain 2-D dots,
   dx = dy · Wᵀ and dW = xᵀ · dy, instead of the einsum transposes autodiff derives.
+- `norm_dense`: each pre-norm and the projections that read it (q, k, v after the attention norm; fc, or gate and
+  up, after the MLP norm) are one custom VJP: the backward recomputes the normalised rows once, takes every weight
+  gradient from them as a 2-D dot, sums the input gradients of the projections and applies the closed-form norm
+  backward, instead of the re-laid-out recomputations of the norm that autodiff and remat leave to XLA.
+- `causal_2`, `causal_4`: training attention (queries and keys the same slots) split into 2 or 4 blocks of queries,
+  each block scored against the keys up to its own end only, so the blocks of the causal mask that are all masked
+  are never computed (3/4 and 5/8 of the full attention's FLOPs); each block's softmax covers all its keys, so the
+  result is exact without an online-softmax recurrence.
 
 Batched-dot attention started here too (commit a38f7fd) and is now `llm_jax.attention`'s own layout.
 """
@@ -16,14 +24,14 @@ import math
 from typing import Any
 from typing import Iterator
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_jax import attention
 from llm_jax import model as model_lib
 
-PROTOTYPES = ("dense_vjp",)
-
-
+Array = jax.Array
 def _weight_split(spec: str) -> int | None:
   """How many leading dimensions of x are batch dimensions, for an `x, w -> y` einsum whose weight is
   (contracted..., output...) and whose x ends with the contracted dimensions; None for any other einsum."""
@@ -76,6 +84,157 @@ class _JnpWithDenseVjp:
     return _dense(lead, *operands)
 
 
+def _normalise(rms: bool, eps: float, x_NxD: Array) -> tuple[Array, Array]:
+  """The normalised rows and their reciprocal standard deviation (N x 1), in float32."""
+  if rms:
+    rstd_Nx1 = jax.lax.rsqrt(jnp.mean(x_NxD * x_NxD, axis=-1, keepdims=True) + eps)
+    return x_NxD * rstd_Nx1, rstd_Nx1
+  centred_NxD = x_NxD - jnp.mean(x_NxD, axis=-1, keepdims=True)
+  rstd_Nx1 = jax.lax.rsqrt(jnp.mean(centred_NxD * centred_NxD, axis=-1, keepdims=True) + eps)
+  return centred_NxD * rstd_Nx1, rstd_Nx1
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _norm_dense(rms: bool, eps: float, x_NxD: Array, scale_D: Array, bias_D: Array | None,
+                ws: tuple[Array, ...]) -> tuple[Array, ...]:
+  """norm(x) · W for each W of `ws` (each D x M), the norm as `model.Norm` computes it (no bias when `rms`)."""
+  xhat_NxD, _ = _normalise(rms, eps, x_NxD)
+  h_NxD = xhat_NxD * scale_D if bias_D is None else xhat_NxD * scale_D + bias_D
+  return tuple(h_NxD @ w_DxM for w_DxM in ws)
+
+
+def _norm_dense_fwd(rms, eps, x_NxD, scale_D, bias_D, ws):
+  return _norm_dense(rms, eps, x_NxD, scale_D, bias_D, ws), (x_NxD, scale_D, bias_D, ws)
+
+
+def _norm_dense_bwd(rms, eps, res, dys):
+  x_NxD, scale_D, bias_D, ws = res
+  xhat_NxD, rstd_Nx1 = _normalise(rms, eps, x_NxD)
+  h_NxD = xhat_NxD * scale_D if bias_D is None else xhat_NxD * scale_D + bias_D
+  dws = tuple(h_NxD.T @ dy_NxM for dy_NxM in dys)
+  dh_NxD = sum(dy_NxM @ w_DxM.T for dy_NxM, w_DxM in zip(dys, ws))
+  dscale_D = jnp.sum(dh_NxD * xhat_NxD, axis=0)
+  dbias_D = None if bias_D is None else jnp.sum(dh_NxD, axis=0)
+  g_NxD = dh_NxD * scale_D
+  proj_Nx1 = jnp.mean(g_NxD * xhat_NxD, axis=-1, keepdims=True)
+  if rms:
+    dx_NxD = rstd_Nx1 * (g_NxD - xhat_NxD * proj_Nx1)
+  else:
+    dx_NxD = rstd_Nx1 * (g_NxD - jnp.mean(g_NxD, axis=-1, keepdims=True) - xhat_NxD * proj_Nx1)
+  return dx_NxD, dscale_D, dbias_D, dws
+
+
+_norm_dense.defvjp(_norm_dense_fwd, _norm_dense_bwd)
+
+
+class _Params(nn.Module):
+  """Declares one of the model's submodules' parameters under its names and returns them (no arithmetic)."""
+
+  specs: tuple[tuple[str, Any, tuple[int, ...], tuple[str, ...]], ...]
+
+  @nn.compact
+  def __call__(self) -> dict[str, Array]:
+    return {name: model_lib.param_with_axes(self, name, init, shape, axes) for name, init, shape, axes in self.specs}
+
+
+class _NormDenseBlock(nn.Module):
+  """`model.Block` with the same parameters, each norm fused with the projections after it (`_norm_dense`);
+  training shapes only (no KV cache, LoRA, QK-norm, dropout or a compute dtype other than float32)."""
+
+  cfg: model_lib.ModelConfig
+  deterministic: bool
+
+  def _norm(self, name: str) -> tuple[Array, Array | None]:
+    d, ones, zeros = self.cfg.d_model, nn.initializers.ones, nn.initializers.zeros
+    specs = (("scale", ones, (d,), ("embed",)),) + (() if self.cfg.is_llama else (("bias", zeros, (d,), ("embed",)),))
+    p = _Params(specs, name=name)()
+    return p["scale"], p.get("bias")
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array, cache: model_lib.Cache | None, positions_BxL: Array,
+               segment_ids_BxL: Array | None) -> tuple[Array, None]:
+    cfg = self.cfg
+    if cache is not None or cfg.lora_rank or cfg.qk_norm or cfg.dropout_rate or cfg.compute_dtype != "float32":
+      raise ValueError("the norm_dense prototype covers float32 training without cache, LoRA, QK-norm or dropout")
+    b, l, d = x_BxLxD.shape
+    h, g, k, f = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff
+    gpt2, normal, zeros = not cfg.is_llama, model_lib.init_normal, nn.initializers.zeros
+    out_init = normal(0.02 / (2 * cfg.num_layers) ** 0.5)
+    attn_specs = [("query", normal(0.02), (d, h, k), ("embed", "heads", "head_dim")),
+                  ("key", normal(0.02), (d, g, k), ("embed", "kv_heads", "head_dim")),
+                  ("value", normal(0.02), (d, g, k), ("embed", "kv_heads", "head_dim")),
+                  ("out", out_init, (h, k, d), ("heads", "head_dim", "embed"))]
+    if gpt2:
+      attn_specs += [(n + "_bias", zeros, (heads, k), (axis, "head_dim"))
+                     for n, heads, axis in (("query", h, "heads"), ("key", g, "kv_heads"), ("value", g, "kv_heads"))]
+      attn_specs.append(("out_bias", zeros, (d,), ("embed",)))
+    scale_D, bias_D = self._norm("attn_norm")
+    pa = _Params(tuple(attn_specs), name="attn")()
+    x_NxD = x_BxLxD.reshape(b * l, d)
+    qkv = _norm_dense(not gpt2, cfg.norm_eps, x_NxD, scale_D, bias_D,
+                      tuple(pa[n].reshape(d, -1) for n in ("query", "key", "value")))
+    q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = (y.reshape(b, l, -1, k) + (pa[n + "_bias"] if gpt2 else 0)
+                                       for y, n in zip(qkv, ("query", "key", "value")))
+    if cfg.is_llama:
+      inv_freq_K2 = attention.rope_inverse_frequencies(cfg)
+      q_BxLxHxK = attention.apply_rope(q_BxLxHxK, positions_BxL, inv_freq_K2)
+      k_BxLxGxK = attention.apply_rope(k_BxLxGxK, positions_BxL, inv_freq_K2)
+    pos_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    mask_BxLxS = attention.attention_mask(pos_BxL, pos_BxL, segment_ids_BxL, segment_ids_BxL)
+    out_BxLxHxK = attention.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxS, cfg.attention_impl)
+    y_BxLxD = jnp.einsum("BLHK,HKD->BLD", out_BxLxHxK, pa["out"])
+    x_BxLxD = x_BxLxD + (y_BxLxD + pa["out_bias"] if gpt2 else y_BxLxD)
+
+    scale_D, bias_D = self._norm("mlp_norm")
+    names = ("gate", "up", "down") if cfg.is_llama else ("fc", "proj")
+    mlp_specs = [(n, normal(0.02), (d, f), ("embed", "mlp")) for n in names[:-1]]
+    mlp_specs.append((names[-1], out_init, (f, d), ("mlp", "embed")))
+    if gpt2:
+      mlp_specs += [("fc_bias", zeros, (f,), ("mlp",)), ("proj_bias", zeros, (d,), ("embed",))]
+    pm = _Params(tuple(mlp_specs), name="mlp")()
+    ins = _norm_dense(not gpt2, cfg.norm_eps, x_BxLxD.reshape(b * l, d), scale_D, bias_D,
+                      tuple(pm[n] for n in names[:-1]))
+    if cfg.is_llama:
+      h_NxF = model_lib.activation(cfg, ins[0]) * ins[1]
+    else:
+      h_NxF = model_lib.activation(cfg, ins[0] + pm["fc_bias"])
+    y_NxD = h_NxF @ pm[names[-1]]
+    y_BxLxD = (y_NxD + pm["proj_bias"] if gpt2 else y_NxD).reshape(b, l, d)
+    return model_lib.constrain(x_BxLxD + y_BxLxD, ("batch", "length", "act_embed")), None
+
+
+def _causal_blocks(n: int) -> Any:
+  """`attention.dot_product_attention` computing only the lower-triangular blocks of an n x n block mask."""
+
+  def attend(q_BxLxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array, mask_BxLxS: Array, impl: str = "einsum") -> Array:
+    b, l, h, k = q_BxLxHxK.shape
+    s, g = k_BxSxGxK.shape[1:3]
+    if impl != "einsum" or l != s or l % n:
+      return attention.dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, impl)
+    c = l // n
+    q_BxGxRxLxK = q_BxLxHxK.reshape(b, l, g, h // g, k).transpose(0, 2, 3, 1, 4)
+    k_BxGxSxK = k_BxSxGxK.transpose(0, 2, 1, 3)
+    v_BxGxSxK = v_BxSxGxK.transpose(0, 2, 1, 3)
+    outs = []
+    for i in range(n):
+      end = (i + 1) * c
+      logits = jnp.einsum("BGRLK,BGSK->BGRLS", q_BxGxRxLxK[:, :, :, i * c:end], k_BxGxSxK[:, :, :end],
+                          preferred_element_type=jnp.float32) / jnp.sqrt(k).astype(jnp.float32)
+      logits = jnp.where(mask_BxLxS[:, None, None, i * c:end, :end], logits, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxGxK.dtype)
+      outs.append(jnp.einsum("BGRLS,BGSK->BGRLK", probs, v_BxGxSxK[:, :, :end]))
+    return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, l, h, k)
+
+  return attend
+
+
+# Each prototype: the `llm_jax.model` global it replaces and what replaces it.
+PATCHES = {"dense_vjp": ("jnp", _JnpWithDenseVjp()), "norm_dense": ("Block", _NormDenseBlock),
+           "causal_2": ("dot_product_attention", _causal_blocks(2)),
+           "causal_4": ("dot_product_attention", _causal_blocks(4))}
+PROTOTYPES = tuple(PATCHES)
+
+
 @contextlib.contextmanager
 def patched(name: str) -> Iterator[None]:
   """Applies prototype `name` ('' for none) to `llm_jax.model` for the duration of the block (a trace)."""
@@ -84,7 +243,7 @@ def patched(name: str) -> Iterator[None]:
   if not name:
     yield
     return
-  attr, value = {"dense_vjp": ("jnp", _JnpWithDenseVjp())}[name]
+  attr, value = PATCHES[name]
   saved = getattr(model_lib, attr)
   setattr(model_lib, attr, value)
   # JAX caches the traces of scan and remat bodies by function, which a patched global does not change: without
