@@ -1,4 +1,4 @@
-"""CPU levers tried as prototypes: patches of the model's projections that `cpu_levers.py --prototype` applies
+"""CPU levers tried as prototypes: patches of `llm_jax.model` that `cpu_levers.py --prototype` applies
 while it traces side B only, so each measurement stays reproducible without living in `llm_jax`.
 
 - `dense_vjp`: every activation × weight einsum of the model whose weight dimensions are (inputs..., outputs...)
@@ -8,12 +8,9 @@ while it traces side B only, so each measurement stays reproducible without livi
   up, after the MLP norm) are one custom VJP: the backward recomputes the normalised rows once, takes every weight
   gradient from them as a 2-D dot, sums the input gradients of the projections and applies the closed-form norm
   backward, instead of the re-laid-out recomputations of the norm that autodiff and remat leave to XLA.
-- `causal_2`, `causal_4`: training attention (queries and keys the same slots) split into 2 or 4 blocks of queries,
-  each block scored against the keys up to its own end only, so the blocks of the causal mask that are all masked
-  are never computed (3/4 and 5/8 of the full attention's FLOPs); each block's softmax covers all its keys, so the
-  result is exact without an online-softmax recurrence.
 
-Batched-dot attention started here too (commit a38f7fd) and is now `llm_jax.attention`'s own layout.
+Batched-dot attention (commit a38f7fd) and causal query blocks (`causal_2`/`causal_4`, commit 86863c7) started here
+too and are now `llm_jax.attention`'s: its layout on every backend, and two query blocks on CPU.
 """
 
 from __future__ import annotations
@@ -181,7 +178,8 @@ class _NormDenseBlock(nn.Module):
       k_BxLxGxK = attention.apply_rope(k_BxLxGxK, positions_BxL, inv_freq_K2)
     pos_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
     mask_BxLxS = attention.attention_mask(pos_BxL, pos_BxL, segment_ids_BxL, segment_ids_BxL)
-    out_BxLxHxK = attention.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxS, cfg.attention_impl)
+    out_BxLxHxK = attention.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxS, cfg.attention_impl,
+                                                  attention.causal_blocks(jax.default_backend()))
     y_BxLxD = jnp.einsum("BLHK,HKD->BLD", out_BxLxHxK, pa["out"])
     x_BxLxD = x_BxLxD + (y_BxLxD + pa["out_bias"] if gpt2 else y_BxLxD)
 
@@ -203,35 +201,8 @@ class _NormDenseBlock(nn.Module):
     return model_lib.constrain(x_BxLxD + y_BxLxD, ("batch", "length", "act_embed")), None
 
 
-def _causal_blocks(n: int) -> Any:
-  """`attention.dot_product_attention` computing only the lower-triangular blocks of an n x n block mask."""
-
-  def attend(q_BxLxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array, mask_BxLxS: Array, impl: str = "einsum") -> Array:
-    b, l, h, k = q_BxLxHxK.shape
-    s, g = k_BxSxGxK.shape[1:3]
-    if impl != "einsum" or l != s or l % n:
-      return attention.dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, impl)
-    c = l // n
-    q_BxGxRxLxK = q_BxLxHxK.reshape(b, l, g, h // g, k).transpose(0, 2, 3, 1, 4)
-    k_BxGxSxK = k_BxSxGxK.transpose(0, 2, 1, 3)
-    v_BxGxSxK = v_BxSxGxK.transpose(0, 2, 1, 3)
-    outs = []
-    for i in range(n):
-      end = (i + 1) * c
-      logits = jnp.einsum("BGRLK,BGSK->BGRLS", q_BxGxRxLxK[:, :, :, i * c:end], k_BxGxSxK[:, :, :end],
-                          preferred_element_type=jnp.float32) / jnp.sqrt(k).astype(jnp.float32)
-      logits = jnp.where(mask_BxLxS[:, None, None, i * c:end, :end], logits, jnp.finfo(jnp.float32).min)
-      probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxGxK.dtype)
-      outs.append(jnp.einsum("BGRLS,BGSK->BGRLK", probs, v_BxGxSxK[:, :, :end]))
-    return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, l, h, k)
-
-  return attend
-
-
 # Each prototype: the `llm_jax.model` global it replaces and what replaces it.
-PATCHES = {"dense_vjp": ("jnp", _JnpWithDenseVjp()), "norm_dense": ("Block", _NormDenseBlock),
-           "causal_2": ("dot_product_attention", _causal_blocks(2)),
-           "causal_4": ("dot_product_attention", _causal_blocks(4))}
+PATCHES = {"dense_vjp": ("jnp", _JnpWithDenseVjp()), "norm_dense": ("Block", _NormDenseBlock)}
 PROTOTYPES = tuple(PATCHES)
 
 

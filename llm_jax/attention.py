@@ -1,5 +1,6 @@
 """Attention arithmetic the model composes: RoPE frequencies and rotation, the causal and document mask, and
-softmax(QKᵀ/√K)V over grouped key/value heads (shape legend in `llm_jax.model`)."""
+softmax(QKᵀ/√K)V over grouped key/value heads, computed in causal query blocks where that is faster (shape legend
+in `llm_jax.model`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ if TYPE_CHECKING:
   from llm_jax.model import ModelConfig
 
 Array = jax.Array
+
+# Query blocks of the training attention per backend, from BENCHMARKS.md ("A second machine kind"): on XLA:CPU two
+# blocks, each scored against the keys up to its own end, skip the all-masked quarter of the scores and made the
+# 10m train step 1.13x faster (sotu_small 1.0x, tiny 1.0x; four blocks: 0.99x / 0.93x). Other backends are
+# unmeasured and keep one block.
+CAUSAL_BLOCKS = {"cpu": 2}
 
 
 def rope_inverse_frequencies(cfg: ModelConfig) -> Array:
@@ -51,23 +58,41 @@ def attention_mask(q_pos_BxL: Array, k_pos_BxS: Array, q_seg_BxL: Array | None,
   return mask_BxLxS
 
 
+def causal_blocks(backend: str) -> int:
+  """How many causal query blocks the training attention uses on `backend` ('cpu', 'gpu', 'tpu')."""
+  return CAUSAL_BLOCKS.get(backend, 1)
+
+
 def dot_product_attention(q_BxLxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array,
-                          mask_BxLxS: Array, impl: str = "einsum") -> Array:
-  """softmax(QKᵀ/√K)V with grouped key/value heads; softmax in float32."""
+                          mask_BxLxS: Array, impl: str = "einsum", blocks: int = 1) -> Array:
+  """softmax(QKᵀ/√K)V with grouped key/value heads; softmax in float32.
+
+  `blocks` > 1 is for a mask that is causal by slot over the same L slots of queries and keys (training, and
+  scoring without a cache): the queries are split into that many blocks and each is scored against the keys up to
+  its own end only, so the blocks above the diagonal, all masked, are never computed. Each block's softmax still
+  covers every key its queries may see, so the result is the same up to summation order. A length the count does
+  not divide, or the 'jax' impl, runs as one block.
+  """
   if impl == "jax":
     return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK,
                                         mask=mask_BxLxS[:, None, :, :])
   b, l, h, k = q_BxLxHxK.shape
-  g = k_BxSxGxK.shape[2]
+  s, g = k_BxSxGxK.shape[1:3]
+  n = blocks if blocks > 1 and l == s and l % blocks == 0 else 1
   # Batch dimensions (B, G) leading and contractions trailing in both dots, transposed once here: XLA:CPU then
   # needs no re-layout copies around them (train step 1.04x at the tiny shape, 1.11x at 10m; BENCHMARKS.md).
   q_BxGxRxLxK = q_BxLxHxK.reshape(b, l, g, h // g, k).transpose(0, 2, 3, 1, 4)
   k_BxGxSxK = k_BxSxGxK.transpose(0, 2, 1, 3)
   v_BxGxSxK = v_BxSxGxK.transpose(0, 2, 1, 3)
-  logits_BxGxRxLxS = jnp.einsum("BGRLK,BGSK->BGRLS", q_BxGxRxLxK, k_BxGxSxK,
-                                preferred_element_type=jnp.float32) / jnp.sqrt(k).astype(jnp.float32)
-  logits_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxGxRxLxS,
-                               jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits_BxGxRxLxS, axis=-1).astype(v_BxSxGxK.dtype)
-  out_BxGxRxLxK = jnp.einsum("BGRLS,BGSK->BGRLK", probs, v_BxGxSxK)
+  c = l // n
+  outs = []
+  for i in range(n):
+    start, end = i * c, (i + 1) * c if n > 1 else s
+    logits_BxGxRxLxS = jnp.einsum("BGRLK,BGSK->BGRLS", q_BxGxRxLxK[:, :, :, start:start + c], k_BxGxSxK[:, :, :end],
+                                  preferred_element_type=jnp.float32) / jnp.sqrt(k).astype(jnp.float32)
+    logits_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None, start:start + c, :end], logits_BxGxRxLxS,
+                                 jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits_BxGxRxLxS, axis=-1).astype(v_BxSxGxK.dtype)
+    outs.append(jnp.einsum("BGRLS,BGSK->BGRLK", probs, v_BxGxSxK[:, :, :end]))
+  out_BxGxRxLxK = outs[0] if n == 1 else jnp.concatenate(outs, axis=3)
   return out_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(b, l, h, k)

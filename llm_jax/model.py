@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from llm_jax import lora
 from llm_jax.attention import apply_rope
 from llm_jax.attention import attention_mask
+from llm_jax.attention import causal_blocks
 from llm_jax.attention import dot_product_attention
 from llm_jax.attention import rope_inverse_frequencies
 
@@ -201,8 +202,10 @@ class Attention(nn.Module):
       q_pos_BxL = start + jnp.broadcast_to(jnp.arange(l, dtype=positions_BxL.dtype), (b, l))
 
     mask_BxLxS = attention_mask(q_pos_BxL, k_pos_BxS, q_seg_BxL, k_seg_BxS)
+    # Without a cache the mask is causal by slot over the same slots, which query blocks may skip above.
+    blocks = causal_blocks(jax.default_backend()) if cache is None else 1
     out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS,
-                                        cfg.attention_impl)
+                                        cfg.attention_impl, blocks)
     w_HxKxD = param_with_axes(self, "out", init_normal(0.02 / (2 * cfg.num_layers) ** 0.5),
                               (cfg.num_heads, cfg.head_dim, cfg.d_model), ("heads", "head_dim", "embed"))
     y_BxLxD = lora.adapt(cfg, self, "out", jnp.einsum("BLHK,HKD->BLD", out_BxLxHxK, w_HxKxD.astype(cfg.dtype)),

@@ -1,6 +1,7 @@
 """Tests for llm_jax.model against independent references: gradients, numpy, formulas, rewritten params."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -10,6 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from llm_jax.attention import apply_rope
+from llm_jax.attention import attention_mask
 from llm_jax.attention import dot_product_attention
 from llm_jax.attention import rope_inverse_frequencies
 from llm_jax.model import Mlp
@@ -76,13 +78,13 @@ def test_causality_through_gradients(family, impl):
   assert np.all(influence_LxL[~future] > 0.0)
 
 
-def numpy_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK):
+def numpy_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS=None):
   q, k, v = (np.asarray(x, np.float64) for x in (q_BxLxHxK, k_BxSxGxK, v_BxSxGxK))
   b, l, h, d = q.shape
   s, g = k.shape[1], k.shape[2]
   out = np.zeros_like(q)
-  causal_LxS = np.tril(np.ones((l, s), bool))
   for bi in range(b):
+    causal_LxS = np.tril(np.ones((l, s), bool)) if mask_BxLxS is None else np.asarray(mask_BxLxS[bi])
     for hi in range(h):
       gi = hi // (h // g)  # query head hi reads key/value head hi // R
       scores = q[bi, :, hi] @ k[bi, :, gi].T / np.sqrt(d)
@@ -109,6 +111,26 @@ def test_dot_product_attention_matches_numpy(num_kv_heads, impl):
   repeated = attend(q, jnp.repeat(k, h // num_kv_heads, axis=2), jnp.repeat(v, h // num_kv_heads, axis=2),
                     mask, impl=impl)
   np.testing.assert_allclose(np.asarray(got), np.asarray(repeated), atol=1e-6)
+
+
+@pytest.mark.parametrize("blocks", [2, 4, 3])  # 3 does not divide the 8 slots: one block
+def test_causal_blocks_compute_the_full_attention_over_packed_documents(blocks):
+  b, l, h, g, d = 2, 8, 4, 2, 8
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.normal(size=(b, l, n, d)), jnp.float32) for n in (h, g, g))
+  slots_BxL = jnp.broadcast_to(jnp.arange(l), (b, l))
+  segments_BxL = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 3], [1] * l])
+  mask_BxLxS = attention_mask(slots_BxL, slots_BxL, segments_BxL, segments_BxL)
+  attend = functools.partial(dot_product_attention, mask_BxLxS=mask_BxLxS)
+  got = jax.jit(functools.partial(attend, blocks=blocks))(q, k, v)
+  np.testing.assert_allclose(np.asarray(got), numpy_attention(q, k, v, mask_BxLxS), atol=2e-6, rtol=1e-5)
+  weights = jnp.asarray(rng.normal(size=got.shape), jnp.float32)
+  grads = [jax.grad(lambda *qkv, n=n: jnp.sum(attend(*qkv, blocks=n) * weights), argnums=(0, 1, 2))(q, k, v)
+           for n in (1, blocks)]
+  for one, blocked in zip(*grads):
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(one), atol=1e-5, rtol=1e-5)
+  dots = str(jax.make_jaxpr(functools.partial(attend, blocks=blocks))(q, k, v)).count("dot_general")
+  assert dots == 2 * (blocks if l % blocks == 0 else 1)  # scores and values, per block that runs
 
 
 def test_rope_scores_depend_only_on_relative_position():
