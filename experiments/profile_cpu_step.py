@@ -22,6 +22,7 @@ import json
 import os
 import re
 
+import cpu_prototypes
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,11 +34,14 @@ from llm_jax import batch as batch_lib
 from llm_jax import config as config_lib
 from llm_jax import metrics
 from llm_jax import steps as steps_lib
+from llm_jax.model import ModelConfig
 
 _PRESET = flags.DEFINE_string("preset", "tiny", "Variant of experiments/bench.py to profile.")
 _BENCH_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
 _TIMES = flags.DEFINE_integer("timed_calls", 5, "Timed calls per measurement (medians reported).")
 _TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Write a jax.profiler trace of the gradient here.")
+_PROTOTYPE = flags.DEFINE_enum("prototype", "", ["", *cpu_prototypes.PROTOTYPES], "A prototype of "
+                                "experiments/cpu_prototypes.py patched into every step profiled.")
 _POLICIES = flags.DEFINE_list("policies", ["none", "dots", "full"], "Remat policies to time; the first is traced.")
 
 _SHAPE = re.compile(r"= (f32|s32|pred|u32)\[([0-9,]*)\]")
@@ -68,18 +72,29 @@ def layout_copies(hlo_text: str) -> dict[str, float]:
 
 def op_times(trace_dir: str) -> tuple[collections.Counter, collections.Counter]:
   """Total milliseconds and number of executions per XLA op name in the newest trace (runtime and Python spans
-  left out)."""
+  left out). An op that runs asynchronously (XLA:CPU's plain dots, on Eigen's threads) records only its launch and
+  a separate 'end: <op>' event; its time is from each launch to the matching end, which may overlap other ops."""
   path = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")))[-1]
   with gzip.open(path) as f:
     events = json.load(f)["traceEvents"]
-  totals: collections.Counter = collections.Counter()
-  calls: collections.Counter = collections.Counter()
+  spans: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
   for e in events:
     name = e.get("name", "")
     if e.get("ph") == "X" and not name.startswith("$") and "Executor" not in name and "Pjit" not in name \
         and "ThreadPool" not in name:
-      totals[name] += e.get("dur", 0) / 1000
-      calls[name] += 1
+      spans[name].append((e["ts"], e["ts"] + e.get("dur", 0)))
+  totals: collections.Counter = collections.Counter()
+  calls: collections.Counter = collections.Counter()
+  for name, starts in spans.items():
+    if name.startswith("end: "):
+      continue
+    ends = sorted(end for _, end in spans.get("end: " + name, []))
+    starts = sorted(starts)
+    if len(ends) == len(starts):
+      totals[name] = sum(end - start for (start, _), end in zip(starts, ends)) / 1000
+    else:
+      totals[name] = sum(end - start for start, end in starts) / 1000
+    calls[name] = len(starts)
   return totals, calls
 
 
@@ -132,33 +147,40 @@ def main(argv):
   b, l = c.global_batch_size, c.data.seq_len
   batch = jax.tree.map(jnp.asarray, batch_lib.synthetic(b, l, base.vocab_size))
   print(f"preset {_PRESET.value}: batch {b} x {l} tokens, {base.num_layers} layers, width {base.d_model}")
-  for i, policy in enumerate(_POLICIES.value):
-    cfg = dataclasses.replace(base, remat_policy=policy)
-    model = steps_lib.Transformer(cfg)
-    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch["inputs"][:1])["params"])
-    loss = lambda p, bt, model=model: steps_lib._forward_loss(p, model, bt, None)[0]  # pylint: disable=protected-access
-    forward, grad = jax.jit(loss), jax.jit(jax.grad(loss))
-    fwd_ms = 1000 * metrics.median_seconds(forward, params, batch, repeats=_TIMES.value)
-    grad_ms = 1000 * metrics.median_seconds(grad, params, batch, repeats=_TIMES.value)
-    hlo_text = grad.lower(params, batch).compile().as_text()
-    stats = layout_copies(hlo_text)
-    print(f"remat={policy:<5s} forward {fwd_ms:8.1f} ms | forward+backward {grad_ms:8.1f} ms "
-          f"({grad_ms / fwd_ms:.1f}x forward) | HLO: {stats['copies']} copies writing "
-          f"{stats['copy_MB']:.1f} MB, {stats['transposes']} transposes writing {stats['transpose_MB']:.1f} MB")
-    if _TRACE_DIR.value and i == 0:
-      steps = 3
-      with jax.profiler.trace(_TRACE_DIR.value):
-        for _ in range(steps):
-          jax.block_until_ready(grad(params, batch))
-      totals, calls = op_times(_TRACE_DIR.value)
-      print(f"  jax.profiler trace written to {_TRACE_DIR.value}; busiest ops, ms per step:")
-      for name, ms in totals.most_common(12):
-        print(f"    {ms / steps:8.1f} ms  {name}")
-      rows = dot_table(hlo_text, totals, calls, steps)
-      print(f"  the dots: {sum(r['ms_per_step'] for r in rows):.1f} ms per step in all")
-      for r in rows:
-        print(f"    {r['ms_per_step']:8.1f} ms  {r['calls_per_step']:g} x out {r['out']} k={r['k']:<6d} "
-              f"{r['gflop_per_s']:6.1f} GFLOP/s  {r['source']}")
+  with cpu_prototypes.patched(_PROTOTYPE.value):
+    for i, policy in enumerate(_POLICIES.value):
+      profile_policy(base, policy, batch, trace=bool(_TRACE_DIR.value) and i == 0)
+
+
+def profile_policy(base: ModelConfig, policy: str, batch: dict[str, jax.Array], trace: bool) -> None:
+  """Times the forward and gradient under remat `policy`, counts the HLO's layout copies and, with `trace`, traces
+  the gradient into --trace_dir and prints its busiest ops and its dots."""
+  cfg = dataclasses.replace(base, remat_policy=policy)
+  model = steps_lib.Transformer(cfg)
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch["inputs"][:1])["params"])
+  loss = lambda p, bt, model=model: steps_lib._forward_loss(p, model, bt, None)[0]  # pylint: disable=protected-access
+  forward, grad = jax.jit(loss), jax.jit(jax.grad(loss))
+  fwd_ms = 1000 * metrics.median_seconds(forward, params, batch, repeats=_TIMES.value)
+  grad_ms = 1000 * metrics.median_seconds(grad, params, batch, repeats=_TIMES.value)
+  hlo_text = grad.lower(params, batch).compile().as_text()
+  stats = layout_copies(hlo_text)
+  print(f"remat={policy:<5s} forward {fwd_ms:8.1f} ms | forward+backward {grad_ms:8.1f} ms "
+        f"({grad_ms / fwd_ms:.1f}x forward) | HLO: {stats['copies']} copies writing "
+        f"{stats['copy_MB']:.1f} MB, {stats['transposes']} transposes writing {stats['transpose_MB']:.1f} MB")
+  if trace:
+    steps = 3
+    with jax.profiler.trace(_TRACE_DIR.value):
+      for _ in range(steps):
+        jax.block_until_ready(grad(params, batch))
+    totals, calls = op_times(_TRACE_DIR.value)
+    print(f"  jax.profiler trace written to {_TRACE_DIR.value}; busiest ops, ms per step:")
+    for name, ms in totals.most_common(12):
+      print(f"    {ms / steps:8.1f} ms  {name}")
+    rows = dot_table(hlo_text, totals, calls, steps)
+    print(f"  the dots: {sum(r['ms_per_step'] for r in rows):.1f} ms per step in all")
+    for r in rows:
+      print(f"    {r['ms_per_step']:8.1f} ms  {r['calls_per_step']:g} x out {r['out']} k={r['k']:<6d} "
+            f"{r['gflop_per_s']:6.1f} GFLOP/s  {r['source']}")
 
 
 if __name__ == "__main__":
