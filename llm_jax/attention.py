@@ -14,10 +14,10 @@ if TYPE_CHECKING:
 
 Array = jax.Array
 
-# Query blocks of the training attention per backend, from BENCHMARKS.md ("A second machine kind"): on XLA:CPU two
-# blocks, each scored against the keys up to its own end, skip the all-masked quarter of the scores and made the
-# 10m train step 1.13x faster (sotu_small 1.0x, tiny 1.0x; four blocks: 0.99x / 0.93x). Other backends are
-# unmeasured and keep one block.
+# Query blocks of the attention without a KV cache, per backend, from BENCHMARKS.md ("A second machine kind"): on
+# XLA:CPU two blocks, each scored against the keys up to its own end, skip the all-masked quarter of the scores and
+# made the 10m train step 1.08x faster over 7 block pairs (sotu_small 1.05x, tiny within the noise; four blocks 0.99x
+# at 10m and 0.93x at tiny). Other backends are unmeasured and keep one block.
 CAUSAL_BLOCKS = {"cpu": 2}
 
 
