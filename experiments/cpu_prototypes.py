@@ -4,6 +4,8 @@ while it traces side B only, so each measurement stays reproducible without livi
 - `dense_vjp`: every activation × weight einsum of the model whose weight dimensions are (inputs..., outputs...)
   gets a custom VJP that flattens both sides to matrices and writes the two gradients as plain 2-D dots,
   dx = dy · Wᵀ and dW = xᵀ · dy, instead of the einsum transposes autodiff derives.
+- `mlp_vjp`: the same custom VJP on the MLP's projections only (fc and proj, or gate, up and down): in the 10m step
+  their weight gradients are the dots XLA lays out worst (an Eigen dot whose gradient operand a copy transposes).
 - `norm_dense`: each pre-norm and the projections that read it (q, k, v after the attention norm; fc, or gate and
   up, after the MLP norm) are one custom VJP: the backward recomputes the normalised rows once, takes every weight
   gradient from them as a 2-D dot, sums the input gradients of the projections and applies the closed-form norm
@@ -68,15 +70,18 @@ _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 class _JnpWithDenseVjp:
-  """`jax.numpy` as the model sees it, except that projection einsums go through `_dense`."""
+  """`jax.numpy` as the model sees it, except that projection einsums (those of `specs` only, if given) go through
+  `_dense`."""
+
+  def __init__(self, specs: tuple[str, ...] = ()):
+    self.specs = specs
 
   def __getattr__(self, name: str) -> Any:
     return getattr(jnp, name)
 
-  @staticmethod
-  def einsum(spec: str, *operands: jax.Array, **kwargs: Any) -> jax.Array:
+  def einsum(self, spec: str, *operands: jax.Array, **kwargs: Any) -> jax.Array:
     lead = _weight_split(spec) if len(operands) == 2 and not kwargs else None
-    if lead is None:
+    if lead is None or (self.specs and spec not in self.specs):
       return jnp.einsum(spec, *operands, **kwargs)
     return _dense(lead, *operands)
 
@@ -202,7 +207,9 @@ class _NormDenseBlock(nn.Module):
 
 
 # Each prototype: the `llm_jax.model` global it replaces and what replaces it.
-PATCHES = {"dense_vjp": ("jnp", _JnpWithDenseVjp()), "norm_dense": ("Block", _NormDenseBlock)}
+PATCHES = {"dense_vjp": ("jnp", _JnpWithDenseVjp()),
+           "mlp_vjp": ("jnp", _JnpWithDenseVjp(("BLD,DF->BLF", "BLF,FD->BLD"))),
+           "norm_dense": ("Block", _NormDenseBlock)}
 PROTOTYPES = tuple(PATCHES)
 
 
