@@ -105,8 +105,8 @@ _DOT = re.compile(r"%[\w.\-]+ = \w+\[([0-9,]*)\]\S* dot\(%([\w.\-]+), %[\w.\-]+\
 
 def dot_table(hlo_text: str, totals: collections.Counter, calls: collections.Counter,
               steps: int) -> list[dict[str, object]]:
-  """Every fusion of the optimized HLO that contains a dot: milliseconds and calls per step, output shape,
-  contraction size and GFLOP/s, slowest first."""
+  """Every dot of the optimized HLO that the trace timed, whether inside a library fusion or an instruction of its
+  own: milliseconds and calls per step, output shape, contraction size and GFLOP/s, slowest first."""
   shapes: dict[str, list[int]] = {}
   bodies: dict[str, list[str]] = {}
   body = None
