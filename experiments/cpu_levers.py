@@ -58,6 +58,9 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "--mode=flags: rounds of (baseline, 
 _PROTOTYPE = flags.DEFINE_enum("prototype", "", ["", *cpu_prototypes.PROTOTYPES], "--mode=model: a prototype "
                                 "(experiments/cpu_prototypes.py) patched into B's trace.")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 4, "--mode=model: validation batches both are scored on.")
+_MESH_A = flags.DEFINE_list("mesh_a", ["-1", "1", "1"], "--mode=model: A's (data, fsdp, tensor) mesh; -1 takes the "
+                            "rest of the devices (run with --xla_force_host_platform_device_count to have several).")
+_MESH_B = flags.DEFINE_list("mesh_b", ["-1", "1", "1"], "--mode=model: B's mesh, as --mesh_a.")
 
 
 def with_model_keys(c: Any, settings: Sequence[str]) -> Any:
@@ -72,8 +75,9 @@ def with_model_keys(c: Any, settings: Sequence[str]) -> Any:
   return c
 
 
-def _timed_blocks(sides: list[tuple[Any, Any]], batches: list[Any], warmup: int, block: int, repeats: int):
-  """Runs every side's warm-up, then `repeats` rounds of one timed block per side; seconds/step and losses."""
+def _timed_blocks(sides: list[tuple[Any, Any]], batches: list[list[Any]], warmup: int, block: int, repeats: int):
+  """Runs every side's warm-up, then `repeats` rounds of one timed block per side (on its own copy of the
+  batches); seconds/step and losses."""
   seconds = [[] for _ in sides]
   losses = [[] for _ in sides]
   states = [state for _, state in sides]
@@ -82,7 +86,7 @@ def _timed_blocks(sides: list[tuple[Any, Any]], batches: list[Any], warmup: int,
       start = time.perf_counter()
       out = []
       for i in range(first, first + n):
-        states[s], m = train(states[s], batches[i])
+        states[s], m = train(states[s], batches[s][i])
         out.append(m["loss"])
       jax.block_until_ready(out)
       seconds[s].append((time.perf_counter() - start) / n)
@@ -90,32 +94,51 @@ def _timed_blocks(sides: list[tuple[Any, Any]], batches: list[Any], warmup: int,
   return states, [x[1:] for x in seconds], losses
 
 
+def _mesh(shape: Sequence[int]) -> jax.sharding.Mesh:
+  """A mesh of `shape` over the first devices it needs (all of them when an axis is -1)."""
+  shape = [int(n) for n in shape]
+  size = 1
+  for n in shape:
+    size *= n
+  return sharding.make_mesh(shape, None if size < 0 else jax.devices()[:size])
+
+
 def compare_model(name: str, settings: Sequence[str], block: int, repeats: int, warmup: int, eval_batches: int,
-                  workdir: str, options: Sequence[str] = (), prototype: str = "") -> dict[str, Any]:
+                  workdir: str, options: Sequence[str] = (), prototype: str = "",
+                  meshes: Sequence[Sequence[int]] = ((-1, 1, 1), (-1, 1, 1))) -> dict[str, Any]:
   """Default (A) against the default with `settings`, XLA compile `options` and `prototype` patched into its trace
-  (B) on config `name`: speed ratio and both loss curves."""
+  (B) on config `name`, each on its mesh of `meshes`: speed ratio and both loss curves."""
   compile_options = [dict(o.partition("=")[::2] for o in opts) for opts in ((), options)]
   c_a = bench.bench_config(name)
   c_b = with_model_keys(c_a, settings)
   data = pipeline.prepare_data(config_lib.data_config(c_a), config_lib.tokenizer_config(c_a),
                                tokenizer_dir=os.path.join(workdir, name, "tokenizer"))
-  mesh = sharding.make_mesh((-1, 1, 1))
   b, l = c_a.global_batch_size, c_a.data.seq_len
-  with jax.set_mesh(mesh):
-    built = [trainer.make_steps(c, mesh, c.model.vocab_size) for c in (c_a, c_b)]
-    state_a = built[0][1].init()
-    # B starts from A's very state (a copy: steps donate theirs), whatever order B's layers create parameters in.
-    sides = []
-    for (_, fns), opts, patch in zip(built, compile_options, ("", prototype)):
-      with cpu_prototypes.patched(patch):
-        sides.append((fns.lower_train(b, l).compile(opts), jax.tree.map(jax.numpy.copy, state_a)))
-    it = pipeline.make_train_iterator(data, global_batch_size=b, seed=c_a.seed, process_index=0, process_count=1)
-    batches = [sharding.global_batch(next(it), built[0][1].batch_sharding) for _ in range(warmup + block * repeats)]
-    states, seconds, losses = _timed_blocks(sides, batches, warmup, block, repeats)
-    val = pipeline.make_eval_batches(data, batch_size=c_a.eval_batch_size, max_batches=eval_batches)
-    val_loss = [loop_lib.evaluate(fns, state.params, val)["val_loss"] for (_, fns), state in zip(built, states)]
+  built, sides = [], []
+  for c, shape in zip((c_a, c_b), meshes):
+    mesh = _mesh(shape)
+    with jax.set_mesh(mesh):
+      built.append((mesh, *trainer.make_steps(c, mesh, c.model.vocab_size)))
+  with jax.set_mesh(built[0][0]):
+    state_a = built[0][2].init()
+    # B starts from A's very state (a copy, on B's mesh: steps donate theirs), whatever order B's layers create
+    # parameters in.
+    states = [state_a, jax.device_put(jax.tree.map(jax.numpy.copy, state_a), built[1][2].state_shardings)]
+  for (mesh, _, fns), state, opts, patch in zip(built, states, compile_options, ("", prototype)):
+    with jax.set_mesh(mesh), cpu_prototypes.patched(patch):
+      sides.append((fns.lower_train(b, l).compile(opts), state))
+  it = pipeline.make_train_iterator(data, global_batch_size=b, seed=c_a.seed, process_index=0, process_count=1)
+  host = [next(it) for _ in range(warmup + block * repeats)]
+  batches = [[sharding.global_batch(x, fns.batch_sharding) for x in host] for _, _, fns in built]
+  states, seconds, losses = _timed_blocks(sides, batches, warmup, block, repeats)
+  val = pipeline.make_eval_batches(data, batch_size=c_a.eval_batch_size, max_batches=eval_batches)
+  val_loss = []
+  for (mesh, _, fns), state in zip(built, states):
+    with jax.set_mesh(mesh):
+      val_loss.append(loop_lib.evaluate(fns, state.params, val)["val_loss"])
   ratios = [a / b_s for a, b_s in zip(seconds[0], seconds[1])]
   return {"config": name, "set": list(settings) + list(options) + ([f"prototype={prototype}"] if prototype else []),
+          "mesh_a": list(built[0][0].shape.values()), "mesh_b": list(built[1][0].shape.values()),
           "tokens_per_step": b * l, "warmup": warmup,
           "block": block, "repeats": repeats, "ms_per_step_a": [1000 * s for s in seconds[0]],
           "ms_per_step_b": [1000 * s for s in seconds[1]], "b_over_a_tokens_per_s": statistics.median(ratios),
@@ -126,8 +149,9 @@ def compare_model(name: str, settings: Sequence[str], block: int, repeats: int, 
 def format_model(r: dict[str, Any]) -> str:
   n = len(r["loss_a"])
   rows = sorted({0, n // 4, n // 2, 3 * n // 4, n - 1})
-  lines = [f"[{r['config']}] B = default + {','.join(r['set'])}: {r['repeats']} alternating blocks of {r['block']} "
-           f"after {r['warmup']} warm-up steps",
+  meshes = "" if r["mesh_a"] == r["mesh_b"] else f" (mesh A {r['mesh_a']}, B {r['mesh_b']})"
+  lines = [f"[{r['config']}] B = default + {','.join(r['set'])}{meshes}: {r['repeats']} alternating blocks of "
+           f"{r['block']} after {r['warmup']} warm-up steps",
            f"  A {statistics.median(r['ms_per_step_a']):.1f} ms/step, B {statistics.median(r['ms_per_step_b']):.1f} "
            f"ms/step; B / A tokens/s {r['b_over_a_tokens_per_s']:.3f}x (block pairs {r['b_over_a_min']:.3f}–"
            f"{r['b_over_a_max']:.3f})", "  step    loss A    loss B      B - A"]
@@ -172,7 +196,8 @@ def main(argv: Sequence[str]) -> None:
     for name in FLAGS.configs:
       if _MODE.value == "model":
         r = compare_model(name, _SET.value, FLAGS.steps, FLAGS.repeats, FLAGS.warmup, _EVAL_BATCHES.value,
-                          FLAGS.workdir, _OPTIONS.value, _PROTOTYPE.value)
+                          FLAGS.workdir, _OPTIONS.value, _PROTOTYPE.value,
+                          (_MESH_A.value, _MESH_B.value))
         print(format_model(r), flush=True)
       else:
         flag_sets = [f.strip() for f in _XLA_FLAGS.value.split(";") if f.strip()]
