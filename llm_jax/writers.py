@@ -61,6 +61,26 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
   return [record for _, record in _read_lines(path) if record is not None]
 
 
+def _tensorboardx() -> tuple[Any, Any, Any]:
+  """tensorboardX's EventsWriter, event proto module and scalar summary, imported without torch.
+
+  The package's __init__ imports its SummaryWriter, which imports torch when it is installed, only to accept
+  torch tensors: 1.5 s of every run's start-up on a machine with torch, for a writer we do not use. Where torch
+  is not loaded yet, it is hidden for the duration of the import (tensorboardX then takes numpy arrays only).
+  """
+  hide = "torch" not in sys.modules and "tensorboardX" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX catches
+  try:
+    from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=import-outside-toplevel
+    from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+    from tensorboardX.summary import scalar  # pylint: disable=import-outside-toplevel
+  finally:
+    if hide:
+      del sys.modules["torch"]
+  return EventsWriter, event_pb2, scalar
+
+
 class _EventFile:
   """A TensorBoard event file written synchronously, so `flush` means on disk.
 
@@ -71,9 +91,7 @@ class _EventFile:
   """
 
   def __init__(self, logdir: str, purge_step: int | None):
-    from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=import-outside-toplevel
-    from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
-    from tensorboardX.summary import scalar  # pylint: disable=import-outside-toplevel
+    EventsWriter, event_pb2, scalar = _tensorboardx()  # pylint: disable=invalid-name
     self._event_pb2, self._scalar = event_pb2, scalar
     self._local_dir = None if paths.is_local(logdir) else tempfile.mkdtemp(prefix="llm_jax_events_")
     paths.makedirs(self._local_dir or logdir)

@@ -110,3 +110,17 @@ def test_a_bad_metrics_line_is_skipped_with_a_warning_naming_it(tmp_path, capsys
   writer = writers.MetricWriter(str(tmp_path), resume_step=20)  # resumable; the bad line is kept, not erased
   writer.close()
   assert "garbage" in path.read_text(encoding="utf-8")
+
+
+def test_writing_tensorboard_events_does_not_load_torch(tmp_path):
+  # tensorboardX's package imports torch when installed (as it is here, for the PyTorch reference): 1.5 s of every
+  # run's start-up. The writer hides it during that import, and torch still imports afterwards.
+  script = ("import sys\nfrom llm_jax import writers\nw = writers.MetricWriter(sys.argv[1], resume_step=0)\n"
+            "w.write(1, {'loss': 2.5})\nw.close()\nloaded = 'torch' in sys.modules\nimport torch\n"
+            "print(loaded, torch.ones(2).sum().item())\n")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+  result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                          text=True, check=False, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == ["False", "2.0"]
+  assert tensorboard_scalars(str(tmp_path), "loss") == {1: 2.5}
