@@ -23,6 +23,7 @@ Hardware and results: BENCHMARKS.md ("What limits the CPU figures", 2026-12-01).
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -97,9 +98,7 @@ def _timed_blocks(sides: list[tuple[Any, Any]], batches: list[list[Any]], warmup
 def _mesh(shape: Sequence[int]) -> jax.sharding.Mesh:
   """A mesh of `shape` over the first devices it needs (all of them when an axis is -1)."""
   shape = [int(n) for n in shape]
-  size = 1
-  for n in shape:
-    size *= n
+  size = math.prod(shape)
   return sharding.make_mesh(shape, None if size < 0 else jax.devices()[:size])
 
 
