@@ -31,6 +31,8 @@ from llm_jax import attention
 from llm_jax import model as model_lib
 
 Array = jax.Array
+
+
 def _weight_split(spec: str) -> int | None:
   """How many leading dimensions of x are batch dimensions, for an `x, w -> y` einsum whose weight is
   (contracted..., output...) and whose x ends with the contracted dimensions; None for any other einsum."""
@@ -86,22 +88,26 @@ class _JnpWithDenseVjp:
     return _dense(lead, *operands)
 
 
-def _normalise(rms: bool, eps: float, x_NxD: Array) -> tuple[Array, Array]:
-  """The normalised rows and their reciprocal standard deviation (N x 1), in float32."""
+def _normalise(rms: bool, eps: float, x_NxD: Array, scale_D: Array,
+               bias_D: Array | None) -> tuple[Array, Array, Array]:
+  """The norm's output, the normalised rows before scale and shift, and their reciprocal standard deviation
+  (N x 1), in float32."""
   if rms:
     rstd_Nx1 = jax.lax.rsqrt(jnp.mean(x_NxD * x_NxD, axis=-1, keepdims=True) + eps)
-    return x_NxD * rstd_Nx1, rstd_Nx1
-  centred_NxD = x_NxD - jnp.mean(x_NxD, axis=-1, keepdims=True)
-  rstd_Nx1 = jax.lax.rsqrt(jnp.mean(centred_NxD * centred_NxD, axis=-1, keepdims=True) + eps)
-  return centred_NxD * rstd_Nx1, rstd_Nx1
+    xhat_NxD = x_NxD * rstd_Nx1
+  else:
+    centred_NxD = x_NxD - jnp.mean(x_NxD, axis=-1, keepdims=True)
+    rstd_Nx1 = jax.lax.rsqrt(jnp.mean(centred_NxD * centred_NxD, axis=-1, keepdims=True) + eps)
+    xhat_NxD = centred_NxD * rstd_Nx1
+  h_NxD = xhat_NxD * scale_D if bias_D is None else xhat_NxD * scale_D + bias_D
+  return h_NxD, xhat_NxD, rstd_Nx1
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _norm_dense(rms: bool, eps: float, x_NxD: Array, scale_D: Array, bias_D: Array | None,
                 ws: tuple[Array, ...]) -> tuple[Array, ...]:
   """norm(x) · W for each W of `ws` (each D x M), the norm as `model.Norm` computes it (no bias when `rms`)."""
-  xhat_NxD, _ = _normalise(rms, eps, x_NxD)
-  h_NxD = xhat_NxD * scale_D if bias_D is None else xhat_NxD * scale_D + bias_D
+  h_NxD, _, _ = _normalise(rms, eps, x_NxD, scale_D, bias_D)
   return tuple(h_NxD @ w_DxM for w_DxM in ws)
 
 
@@ -111,8 +117,7 @@ def _norm_dense_fwd(rms, eps, x_NxD, scale_D, bias_D, ws):
 
 def _norm_dense_bwd(rms, eps, res, dys):
   x_NxD, scale_D, bias_D, ws = res
-  xhat_NxD, rstd_Nx1 = _normalise(rms, eps, x_NxD)
-  h_NxD = xhat_NxD * scale_D if bias_D is None else xhat_NxD * scale_D + bias_D
+  h_NxD, xhat_NxD, rstd_Nx1 = _normalise(rms, eps, x_NxD, scale_D, bias_D)
   dws = tuple(h_NxD.T @ dy_NxM for dy_NxM in dys)
   dh_NxD = sum(dy_NxM @ w_DxM.T for dy_NxM, w_DxM in zip(dys, ws))
   dscale_D = jnp.sum(dh_NxD * xhat_NxD, axis=0)
