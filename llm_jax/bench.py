@@ -40,6 +40,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Repeats; medians are reported.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _REAL_DATA = flags.DEFINE_bool("real_data", True, "Also time the step fed by the real grain pipeline.")
 _DECODE = flags.DEFINE_bool("decode", True, "Also time KV-cached generation at batch 1 and 8.")
+_DECODE_LENGTHS = flags.DEFINE_list("decode_lengths", ["64", "128", "256", "512"], "Generated lengths (prompt "
+                                    "included) at which --decode times a token; tokens/s is read at the longest.")
 _COMPILE_DEPTH = flags.DEFINE_bool("compile_depth", False, "Compare compile time of 4 and 32 layers.")
 _JSON = flags.DEFINE_string("json", None, "Write all results to this JSON file.")
 _FIT_BATCH = flags.DEFINE_bool("fit_batch", False, "Rescale each config's batch to fill about 85% of device memory, "
@@ -181,25 +183,41 @@ def bench_compile_depth(name: str) -> dict:
   return out
 
 
-def bench_decode(name: str, repeats: int) -> dict:
+DECODE_PROMPT = (2, 5, 7, 9)
+
+
+def decode_lengths(values: Sequence[str | int]) -> list[int]:
+  """--decode_lengths as integers; a one-line error unless they ascend and each generates past the prompt."""
+  flag = f"--decode_lengths={','.join(map(str, values))}"
+  try:
+    lengths = [int(v) for v in values]
+  except ValueError:
+    raise ValueError(f"{flag} must be whole numbers, e.g. --decode_lengths=64,128,256,512") from None
+  if not lengths or lengths != sorted(set(lengths)) or lengths[0] <= len(DECODE_PROMPT):
+    raise ValueError(f"{flag} must be distinct, ascending and each above the {len(DECODE_PROMPT)}-token prompt, "
+                     "e.g. --decode_lengths=64,128,256,512")
+  return lengths
+
+
+def bench_decode(name: str, repeats: int, lengths: Sequence[int] = (64, 128, 256, 512)) -> dict:
   """Decode tokens/s at batch 1 and 8, and per-token time at growing lengths (KV cache keeps it flat)."""
+  lengths = decode_lengths(lengths)
   c = bench_config(name)
-  c.model.max_len = max(c.data.seq_len, 512)  # room to show per-token time against length
+  c.model.max_len = max(c.data.seq_len, lengths[-1])  # room to show per-token time against length
   cfg = config_lib.model_config(c, c.model.vocab_size)
   params = nn.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(0), jax.numpy.zeros((1, 8), "int32"))["params"])
   params = jax.device_put(params, jax.devices()[0])
   out: dict[str, Any] = {}
-  lengths = [n for n in (64, 128, 256, 512) if n <= cfg.max_len]
   for batch in (1, 8):
     per_token = {}
     for length in lengths:
       times = []
       for r in range(repeats + 1):
         start = time.perf_counter()
-        sampling.generate(params, cfg, [2, 5, 7, 9], max_length=length, num_return_sequences=batch,
+        sampling.generate(params, cfg, list(DECODE_PROMPT), max_length=length, num_return_sequences=batch,
                           temperature=1.0, top_k=0, top_p=1.0, seed=r, eos_id=None)
         times.append(time.perf_counter() - start)
-      per_token[length] = statistics.median(times[1:]) / (length - 4)  # first call compiles
+      per_token[length] = statistics.median(times[1:]) / (length - len(DECODE_PROMPT))  # first call compiles
     out[f"decode_tokens_per_s_batch{batch}"] = batch / per_token[lengths[-1]]
     out[f"decode_s_per_token_batch{batch}_by_length"] = per_token
     # What one token costs without a cache: a full forward over the whole prefix.
@@ -229,7 +247,8 @@ def _bench_train_fitted(name: str, steps: int, repeats: int, warmup: int, real_d
 
 
 def run(configs: Sequence[str], steps: int, repeats: int, warmup: int, real_data: bool, decode: bool,
-        compile_depth: bool, workdir: str, fit: bool = False) -> list[dict]:
+        compile_depth: bool, workdir: str, fit: bool = False,
+        decode_lengths: Sequence[int] = (64, 128, 256, 512)) -> list[dict]:
   results = []
   for name in configs:
     if fit:
@@ -237,7 +256,7 @@ def run(configs: Sequence[str], steps: int, repeats: int, warmup: int, real_data
     else:
       r = bench_train(name, steps, repeats, warmup, real_data, workdir)
     if decode:
-      r.update(bench_decode(name, max(repeats // 2, 1)))
+      r.update(bench_decode(name, max(repeats // 2, 1), decode_lengths))
     if compile_depth:
       r.update(bench_compile_depth(name))
     print(format_result(r), flush=True)
@@ -301,12 +320,15 @@ def main(argv: Sequence[str]) -> None:
     for name, flag, least in (("steps", _STEPS, 1), ("repeats", _REPEATS, 1), ("warmup", _WARMUP, 0)):
       if flag.value < least:
         raise ValueError(f"--{name}={flag.value} must be at least {least}")
+    if _DECODE_LENGTHS.present and not _DECODE.value:
+      raise ValueError("--decode_lengths is ignored with --decode=false; drop one of them")
+    lengths = decode_lengths(_DECODE_LENGTHS.value)
     if _JSON.value:
       _check_writable(_JSON.value)
     for name in _CONFIGS.value:
       bench_config(name)  # unknown names and files fail before any compile
     results = run(_CONFIGS.value, _STEPS.value, _REPEATS.value, _WARMUP.value, _REAL_DATA.value, _DECODE.value,
-                  _COMPILE_DEPTH.value, _WORKDIR.value, fit=_FIT_BATCH.value)
+                  _COMPILE_DEPTH.value, _WORKDIR.value, fit=_FIT_BATCH.value, decode_lengths=lengths)
     if _JSON.value:
       write_json(_JSON.value, results)
 

@@ -342,6 +342,8 @@ OTHER_CASES = [
     ("llm_jax.bench", ["--configs=tiny", "--steps=0"], "--steps=0 must be at least 1"),
     ("llm_jax.bench", ["--configs=tiny", "--repeats=0"], "--repeats=0 must be at least 1"),
     ("llm_jax.bench", ["--configs=tiny", "--warmup=-1"], "--warmup=-1 must be at least 0"),
+    ("llm_jax.bench", ["--configs=tiny", "--decode=false", "--decode_lengths=64"],
+     "--decode_lengths is ignored with --decode=false"),
     ("llm_jax.bench", ["--configs=tiny", "--json={tmp}/missing/bench.json"], "directory {tmp}/missing does not exist"),
 ]
 

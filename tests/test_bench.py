@@ -1,10 +1,12 @@
 """The benchmark's FLOP formula against a hand count, and its JSON fields in a fast run (no time asserted)."""
 
 import json
+import re
 
 import pytest
 from conftest import run_module
 
+from llm_jax import bench
 from llm_jax import config as config_lib
 from llm_jax import metrics
 
@@ -34,11 +36,23 @@ def test_llama_non_embedding_count_matches_a_hand_count():
   assert metrics.flops_per_token(cfg, 32)["non_embedding_params"] == 3 * per_layer + 128
 
 
+@pytest.mark.parametrize("values,fragment", [
+    (["128", "64"], "--decode_lengths=128,64 must be distinct, ascending and each above the 4-token prompt"),
+    (["64", "64"], "--decode_lengths=64,64 must be distinct"),
+    (["4", "64"], "--decode_lengths=4,64 must be distinct, ascending and each above the 4-token prompt"),
+    ([], "--decode_lengths= must be distinct"),
+    (["64", "x"], "--decode_lengths=64,x must be whole numbers")])
+def test_bad_decode_lengths_are_one_line_errors(values, fragment):
+  with pytest.raises(ValueError, match=re.escape(fragment)):
+    bench.decode_lengths(values)
+  assert bench.decode_lengths(["5", "64", "512"]) == [5, 64, 512]
+
+
 @pytest.mark.slow
 def test_bench_fast_mode_json_has_every_field(tmp_path):
   out = tmp_path / "bench.json"
   result = run_module("llm_jax.bench", "--configs=smoke", "--steps=2", "--repeats=2", "--warmup=1",
-                      f"--json={out}", f"--workdir={tmp_path / 'work'}", devices=1)
+                      "--decode_lengths=64,128", f"--json={out}", f"--workdir={tmp_path / 'work'}", devices=1)
   assert result.returncode == 0, result.stderr[-3000:]
   r = json.loads(out.read_text())["results"][0]
   for key in ("step_time_s", "tokens_per_s", "flops_per_token_standard", "flops_per_token_causal",
@@ -54,4 +68,6 @@ def test_bench_fast_mode_json_has_every_field(tmp_path):
   assert r["tokens_per_s"] == pytest.approx(8 * 64 / r["step_time_s"])
   assert r["achieved_flops_per_s"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token_causal"])
   assert 0.0 < r["mfu"] < 1.0  # a step cannot beat the machine's own matmul peak
+  assert list(r["decode_s_per_token_batch8_by_length"]) == ["64", "128"]  # the lengths asked for, in order
+  assert r["decode_tokens_per_s_batch8"] == pytest.approx(8 / r["decode_s_per_token_batch8_by_length"]["128"])
   assert "[smoke]" in result.stdout
