@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pydoc_data.topics import topics
@@ -287,6 +288,43 @@ def test_local_worker_processes_write_the_same_store(sotu, tokenizer, sotu_store
   lines = []
   two = store_lib.build(sotu, tokenizer, str(tmp_path / "two" / "s"), docs_per_shard=50, workers=2, log=lines.append)
   assert _files(two) == _files(sotu_store) and lines[-1].startswith("prepared: 249 documents")
+
+
+class _OneWorkerKilled(sources.Source):
+  """`inner`, except that the first worker process to read a shard is SIGKILLed, as the out-of-memory killer does."""
+
+  def __init__(self, inner: sources.Source, parent_pid: int, marker: str):
+    self.inner, self.parent_pid, self.marker, self.name = inner, parent_pid, marker, inner.name
+
+  def identity(self):
+    return self.inner.identity()
+
+  def shards(self, split, docs_per_shard):
+    return self.inner.shards(split, docs_per_shard)
+
+  def read(self, unit, keep=None):
+    if os.getpid() != self.parent_pid:
+      try:
+        os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))  # one worker only, the first to get here
+        os.kill(os.getpid(), signal.SIGKILL)
+      except FileExistsError:
+        pass
+    return self.inner.read(unit, keep)
+
+
+def test_a_killed_worker_process_is_a_one_line_error_and_the_rerun_resumes(sotu, tokenizer, sotu_store, tmp_path):
+  path = str(tmp_path / "s")
+  dying = _OneWorkerKilled(sotu, os.getpid(), str(tmp_path / "killed"))
+  with pytest.raises(RuntimeError, match=ONE_LINE) as caught:  # multiprocessing.Pool waited here forever
+    store_lib.build(dying, tokenizer, path, docs_per_shard=50, workers=2, log=lambda line: None)
+  whole = len([n for split in ("train", "validation") if os.path.isdir(os.path.join(path, split))
+               for n in os.listdir(os.path.join(path, split)) if n.endswith(".json")])
+  assert str(caught.value).startswith(f"a worker process preparing the token store {path} died")
+  assert f"the {whole} whole shard(s) are kept: run the same command again to resume" in str(caught.value)
+  lines = []
+  store_lib.build(sotu, tokenizer, path, docs_per_shard=50, workers=2, log=lines.append)
+  assert _files(path) == _files(sotu_store)
+  assert (f"kept {whole} shard(s) from an interrupted run" in lines[-1]) == (whole > 0)
 
 
 def test_many_record_files_split_by_file_and_are_read_once(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ under their final names. Reading memory-maps local shards and reads byte ranges 
 a gs:// store is never downloaded whole.
 """
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -200,10 +201,23 @@ def write_shards(source: Source, tokenizer: Any, path: str, *, docs_per_shard: i
   else:
     jobs = [(source, tokenizer.path, unit, _shard_prefix(path, split, index), threads)
             for split, index, unit in todo]
-    # Spawned, not forked: the parent may hold JAX and grain threads.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-      for counts in pool.imap_unordered(_shard_job, jobs):
-        progress.add(*counts)
+    # Spawned, not forked: the parent may hold JAX and grain threads. An executor, not multiprocessing.Pool: a
+    # worker that dies (the out-of-memory killer, a script without a __main__ guard) breaks it with an error,
+    # where a Pool would wait for that worker's result forever.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+      try:
+        for future in concurrent.futures.as_completed([pool.submit(_shard_job, job) for job in jobs]):
+          progress.add(*future.result())
+      except concurrent.futures.process.BrokenProcessPool:
+        from llm_jax import faults  # pylint: disable=import-outside-toplevel  # JAX stays out of the workers
+        written = sum(paths.as_path(_shard_prefix(path, split, index) + ".json").exists()
+                      for split, index, _ in todo)
+        raise faults.RunError(
+            f"a worker process preparing the token store {path} died (killed, often by the out-of-memory killer, "
+            f"or it could not start: a script that calls the trainer at its top level needs an "
+            f"`if __name__ == '__main__':` guard); the {len(kept) + written} whole shard(s) are kept: run the same "
+            f"command again to resume") from None
   for split, index, _ in kept:
     verify_shard(path, split, index, _read_json(_shard_prefix(path, split, index) + ".json"))
   log(progress.line(f"prepared shards of process {process_index}/{process_count}" if process_count > 1 else
