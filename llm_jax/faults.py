@@ -1,4 +1,5 @@
-"""What stops or shields a run: `RunError`, the workdir lock, and SIGTERM/SIGINT turned into a clean stop."""
+"""What stops or shields a run: `RunError`, the workdir lock, SIGTERM/SIGINT turned into a clean stop, and the
+refusal to start a run inside a worker process that is re-importing the user's script."""
 
 from __future__ import annotations
 
@@ -28,6 +29,21 @@ class Interrupted(RunError):
   def __init__(self, message: str, signum: int):
     super().__init__(message)
     self.exit_code = 128 + signum
+
+
+def check_not_importing_main(what: str) -> None:
+  """Refuses `what` in a spawned worker that is re-running the parent's script (as module __mp_main__).
+
+  The data store's workers are spawned; a script that calls the trainer at its top level, unguarded, would start a
+  second run in each worker, which then waits forever for the parent's locks. Raised here, the worker dies at
+  once and the parent's pool reports it.
+  """
+  # While a spawned worker re-runs the script, runpy holds it as sys.modules['__mp_main__'] and '__main__' is still
+  # the worker's own; once the worker is up both name one module.
+  importing = sys.modules.get("__mp_main__")
+  if importing is not None and importing is not sys.modules.get("__main__"):
+    raise RunError(f"{what} was called while a worker process imported your script: put the call under "
+                   "`if __name__ == '__main__':`")
 
 
 @contextlib.contextmanager

@@ -180,6 +180,7 @@ def _mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from the newest checkpoint in `workdir`), evaluates, samples; returns final metrics."""
+  faults.check_not_importing_main("trainer.train_and_evaluate")
   if config.dry_run:
     raise ValueError("dry_run=True compiles without training: call trainer.dry_run(config) (the train command "
                      "does), or pass --config.dry_run=False")

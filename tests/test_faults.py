@@ -240,6 +240,33 @@ def test_a_second_run_on_a_busy_workdir_refuses_to_start(tmp_path, cli):
   assert "is in use by a running job" in result.stderr
 
 
+_SPAWNING_SCRIPT = """
+import concurrent.futures, multiprocessing, sys
+from llm_jax import faults
+if sys.argv[1] == "unguarded" or __name__ == "__main__":  # a spawned worker re-runs this file as __mp_main__
+  faults.check_not_importing_main("the run")  # what trainer.train_and_evaluate does first
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    try:
+      print("worker returned", pool.submit(faults.check_not_importing_main, "a call in a worker").result())
+    except concurrent.futures.process.BrokenProcessPool:
+      print("pool broken")
+"""
+
+
+@pytest.mark.parametrize("mode, parent_prints, worker_says", [
+    ("unguarded", "pool broken", "RunError: the run was called while a worker process imported your script: put "
+                                 "the call under `if __name__ == '__main__':`"),
+    ("guarded", "worker returned None", None)])
+def test_a_run_started_by_a_worker_re_running_an_unguarded_script_is_refused(tmp_path, mode, parent_prints,
+                                                                             worker_says):
+  script = tmp_path / "script.py"
+  script.write_text(_SPAWNING_SCRIPT, encoding="utf-8")
+  result = subprocess.run([sys.executable, str(script), mode], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, check=False, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0 and result.stdout.strip() == parent_prints, result.stdout + result.stderr[-2000:]
+  assert (worker_says in result.stderr) if worker_says else ("RunError" not in result.stderr), result.stderr[-2000:]
+
+
 def _prepare(workdir: str) -> pipeline.PreparedData:
   c = smoke_config()
   return pipeline.prepare_data(config_lib.data_config(c), config_lib.tokenizer_config(c),
