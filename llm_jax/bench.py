@@ -40,7 +40,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Repeats; medians are reported.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _REAL_DATA = flags.DEFINE_bool("real_data", True, "Also time the step fed by the real grain pipeline.")
 _DECODE = flags.DEFINE_bool("decode", True, "Also time KV-cached generation at batch 1 and 8.")
-_DECODE_LENGTHS = flags.DEFINE_list("decode_lengths", ["64", "128", "256", "512"], "Generated lengths (prompt "
+# Generated lengths (prompt included) decode is timed at by default: per-token time against length shows the cache.
+DECODE_LENGTHS = (64, 128, 256, 512)
+_DECODE_LENGTHS = flags.DEFINE_list("decode_lengths", [str(n) for n in DECODE_LENGTHS], "Generated lengths (prompt "
                                     "included) at which --decode times a token; tokens/s is read at the longest.")
 _COMPILE_DEPTH = flags.DEFINE_bool("compile_depth", False, "Compare compile time of 4 and 32 layers.")
 _JSON = flags.DEFINE_string("json", None, "Write all results to this JSON file.")
@@ -188,18 +190,18 @@ DECODE_PROMPT = (2, 5, 7, 9)
 
 def decode_lengths(values: Sequence[str | int]) -> list[int]:
   """--decode_lengths as integers; a one-line error unless they ascend and each generates past the prompt."""
-  flag = f"--decode_lengths={','.join(map(str, values))}"
+  flag, example = (f"--decode_lengths={','.join(map(str, v))}" for v in (values, DECODE_LENGTHS))
   try:
     lengths = [int(v) for v in values]
   except ValueError:
-    raise ValueError(f"{flag} must be whole numbers, e.g. --decode_lengths=64,128,256,512") from None
+    raise ValueError(f"{flag} must be whole numbers, e.g. {example}") from None
   if not lengths or lengths != sorted(set(lengths)) or lengths[0] <= len(DECODE_PROMPT):
     raise ValueError(f"{flag} must be distinct, ascending and each above the {len(DECODE_PROMPT)}-token prompt, "
-                     "e.g. --decode_lengths=64,128,256,512")
+                     f"e.g. {example}")
   return lengths
 
 
-def bench_decode(name: str, repeats: int, lengths: Sequence[int] = (64, 128, 256, 512)) -> dict:
+def bench_decode(name: str, repeats: int, lengths: Sequence[int] = DECODE_LENGTHS) -> dict:
   """Decode tokens/s at batch 1 and 8, and per-token time at growing lengths (KV cache keeps it flat)."""
   lengths = decode_lengths(lengths)
   c = bench_config(name)
@@ -248,7 +250,7 @@ def _bench_train_fitted(name: str, steps: int, repeats: int, warmup: int, real_d
 
 def run(configs: Sequence[str], steps: int, repeats: int, warmup: int, real_data: bool, decode: bool,
         compile_depth: bool, workdir: str, fit: bool = False,
-        decode_lengths: Sequence[int] = (64, 128, 256, 512)) -> list[dict]:
+        decode_lengths: Sequence[int] = DECODE_LENGTHS) -> list[dict]:
   results = []
   for name in configs:
     if fit:
