@@ -34,9 +34,9 @@ class Interrupted(RunError):
 def check_not_importing_main(what: str) -> None:
   """Refuses `what` in a spawned worker that is re-running the parent's script (as module __mp_main__).
 
-  The data store's workers are spawned; a script that calls the trainer at its top level, unguarded, would start a
-  second run in each worker, which then waits forever for the parent's locks. Raised here, the worker dies at
-  once and the parent's pool reports it.
+  The data store's workers are spawned; a script that calls the trainer (or prepare_data) at its top level,
+  unguarded, would start a second run in each worker, which then waits forever for the parent's locks. Raised
+  here, the worker dies at once and the parent's pool reports it.
   """
   # While a spawned worker re-runs the script, runpy holds it as sys.modules['__mp_main__'] and '__main__' is still
   # the worker's own; once the worker is up both name one module.

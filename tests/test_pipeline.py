@@ -2,6 +2,8 @@
 
 import json
 import os
+import sys
+import types
 from pydoc_data.topics import topics
 
 import ml_collections
@@ -91,6 +93,16 @@ def test_prepare_text_files_round_trips_and_caches(tmp_path, monkeypatch):
   assert prepare_data(other_seq_len, workdir).store_paths == prepared.store_paths
   assert len(os.listdir(os.path.join(workdir, "tokenizer"))) == 1
   assert not [f for _, _, files in os.walk(os.path.join(workdir, "stores")) for f in files if ".tmp" in f]
+
+
+def test_prepare_refuses_to_run_in_a_worker_re_running_the_script(tmp_path, monkeypatch):
+  # What multiprocessing's spawn does while a worker re-runs the parent's script: the script is '__mp_main__' and
+  # not yet '__main__' (tests/test_faults.py checks this against a real spawned worker).
+  monkeypatch.setitem(sys.modules, "__mp_main__", types.ModuleType("__mp_main__"))
+  with pytest.raises(RuntimeError, match=r"^pipeline.prepare_data was called while a worker process imported your "
+                                         r"script: put the call under `if __name__ == '__main__':`$"):
+    prepare_data(_config(str(tmp_path / "tfds")), str(tmp_path))
+  assert not os.path.exists(tmp_path / "stores")  # refused before any lock or file
 
 
 def test_prepare_sotu(tmp_path):

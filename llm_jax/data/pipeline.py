@@ -150,6 +150,8 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer_di
   manifest; `barrier(name)` must wait for every process (multihost_utils.sync_global_devices). The tokenizer
   is copied into `tokenizer_dir` when given.
   """
+  from llm_jax import faults  # pylint: disable=import-outside-toplevel  # grain's workers import this module, not JAX
+  faults.check_not_importing_main("pipeline.prepare_data")  # else such a worker waits on this process's store lock
   seq_len = data_cfg.seq_len
   if seq_len < 1:  # Checked before anything is read: the store itself does not depend on seq_len.
     raise ValueError(f"data.seq_len={seq_len} must be at least 1; pass e.g. --config.data.seq_len=128")

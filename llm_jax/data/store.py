@@ -215,7 +215,7 @@ def write_shards(source: Source, tokenizer: Any, path: str, *, docs_per_shard: i
                       for split, index, _ in todo)
         raise faults.RunError(
             f"a worker process preparing the token store {path} died (killed, often by the out-of-memory killer, "
-            f"or it could not start: a script that calls the trainer at its top level needs an "
+            f"or it could not start: a script that trains or prepares data at its top level needs an "
             f"`if __name__ == '__main__':` guard); the {len(kept) + written} whole shard(s) are kept: run the same "
             f"command again to resume") from None
   for split, index, _ in kept:
