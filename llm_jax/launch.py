@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import sys
 from typing import Callable
@@ -70,11 +71,22 @@ def quiet_logs() -> None:
 
 def _config_error_line(error: BaseException, argv: list[str]) -> str:
   """One line for errors ml_collections raises while loading a config file or applying overrides."""
-  text = " ".join(str(error).split())
+  # ConfigDict raises AttributeError(KeyError(message)), and str() of a KeyError is the repr of its message: read
+  # the message itself, or a "Did you mean" suggestion arrives as a literal '\\n' between quotes.
+  message = error
+  while isinstance(message, BaseException):
+    message = message.args[0] if len(message.args) == 1 else str(message)
+  text = " ".join(str(message).split())
   if isinstance(error, (AttributeError, KeyError)):
-    key = text.strip("\"'")
+    key = text.split()[0].strip("\"'") if text else ""
     culprit = next((a for a in argv if a.startswith("--config.") and key in a.split("=")[0]), key)
-    return f"unknown config key in {culprit}; check its spelling against llm_jax/config.py"
+    close = re.search(r'Did you mean "([^"]+)"', text)
+    if close and culprit.startswith("--config."):
+      parent = culprit.split("=")[0][len("--config."):].rpartition(".")[0]
+      hint = f" (did you mean {parent + '.' if parent else ''}{close.group(1)}?)"
+    else:
+      hint = ""
+    return f"unknown config key in {culprit}{hint}; check its spelling against llm_jax/config.py"
   if "No such file or directory" in text:
     path = text.split("No such file or directory:")[-1].strip(" '\"")
     return f"config file {path} does not exist; pass an existing file, e.g. --config=experiments/smoke.py"

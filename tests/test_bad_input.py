@@ -192,7 +192,9 @@ def test_validate_accepts_the_newer_optimizers_and_knobs(overrides):
 
 TRAIN_CASES = [
     ("unknown flag", ["--nonsense=1"], "Unknown command line flag 'nonsense'"),
-    ("misspelt config key", ["--config.model.widht=3"], "unknown config key in --config.model.widht=3"),
+    ("misspelt config key", ["--config.model.widht=3"], "unknown config key in --config.model.widht=3; check"),
+    ("misspelt config key with a close match", ["--config.optim.learning_rat=3"],
+     "unknown config key in --config.optim.learning_rat=3 (did you mean optim.learning_rate?); check its spelling"),
     ("wrong type", ["--config.num_train_steps=abc"], "invalid literal for int()"),
     ("missing config file", ["--config=experiments/nope.py"], "config file experiments/nope.py does not exist"),
     ("unknown variant", ["--config=experiments/smoke.py:gpt3"], "unknown variant 'gpt3'"),
