@@ -71,21 +71,21 @@ def quiet_logs() -> None:
 
 def _config_error_line(error: BaseException, argv: list[str]) -> str:
   """One line for errors ml_collections raises while loading a config file or applying overrides."""
-  # ConfigDict raises AttributeError(KeyError(message)), and str() of a KeyError is the repr of its message: read
-  # the message itself, or a "Did you mean" suggestion arrives as a literal '\\n' between quotes.
-  message = error
-  while isinstance(message, BaseException):
-    message = message.args[0] if len(message.args) == 1 else str(message)
-  text = " ".join(str(message).split())
+  text = " ".join(str(error).split())
   if isinstance(error, (AttributeError, KeyError)):
+    # ConfigDict raises AttributeError(KeyError(message)), and str() of a KeyError is the repr of its message: read
+    # the message itself, or a "Did you mean" suggestion arrives as a literal '\\n' between quotes.
+    message = error
+    while isinstance(message, BaseException) and len(message.args) == 1:
+      message = message.args[0]
+    text = " ".join(str(message).split())
     key = text.split()[0].strip("\"'") if text else ""
     culprit = next((a for a in argv if a.startswith("--config.") and key in a.split("=")[0]), key)
     close = re.search(r'Did you mean "([^"]+)"', text)
+    hint = ""
     if close and culprit.startswith("--config."):
       parent = culprit.split("=")[0][len("--config."):].rpartition(".")[0]
       hint = f" (did you mean {parent + '.' if parent else ''}{close.group(1)}?)"
-    else:
-      hint = ""
     return f"unknown config key in {culprit}{hint}; check its spelling against llm_jax/config.py"
   if "No such file or directory" in text:
     path = text.split("No such file or directory:")[-1].strip(" '\"")
