@@ -95,9 +95,9 @@ def _optim_defaults() -> ml_collections.ConfigDict:
   # 'muon' (the default: 0.29 nats below AdamW at sotu_small, experiments/ablation_knobs.py), 'adamw', 'sgd'
   # (momentum), 'lion', 'adafactor' or 'schedule_free_adamw'.
   s.name = "muon"
-  # Peak learning rate; Muon's for the weight matrices. The ablation's best: Muon 0.02, AdamW 3e-3 (set it when
-  # you pass optim.name=adamw).
-  s.learning_rate = 0.02
+  # Peak learning rate; Muon's for the weight matrices. 0: the measured best of the chosen optimizer,
+  # optim.DEFAULT_LEARNING_RATES (Muon 0.02, AdamW 3e-3); sgd, lion, adafactor and schedule_free_adamw need one.
+  s.learning_rate = 0.0
   s.schedule = "cosine"  # 'constant', 'linear', 'cosine', 'rsqrt', 'wsd'.
   s.warmup_steps = 100  # Linear warm-up from 0 to the peak.
   s.decay_fraction = 0.2  # 'wsd': share of the run spent in the final linear decay.
@@ -188,7 +188,15 @@ def _frozen(cls: type, section: ml_collections.ConfigDict) -> Any:
 
 
 def optim_config(config: ml_collections.ConfigDict) -> optim.OptimConfig:
-  return _frozen(optim.OptimConfig, config.optim)
+  """Resolves learning_rate=0 to the optimizer's measured default into a frozen OptimConfig."""
+  o = _frozen(optim.OptimConfig, config.optim)
+  if o.learning_rate == 0:
+    if o.name not in optim.DEFAULT_LEARNING_RATES:
+      measured = ", ".join(f"{k} {v:g}" for k, v in optim.DEFAULT_LEARNING_RATES.items())
+      raise ConfigError(f"optim.learning_rate is unset and optim.name={o.name!r} has no measured default rate; pass "
+                        f"--config.optim.learning_rate=<peak rate> (the measured ones: {measured})")
+    o = dataclasses.replace(o, learning_rate=optim.DEFAULT_LEARNING_RATES[o.name])
+  return o
 
 
 def loop_plan(config: ml_collections.ConfigDict) -> loop_lib.LoopPlan:

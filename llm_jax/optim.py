@@ -20,6 +20,9 @@ PARAM_GROUPS = ("embed", "head", "norm", "bias", "matrix")
 READS = {"b1": ("adamw", "muon", "lion", "schedule_free_adamw"), "b2": ("adamw", "muon", "lion", "schedule_free_adamw"),
          "eps": ("adamw", "muon", "schedule_free_adamw"), "momentum": ("sgd",), "nesterov": ("sgd",),
          "adam_learning_rate": ("muon",)}
+# Peak learning rates that optim.learning_rate=0 stands for: the optima of sotu_small's grid
+# (experiments/ablation_optimizer.py). The other optimizers have no measured rate, so they need one set.
+DEFAULT_LEARNING_RATES = {"muon": 0.02, "adamw": 3e-3}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -88,8 +88,8 @@ def _validate_run(config: ml_collections.ConfigDict) -> None:
   _require(config.grad_accum_steps > 0 and config.global_batch_size % config.grad_accum_steps == 0,
            f"global_batch_size={config.global_batch_size} does not divide into grad_accum_steps="
            f"{config.grad_accum_steps} micro-batches; make it a multiple")
-  _require(math.isfinite(o.learning_rate) and o.learning_rate > 0,
-           f"optim.learning_rate={o.learning_rate} must be positive and finite")
+  _require(math.isfinite(o.learning_rate) and o.learning_rate >= 0,
+           f"optim.learning_rate={o.learning_rate} must be positive and finite (or 0: the optimizer's default)")
   _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
   _require(o.warmup_steps <= config.num_train_steps, f"optim.warmup_steps={o.warmup_steps} is longer than the "
            f"run (num_train_steps={config.num_train_steps}); the peak learning rate would never be reached: lower "
@@ -98,8 +98,9 @@ def _validate_run(config: ml_collections.ConfigDict) -> None:
   _require(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
   for key in ("weight_decay", "grad_clip_norm"):
     _require(o[key] >= 0, f"optim.{key}={o[key]} must be >= 0 (0 disables)")
+  resolved = optim_config(config)  # raises ConfigError for an optimizer without a default learning rate
   try:
-    optim.check(optim_config(config))
+    optim.check(resolved)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "eval_batch_size"):

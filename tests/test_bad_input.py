@@ -129,6 +129,9 @@ CONFIG_GROUP_CASES = [
      "optim.name='schedule_free_adamw' replaces the learning-rate decay, but optim.schedule='cosine'"),
     ("schedule-free with b1=0", {"optim.name": "schedule_free_adamw", "optim.schedule": "constant", "optim.b1": 0.0},
      "optim.b1=0.0 must be in (0, 1) for schedule_free_adamw"),
+    ("lion without a learning rate", {"optim.name": "lion", "optim.learning_rate": 0.0},
+     "optim.learning_rate is unset and optim.name='lion' has no measured default rate; pass "
+     "--config.optim.learning_rate=<peak rate> (the measured ones: muon 0.02, adamw 0.003)"),
     ("eps with lion", {"optim.name": "lion", "optim.eps": 1e-6}, "optim.eps is set but optim.name='lion' ignores it"),
     ("betas with adafactor", {"optim.name": "adafactor", "optim.b2": 0.99}, "optim.b2 is set but optim.name="
      "'adafactor' ignores it"),

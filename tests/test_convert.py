@@ -146,7 +146,7 @@ def test_continued_training_from_converted_weights(converted, tmp_path):
   # Two small AdamW steps move each weight by under 2 * lr; a fresh initialisation would be ~0.1 away.
   start = workdir_lib.load_model(converted["gpt2"][2]).params["embed"]
   trained = workdir_lib.load_model(str(tmp_path / "run")).params["embed"]
-  assert 0 < np.abs(np.asarray(trained) - np.asarray(start)).max() < 2.5 * config.optim.learning_rate
+  assert 0 < np.abs(np.asarray(trained) - np.asarray(start)).max() < 2.5 * config_lib.optim_config(config).learning_rate
 
 
 @pytest.mark.parametrize("change, message", [

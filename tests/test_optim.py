@@ -164,3 +164,23 @@ def test_schedule_free_eval_params_are_the_averaged_iterate():
   assert not np.allclose(jax.tree.leaves(expected)[0], jax.tree.leaves(params)[0])
   adamw, _ = optim.make_optimizer(_optim_cfg(), 10)
   assert optim.eval_params(adamw.init(params), params) is params
+
+
+@pytest.mark.parametrize("name, explicit, expected", [
+    ("muon", 0.0, 0.02), ("adamw", 0.0, 3e-3),  # the optima of experiments/ablation_optimizer.py's grid
+    ("adamw", 0.02, 0.02), ("sgd", 0.5, 0.5)])  # a rate that is set always wins, the default's own included
+def test_unset_learning_rate_takes_the_optimizers_measured_best(name, explicit, expected):
+  c = config_lib.get_config()
+  c.optim.update({"name": name, "learning_rate": explicit})
+  assert config_lib.optim_config(c).learning_rate == expected
+  warm = optim.make_schedule(config_lib.optim_config(c), 1000)
+  assert float(warm(c.optim.warmup_steps)) == pytest.approx(expected, rel=1e-6)  # the peak the run trains at
+
+
+@pytest.mark.parametrize("name", ["sgd", "lion", "adafactor", "schedule_free_adamw"])
+def test_an_optimizer_without_a_measured_rate_needs_one_set(name):
+  c = config_lib.get_config()
+  c.optim.name = name
+  with pytest.raises(config_lib.ConfigError, match=f"optim.learning_rate is unset and optim.name='{name}' has no "
+                     "measured default rate; pass --config.optim.learning_rate="):
+    config_lib.optim_config(c)
