@@ -89,7 +89,9 @@ def test_workdir_names_are_file_system_safe_and_distinct(tmp_path):
 
 
 @pytest.mark.parametrize("body, message", [
-    ('BASE = "experiments/smoke.py"\nGRID = {"model.widht": [1]}\n', "unknown config key 'model.widht'"),
+    ('BASE = "experiments/smoke.py"\nGRID = {"model.widht": [1]}\n', "unknown config key 'model.widht' in GRID; check"),
+    ('BASE = "experiments/smoke.py"\nZIP = {"optim.learning_rat": [1e-3]}\n',
+     r"unknown config key 'optim.learning_rat' in ZIP \(did you mean optim.learning_rate\?\); check its spelling"),
     ('BASE = "experiments/smoke.py"\nZIP = {"optim.b1": [0.9, 0.8], "model.d_model": [64]}\n', "different lengths"),
     ('GRID = {}\n', "has no BASE"),
     ('BASE = "experiments/nope.py"\n', "does not exist"),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import hashlib
 import itertools
 import json
@@ -133,7 +134,9 @@ def validate(sweep: Sweep) -> None:
       if key == "seed":
         raise ValueError(f"{table} in {sweep.path} sets 'seed'; list the seeds in SEEDS instead")
       if key not in known:
-        raise ValueError(f"sweep {sweep.path} sets unknown config key {key!r} in {table}; check its "
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"sweep {sweep.path} sets unknown config key {key!r} in {table}{hint}; check its "
                          "spelling against llm_jax/config.py")
       if key in seen:
         raise ValueError(f"config key {key!r} is in both {seen[key]} and {table} of {sweep.path}; keep it in one")
