@@ -96,6 +96,8 @@ def test_smoke_run_with_the_default_optimizer_matches_its_golden_losses(tmp_path
   final = trainer.train_and_evaluate(c, str(tmp_path))
   assert final["loss"] == pytest.approx(GOLDEN_MUON_TRAIN_LOSS_STEP_30, abs=2e-4)
   assert final["val_loss"] == pytest.approx(GOLDEN_MUON_VAL_LOSS_STEP_30, abs=2e-4)
+  card = runcard.read(str(tmp_path))
+  assert card["config"]["optim"]["learning_rate"] == 0.0 and card["optim"]["learning_rate"] == 0.02  # resolved
 
 
 def test_stop_and_resume_is_bit_exact(tmp_path, smoke_20):

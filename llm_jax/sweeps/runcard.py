@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -12,6 +13,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from llm_jax import config as config_lib
 from llm_jax import paths
 from llm_jax import workdir as workdir_lib
 
@@ -72,6 +74,7 @@ def start(workdir: str, config: ml_collections.ConfigDict, num_params: int) -> d
   card = {
       "status": "running",
       "config": json.loads(config.to_json_best_effort()),
+      "optim": dataclasses.asdict(config_lib.optim_config(config)),  # as it trains: learning_rate=0 resolved
       "num_params": num_params,
       **code_version(),
       "packages": package_versions(),
