@@ -166,7 +166,7 @@ def _resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   paths.check_local(config.data.data_dir, "--config.data.data_dir")  # TFDS reads URLs only through TensorFlow
   if not config.init_params_from:
     return config
-  source_cfg, tokenizer_path = workdir_lib.read_model_card(config.init_params_from)
+  source_cfg, tokenizer_path = workdir_lib.read_model_card(config.init_params_from, "--config.init_params_from")
   config = config_lib.with_model(config, source_cfg, tokenizer_path=tokenizer_path, keep_runtime_fields=True)
   validation.validate(config)
   return config

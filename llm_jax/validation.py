@@ -85,6 +85,8 @@ def _validate_run(config: ml_collections.ConfigDict) -> None:
   _require(config.num_train_steps > 0, f"num_train_steps={config.num_train_steps} must be positive")
   _require(0 <= config.stop_at_step <= config.num_train_steps, f"stop_at_step={config.stop_at_step} must "
            f"be between 0 and num_train_steps={config.num_train_steps}")
+  _require(config.global_batch_size > 0, f"global_batch_size={config.global_batch_size} must be positive "
+           "(sequences per optimizer step, over all devices and micro-batches)")
   _require(config.grad_accum_steps > 0 and config.global_batch_size % config.grad_accum_steps == 0,
            f"global_batch_size={config.global_batch_size} does not divide into grad_accum_steps="
            f"{config.grad_accum_steps} micro-batches; make it a multiple")

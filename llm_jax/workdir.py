@@ -100,13 +100,13 @@ def write_model_card(workdir: str, cfg: ModelConfig, tokenizer_path: str,
   paths.as_path(path(workdir, MODEL_FILE)).write_text(json.dumps(card, indent=2), encoding="utf-8")
 
 
-def read_model_card(workdir: str) -> tuple[ModelConfig, str]:
-  """(model config, tokenizer path) from the workdir's model.json."""
+def read_model_card(workdir: str, flag: str = "--workdir") -> tuple[ModelConfig, str]:
+  """(model config, tokenizer path) from the workdir's model.json; errors name `flag`, where the path came from."""
   card_path = path(workdir, MODEL_FILE)
   if not paths.as_path(workdir).is_dir():
-    raise FileNotFoundError(f"--workdir={workdir} does not exist; pass the directory a training run wrote")
+    raise FileNotFoundError(f"{flag}={workdir} does not exist; pass the directory a training run wrote")
   if not paths.as_path(card_path).exists():
-    raise FileNotFoundError(f"{card_path} is missing; --workdir must be a directory written by llm_jax.train "
+    raise FileNotFoundError(f"{card_path} is missing; {flag} must be a directory written by llm_jax.train "
                             "or llm_jax.convert")
   card = json.loads(paths.as_path(card_path).read_text(encoding="utf-8"))
   return ModelConfig(**card["model"]), os.path.join(workdir, card["tokenizer"])

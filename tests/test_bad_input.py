@@ -110,6 +110,7 @@ CONFIG_CASES = [
     ("model.mlp_activation", "swish", "model.mlp_activation='swish' is not one of default, relu2"),
     ("z_loss", -1e-4, "z_loss=-0.0001 must be >= 0"),
     ("z_loss", float("nan"), "z_loss=nan must be >= 0 and finite"),
+    ("global_batch_size", 0, "global_batch_size=0 must be positive"),
 ]
 # Several keys at once: settings that only matter together.
 CONFIG_GROUP_CASES = [
@@ -229,6 +230,8 @@ TRAIN_CASES = [
      "--config is given 2 times (experiments/smoke.py, experiments/smoke.py:llama)"),
     ("workdir is a file", ["--workdir={files}/empty.txt"], "--workdir={files}/empty.txt is a file"),
     ("workdir not writable", ["--workdir={unwritable}"], "--workdir={unwritable} is not writable"),
+    ("missing base model", ["--config.init_params_from={files}/no_run"],
+     "--config.init_params_from={files}/no_run does not exist; pass the directory a training run wrote"),
 ]
 
 
