@@ -178,6 +178,7 @@ def test_byte_order_mark_is_dropped(tmp_path):
 def test_unknown_corpus_and_split():
   with pytest.raises(ValueError, match=ONE_LINE) as excinfo:
     load_documents(_data_config(corpus="wiki"), "train")
-  assert "data.corpus='wiki' is not one of ('sotu', 'text_files', 'tfds', 'mixture', 'sft')" in str(excinfo.value)
+  assert ("data.corpus='wiki' is not one of sotu, text_files, tfds, mixture, sft; "
+          "pass e.g. --config.data.corpus=sotu") in str(excinfo.value)
   with pytest.raises(ValueError, match="split='test' is not one of"):
     load_documents(_data_config(), "test")

@@ -143,7 +143,8 @@ def make_source(data_cfg: DataConfig) -> sources.Source:
     raise ValueError("data.corpus='sft' holds fine-tuning rows, not documents: they are read into memory for "
                      "training (pipeline.prepare_sft), with no token store to prepare and no document split to "
                      "score; evaluate with --text_files=<glob> or --zero_shot=<file>")
-  raise ValueError(f"data.corpus={data_cfg.corpus!r} is not one of {CORPORA}; pass e.g. --config.data.corpus=sotu")
+  raise ValueError(f"data.corpus={data_cfg.corpus!r} is not one of {', '.join(CORPORA)}; "
+                   "pass e.g. --config.data.corpus=sotu")
 
 
 def load_documents(data_cfg: DataConfig, split: str) -> list[str]:
