@@ -84,7 +84,7 @@ def _data_defaults() -> ml_collections.ConfigDict:
 def _tokenizer_defaults() -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict()
   s.model_type = "bpe"  # 'bpe', 'unigram' or 'char'.
-  s.vocab_size = 2048  # Pieces to train (ignored for 'char', which takes every character seen).
+  s.vocab_size = 2048  # Pieces to train, 261 of them fixed (ignored for 'char', which takes every character seen).
   s.byte_fallback = True  # Lossless on any UTF-8 text.
   s.path = ""  # An existing tokenizer (sentencepiece .model or HF tokenizer.json) instead of training one.
   return s

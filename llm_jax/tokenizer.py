@@ -23,6 +23,8 @@ from llm_jax import paths
 from llm_jax.hf.tokenizer import HFTokenizer
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+_USER_SYMBOLS = ["\n"]  # newline, a piece of its own in every vocabulary
+NUM_SPECIAL_PIECES = 4 + len(_USER_SYMBOLS)  # pad, unk, bos, eos and the user symbols: in every trained vocabulary
 MODEL_TYPES = ("bpe", "unigram", "char")
 # Training reads at most this many characters, sampled evenly across the corpus: about 0.2 s for bpe and
 # 2-3 s for unigram on 2 cores, and more text barely changes a vocabulary of a few thousand pieces.
@@ -163,7 +165,7 @@ def _train_on_lines(lines: list[str], model_prefix: str, *, model_type: str, voc
         sentence_iterator=iter(lines), model_writer=model, model_type=model_type,
         vocab_size=_CHAR_VOCAB_REQUEST if model_type == "char" else vocab_size,
         byte_fallback=byte_fallback, character_coverage=1.0,
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, user_defined_symbols=["\n"],
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, user_defined_symbols=_USER_SYMBOLS,
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         # Paragraphs are long; the default (4192 bytes) would silently skip them. _training_lines cuts any
         # longer line into chunks of at most this, so no text is dropped.

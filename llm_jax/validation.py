@@ -51,6 +51,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_model(config)
   _validate_run(config)
   _validate_data(config)
+  _validate_tokenizer(config)
   _validate_finetune(config)
   _refuse_ignored(config)
   _validate_sample(config)
@@ -137,6 +138,33 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
   if d.corpus == "tfds":
     _require(bool(d.tfds_name), "data.corpus='tfds' needs --config.data.tfds_name=<catalog name>")
   _validate_extra_eval(config)
+
+
+def _validate_tokenizer(config: ml_collections.ConfigDict) -> None:
+  """A tokenizer to train needs room for its fixed pieces; one loaded from a file takes none of the training knobs.
+
+  With init_params_from the base's tokenizer is used, as its dimensions are (config.with_model), so not checked here.
+  """
+  t, defaults = config.tokenizer, get_config().tokenizer
+  if config.init_params_from:
+    return
+  if t.path:
+    for key in ("model_type", "vocab_size", "byte_fallback"):
+      _require(t[key] == defaults[key], f"tokenizer.{key} is set but tokenizer.path={t.path!r} loads an existing "
+               f"tokenizer, which ignores it; restore tokenizer.{key}={defaults[key]} (or clear tokenizer.path to "
+               "train one)")
+    return
+  if t.model_type == "char":
+    return  # takes every character seen; vocab_size is not read (config.py says so)
+  fixed = tokenizer_lib.NUM_SPECIAL_PIECES + (256 if t.byte_fallback else 0)
+  _require(t.vocab_size > fixed, f"tokenizer.vocab_size={t.vocab_size} leaves no room for learned pieces: "
+           f"{fixed} pieces are fixed (pad, unk, bos, eos, newline"
+           f"{' and 256 byte-fallback pieces' if t.byte_fallback else ''}); pass e.g. "
+           "--config.tokenizer.vocab_size=2048")
+  m = config.model
+  _require(not m.vocab_size or m.vocab_size >= t.vocab_size, f"model.vocab_size={m.vocab_size} is smaller than "
+           f"tokenizer.vocab_size={t.vocab_size}: ids past it would have no embedding row; raise model.vocab_size "
+           "(or 0: the tokenizer's)")
 
 
 def _validate_extra_eval(config: ml_collections.ConfigDict) -> None:

@@ -111,6 +111,10 @@ CONFIG_CASES = [
     ("z_loss", -1e-4, "z_loss=-0.0001 must be >= 0"),
     ("z_loss", float("nan"), "z_loss=nan must be >= 0 and finite"),
     ("global_batch_size", 0, "global_batch_size=0 must be positive"),
+    ("tokenizer.vocab_size", 0, "tokenizer.vocab_size=0 leaves no room for learned pieces: 261 pieces are fixed "
+     "(pad, unk, bos, eos, newline and 256 byte-fallback pieces); pass e.g. --config.tokenizer.vocab_size=2048"),
+    ("tokenizer.vocab_size", 261, "tokenizer.vocab_size=261 leaves no room"),
+    ("model.vocab_size", 300, "model.vocab_size=300 is smaller than tokenizer.vocab_size=512"),
 ]
 # Several keys at once: settings that only matter together.
 CONFIG_GROUP_CASES = [
@@ -142,6 +146,15 @@ CONFIG_GROUP_CASES = [
      "eval_harness_include_path='/nonexistent' is not a folder"),
     ("negative harness limit", {"eval_harness_tasks": "t", "eval_harness_limit": -1},
      "eval_harness_limit=-1 must be >= 0"),
+    ("vocab size with a tokenizer file", {"tokenizer.path": "tok.model"}, "tokenizer.vocab_size is set but "
+     "tokenizer.path='tok.model' loads an existing tokenizer, which ignores it; restore tokenizer.vocab_size=2048 (or "
+     "clear tokenizer.path to train one)"),
+    ("model type with a tokenizer file", {"tokenizer.path": "tok.model", "tokenizer.vocab_size": 2048,
+                                          "tokenizer.model_type": "unigram"}, "tokenizer.model_type is set but "
+     "tokenizer.path='tok.model'"),
+    ("tiny vocabulary without byte fallback", {"tokenizer.byte_fallback": False, "tokenizer.vocab_size": 5},
+     "tokenizer.vocab_size=5 leaves no room for learned pieces: 5 pieces are fixed (pad, unk, bos, eos, "
+     "newline);"),
 ]
 
 
@@ -169,6 +182,20 @@ def test_validate_refuses_settings_that_clash(name, overrides, fragment):
   with pytest.raises(config_lib.ConfigError) as err:
     validation.validate(config)
   assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"tokenizer.model_type": "char"},  # vocab_size is not read for char (config.py says so)
+    {"tokenizer.byte_fallback": False, "tokenizer.vocab_size": 6},
+    {"tokenizer.vocab_size": 262, "model.vocab_size": 262},
+    {"tokenizer.path": "tok.model", "tokenizer.vocab_size": 2048},
+    {"init_params_from": "/tmp"},  # the base's tokenizer and dimensions replace the file's (config.with_model)
+], ids=["char", "no byte fallback", "smallest with byte fallback", "tokenizer file", "base model"])
+def test_validate_accepts_the_tokenizer_settings_each_mode_reads(overrides):
+  config = smoke_config()
+  for key, value in overrides.items():
+    _set(config, key, value)
+  validation.validate(config)
 
 
 def test_validate_accepts_the_settings_each_choice_reads():

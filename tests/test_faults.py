@@ -284,6 +284,6 @@ def test_truncated_tokenizer_model_is_one_line_naming_the_file(tmp_path, cli):
   with pytest.raises(ValueError, match=f"tokenizer model {broken} is unreadable .*delete it to have it retrained"):
     tokenizer_lib.get_or_train_tokenizer([], tokenizer_lib.TokenizerConfig(path=broken), str(tmp_path))
   result = cli("llm_jax.train", "--config=experiments/smoke.py", f"--workdir={tmp_path / 'run'}",
-               f"--config.tokenizer.path={broken}")
+               f"--config.tokenizer.path={broken}", "--config.tokenizer.vocab_size=2048")
   assert result.returncode == 2, result.stderr[-2000:]
   assert len(result.stderr.strip().splitlines()) == 1 and broken in result.stderr
