@@ -144,7 +144,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_train_steps = 1000  # Optimizer updates in the whole run (the schedule spans these).
   c.stop_at_step = 0  # Stop this invocation early at this step (time-sliced jobs); 0 runs to the end.
   c.global_batch_size = 32  # Sequences per update, summed over all devices and micro-batches.
-  c.init_params_from = ""  # A workdir (trained or converted) whose weights, model and tokenizer to start from.
+  c.init_params_from = ""  # A workdir (trained or converted) whose weights, dimensions and tokenizer to start from.
   c.grad_accum_steps = 1  # Micro-batches per update (each global_batch_size / grad_accum_steps).
   c.on_nonfinite = "stop"  # Non-finite loss/grad norm: 'stop' (keep the last good checkpoint) or 'skip'.
   c.max_replicated_share = 0.05  # Refuse fsdp/tensor meshes replicating more parameter bytes than this.

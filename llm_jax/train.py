@@ -26,10 +26,11 @@ def main(argv: Sequence[str]) -> None:
     launch.fail("llm_jax.train", ValueError("--workdir is empty; pass the directory for checkpoints and logs"))
   _DISTRIBUTED.initialize()
   config = _CONFIG.value
+  keys = tuple(config_flags.get_override_values(flags.FLAGS["config"]))
   if config.dry_run:
-    launch.run_main("llm_jax.train", lambda: trainer.dry_run(config))
+    launch.run_main("llm_jax.train", lambda: trainer.dry_run(config, keys))
   else:
-    launch.run_main("llm_jax.train", lambda: trainer.train_and_evaluate(config, _WORKDIR.value))
+    launch.run_main("llm_jax.train", lambda: trainer.train_and_evaluate(config, _WORKDIR.value, keys))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import time
 from typing import Any
 from typing import Callable
+from typing import Collection
 
 import jax
 import ml_collections
@@ -119,9 +120,9 @@ def _prepare_data_once(config: ml_collections.ConfigDict, workdir: str) -> pipel
   return data
 
 
-def dry_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def dry_run(config: ml_collections.ConfigDict, command_line_keys: Collection[str] = ()) -> dict[str, Any]:
   """Compiles the step on the devices present (no data, no tokenizer), prints what it needs and returns it."""
-  config = _resolved(config)
+  config = _resolved(config, command_line_keys)
   mesh = _mesh(config)
   with jax.set_mesh(mesh):
     cfg, fns = make_steps(config, mesh, config.model.vocab_size or config.tokenizer.vocab_size)
@@ -157,8 +158,12 @@ def _extra_evaluator(config: ml_collections.ConfigDict, cfg: ModelConfig, tokeni
   return lambda params: {k: v for evaluate in evaluators for k, v in evaluate(full_params(params)).items()}
 
 
-def _resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The validated config, with the model dimensions and tokenizer of `init_params_from` when it is set."""
+def _resolved(config: ml_collections.ConfigDict, command_line_keys: Collection[str]) -> ml_collections.ConfigDict:
+  """The validated config, with the model dimensions and tokenizer of `init_params_from` when it is set.
+
+  `command_line_keys` are the keys the user set by flag: one of them that the base's dimensions would replace is an
+  error; a replaced value from the experiment file is printed.
+  """
   validation.validate(config)
   for key, value in (("init_params_from", config.init_params_from), ("tokenizer.path", config.tokenizer.path),
                      ("data.text_files", config.data.text_files), ("data.store_dir", config.data.store_dir)):
@@ -167,6 +172,11 @@ def _resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not config.init_params_from:
     return config
   source_cfg, tokenizer_path = workdir_lib.read_model_card(config.init_params_from, "--config.init_params_from")
+  validation.validate_against_base(config, source_cfg, command_line_keys)
+  replaced = validation.replaced_by_base(config, source_cfg)
+  if replaced:
+    writers.console("init_params_from: the base model's dimensions replace the config's: " + ", ".join(
+        f"{key} {value} -> {base_value}" for key, (value, base_value) in replaced.items()))
   config = config_lib.with_model(config, source_cfg, tokenizer_path=tokenizer_path, keep_runtime_fields=True)
   validation.validate(config)
   return config
@@ -178,15 +188,19 @@ def _mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   return mesh
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (resuming from the newest checkpoint in `workdir`), evaluates, samples; returns final metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       command_line_keys: Collection[str] = ()) -> dict[str, float]:
+  """Trains (resuming from the newest checkpoint in `workdir`), evaluates, samples; returns final metrics.
+
+  `command_line_keys`: the config keys set by flag ('model.d_model', ...), which the checks against a base model read.
+  """
   faults.check_not_importing_main("trainer.train_and_evaluate")
   if config.dry_run:
     raise ValueError("dry_run=True compiles without training: call trainer.dry_run(config) (the train command "
                      "does), or pass --config.dry_run=False")
   paths.check_reachable(workdir, "--workdir")
   checkpoint_lib.check_reachable(workdir_lib.checkpoint_dir(workdir))
-  config = _resolved(config)
+  config = _resolved(config, command_line_keys)
   mesh = _mesh(config)
   _make_workdir(workdir)
   lock = faults.WorkdirLock(workdir_lib.lock_path(workdir))

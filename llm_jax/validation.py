@@ -4,10 +4,12 @@ and a setting the chosen mode would ignore is one too."""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import importlib.util
 import math
 import os
+from typing import Collection
 
 import ml_collections
 
@@ -246,6 +248,27 @@ def _refuse_ignored(config: ml_collections.ConfigDict) -> None:
                f"{section}.{key} is set but {chooser} ignores it; pass --config.{reader} (or "
                f"{'clear' if default in ('', False) else 'restore'} {section}.{key}"
                f"{'' if default in ('', False) else f'={default}'})")
+
+
+def replaced_by_base(config: ml_collections.ConfigDict, base: model_lib.ModelConfig) -> dict[str, tuple]:
+  """With init_params_from the run takes the base model's dimensions (config.with_model): each model field whose
+  value in `config` (0-means-derived ones resolved) differs from the base's, as {'model.<field>': (config's, base's)}.
+  """
+  own = model_config(config, base.vocab_size)
+  kept = model_lib.ModelConfig.RUNTIME_FIELDS + model_lib.ModelConfig.ADAPTER_FIELDS
+  return {f"model.{f.name}": (getattr(own, f.name), getattr(base, f.name)) for f in dataclasses.fields(base)
+          if f.name not in kept and getattr(own, f.name) != getattr(base, f.name)}
+
+
+def validate_against_base(config: ml_collections.ConfigDict, base: model_lib.ModelConfig,
+                          command_line_keys: Collection[str]) -> None:
+  """Refuses a model setting given on the command line that the base model's dimensions would replace (the
+  experiment file's are the recipe's and are replaced: the trainer prints which)."""
+  for key in replaced_by_base(config, base):
+    value, base_value = config[key], getattr(base, key.split(".", 1)[1])
+    _require(key not in command_line_keys or value == base_value, f"--config.{key}={value} differs from the base "
+             f"model's {base_value} (--config.init_params_from={config.init_params_from}), whose dimensions the run "
+             f"takes; drop --config.{key}")
 
 
 def _validate_sample(config: ml_collections.ConfigDict) -> None:

@@ -198,6 +198,25 @@ def test_validate_accepts_the_tokenizer_settings_each_mode_reads(overrides):
   validation.validate(config)
 
 
+def test_a_model_flag_the_base_model_replaces_is_refused_and_a_file_value_is_reported(trained):
+  base, _ = workdir_lib.read_model_card(trained)
+  config = smoke_config()  # the base was trained from it, so its dimensions agree
+  config.init_params_from = trained
+  config.model.remat_policy, config.model.lora_rank = "full", 4  # how to compute and the adapters: the run's own
+  assert not validation.replaced_by_base(config, base)
+  validation.validate_against_base(config, base, ["model.remat_policy", "model.lora_rank", "model.d_model"])
+  config.model.d_model = base.d_model * 2  # d_ff and head_dim are derived from it (4x and / num_heads)
+  assert validation.replaced_by_base(config, base) == {
+      "model.d_model": (base.d_model * 2, base.d_model), "model.d_ff": (base.d_ff * 2, base.d_ff),
+      "model.head_dim": (base.head_dim * 2, base.head_dim)}
+  validation.validate_against_base(config, base, ["model.remat_policy"])  # set in the file: replaced, printed
+  with pytest.raises(config_lib.ConfigError) as err:
+    validation.validate_against_base(config, base, ["model.d_model"])
+  assert str(err.value) == (f"--config.model.d_model={base.d_model * 2} differs from the base model's {base.d_model} "
+                            f"(--config.init_params_from={trained}), whose dimensions the run takes; drop "
+                            "--config.model.d_model")
+
+
 def test_validate_accepts_the_settings_each_choice_reads():
   config = smoke_config()
   for key, value in {"optim.name": "sgd", "optim.momentum": 0.5, "optim.nesterov": True, "optim.schedule": "wsd",
@@ -398,3 +417,11 @@ def test_train_names_the_file_and_line_of_a_bad_sft_row(trained, tmp_path):
                       f"--config.data.sft_files={rows}", f"--config.init_params_from={trained}")
   _one_line(result, f"{rows} line 2 has neither 'completion' nor 'messages' (it has ['prompt'])")
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_train_refuses_a_model_flag_that_the_base_model_replaces(trained, tmp_path):
+  result = run_module("llm_jax.train", SMOKE, f"--workdir={tmp_path / 'run'}", f"--config.init_params_from={trained}",
+                      "--config.model.num_layers=7")
+  _one_line(result, f"--config.model.num_layers=7 differs from the base model's 2 (--config.init_params_from="
+            f"{trained}), whose dimensions the run takes; drop --config.model.num_layers")
+  assert not os.path.exists(tmp_path / "run")
