@@ -215,6 +215,10 @@ def test_a_model_flag_the_base_model_replaces_is_refused_and_a_file_value_is_rep
   assert str(err.value) == (f"--config.model.d_model={base.d_model * 2} differs from the base model's {base.d_model} "
                             f"(--config.init_params_from={trained}), whose dimensions the run takes; drop "
                             "--config.model.d_model")
+  with pytest.raises(config_lib.ConfigError) as err:
+    validation.validate_against_base(config, base, ["tokenizer.vocab_size"])
+  assert str(err.value) == (f"--config.tokenizer.vocab_size is set but --config.init_params_from={trained} brings "
+                            "its own tokenizer, which the run keeps; drop --config.tokenizer.vocab_size")
 
 
 def test_validate_accepts_the_settings_each_choice_reads():
