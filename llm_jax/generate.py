@@ -21,7 +21,7 @@ from llm_jax import workdir as workdir_lib
 _WORKDIR = flags.DEFINE_string("workdir", None, "A directory written by llm_jax.train or llm_jax.convert.")
 _PROMPT = flags.DEFINE_string("prompt", "I love computer science", "Text to continue.")
 _MAX_LENGTH = flags.DEFINE_integer("max_length", 50, "Total tokens per sequence, prompt included.")
-_NUM = flags.DEFINE_integer("num_return_sequences", 5, "Continuations to sample.")
+_NUM = flags.DEFINE_integer("num_return_sequences", 5, "Continuations to sample (greedy decoding has one).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 decodes greedily, and so does any "
                                    "temperature below 1e-6 (smaller ones overflow); nan and inf are refused.")
 _TOP_K = flags.DEFINE_integer("top_k", 40, "Keep the k most likely tokens; 0 keeps all.")
@@ -43,12 +43,14 @@ def main(argv: Sequence[str]) -> None:
     sampling.check_settings(max_length=_MAX_LENGTH.value, num_return_sequences=_NUM.value,
                             temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
     sampling.check_prompt(_PROMPT.value)
+    given = [name for name in ("num_return_sequences", "top_k", "top_p", "seed") if flags.FLAGS[name].present]
+    num = sampling.sequences_to_decode(temperature=_TEMPERATURE.value, num_return_sequences=_NUM.value, given=given)
     loaded = workdir_lib.load_model(_WORKDIR.value, _STEP.value)
     if _CHAT.value:
-      _chat(loaded)
+      _chat(loaded, num)
       return
     texts = sampling.generate_texts(loaded.params, loaded.cfg, loaded.tokenizer, _PROMPT.value,
-                                    max_length=_MAX_LENGTH.value, num_return_sequences=_NUM.value,
+                                    max_length=_MAX_LENGTH.value, num_return_sequences=num,
                                     temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
                                     seed=_SEED.value)
     for i, text in enumerate(texts, 1):
@@ -57,7 +59,7 @@ def main(argv: Sequence[str]) -> None:
   launch.run_main("llm_jax.generate", body)
 
 
-def _chat(loaded: workdir_lib.LoadedModel) -> None:
+def _chat(loaded: workdir_lib.LoadedModel, num_return_sequences: int) -> None:
   """Replies to --prompt, or to each line of stdin in one growing conversation."""
   template = chat.template_for(loaded.tokenizer.path)
   turns = [_PROMPT.value] if flags.FLAGS["prompt"].present else (line.rstrip("\n") for line in sys.stdin)
@@ -67,7 +69,7 @@ def _chat(loaded: workdir_lib.LoadedModel) -> None:
       continue
     messages.append({"role": "user", "content": turn})
     replies = sampling.chat_replies(loaded.params, loaded.cfg, loaded.tokenizer, template, messages,
-                                    max_length=_MAX_LENGTH.value, num_return_sequences=_NUM.value,
+                                    max_length=_MAX_LENGTH.value, num_return_sequences=num_return_sequences,
                                     temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
                                     seed=_SEED.value + len(messages))
     for i, reply in enumerate(replies, 1):

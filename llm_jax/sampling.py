@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Collection
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,6 +82,26 @@ def check_settings(*, max_length: int, num_return_sequences: int, temperature: f
     raise ValueError(f"{prefix}top_p={top_p} is outside (0, 1]; use 1.0 to turn nucleus filtering off")
   if top_k < 0:
     raise ValueError(f"{prefix}top_k={top_k} is negative; use 0 to turn top-k filtering off")
+
+
+def sequences_to_decode(*, temperature: float, num_return_sequences: int, given: Collection[str],
+                        prefix: str = "--") -> int:
+  """How many continuations a request decodes: greedy decoding (temperature below GREEDY_BELOW) has one, and reads
+  neither top_k, top_p nor a seed, so those settings are refused when the user gave them (`given`: their names).
+
+  Sampling keeps `num_return_sequences`; greedy without it decodes one (as Hugging Face generate, which refuses more).
+  """
+  if temperature >= GREEDY_BELOW:
+    return num_return_sequences
+  greedy = f"greedy decoding ({prefix}temperature={temperature:g})"
+  for name in ("top_k", "top_p", "seed"):
+    if name in given:
+      raise ValueError(f"{prefix}{name} is set but {greedy} ignores it; drop it, or sample with a positive "
+                       f"{prefix}temperature")
+  if "num_return_sequences" in given and num_return_sequences > 1:
+    raise ValueError(f"{prefix}num_return_sequences={num_return_sequences} would repeat the one continuation of "
+                     f"{greedy}; drop it, or sample with a positive {prefix}temperature")
+  return 1
 
 
 def check_prompt(prompt: str, prefix: str = "--") -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Collection
 from typing import Any
 from typing import Callable
-from typing import Collection
 
 import jax
 import ml_collections
@@ -346,8 +346,10 @@ def _print_samples(config: ml_collections.ConfigDict, cfg: ModelConfig, params: 
   if jax.process_count() > 1:
     params = multihost_utils.process_allgather(params, tiled=True)
   s = config.sample
+  num = sampling.sequences_to_decode(temperature=s.temperature, num_return_sequences=s.num_return_sequences,
+                                     given=())  # validation refused a count set beside greedy decoding
   texts = sampling.generate_texts(params, cfg, tokenizer, s.prompt, max_length=s.max_length,
-                                  num_return_sequences=s.num_return_sequences, temperature=s.temperature,
+                                  num_return_sequences=num, temperature=s.temperature,
                                   top_k=s.top_k, top_p=s.top_p, seed=config.seed)
   for i, text in enumerate(texts, 1):
     writers.console(f"--- sample {i}: {text}")

@@ -9,7 +9,7 @@ import glob
 import importlib.util
 import math
 import os
-from typing import Collection
+from collections.abc import Collection
 
 import ml_collections
 
@@ -285,6 +285,10 @@ def _validate_sample(config: ml_collections.ConfigDict) -> None:
     sampling.check_settings(max_length=s.max_length, num_return_sequences=s.num_return_sequences,
                             temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, prefix=prefix)
     sampling.check_prompt(s.prompt, prefix)
+    defaults = get_config().sample
+    sampling.sequences_to_decode(temperature=s.temperature, num_return_sequences=s.num_return_sequences,
+                                 given=[k for k in ("num_return_sequences", "top_k", "top_p") if s[k] != defaults[k]],
+                                 prefix=prefix)
     # With init_params_from the model's dimensions are the source run's, read later; the trainer checks the
     # fit then, with the prompt's length.
     if not config.init_params_from:

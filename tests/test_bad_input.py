@@ -144,6 +144,10 @@ CONFIG_GROUP_CASES = [
                                        "sample.max_length": 10**8}, "KV cache, over the 16 GiB bound"),
     ("harness tasks from a missing folder", {"eval_harness_tasks": "t", "eval_harness_include_path": "/nonexistent"},
      "eval_harness_include_path='/nonexistent' is not a folder"),
+    ("top_k beside greedy samples", {"sample.temperature": 0.0, "sample.top_k": 3}, "--config.sample.top_k is set but "
+     "greedy decoding (--config.sample.temperature=0) ignores it"),
+    ("a count of greedy samples", {"sample.temperature": 0.0, "sample.num_return_sequences": 2},
+     "--config.sample.num_return_sequences=2 would repeat the one continuation of greedy decoding"),
     ("negative harness limit", {"eval_harness_tasks": "t", "eval_harness_limit": -1},
      "eval_harness_limit=-1 must be >= 0"),
     ("vocab size with a tokenizer file", {"tokenizer.path": "tok.model"}, "tokenizer.vocab_size is set but "
@@ -360,6 +364,8 @@ GENERATE_CASES = [
     ("no sequences", ["--workdir={run}", "--num_return_sequences=0"], "--num_return_sequences=0 must be at least 1"),
     ("negative top_k", ["--workdir={run}", "--top_k=-1"], "--top_k=-1 is negative"),
     ("prompt not UTF-8", ["--workdir={run}", "--prompt=caf\udce9"], "--prompt is not valid UTF-8"),
+    ("top_k beside greedy decoding", ["--workdir={run}", "--temperature=0", "--top_k=5"],
+     "--top_k is set but greedy decoding (--temperature=0) ignores it"),
 ]
 
 

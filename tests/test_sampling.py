@@ -249,3 +249,26 @@ def test_validation_names_the_settings_as_the_caller_spells_them():
 def test_kv_cache_over_the_memory_bound_is_refused():
   with pytest.raises(ValueError, match="KV cache"):
     sampling.check_fits(dataclasses.replace(tiny_config("llama"), max_len=1 << 30), 1 << 24, 64)
+
+
+@pytest.mark.parametrize("temperature, num, given, expected", [
+    (0.8, 5, (), 5), (0.8, 3, ("num_return_sequences", "top_k", "top_p", "seed"), 3),  # sampling reads them all
+    (0.0, 5, (), 1), (sampling.GREEDY_BELOW / 2, 5, (), 1),  # greedy without a count: one continuation
+    (0.0, 1, ("num_return_sequences",), 1),
+])
+def test_greedy_decodes_one_continuation(temperature, num, given, expected):
+  assert sampling.sequences_to_decode(temperature=temperature, num_return_sequences=num, given=given) == expected
+
+
+@pytest.mark.parametrize("given, message", [
+    (("top_k",), "--top_k is set but greedy decoding (--temperature=0) ignores it; drop it, or sample with a "
+     "positive --temperature"),
+    (("top_p",), "--top_p is set but greedy decoding"),
+    (("seed",), "--seed is set but greedy decoding"),
+    (("num_return_sequences",), "--num_return_sequences=5 would repeat the one continuation of greedy decoding "
+     "(--temperature=0); drop it, or sample with a positive --temperature"),
+])
+def test_greedy_refuses_the_settings_it_would_ignore(given, message):
+  with pytest.raises(ValueError) as err:
+    sampling.sequences_to_decode(temperature=0.0, num_return_sequences=5, given=given)
+  assert str(err.value).startswith(message)
