@@ -53,6 +53,14 @@ def _check_flags() -> None:
   """One-line errors for flag values that would otherwise fail deep inside (or after) the evaluation."""
   if _BATCH_SIZE.value < 1:
     raise ValueError(f"--batch_size={_BATCH_SIZE.value} must be at least 1")
+  ignored, why = (), ""
+  if _ZERO_SHOT.value:
+    ignored, why = ("split", "text_files", "seq_len", "stride"), "--zero_shot scores whole items"
+  elif _TEXT_FILES.value:
+    ignored, why = ("split",), "--text_files evaluates those files instead"
+  for name in ignored:
+    if flags.FLAGS[name].present:
+      raise ValueError(f"--{name} is set but {why} and ignores it; drop --{name}")
   for name, flag in (("seq_len", _SEQ_LEN), ("stride", _STRIDE)):
     if flag.value < 0:
       raise ValueError(f"--{name}={flag.value} must be >= 0 (0: the default)")
