@@ -11,6 +11,11 @@ while it traces side B only, so each measurement stays reproducible without livi
   gradient from them as a 2-D dot, sums the input gradients of the projections and applies the closed-form norm
   backward, instead of the re-laid-out recomputations of the norm that autodiff and remat leave to XLA.
 
+- `blas_dense`: `dense_vjp` with its three products (y = x · W, dx = dy · Wᵀ, dW = xᵀ · dy) sgemm calls into the
+  OpenBLAS numpy ships, through an XLA FFI custom call (experiments/blas_ffi.py, built with g++ on first use): the
+  transposes become BLAS flags instead of copies, and OpenBLAS's kernels replace XLA:CPU's for the projections. The
+  custom calls are not dots to the remat policies, so under `remat_policy='dots'` their outputs are recomputed.
+
 Batched-dot attention (commit a38f7fd) and causal query blocks (`causal_2`/`causal_4`, commit 86863c7) started here
 too and are now `llm_jax.attention`'s: its layout on every backend, and two query blocks on CPU.
 """
@@ -23,6 +28,7 @@ import math
 from typing import Any
 from typing import Iterator
 
+import blas_ffi
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -71,12 +77,39 @@ def _dense_bwd(lead: int, res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tu
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blas_dense(lead: int, x: jax.Array, w: jax.Array) -> jax.Array:
+  """`_dense` with each of its three matrix products an OpenBLAS sgemm (experiments/blas_ffi.py)."""
+  n_in = x.ndim - lead
+  y2 = blas_ffi.gemm(x.reshape(math.prod(x.shape[:lead]), -1), w.reshape(math.prod(w.shape[:n_in]), -1))
+  return y2.reshape(x.shape[:lead] + w.shape[n_in:]).astype(x.dtype)
+
+
+def _blas_dense_fwd(lead: int, x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  return _blas_dense(lead, x, w), (x, w)
+
+
+def _blas_dense_bwd(lead: int, res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+  x, w = res
+  n_in = x.ndim - lead
+  x2 = x.reshape(math.prod(x.shape[:lead]), -1)
+  w2 = w.reshape(math.prod(w.shape[:n_in]), -1)
+  dy2 = dy.reshape(x2.shape[0], -1)
+  dx2 = blas_ffi.gemm(dy2, w2, trans_b=True)  # dy · Wᵀ and xᵀ · dy: the transposes are sgemm flags, not copies
+  dw2 = blas_ffi.gemm(x2, dy2, trans_a=True)
+  return dx2.reshape(x.shape).astype(x.dtype), dw2.reshape(w.shape).astype(w.dtype)
+
+
+_blas_dense.defvjp(_blas_dense_fwd, _blas_dense_bwd)
+
+
 class _JnpWithDenseVjp:
   """`jax.numpy` as the model sees it, except that projection einsums (those of `specs` only, if given) go through
-  `_dense`."""
+  `dense` (`_dense`, or `_blas_dense`)."""
 
-  def __init__(self, specs: tuple[str, ...] = ()):
+  def __init__(self, specs: tuple[str, ...] = (), dense: Any = _dense):
     self.specs = specs
+    self.dense = dense
 
   def __getattr__(self, name: str) -> Any:
     return getattr(jnp, name)
@@ -85,7 +118,7 @@ class _JnpWithDenseVjp:
     lead = _weight_split(spec) if len(operands) == 2 and not kwargs else None
     if lead is None or (self.specs and spec not in self.specs):
       return jnp.einsum(spec, *operands, **kwargs)
-    return _dense(lead, *operands)
+    return self.dense(lead, *operands)
 
 
 def _normalise(rms: bool, eps: float, x_NxD: Array, scale_D: Array,
@@ -214,7 +247,8 @@ class _NormDenseBlock(nn.Module):
 # Each prototype: the `llm_jax.model` global it replaces and what replaces it.
 PATCHES = {"dense_vjp": ("jnp", _JnpWithDenseVjp()),
            "mlp_vjp": ("jnp", _JnpWithDenseVjp(("BLD,DF->BLF", "BLF,FD->BLD"))),
-           "norm_dense": ("Block", _NormDenseBlock)}
+           "norm_dense": ("Block", _NormDenseBlock),
+           "blas_dense": ("jnp", _JnpWithDenseVjp(dense=_blas_dense))}
 PROTOTYPES = tuple(PATCHES)
 
 

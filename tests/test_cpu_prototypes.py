@@ -58,3 +58,15 @@ def test_the_patch_is_undone_and_unknown_names_refused():
   with pytest.raises(ValueError, match="--prototype='fused' is unknown"):
     with cpu_prototypes.patched("fused"):
       pass
+
+
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True), (True, True)])
+def test_blas_gemm_matches_numpy_with_each_transpose(trans_a, trans_b):
+  import blas_ffi  # pylint: disable=import-outside-toplevel  # builds the FFI library on first use
+  rng = np.random.default_rng(1)
+  a_MxK, b_KxN = rng.standard_normal((37, 19), dtype=np.float32), rng.standard_normal((19, 23), dtype=np.float32)
+  a = a_MxK.T.copy() if trans_a else a_MxK
+  b = b_KxN.T.copy() if trans_b else b_KxN
+  got = jax.jit(lambda x, y: blas_ffi.gemm(x, y, trans_a, trans_b))(a, b)
+  assert got.shape == (37, 23)
+  np.testing.assert_allclose(np.asarray(got), a_MxK.astype(np.float64) @ b_KxN, rtol=1e-4, atol=1e-4)
