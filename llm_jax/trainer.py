@@ -158,7 +158,8 @@ def _extra_evaluator(config: ml_collections.ConfigDict, cfg: ModelConfig, tokeni
   return lambda params: {k: v for evaluate in evaluators for k, v in evaluate(full_params(params)).items()}
 
 
-def _resolved(config: ml_collections.ConfigDict, command_line_keys: Collection[str]) -> ml_collections.ConfigDict:
+def _resolved(config: ml_collections.ConfigDict,
+              command_line_keys: Collection[str] = ()) -> ml_collections.ConfigDict:
   """The validated config, with the model dimensions and tokenizer of `init_params_from` when it is set.
 
   `command_line_keys` are the keys the user set by flag: one of them that the base's dimensions would replace is an
