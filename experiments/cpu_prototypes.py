@@ -54,53 +54,40 @@ def _weight_split(spec: str) -> int | None:
   return len(keep) if out == keep + ws[len(contracted):] else None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dense(lead: int, x: jax.Array, w: jax.Array) -> jax.Array:
-  n_in = x.ndim - lead
-  y2 = x.reshape(math.prod(x.shape[:lead]), -1) @ w.reshape(math.prod(w.shape[:n_in]), -1)
-  return y2.reshape(x.shape[:lead] + w.shape[n_in:])
+def _xla_matmul(a: Array, b: Array, trans_a: bool = False, trans_b: bool = False) -> Array:
+  return (a.T if trans_a else a) @ (b.T if trans_b else b)
 
 
-def _dense_fwd(lead: int, x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  return _dense(lead, x, w), (x, w)
+def _dense_with(matmul: Any) -> Any:
+  """A projection `dense(lead, x, w)` (x's first `lead` dimensions kept, the rest contracted with w's leading ones)
+  whose custom VJP writes its three products as 2-D `matmul(a, b, trans_a, trans_b)` calls: y = x · W,
+  dx = dy · Wᵀ and dW = xᵀ · dy, instead of the einsum transposes autodiff derives."""
+
+  def flat(lead: int, x: Array, w: Array) -> tuple[Array, Array]:
+    return x.reshape(math.prod(x.shape[:lead]), -1), w.reshape(math.prod(w.shape[:x.ndim - lead]), -1)
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+  def dense(lead: int, x: Array, w: Array) -> Array:
+    y2 = matmul(*flat(lead, x, w)).astype(jnp.result_type(x, w))
+    return y2.reshape(x.shape[:lead] + w.shape[x.ndim - lead:])
+
+  def fwd(lead: int, x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
+    return dense(lead, x, w), (x, w)
+
+  def bwd(lead: int, res: tuple[Array, Array], dy: Array) -> tuple[Array, Array]:
+    x, w = res
+    x2, w2 = flat(lead, x, w)
+    dy2 = dy.reshape(x2.shape[0], -1)
+    dx2, dw2 = matmul(dy2, w2, trans_b=True), matmul(x2, dy2, trans_a=True)
+    return dx2.reshape(x.shape).astype(x.dtype), dw2.reshape(w.shape).astype(w.dtype)
+
+  dense.defvjp(fwd, bwd)
+  return dense
 
 
-def _dense_bwd(lead: int, res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
-  x, w = res
-  n_in = x.ndim - lead
-  x2 = x.reshape(math.prod(x.shape[:lead]), -1)
-  w2 = w.reshape(math.prod(w.shape[:n_in]), -1)
-  dy2 = dy.reshape(x2.shape[0], -1)
-  return (dy2 @ w2.T).reshape(x.shape).astype(x.dtype), (x2.T @ dy2).reshape(w.shape).astype(w.dtype)
-
-
-_dense.defvjp(_dense_fwd, _dense_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blas_dense(lead: int, x: jax.Array, w: jax.Array) -> jax.Array:
-  """`_dense` with each of its three matrix products an OpenBLAS sgemm (experiments/blas_ffi.py)."""
-  n_in = x.ndim - lead
-  y2 = blas_ffi.gemm(x.reshape(math.prod(x.shape[:lead]), -1), w.reshape(math.prod(w.shape[:n_in]), -1))
-  return y2.reshape(x.shape[:lead] + w.shape[n_in:]).astype(x.dtype)
-
-
-def _blas_dense_fwd(lead: int, x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  return _blas_dense(lead, x, w), (x, w)
-
-
-def _blas_dense_bwd(lead: int, res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
-  x, w = res
-  n_in = x.ndim - lead
-  x2 = x.reshape(math.prod(x.shape[:lead]), -1)
-  w2 = w.reshape(math.prod(w.shape[:n_in]), -1)
-  dy2 = dy.reshape(x2.shape[0], -1)
-  dx2 = blas_ffi.gemm(dy2, w2, trans_b=True)  # dy · Wᵀ and xᵀ · dy: the transposes are sgemm flags, not copies
-  dw2 = blas_ffi.gemm(x2, dy2, trans_a=True)
-  return dx2.reshape(x.shape).astype(x.dtype), dw2.reshape(w.shape).astype(w.dtype)
-
-
-_blas_dense.defvjp(_blas_dense_fwd, _blas_dense_bwd)
+_dense = _dense_with(_xla_matmul)
+# The same with each product an OpenBLAS sgemm (experiments/blas_ffi.py): the transposes are flags, not copies.
+_blas_dense = _dense_with(blas_ffi.gemm)
 
 
 class _JnpWithDenseVjp:
