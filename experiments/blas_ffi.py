@@ -4,6 +4,7 @@ first use, cached by source and library, registered with JAX; `gemm(a, b, trans_
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import hashlib
 import os
@@ -16,7 +17,6 @@ import numpy as np
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "blas_gemm.cc")
 TARGET = "blas_gemm"
-_registered: list[str] = []
 
 
 def _openblas() -> str:
@@ -51,12 +51,11 @@ def build(cache_dir: str = os.path.expanduser("~/.cache/llm_jax/ffi")) -> str:
   return library
 
 
+@functools.cache
 def register() -> None:
   """Builds (if needed) and registers the FFI target once per process."""
-  if not _registered:
-    library = ctypes.cdll.LoadLibrary(build())
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.BlasGemm), platform="cpu")
-    _registered.append(TARGET)
+  library = ctypes.cdll.LoadLibrary(build())
+  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.BlasGemm), platform="cpu")
 
 
 def gemm(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:

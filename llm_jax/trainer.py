@@ -173,8 +173,7 @@ def _resolved(config: ml_collections.ConfigDict,
   if not config.init_params_from:
     return config
   source_cfg, tokenizer_path = workdir_lib.read_model_card(config.init_params_from, "--config.init_params_from")
-  validation.validate_against_base(config, source_cfg, command_line_keys)
-  replaced = validation.replaced_by_base(config, source_cfg)
+  replaced = validation.validate_against_base(config, source_cfg, command_line_keys)
   if replaced:
     writers.console("init_params_from: the base model's dimensions replace the config's: " + ", ".join(
         f"{key} {value} -> {base_value}" for key, (value, base_value) in replaced.items()))

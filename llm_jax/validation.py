@@ -261,10 +261,11 @@ def replaced_by_base(config: ml_collections.ConfigDict, base: model_lib.ModelCon
 
 
 def validate_against_base(config: ml_collections.ConfigDict, base: model_lib.ModelConfig,
-                          command_line_keys: Collection[str]) -> None:
+                          command_line_keys: Collection[str]) -> dict[str, tuple]:
   """Refuses a model setting given on the command line that the base model's dimensions would replace (the
-  experiment file's are the recipe's and are replaced: the trainer prints which), and any tokenizer flag."""
-  for key in replaced_by_base(config, base):
+  experiment file's are the recipe's and are replaced), and any tokenizer flag; returns `replaced_by_base`."""
+  replaced = replaced_by_base(config, base)
+  for key in replaced:
     value, base_value = config[key], getattr(base, key.split(".", 1)[1])
     _require(key not in command_line_keys or value == base_value, f"--config.{key}={value} differs from the base "
              f"model's {base_value} (--config.init_params_from={config.init_params_from}), whose dimensions the run "
@@ -272,6 +273,7 @@ def validate_against_base(config: ml_collections.ConfigDict, base: model_lib.Mod
   for key in command_line_keys:
     _require(not key.startswith("tokenizer."), f"--config.{key} is set but --config.init_params_from="
              f"{config.init_params_from} brings its own tokenizer, which the run keeps; drop --config.{key}")
+  return replaced
 
 
 def _validate_sample(config: ml_collections.ConfigDict) -> None:
