@@ -7,6 +7,7 @@ Commands: python experiments/cpu_levers.py --mode=model --configs=tiny,10m --set
           python experiments/cpu_levers.py --mode=model --configs=tiny --set= --prototype=dense_vjp
           python experiments/cpu_levers.py --mode=flags --configs=tiny --rounds=3
               --xla_flags='--xla_cpu_use_onednn=true;--xla_cpu_experimental_ynn_fusion_type=dot'
+          python experiments/cpu_levers.py --mode=flags --configs=tiny --xla_flags=JAX_CPU_ENABLE_ASYNC_DISPATCH=false
           (bare config names are variants of experiments/bench.py, as in `python -m llm_jax.bench`)
 Method:   --mode=model builds two train steps of one config, the default (A) and the default with --set's model
           keys (B; --compile_options and a --prototype of experiments/cpu_prototypes.py apply to B alone), from
@@ -15,7 +16,8 @@ Method:   --mode=model builds two train steps of one config, the default (A) and
           processes hits both alike. It prints B ÷ A tokens/s (median of the per-block-pair ratios, with their
           range), both loss curves at a few steps and both validation losses. --mode=flags cannot share a process
           (XLA reads XLA_FLAGS once, at start-up): each round runs `python -m llm_jax.bench` on synthetic batches
-          once without extra flags and once per ';'-separated flag set, in that order, and reports each flag set's
+          once without extra flags and once per ';'-separated flag set (XLA flags and NAME=VALUE environment
+          settings such as jax options), in that order, and reports each flag set's
           tokens/s ÷ the same round's baseline (median and range over --rounds).
 Hardware and results: BENCHMARKS.md ("What limits the CPU figures", 2026-12-01).
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -54,7 +57,8 @@ _SET = flags.DEFINE_list("set", ["compute_dtype=bfloat16"], "--mode=model: model
 _OPTIONS = flags.DEFINE_list("compile_options", [], "--mode=model: XLA options B's step is compiled with, key=value "
                              "(enums by name, e.g. xla_cpu_experimental_xnn_fusion_type=LIBRARY_FUSION_TYPE_DOT): "
                              "an XLA flag measured in one process.")
-_XLA_FLAGS = flags.DEFINE_string("xla_flags", "", "--mode=flags: ';'-separated XLA_FLAGS sets to try.")
+_XLA_FLAGS = flags.DEFINE_string("xla_flags", "", "--mode=flags: ';'-separated sets to try, each of XLA flags "
+                                 "(--name=value) and environment settings read at start-up (NAME=VALUE).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "--mode=flags: rounds of (baseline, each flag set).")
 _PROTOTYPE = flags.DEFINE_enum("prototype", "", ["", *cpu_prototypes.PROTOTYPES], "--mode=model: a prototype "
                                 "(experiments/cpu_prototypes.py) patched into B's trace.")
@@ -160,11 +164,29 @@ def format_model(r: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def _bench_once(name: str, xla_flags: str, steps: int, repeats: int, warmup: int) -> float:
-  """Tokens/s of one `python -m llm_jax.bench` process on synthetic batches, with XLA_FLAGS set to `xla_flags`."""
+def split_flag_set(flag_set: str) -> tuple[str, dict[str, str]]:
+  """A flag set's XLA flags (`--name=value`) and environment settings (`NAME=VALUE`, e.g. a jax option read at
+  start-up such as JAX_CPU_ENABLE_ASYNC_DISPATCH=false); anything else is a ValueError."""
+  xla, env = [], {}
+  for token in flag_set.split():
+    name, eq, value = token.partition("=")
+    if token.startswith("--"):
+      xla.append(token)
+    elif eq and re.fullmatch(r"[A-Z_][A-Z0-9_]*", name):
+      env[name] = value
+    else:
+      raise ValueError(f"{token!r} in --xla_flags is neither an XLA flag (--name=value) nor an environment "
+                       "setting (NAME=VALUE)")
+  return " ".join(xla), env
+
+
+def _bench_once(name: str, flag_set: str, steps: int, repeats: int, warmup: int) -> float:
+  """Tokens/s of one `python -m llm_jax.bench` process on synthetic batches, started with `flag_set`'s XLA_FLAGS
+  (after those already in the environment) and environment settings."""
+  xla_flags, extra_env = split_flag_set(flag_set)
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "bench.json")
-    env = {**os.environ, "XLA_FLAGS": xla_flags}
+    env = {**os.environ, **extra_env, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()}
     subprocess.run([sys.executable, "-m", "llm_jax.bench", f"--configs={name}", f"--steps={steps}",
                     f"--repeats={repeats}", f"--warmup={warmup}", "--real_data=false", "--decode=false",
                     f"--json={out}"], env=env, check=True, stdout=subprocess.DEVNULL)
@@ -175,11 +197,10 @@ def _bench_once(name: str, xla_flags: str, steps: int, repeats: int, warmup: int
 def compare_flags(name: str, flag_sets: Sequence[str], rounds: int, steps: int, repeats: int,
                   warmup: int) -> dict[str, Any]:
   """Each flag set's tokens/s over the same round's baseline (no extra flags), over `rounds` rounds."""
-  base_flags = os.environ.get("XLA_FLAGS", "")
   samples: dict[str, list[float]] = {f: [] for f in ("", *flag_sets)}
   for _ in range(rounds):
     for f in samples:
-      samples[f].append(_bench_once(name, f"{base_flags} {f}".strip(), steps, repeats, warmup))
+      samples[f].append(_bench_once(name, f, steps, repeats, warmup))
   ratios = {f: [s / b for s, b in zip(samples[f], samples[""])] for f in flag_sets}
   return {"config": name, "rounds": rounds, "tokens_per_s": samples,
           "over_baseline": {f: {"median": statistics.median(r), "min": min(r), "max": max(r)}
@@ -202,6 +223,8 @@ def main(argv: Sequence[str]) -> None:
         flag_sets = [f.strip() for f in _XLA_FLAGS.value.split(";") if f.strip()]
         if not flag_sets:
           raise ValueError("--mode=flags needs --xla_flags='--flag=value[;--other=value]'")
+        for f in flag_sets:
+          split_flag_set(f)  # a malformed set fails before the first round, not after it
         r = compare_flags(name, flag_sets, _ROUNDS.value, FLAGS.steps, FLAGS.repeats, FLAGS.warmup)
         for f, s in r["over_baseline"].items():
           print(f"[{name}] {f}: {s['median']:.3f}x baseline tokens/s ({s['min']:.3f}–{s['max']:.3f}, "
