@@ -153,7 +153,9 @@ class PeerWatchdog:
   not moved for `timeout_s` (measured on this host's monotonic clock, so host clocks need not agree) is gone.
   """
 
-  def __init__(self, interval_s: float = 2.0, timeout_s: float = 60.0):
+  INTERVAL_S = 2.0  # seconds between heartbeats
+
+  def __init__(self, timeout_s: float = 60.0, interval_s: float = INTERVAL_S):
     self.interval_s, self.timeout_s = interval_s, timeout_s
     self._me = 0
 

@@ -25,42 +25,79 @@ USER_ERRORS = (ValueError, FileNotFoundError, checkpoint_lib.CheckpointError, fa
 class DistributedFlags:
   """The multi-controller flags, defined only by the entry points that start (or hand on) a multi-process run."""
 
-  def __init__(self):
+  def __init__(self, flag_values: flags.FlagValues = flags.FLAGS):
     env = os.environ
     self._coordinator = flags.DEFINE_string(
         "coordinator_address", env.get("LLM_JAX_COORDINATOR_ADDRESS"),
-        "host:port of process 0 for a multi-process run (env LLM_JAX_COORDINATOR_ADDRESS).")
+        "host:port of process 0 for a multi-process run (env LLM_JAX_COORDINATOR_ADDRESS).", flag_values=flag_values)
     self._num_processes = flags.DEFINE_integer(
         "num_processes", int(env.get("LLM_JAX_NUM_PROCESSES", "0")) or None,
-        "Processes in a multi-process run (env LLM_JAX_NUM_PROCESSES).")
+        "Processes in a multi-process run (env LLM_JAX_NUM_PROCESSES).", flag_values=flag_values)
     self._process_id = flags.DEFINE_integer(
         "process_id", int(env["LLM_JAX_PROCESS_ID"]) if "LLM_JAX_PROCESS_ID" in env else None,
-        "This process's index in a multi-process run (env LLM_JAX_PROCESS_ID).")
+        "This process's index in a multi-process run (env LLM_JAX_PROCESS_ID).", flag_values=flag_values)
     self._distributed = flags.DEFINE_bool(
         "distributed", False, "Call jax.distributed.initialize() with auto-detection (Cloud TPU VMs, "
-        "SLURM, ...); implied by --coordinator_address.")
+        "SLURM, ...) of whatever --coordinator_address, --num_processes and --process_id leave unset; implied by "
+        "--coordinator_address.", flag_values=flag_values)
     self._peer_timeout = flags.DEFINE_float(
         "peer_timeout_s", 60.0, "Seconds without a heartbeat from another process before this one stops, "
-        "naming it (multi-process runs only).")
+        "naming it (multi-process runs only).", flag_values=flag_values)
+    self._flag_values = flag_values
 
-  def initialize(self) -> None:
-    """Joins the multi-controller runtime when asked to; a single process needs nothing."""
-    if self._coordinator.value:
-      jax.distributed.initialize(coordinator_address=self._coordinator.value,
-                                 num_processes=self._num_processes.value, process_id=self._process_id.value)
-    elif self._distributed.value:
-      jax.distributed.initialize()
-    else:
+  def _multi_process(self) -> bool:
+    return bool(self._coordinator.value) or self._distributed.value
+
+  def check(self, ignored_by: str | None = None) -> None:
+    """Raises ValueError for a multi-controller setting that would be ignored: any of them given on the command
+    line when `ignored_by` (a mode that starts no process) is set, or one that only a multi-process run reads."""
+    names = ("coordinator_address", "num_processes", "process_id", "distributed", "peer_timeout_s")
+    given = [f"--{name}" for name in names if self._flag_values[name].present]
+    if ignored_by and given:
+      raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} ignored by {ignored_by}, which "
+                       "starts no process; drop it")
+    if self._multi_process():
+      if self._peer_timeout.value <= 2 * faults.PeerWatchdog.INTERVAL_S:
+        raise ValueError(f"--peer_timeout_s={self._peer_timeout.value:g} is not longer than two heartbeats "
+                         f"({faults.PeerWatchdog.INTERVAL_S:g} s apart), so a busy peer would be taken for a lost "
+                         f"one; pass more than {2 * faults.PeerWatchdog.INTERVAL_S:g}")
       return
+    for name, env_name, value in (("num_processes", "LLM_JAX_NUM_PROCESSES", self._num_processes.value),
+                                  ("process_id", "LLM_JAX_PROCESS_ID", self._process_id.value)):
+      if value is not None:
+        source = f"--{name}" if self._flag_values[name].present else f"{env_name}={value} (environment)"
+        raise ValueError(f"{source} is set but no multi-process run is asked for; add --coordinator_address="
+                         "host:port (or --distributed to detect the rest), or drop it")
+    if self._flag_values["peer_timeout_s"].present:
+      raise ValueError("--peer_timeout_s is read only by a multi-process run; add --coordinator_address=host:port "
+                       "(or --distributed), or drop it")
+
+  def initialize(self, program: str) -> None:
+    """Joins the multi-controller runtime when asked to; a single process needs nothing. Errors are one line."""
+    try:
+      self.check()
+    except ValueError as e:
+      fail(program, e)
+    if not self._multi_process():
+      return
+    try:  # jax.distributed auto-detects (TPU VM, SLURM, ...) only the values left as None
+      jax.distributed.initialize(coordinator_address=self._coordinator.value or None,
+                                 num_processes=self._num_processes.value, process_id=self._process_id.value)
+    except (ValueError, TypeError) as e:
+      fail(program, ValueError(f"multi-process start-up: {' '.join(str(e).split())} Pass --coordinator_address, "
+                               "--num_processes and --process_id (or LLM_JAX_COORDINATOR_ADDRESS, ...) on a host "
+                               "that jax cannot detect them on"))
     faults.PeerWatchdog(timeout_s=self._peer_timeout.value).start()
 
   def args(self) -> tuple[str, ...]:
     """This process's multi-controller flags, to hand on to child training processes."""
-    timeout = (f"--peer_timeout_s={self._peer_timeout.value}",)
-    if self._coordinator.value:
-      return (f"--coordinator_address={self._coordinator.value}", f"--num_processes={self._num_processes.value}",
-              f"--process_id={self._process_id.value}", *timeout)
-    return ("--distributed", *timeout) if self._distributed.value else ()
+    if not self._multi_process():
+      return ()
+    given = [("coordinator_address", self._coordinator.value), ("num_processes", self._num_processes.value),
+             ("process_id", self._process_id.value)]
+    set_ = tuple(f"--{name}={value}" for name, value in given if value not in (None, ""))
+    return (*set_, *(() if self._coordinator.value else ("--distributed",)),
+            f"--peer_timeout_s={self._peer_timeout.value}")
 
 
 def quiet_logs() -> None:

@@ -54,7 +54,7 @@ def prepare(config: ml_collections.ConfigDict, verify: bool) -> tuple[str, ...]:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  _DISTRIBUTED.initialize()
+  _DISTRIBUTED.initialize("llm_jax.prepare")
   launch.run_main("llm_jax.prepare", lambda: prepare(_CONFIG.value, _VERIFY.value))
 
 

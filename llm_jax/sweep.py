@@ -76,6 +76,10 @@ def main(argv: Sequence[str]) -> None:
     launch.fail("llm_jax.sweep", ValueError("--root is empty; pass the directory that holds the runs"))
   if _REPORT.value and _DRY_RUN.value:
     launch.fail("llm_jax.sweep", ValueError("--dry_run and --report exclude each other; pass one of them"))
+  try:
+    _DISTRIBUTED.check(ignored_by="--report" if _REPORT.value else None)
+  except ValueError as e:
+    launch.fail("llm_jax.sweep", e)
   launch.run_main("llm_jax.sweep", _report if _REPORT.value else _sweep)
 
 

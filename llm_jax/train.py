@@ -24,7 +24,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not _WORKDIR.value.strip():
     launch.fail("llm_jax.train", ValueError("--workdir is empty; pass the directory for checkpoints and logs"))
-  _DISTRIBUTED.initialize()
+  _DISTRIBUTED.initialize("llm_jax.train")
   config = _CONFIG.value
   keys = tuple(config_flags.get_override_values(flags.FLAGS["config"]))
   if config.dry_run:

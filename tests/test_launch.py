@@ -1,0 +1,69 @@
+"""launch.DistributedFlags: multi-controller settings that would be ignored are refused, and what is handed on."""
+
+import pytest
+from absl import flags
+
+from llm_jax import launch
+
+
+def _flags(argv: list[str], monkeypatch=None, **env: str) -> launch.DistributedFlags:
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  values = flags.FlagValues()
+  distributed = launch.DistributedFlags(flag_values=values)
+  values(["prog", *argv])
+  return distributed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num_processes=2"], "--num_processes is set but no multi-process run is asked for"),
+    (["--process_id=1"], "--process_id is set but no multi-process run is asked for"),
+    (["--peer_timeout_s=30"], "--peer_timeout_s is read only by a multi-process run"),
+    (["--distributed", "--peer_timeout_s=3"], "--peer_timeout_s=3 is not longer than two heartbeats"),
+])
+def test_settings_a_single_process_ignores_are_refused(argv, message):
+  with pytest.raises(ValueError, match=message):
+    _flags(argv).check()
+
+
+def test_a_process_count_from_the_environment_is_named_as_such(monkeypatch):
+  with pytest.raises(ValueError, match=r"LLM_JAX_NUM_PROCESSES=4 \(environment\) is set"):
+    _flags([], monkeypatch, LLM_JAX_NUM_PROCESSES="4").check()
+
+
+def test_a_mode_that_starts_no_process_refuses_every_given_flag():
+  with pytest.raises(ValueError, match=r"^--distributed, --peer_timeout_s are ignored by --report"):
+    _flags(["--distributed", "--peer_timeout_s=30"]).check(ignored_by="--report")
+  _flags([]).check(ignored_by="--report")  # nothing given: nothing to refuse
+
+
+def test_valid_settings_pass_and_are_handed_on_whole():
+  single = _flags([])
+  single.check()
+  assert single.args() == ()
+  explicit = _flags(["--coordinator_address=10.0.0.1:1234", "--num_processes=2", "--process_id=1",
+                     "--peer_timeout_s=10"])
+  explicit.check()
+  assert explicit.args() == ("--coordinator_address=10.0.0.1:1234", "--num_processes=2", "--process_id=1",
+                             "--peer_timeout_s=10.0")
+  # With --distributed, given values are passed on and the rest is left to jax's cluster detection.
+  detected = _flags(["--distributed", "--num_processes=4"])
+  detected.check()
+  assert detected.args() == ("--num_processes=4", "--distributed", "--peer_timeout_s=60.0")
+
+
+def test_sweep_report_refuses_distributed_flags_in_one_line(cli, tmp_path):
+  out = cli("llm_jax.sweep", "--report", f"--root={tmp_path}", "--num_processes=2")
+  assert out.returncode == 2
+  assert out.stderr.strip() == ("llm_jax.sweep: error: --num_processes is ignored by --report, which starts no "
+                                "process; drop it")
+
+
+def test_train_names_a_start_up_the_runtime_cannot_complete(cli, tmp_path):
+  # No coordinator on the command line and none that jax can detect on this host.
+  out = cli("llm_jax.train", "--config=experiments/smoke.py", f"--workdir={tmp_path / 'w'}", "--distributed")
+  assert out.returncode == 2
+  line = out.stderr.strip()
+  assert line.startswith("llm_jax.train: error: multi-process start-up: coordinator_address should be defined."), line
+  assert "\n" not in line
+  assert not (tmp_path / "w").exists()
