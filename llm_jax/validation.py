@@ -143,18 +143,12 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_tokenizer(config: ml_collections.ConfigDict) -> None:
-  """A tokenizer to train needs room for its fixed pieces; one loaded from a file takes none of the training knobs.
+  """A tokenizer to train needs room for its fixed pieces (_refuse_ignored refuses training knobs beside a file's).
 
   With init_params_from the base's tokenizer is used, as its dimensions are (config.with_model), so not checked here.
   """
-  t, defaults = config.tokenizer, get_config().tokenizer
-  if config.init_params_from:
-    return
-  if t.path:
-    for key in ("model_type", "vocab_size", "byte_fallback"):
-      _require(t[key] == defaults[key], f"tokenizer.{key} is set but tokenizer.path={t.path!r} loads an existing "
-               f"tokenizer, which ignores it; restore tokenizer.{key}={defaults[key]} (or clear tokenizer.path to "
-               "train one)")
+  t = config.tokenizer
+  if config.init_params_from or t.path:
     return
   if t.model_type == "char":
     return  # takes every character seen; vocab_size is not read (config.py says so)
@@ -238,6 +232,9 @@ def _refuse_ignored(config: ml_collections.ConfigDict) -> None:
       ignored.append(("optim", (key,), f"optim.name={o.name!r}", f"optim.name={readers[0]}"))
   if o.schedule != "wsd":
     ignored.append(("optim", ("decay_fraction",), f"optim.schedule={o.schedule!r}", "optim.schedule=wsd"))
+  if config.tokenizer.path and not config.init_params_from:
+    ignored.append(("tokenizer", ("model_type", "vocab_size", "byte_fallback"),
+                    f"tokenizer.path={config.tokenizer.path!r}", "tokenizer.path='' to train one"))
   if m.family != "llama":
     rope = tuple(k for k in m.keys() if k.startswith("rope_"))
     ignored.append(("model", rope, f"model.family={m.family!r}", "model.family=llama"))

@@ -151,8 +151,8 @@ CONFIG_GROUP_CASES = [
     ("negative harness limit", {"eval_harness_tasks": "t", "eval_harness_limit": -1},
      "eval_harness_limit=-1 must be >= 0"),
     ("vocab size with a tokenizer file", {"tokenizer.path": "tok.model"}, "tokenizer.vocab_size is set but "
-     "tokenizer.path='tok.model' loads an existing tokenizer, which ignores it; restore tokenizer.vocab_size=2048 (or "
-     "clear tokenizer.path to train one)"),
+     "tokenizer.path='tok.model' ignores it; pass --config.tokenizer.path='' to train one (or restore "
+     "tokenizer.vocab_size=2048)"),
     ("model type with a tokenizer file", {"tokenizer.path": "tok.model", "tokenizer.vocab_size": 2048,
                                           "tokenizer.model_type": "unigram"}, "tokenizer.model_type is set but "
      "tokenizer.path='tok.model'"),
