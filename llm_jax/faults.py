@@ -1,8 +1,10 @@
-"""What stops or shields a run: `RunError`, the workdir lock, SIGTERM/SIGINT turned into a clean stop, and the
-refusal to start a run inside a worker process that is re-importing the user's script."""
+"""What stops or shields a run: `RunError`, the workdir lock, SIGTERM/SIGINT turned into a clean stop, the watchdog
+that names a lost peer of a multi-process run, and the refusal to start a run inside a worker process that is
+re-importing the user's script."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import os
@@ -150,14 +152,18 @@ class PeerWatchdog:
   line naming it, instead of blocking in a collective until a runtime timeout aborts it with no word.
 
   Each process bumps a counter in the runtime's key-value store every `interval_s`; a peer whose counter has
-  not moved for `timeout_s` (measured on this host's monotonic clock, so host clocks need not agree) is gone.
+  not moved for `timeout_s` (measured on this host's monotonic clock, so host clocks need not agree) is gone. A
+  process that completed its work says so with `finish`; one that exits without it (an error) falls silent, and
+  its peers name it.
   """
 
   INTERVAL_S = 2.0  # seconds between heartbeats
+  FINISHED = "finished"  # the last value of the heartbeat of a process that completed its work
 
   def __init__(self, timeout_s: float = 60.0, interval_s: float = INTERVAL_S):
     self.interval_s, self.timeout_s = interval_s, timeout_s
-    self._me = 0
+    self._me, self._client = 0, None
+    self._lock, self._stopped = threading.Lock(), threading.Event()
 
   def start(self) -> None:
     from jax._src import distributed  # pylint: disable=import-outside-toplevel  # no public API exposes the store
@@ -166,29 +172,63 @@ class PeerWatchdog:
       return
     # The ids come from the runtime's own record: asking jax.process_index() here would initialise the
     # backends from this thread while the main thread does the same.
-    self._me = state.process_id
-    threading.Thread(target=self._watch, args=(state.client, state.num_processes), name="llm_jax-peer-watchdog",
+    self._me, self._client = state.process_id, state.client
+    # atexit runs its handlers last-registered first, so this one runs before jax's own, which shuts the client
+    # down: a heartbeat sent after that fails, and would be taken for the loss of process 0.
+    atexit.register(self._silence)
+    threading.Thread(target=self._watch, args=(state.num_processes,), name="llm_jax-peer-watchdog",
                      daemon=True).start()
 
-  def _watch(self, client: Any, num_processes: int) -> None:
-    me, beats = self._me, 0
+  def finish(self) -> None:
+    """Tells the other processes that this one completed its work: it stops sending heartbeats while it waits for
+    them to exit, and they stop watching it instead of taking its silence for a loss."""
+    with self._lock:
+      if self._client is None or self._stopped.is_set():
+        return
+      self._stopped.set()
+      try:
+        self._client.key_value_set(self._key(self._me), self.FINISHED, allow_overwrite=True)
+      except Exception:  # pylint: disable=broad-except  # the peers then see a silent process, as they would anyway
+        pass
+
+  def _silence(self) -> None:
+    """Stops the heartbeat without a word (at exit, whether or not `finish` was called); takes no lock, so a
+    heartbeat call that hangs on a lost coordinator cannot hold the exit up."""
+    self._stopped.set()
+
+  @staticmethod
+  def _key(process: int) -> str:
+    return f"llm_jax/heartbeat/{process}"
+
+  def _watch(self, num_processes: int) -> None:
+    me, beats, client = self._me, 0, self._client
     seen = {p: ("", time.monotonic()) for p in range(num_processes) if p != me}
     while True:
       beats += 1
       try:
-        client.key_value_set(f"llm_jax/heartbeat/{me}", str(beats), allow_overwrite=True)
-        values = {p: self._try_get(client, f"llm_jax/heartbeat/{p}") for p in seen}
+        with self._lock:
+          if self._stopped.is_set():
+            return
+          client.key_value_set(self._key(me), str(beats), allow_overwrite=True)
+        values = {p: self._try_get(client, self._key(p)) for p in seen}
       except Exception as e:  # pylint: disable=broad-except  # the store lives in process 0
+        if self._stopped.is_set():
+          return  # this process is exiting, and the runtime is shutting down under the call
         self._stop(f"lost contact with process 0, which runs the coordinator ({' '.join(str(e).split())[:120]}); "
                    "it was probably killed: see its log")
+      if self._stopped.is_set():
+        return  # finished or exiting while the peers were read: nothing of this process waits on them any more
       now = time.monotonic()
       for peer, value in values.items():
-        if value != seen[peer][0]:
+        if value == self.FINISHED:
+          del seen[peer]  # it completed its work and waits for this one to exit
+        elif value != seen[peer][0]:
           seen[peer] = (value, now)
         elif now - seen[peer][1] > self.timeout_s:
           self._stop(f"process {peer} has sent no heartbeat for {now - seen[peer][1]:.0f} s: it was killed or "
                      "hangs (see its log)")
-      time.sleep(self.interval_s)
+      if self._stopped.wait(self.interval_s):
+        return
 
   @staticmethod
   def _try_get(client: Any, key: str) -> str:

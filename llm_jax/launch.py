@@ -44,6 +44,7 @@ class DistributedFlags:
         "peer_timeout_s", 60.0, "Seconds without a heartbeat from another process before this one stops, "
         "naming it (multi-process runs only).", flag_values=flag_values)
     self._flag_values = flag_values
+    self._watchdog: faults.PeerWatchdog | None = None
 
   def _multi_process(self) -> bool:
     return bool(self._coordinator.value) or self._distributed.value
@@ -87,7 +88,14 @@ class DistributedFlags:
       fail(program, ValueError(f"multi-process start-up: {' '.join(str(e).split())} Pass --coordinator_address, "
                                "--num_processes and --process_id (or LLM_JAX_COORDINATOR_ADDRESS, ...) on a host "
                                "that jax cannot detect them on"))
-    faults.PeerWatchdog(timeout_s=self._peer_timeout.value).start()
+    self._watchdog = faults.PeerWatchdog(timeout_s=self._peer_timeout.value)
+    self._watchdog.start()
+
+  def finish(self) -> None:
+    """Called when this process's work is done: the other processes stop watching it while it waits for them at
+    exit (without it, one that finishes early is taken for lost once `--peer_timeout_s` has passed)."""
+    if self._watchdog is not None:
+      self._watchdog.finish()
 
   def args(self) -> tuple[str, ...]:
     """This process's multi-controller flags, to hand on to child training processes."""

@@ -56,6 +56,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   _DISTRIBUTED.initialize("llm_jax.prepare")
   launch.run_main("llm_jax.prepare", lambda: prepare(_CONFIG.value, _VERIFY.value))
+  _DISTRIBUTED.finish()
 
 
 if __name__ == "__main__":

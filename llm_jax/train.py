@@ -31,6 +31,7 @@ def main(argv: Sequence[str]) -> None:
     launch.run_main("llm_jax.train", lambda: trainer.dry_run(config, keys))
   else:
     launch.run_main("llm_jax.train", lambda: trainer.train_and_evaluate(config, _WORKDIR.value, keys))
+  _DISTRIBUTED.finish()  # run_main returns only when the work succeeded
 
 
 if __name__ == "__main__":

@@ -100,3 +100,31 @@ def test_a_killed_peer_is_named_by_the_survivor(tmp_path):
   assert procs[0].returncode == 2, out[-3000:]
   assert "process 1 has sent no heartbeat for" in out and "restart every process" in out, out[-3000:]
   assert time.time() - started < 60  # the 10 s watchdog, well before the runtime's own 100 s heartbeat timeout
+
+
+_WATCHED_EXIT = """
+import sys, time, jax
+from llm_jax import faults
+process_id, port = int(sys.argv[1]), sys.argv[2]
+jax.distributed.initialize(coordinator_address="127.0.0.1:" + port, num_processes=2, process_id=process_id)
+watchdog = faults.PeerWatchdog(timeout_s=1.0, interval_s=0.002)
+watchdog.start()
+if process_id == 1:
+  watchdog.finish()  # done at once: it waits, silent, in jax's shutdown while process 0 works on
+else:
+  time.sleep(3.0)  # three peer timeouts
+print("exiting", process_id, flush=True)
+"""
+
+
+def test_peers_that_finish_at_different_times_exit_cleanly(tmp_path):
+  # A process that finished is not taken for lost while it waits for the others, and a heartbeat racing jax's
+  # shutdown of the runtime at exit is not taken for the loss of process 0 (a 2 ms heartbeat hits that window).
+  from conftest import REPO  # pylint: disable=import-outside-toplevel
+  port = str(_free_port())
+  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  procs = [subprocess.Popen([sys.executable, "-c", _WATCHED_EXIT, str(p), port], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in range(2)]
+  outputs = [p.communicate(timeout=120)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs
+  assert all(f"exiting {p}" in out and "error" not in out for p, out in enumerate(outputs)), outputs
