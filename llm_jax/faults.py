@@ -148,22 +148,23 @@ class Preemption:
 
 
 class PeerWatchdog:
-  """In a multi-process run, notices a peer that stopped (killed, crashed, hung) and ends this process with a
-  line naming it, instead of blocking in a collective until a runtime timeout aborts it with no word.
+  """In a multi-process run, notices a peer that stopped (killed, crashed, hung, or failed) and ends this process
+  with a line naming it, instead of blocking in a collective until a runtime timeout aborts it with no word.
 
   Each process bumps a counter in the runtime's key-value store every `interval_s`; a peer whose counter has
-  not moved for `timeout_s` (measured on this host's monotonic clock, so host clocks need not agree) is gone. A
-  process that completed its work says so with `finish`; one that exits without it (an error) falls silent, and
-  its peers name it.
+  not moved for `timeout_s` (measured on this host's monotonic clock, so host clocks need not agree) is gone.
+  A process that ends marks its counter: `finished` (its peers stop watching it, and it waits for them at jax's
+  exit barrier) or, after `fail`, `failed` (its peers stop at once, naming it, and it leaves without waiting: the
+  peers are blocked in a collective on it and would never reach that barrier).
   """
 
   INTERVAL_S = 2.0  # seconds between heartbeats
-  FINISHED = "finished"  # the last value of the heartbeat of a process that completed its work
+  FINISHED, FAILED = "finished", "failed"  # the last value of the counter of a process that ended
 
   def __init__(self, timeout_s: float = 60.0, interval_s: float = INTERVAL_S):
     self.interval_s, self.timeout_s = interval_s, timeout_s
-    self._me, self._client = 0, None
-    self._lock, self._stopped = threading.Lock(), threading.Event()
+    self._me, self._client, self._thread, self._exit_code = 0, None, None, None
+    self._lock, self._ended, self._exiting = threading.Lock(), threading.Event(), threading.Event()
 
   def start(self) -> None:
     from jax._src import distributed  # pylint: disable=import-outside-toplevel  # no public API exposes the store
@@ -173,28 +174,43 @@ class PeerWatchdog:
     # The ids come from the runtime's own record: asking jax.process_index() here would initialise the
     # backends from this thread while the main thread does the same.
     self._me, self._client = state.process_id, state.client
-    # atexit runs its handlers last-registered first, so this one runs before jax's own, which shuts the client
-    # down: a heartbeat sent after that fails, and would be taken for the loss of process 0.
-    atexit.register(self._silence)
-    threading.Thread(target=self._watch, args=(state.num_processes,), name="llm_jax-peer-watchdog",
-                     daemon=True).start()
+    self._thread = threading.Thread(target=self._watch, args=(state.num_processes,), name="llm_jax-peer-watchdog",
+                                    daemon=True)
+    self._thread.start()
+    atexit.register(self._at_exit)  # atexit runs the last registered first: this before jax's own exit handler
 
   def finish(self) -> None:
-    """Tells the other processes that this one completed its work: it stops sending heartbeats while it waits for
-    them to exit, and they stop watching it instead of taking its silence for a loss."""
-    with self._lock:
-      if self._client is None or self._stopped.is_set():
+    """Marks this process's work as completed: its peers stop watching it while it waits for them at exit."""
+    self._end(self.FINISHED)
+
+  def fail(self, exit_code: int) -> None:
+    """Marks this process as stopped on an error (already reported): its peers stop naming it, and at exit it
+    leaves with `exit_code` without waiting for them."""
+    self._exit_code = exit_code
+    self._end(self.FAILED)
+
+  def _end(self, mark: str) -> None:
+    with self._lock:  # the heartbeat takes it too, so that no beat overwrites the mark
+      if self._client is None or self._ended.is_set():
         return
-      self._stopped.set()
+      self._ended.set()
       try:
-        self._client.key_value_set(self._key(self._me), self.FINISHED, allow_overwrite=True)
-      except Exception:  # pylint: disable=broad-except  # the peers then see a silent process, as they would anyway
+        self._client.key_value_set(self._key(self._me), mark, allow_overwrite=True)
+      except Exception:  # pylint: disable=broad-except  # the peers then see a silent process, and name it later
         pass
 
-  def _silence(self) -> None:
-    """Stops the heartbeat without a word (at exit, whether or not `finish` was called); takes no lock, so a
-    heartbeat call that hangs on a lost coordinator cannot hold the exit up."""
-    self._stopped.set()
+  def _at_exit(self) -> None:
+    """A failed process leaves now; any other waits, watched, at jax's exit barrier for every process, then ends
+    the thread while the interpreter can still run it (a daemon thread that returns from a runtime call after
+    the interpreter began finalising aborts the process)."""
+    if self._exit_code is not None:
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(self._exit_code)  # pylint: disable=protected-access
+    self.finish()  # a program that simply ended (one that joined the runtime without run())
+    self._exiting.set()
+    jax.distributed.shutdown()  # waits for every process (a lost one is named meanwhile), then closes the client
+    self._thread.join(timeout=self.interval_s + 10.0)
 
   @staticmethod
   def _key(process: int) -> str:
@@ -204,31 +220,29 @@ class PeerWatchdog:
     me, beats, client = self._me, 0, self._client
     seen = {p: ("", time.monotonic()) for p in range(num_processes) if p != me}
     while True:
-      beats += 1
       try:
         with self._lock:
-          if self._stopped.is_set():
-            return
-          client.key_value_set(self._key(me), str(beats), allow_overwrite=True)
+          if not self._ended.is_set():
+            beats += 1
+            client.key_value_set(self._key(me), str(beats), allow_overwrite=True)
         values = {p: self._try_get(client, self._key(p)) for p in seen}
       except Exception as e:  # pylint: disable=broad-except  # the store lives in process 0
-        if self._stopped.is_set():
-          return  # this process is exiting, and the runtime is shutting down under the call
+        if self._exiting.is_set():
+          return  # jax closed the runtime at exit, every process having arrived: nothing was lost
         self._stop(f"lost contact with process 0, which runs the coordinator ({' '.join(str(e).split())[:120]}); "
                    "it was probably killed: see its log")
-      if self._stopped.is_set():
-        return  # finished or exiting while the peers were read: nothing of this process waits on them any more
       now = time.monotonic()
       for peer, value in values.items():
         if value == self.FINISHED:
-          del seen[peer]  # it completed its work and waits for this one to exit
+          del seen[peer]  # it completed its work and waits for this one at exit
+        elif value == self.FAILED:
+          self._stop(f"process {peer} stopped on an error (see its log)")
         elif value != seen[peer][0]:
           seen[peer] = (value, now)
-        elif now - seen[peer][1] > self.timeout_s:
+        elif now - seen[peer][1] > self.timeout_s:  # also while this process waits for it at exit
           self._stop(f"process {peer} has sent no heartbeat for {now - seen[peer][1]:.0f} s: it was killed or "
                      "hangs (see its log)")
-      if self._stopped.wait(self.interval_s):
-        return
+      time.sleep(self.interval_s)
 
   @staticmethod
   def _try_get(client: Any, key: str) -> str:

@@ -91,9 +91,16 @@ class DistributedFlags:
     self._watchdog = faults.PeerWatchdog(timeout_s=self._peer_timeout.value)
     self._watchdog.start()
 
-  def finish(self) -> None:
-    """Called when this process's work is done: the other processes stop watching it while it waits for them at
-    exit (without it, one that finishes early is taken for lost once `--peer_timeout_s` has passed)."""
+  def run(self, program: str, body: Callable[[], None]) -> None:
+    """`run_main` for an entry point that called `initialize`: in a multi-process run, tells the other processes
+    how this one ended, so that one finishing early is not taken for lost and one failing is named at once."""
+    try:
+      run_main(program, body)
+    except BaseException as e:
+      if self._watchdog is not None:
+        code = e.code if isinstance(e, SystemExit) else 1
+        self._watchdog.fail(code if isinstance(code, int) else 1)
+      raise
     if self._watchdog is not None:
       self._watchdog.finish()
 
@@ -196,7 +203,7 @@ def run_main(program: str, body: Callable[[], None]) -> None:
   except USER_ERRORS as e:
     fail(program, e)
   except Exception as e:  # pylint: disable=broad-except  # storage errors arrive wrapped by orbax, tfds, ...
-    line = storage_error_line(e)
+    line = storage_error_line(e) or lost_peer_line(e)
     if line is None:
       raise
     fail(program, ValueError(line))
@@ -205,6 +212,17 @@ def run_main(program: str, body: Callable[[], None]) -> None:
 # Storage conditions a user fixes outside the program: one line naming the path, not a traceback.
 _STORAGE_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
                    errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+
+def lost_peer_line(error: BaseException) -> str | None:
+  """One line for a CPU collective (Gloo) that failed because another process went away, or None. The peer
+  watchdog names the process when it notices first; a collective that sees the closed connection first says this."""
+  text = " ".join(str(error).split())
+  if not isinstance(error, jax.errors.JaxRuntimeError) or "Gloo" not in text or not any(
+      sign in text for sign in ("reset by peer", "closed by peer", "Broken pipe", "Connection refused")):
+    return None
+  return (f"a collective failed because another process went away ({text[:160]}); see the other processes' logs. "
+          "Completed checkpoints are kept: restart every process with the same command to resume")
 
 
 def storage_error_line(error: BaseException) -> str | None:

@@ -23,7 +23,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, optionally with ':variant'; override any key with "
     "--config.<key>=<value>.", lock_config=True)
 _VERIFY = flags.DEFINE_bool("verify", False, "Also check every shard's sha256 against the manifest (reads the "
-                            "whole store).")
+                            "whole store, each process its share).")
 flags.mark_flags_as_required(["config"])
 _DISTRIBUTED = launch.DistributedFlags()
 
@@ -35,19 +35,22 @@ def prepare(config: ml_collections.ConfigDict, verify: bool) -> tuple[str, ...]:
   data = pipeline.prepare_data(config_lib.data_config(config), config_lib.tokenizer_config(config),
                                process_index=jax.process_index(), process_count=jax.process_count(), barrier=sync,
                                log=writers.console)
+  if verify:  # each process reads its share of the shards
+    for path in data.store_paths:
+      store_lib.TokenStore.open(path).verify(jax.process_index(), jax.process_count())
+    sync("llm_jax:verified")
   if jax.process_index() > 0:
     return data.store_paths
   for path in data.store_paths:
     store = store_lib.TokenStore.open(path)
-    if verify:
-      store.verify()
     for split in ("train", "validation"):
       counts, entry = store.counts(split), store.manifest["splits"][split]
       writers.console(f"{split}: {counts['documents']:,} documents, {counts['num_tokens']:,} tokens, "
                       f"{counts['bytes'] / 1e6:,.1f} MB of text, {len(entry['shards'])} shard(s), "
                       f"{counts['bytes'] / max(counts['num_tokens'], 1):.2f} bytes/token")
     writers.console(f"token store {path} ({store.manifest['dtype']}; tokenizer {data.tokenizer.path})"
-                    + ("; every shard matches its sha256" if verify else ""))
+                    + ("; every shard matches its sha256" if verify else "")
+                    + (f" (checked by {jax.process_count()} processes)" if verify and jax.process_count() > 1 else ""))
   return data.store_paths
 
 
@@ -55,8 +58,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   _DISTRIBUTED.initialize("llm_jax.prepare")
-  launch.run_main("llm_jax.prepare", lambda: prepare(_CONFIG.value, _VERIFY.value))
-  _DISTRIBUTED.finish()
+  _DISTRIBUTED.run("llm_jax.prepare", lambda: prepare(_CONFIG.value, _VERIFY.value))
 
 
 if __name__ == "__main__":

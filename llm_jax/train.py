@@ -28,10 +28,9 @@ def main(argv: Sequence[str]) -> None:
   config = _CONFIG.value
   keys = tuple(config_flags.get_override_values(flags.FLAGS["config"]))
   if config.dry_run:
-    launch.run_main("llm_jax.train", lambda: trainer.dry_run(config, keys))
+    _DISTRIBUTED.run("llm_jax.train", lambda: trainer.dry_run(config, keys))
   else:
-    launch.run_main("llm_jax.train", lambda: trainer.train_and_evaluate(config, _WORKDIR.value, keys))
-  _DISTRIBUTED.finish()  # run_main returns only when the work succeeded
+    _DISTRIBUTED.run("llm_jax.train", lambda: trainer.train_and_evaluate(config, _WORKDIR.value, keys))
 
 
 if __name__ == "__main__":

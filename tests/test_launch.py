@@ -1,5 +1,6 @@
-"""launch.DistributedFlags: multi-controller settings that would be ignored are refused, and what is handed on."""
+"""launch: multi-controller settings that would be ignored are refused, what is handed on, the lost-peer line."""
 
+import jax
 import pytest
 from absl import flags
 
@@ -67,3 +68,14 @@ def test_train_names_a_start_up_the_runtime_cannot_complete(cli, tmp_path):
   assert line.startswith("llm_jax.train: error: multi-process start-up: coordinator_address should be defined."), line
   assert "\n" not in line
   assert not (tmp_path / "w").exists()
+
+
+def test_a_collective_that_lost_its_peer_is_one_line_and_others_are_not():
+  # Recorded from a CI run whose peer was SIGKILLed while the survivor was in an all-reduce.
+  lost = jax.errors.JaxRuntimeError("UNKNOWN: Gloo all-reduce failed: [external/gloo/gloo/transport/tcp/pair.cc:538] "
+                                    "Read error [127.0.0.1]:13716: Connection reset by peer")
+  line = launch.lost_peer_line(lost)
+  assert line.startswith("a collective failed because another process went away (UNKNOWN: Gloo all-reduce")
+  assert "restart every process with the same command" in line and "\n" not in line
+  assert launch.lost_peer_line(jax.errors.JaxRuntimeError("UNKNOWN: Gloo all-reduce failed: bad size")) is None
+  assert launch.lost_peer_line(RuntimeError("Gloo: Connection reset by peer")) is None  # not from the runtime

@@ -125,6 +125,11 @@ def test_truncated_and_corrupted_shards_are_named_and_kept(sotu_store, tmp_path)
   with pytest.raises(ValueError, match=ONE_LINE) as caught:
     store.verify()
   assert f"token store shard {shard} does not match its recorded sha256" in str(caught.value)
+  # Shared between three processes, the shard is process 2's (2 mod 3): the other two pass, checking their shares.
+  counts = [len(entry["shards"]) for entry in store.manifest["splits"].values()]
+  assert [store.verify(p, 3) for p in (0, 1)] == [sum(len(range(p, n, 3)) for n in counts) for p in (0, 1)]
+  with pytest.raises(ValueError, match="000002.tokens does not match"):
+    store.verify(2, 3)
   assert "rerun python -m llm_jax.prepare" in str(caught.value)
   with open(shard, "r+b") as f:
     f.truncate(len(data) - 2)
@@ -360,11 +365,12 @@ def test_two_processes_prepare_the_store_one_process_prepares(tmp_path):
   assert one.returncode == 0, one.stderr
   port = _free_port()
   procs = [subprocess.Popen(command("two", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                    f"--process_id={p}"), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                    f"--process_id={p}", "--verify"), cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for p in range(2)]
   outputs = [p.communicate(timeout=300)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outputs
   assert "prepared shards of process 0/2" in outputs[0] and "token store" in outputs[0]  # process 0 reports
+  assert "every shard matches its sha256 (checked by 2 processes)" in outputs[0]
   stores = {name: [d for d in os.listdir(tmp_path / name) if not d.startswith("tokenizers") and "lock" not in d]
             for name in ("one", "two")}
   assert stores["one"] == stores["two"] and len(stores["one"]) == 1
