@@ -164,7 +164,8 @@ class PeerWatchdog:
   def __init__(self, timeout_s: float = 60.0, interval_s: float = INTERVAL_S):
     self.interval_s, self.timeout_s = interval_s, timeout_s
     self._me, self._client, self._thread, self._exit_code = 0, None, None, None
-    self._lock, self._ended, self._exiting = threading.Lock(), threading.Event(), threading.Event()
+    self._lock, self._ended, self._exiting, self._closed = (threading.Lock(), threading.Event(), threading.Event(),
+                                                            threading.Event())
 
   def start(self) -> None:
     from jax._src import distributed  # pylint: disable=import-outside-toplevel  # no public API exposes the store
@@ -184,8 +185,8 @@ class PeerWatchdog:
     self._end(self.FINISHED)
 
   def fail(self, exit_code: int) -> None:
-    """Marks this process as stopped on an error (already reported): its peers stop naming it, and at exit it
-    leaves with `exit_code` without waiting for them."""
+    """Marks this process as stopped on an error (already reported): its peers stop at once, naming it, and at exit
+    it leaves with `exit_code` without waiting for them."""
     self._exit_code = exit_code
     self._end(self.FAILED)
 
@@ -210,6 +211,7 @@ class PeerWatchdog:
     self.finish()  # a program that simply ended (one that joined the runtime without run())
     self._exiting.set()
     jax.distributed.shutdown()  # waits for every process (a lost one is named meanwhile), then closes the client
+    self._closed.set()
     self._thread.join(timeout=self.interval_s + 10.0)
 
   @staticmethod
@@ -219,7 +221,7 @@ class PeerWatchdog:
   def _watch(self, num_processes: int) -> None:
     me, beats, client = self._me, 0, self._client
     seen = {p: ("", time.monotonic()) for p in range(num_processes) if p != me}
-    while True:
+    while not self._closed.is_set():
       try:
         with self._lock:
           if not self._ended.is_set():
@@ -242,7 +244,7 @@ class PeerWatchdog:
         elif now - seen[peer][1] > self.timeout_s:  # also while this process waits for it at exit
           self._stop(f"process {peer} has sent no heartbeat for {now - seen[peer][1]:.0f} s: it was killed or "
                      "hangs (see its log)")
-      time.sleep(self.interval_s)
+      self._closed.wait(self.interval_s)
 
   @staticmethod
   def _try_get(client: Any, key: str) -> str:
