@@ -56,7 +56,7 @@ class DistributedFlags:
     given = [f"--{name}" for name in names if self._flag_values[name].present]
     if ignored_by and given:
       raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} ignored by {ignored_by}, which "
-                       "starts no process; drop it")
+                       f"starts no process; drop {'it' if len(given) == 1 else 'them'}")
     if self._multi_process():
       if self._peer_timeout.value <= 2 * faults.PeerWatchdog.INTERVAL_S:
         raise ValueError(f"--peer_timeout_s={self._peer_timeout.value:g} is not longer than two heartbeats "

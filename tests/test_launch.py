@@ -58,6 +58,10 @@ def test_sweep_report_refuses_distributed_flags_in_one_line(cli, tmp_path):
   assert out.returncode == 2
   assert out.stderr.strip() == ("llm_jax.sweep: error: --num_processes is ignored by --report, which starts no "
                                 "process; drop it")
+  several = _flags(["--distributed", "--peer_timeout_s=30"])
+  with pytest.raises(ValueError, match="^--distributed, --peer_timeout_s are ignored by --report, which starts no "
+                                       "process; drop them$"):
+    several.check(ignored_by="--report")
 
 
 def test_train_names_a_start_up_the_runtime_cannot_complete(cli, tmp_path):
