@@ -238,7 +238,9 @@ class PeerWatchdog:
         if value == self.FINISHED:
           del seen[peer]  # it completed its work and waits for this one at exit
         elif value == self.FAILED:
-          self._stop(f"process {peer} stopped on an error (see its log)")
+          if self._exit_code is None:  # one that failed itself leaves with its own status at exit
+            self._stop(f"process {peer} stopped on an error (see its log)")
+          del seen[peer]
         elif value != seen[peer][0]:
           seen[peer] = (value, now)
         elif now - seen[peer][1] > self.timeout_s:  # also while this process waits for it at exit

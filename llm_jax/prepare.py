@@ -35,20 +35,19 @@ def prepare(config: ml_collections.ConfigDict, verify: bool) -> tuple[str, ...]:
   data = pipeline.prepare_data(config_lib.data_config(config), config_lib.tokenizer_config(config),
                                process_index=jax.process_index(), process_count=jax.process_count(), barrier=sync,
                                log=writers.console)
+  reports = jax.process_index() == 0
+  stores = [store_lib.TokenStore.open(path) for path in data.store_paths] if verify or reports else []
   if verify:  # each process reads its share of the shards
-    for path in data.store_paths:
-      store_lib.TokenStore.open(path).verify(jax.process_index(), jax.process_count())
+    for store in stores:
+      store.verify(jax.process_index(), jax.process_count())
     sync("llm_jax:verified")
-  if jax.process_index() > 0:
-    return data.store_paths
-  for path in data.store_paths:
-    store = store_lib.TokenStore.open(path)
+  for store in stores if reports else ():
     for split in ("train", "validation"):
       counts, entry = store.counts(split), store.manifest["splits"][split]
       writers.console(f"{split}: {counts['documents']:,} documents, {counts['num_tokens']:,} tokens, "
                       f"{counts['bytes'] / 1e6:,.1f} MB of text, {len(entry['shards'])} shard(s), "
                       f"{counts['bytes'] / max(counts['num_tokens'], 1):.2f} bytes/token")
-    writers.console(f"token store {path} ({store.manifest['dtype']}; tokenizer {data.tokenizer.path})"
+    writers.console(f"token store {store.path} ({store.manifest['dtype']}; tokenizer {data.tokenizer.path})"
                     + ("; every shard matches its sha256" if verify else "")
                     + (f" (checked by {jax.process_count()} processes)" if verify and jax.process_count() > 1 else ""))
   return data.store_paths
