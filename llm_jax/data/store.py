@@ -176,12 +176,18 @@ def verify_shard(path: str, split: str, index: int, meta: dict[str, Any]) -> Non
                        f"{_rebuild_hint(prefix, path)}")
 
 
+def shard_owner(index: int, process_count: int) -> int:
+  """The process that writes, and verifies, shard `index` of a split: shard i belongs to process i mod
+  process_count."""
+  return index % process_count
+
+
 def write_shards(source: Source, tokenizer: Any, path: str, *, docs_per_shard: int = DOCS_PER_SHARD,
                  process_index: int = 0, process_count: int = 1, workers: int = 1, log: Log = print) -> None:
-  """Writes this process's missing shards (shard i belongs to process i mod process_count) of every split on
-  `workers` local cores: one process per core when there are several shards to write (reading and cleaning text
-  are single-threaded, so processes scale where threads would not), each encoding on workers // processes
-  threads; with one shard, one process encoding on `workers` threads.
+  """Writes this process's missing shards (`shard_owner`) of every split on `workers` local cores: one process
+  per core when there are several shards to write (reading and cleaning text are single-threaded, so processes
+  scale where threads would not), each encoding on workers // processes threads; with one shard, one process
+  encoding on `workers` threads.
 
   Shards already whole (from a killed run) are kept and their sha256 verified at the end.
   """
@@ -189,7 +195,7 @@ def write_shards(source: Source, tokenizer: Any, path: str, *, docs_per_shard: i
   todo, kept = [], []
   for split in SPLITS:
     for index, unit in enumerate(source.shards(split, docs_per_shard)):
-      if index % process_count == process_index:
+      if shard_owner(index, process_count) == process_index:
         prefix = _shard_prefix(path, split, index)
         (kept if paths.as_path(prefix + ".json").exists() else todo).append((split, index, unit))
   cores = max(1, workers)
@@ -367,13 +373,13 @@ class TokenStore:
     return cls(path, manifest, splits)
 
   def verify(self, process_index: int = 0, process_count: int = 1) -> int:
-    """Checks the sha256 of this process's shards (shard i of each split belongs to process i mod process_count,
-    as in `write_shards`) against the manifest, reading them whole; returns how many it checked. The processes
-    together check every shard once, so a pod verifies a store as fast as it wrote it."""
+    """Checks the sha256 of this process's shards (`shard_owner`, as in `write_shards`) against the manifest,
+    reading them whole; returns how many it checked. The processes together check every shard once, so a pod
+    verifies a store as fast as it wrote it."""
     checked = 0
     for split, entry in self.manifest["splits"].items():
       for index, meta in enumerate(entry["shards"]):
-        if index % process_count == process_index:
+        if shard_owner(index, process_count) == process_index:
           verify_shard(self.path, split, index, meta)
           checked += 1
     return checked
