@@ -99,7 +99,10 @@ class DistributedFlags:
     except BaseException as e:
       if self._watchdog is not None:
         code = e.code if isinstance(e, SystemExit) else 1
-        self._watchdog.fail(code if isinstance(code, int) else 1)
+        if code in (None, 0):  # sys.exit() and sys.exit(0) end a run normally
+          self._watchdog.finish()
+        else:
+          self._watchdog.fail(code if isinstance(code, int) else 1)
       raise
     if self._watchdog is not None:
       self._watchdog.finish()

@@ -83,3 +83,45 @@ def test_a_collective_that_lost_its_peer_is_one_line_and_others_are_not():
   assert "restart every process with the same command" in line and "\n" not in line
   assert launch.lost_peer_line(jax.errors.JaxRuntimeError("UNKNOWN: Gloo all-reduce failed: bad size")) is None
   assert launch.lost_peer_line(RuntimeError("Gloo: Connection reset by peer")) is None  # not from the runtime
+
+
+class _Recorder:
+  """Stands in for the peer watchdog: records how `DistributedFlags.run` said this process ended."""
+
+  def __init__(self):
+    self.ended = []
+
+  def finish(self) -> None:
+    self.ended.append("finished")
+
+  def fail(self, exit_code: int) -> None:
+    self.ended.append(("failed", exit_code))
+
+
+def _raise(error: BaseException):
+  def body() -> None:
+    raise error
+  return body
+
+
+@pytest.mark.parametrize("body, ended, exit_code", [
+    (lambda: None, "finished", "returns"),
+    (_raise(SystemExit()), "finished", None),  # sys.exit(): a normal end, not a failure with status 1
+    (_raise(SystemExit(0)), "finished", 0),
+    (_raise(SystemExit(3)), ("failed", 3), 3),
+    (_raise(ValueError("bad flag")), ("failed", 2), 2),  # a user error: run_main's one line and status 2
+    (_raise(RuntimeError("a bug")), ("failed", 1), "traceback"),  # the interpreter's status 1
+])
+def test_run_tells_the_peers_how_this_process_ended(body, ended, exit_code):
+  distributed, recorder = _flags([]), _Recorder()
+  distributed._watchdog = recorder  # pylint: disable=protected-access
+  if exit_code == "returns":
+    distributed.run("prog", body)
+  elif exit_code == "traceback":
+    with pytest.raises(RuntimeError, match="a bug"):
+      distributed.run("prog", body)
+  else:
+    with pytest.raises(SystemExit) as caught:
+      distributed.run("prog", body)
+    assert caught.value.code == exit_code
+  assert recorder.ended == [ended]
