@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from typing import Any
+from typing import Collection
 from typing import Sequence
 
 import cpu_prototypes
@@ -51,7 +52,8 @@ from llm_jax import trainer
 from llm_jax.data import pipeline
 
 FLAGS = flags.FLAGS
-# --configs, --steps, --repeats, --warmup and --workdir are llm_jax.bench's flags (importing it defines them).
+# --configs, --steps, --repeats, --warmup and --workdir are llm_jax.bench's flags (importing it defines them), and
+# --prototype is cpu_prototypes.py's.
 _MODE = flags.DEFINE_enum("mode", "model", ["model", "flags"], "What to compare (see the docstring).")
 _SET = flags.DEFINE_list("set", ["compute_dtype=bfloat16"], "--mode=model: model keys of B, key=value.")
 _OPTIONS = flags.DEFINE_list("compile_options", [], "--mode=model: XLA options B's step is compiled with, key=value "
@@ -60,8 +62,6 @@ _OPTIONS = flags.DEFINE_list("compile_options", [], "--mode=model: XLA options B
 _XLA_FLAGS = flags.DEFINE_string("xla_flags", "", "--mode=flags: ';'-separated sets to try, each of XLA flags "
                                  "(--name=value) and environment settings read at start-up (NAME=VALUE).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "--mode=flags: rounds of (baseline, each flag set).")
-_PROTOTYPE = flags.DEFINE_enum("prototype", "", ["", *cpu_prototypes.PROTOTYPES], "--mode=model: a prototype "
-                                "(experiments/cpu_prototypes.py) patched into B's trace.")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 4, "--mode=model: validation batches both are scored on.")
 _MESH_A = flags.DEFINE_list("mesh_a", ["-1", "1", "1"], "--mode=model: A's (data, fsdp, tensor) mesh; -1 takes the "
                             "rest of the devices (run with --xla_force_host_platform_device_count to have several).")
@@ -87,14 +87,14 @@ def _timed_blocks(sides: list[tuple[Any, Any]], batches: list[list[Any]], warmup
   losses = [[] for _ in sides]
   states = [state for _, state in sides]
   for first, n in [(0, warmup)] + [(warmup + r * block, block) for r in range(repeats)]:
-    for s, (train, _) in enumerate(sides):
+    for s, (train, _) in enumerate(sides):  # (the steps are compiled ahead: --warmup=0 times no compilation)
       start = time.perf_counter()
       out = []
       for i in range(first, first + n):
         states[s], m = train(states[s], batches[s][i])
         out.append(m["loss"])
       jax.block_until_ready(out)
-      seconds[s].append((time.perf_counter() - start) / n)
+      seconds[s].append((time.perf_counter() - start) / max(n, 1))
       losses[s] += [float(x) for x in out]
   return states, [x[1:] for x in seconds], losses
 
@@ -207,16 +207,31 @@ def compare_flags(name: str, flag_sets: Sequence[str], rounds: int, steps: int, 
                             for f, r in ratios.items()}}
 
 
+# The flags each mode reads alone; one given to the other mode would be ignored.
+MODE_FLAGS = {"model": ("set", "compile_options", "prototype", "eval_batches", "mesh_a", "mesh_b"),
+              "flags": ("xla_flags", "rounds")}
+
+
+def check_mode_flags(mode: str, given: Collection[str]) -> None:
+  """Refuses the flags in `given` (names of flags set on the command line) that `mode` would ignore, in one line."""
+  ignored = [f"--{name}" for other, names in MODE_FLAGS.items() if other != mode for name in names if name in given]
+  if ignored:
+    raise ValueError(f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} read only by "
+                     f"--mode={'flags' if mode == 'model' else 'model'}, not --mode={mode}: drop "
+                     f"{'it' if len(ignored) == 1 else 'them'} or change --mode")
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
 
   def body() -> None:
+    check_mode_flags(_MODE.value, {name for names in MODE_FLAGS.values() for name in names if FLAGS[name].present})
     results = []
     for name in FLAGS.configs:
       if _MODE.value == "model":
         r = compare_model(name, _SET.value, FLAGS.steps, FLAGS.repeats, FLAGS.warmup, _EVAL_BATCHES.value,
-                          FLAGS.workdir, _OPTIONS.value, _PROTOTYPE.value,
+                          FLAGS.workdir, _OPTIONS.value, cpu_prototypes.PROTOTYPE.value,
                           (_MESH_A.value, _MESH_B.value))
         print(format_model(r), flush=True)
       else:

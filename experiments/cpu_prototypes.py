@@ -1,5 +1,6 @@
-"""CPU levers tried as prototypes: patches of `llm_jax.model` that `cpu_levers.py --prototype` applies
-while it traces side B only, so each measurement stays reproducible without living in `llm_jax`.
+"""CPU levers tried as prototypes, and the `--prototype` flag that picks one: patches of `llm_jax.model` that
+`cpu_levers.py --prototype` applies while it traces side B only (and `profile_cpu_step.py --prototype` while it
+traces every step), so each measurement stays reproducible without living in `llm_jax`.
 
 - `dense_vjp`: every activation × weight einsum of the model whose weight dimensions are (inputs..., outputs...)
   gets a custom VJP that flattens both sides to matrices and writes the two gradients as plain 2-D dots,
@@ -32,6 +33,7 @@ import blas_ffi
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import flags
 
 from llm_jax import attention
 from llm_jax import model as model_lib
@@ -237,6 +239,10 @@ PATCHES = {"dense_vjp": ("jnp", _JnpWithDenseVjp()),
            "norm_dense": ("Block", _NormDenseBlock),
            "blas_dense": ("jnp", _JnpWithDenseVjp(dense=_blas_dense))}
 PROTOTYPES = tuple(PATCHES)
+# Defined here, once, for cpu_levers.py and profile_cpu_step.py: both can then be imported into one process.
+PROTOTYPE = flags.DEFINE_enum("prototype", "", ["", *PROTOTYPES], "A prototype of experiments/cpu_prototypes.py "
+                              "patched into the trace: of side B in cpu_levers.py --mode=model, of every step "
+                              "profile_cpu_step.py profiles.")
 
 
 @contextlib.contextmanager

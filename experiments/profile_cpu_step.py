@@ -40,8 +40,6 @@ _PRESET = flags.DEFINE_string("preset", "tiny", "Variant of experiments/bench.py
 _BENCH_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
 _TIMES = flags.DEFINE_integer("timed_calls", 5, "Timed calls per measurement (medians reported).")
 _TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Write a jax.profiler trace of the gradient here.")
-_PROTOTYPE = flags.DEFINE_enum("prototype", "", ["", *cpu_prototypes.PROTOTYPES], "A prototype of "
-                                "experiments/cpu_prototypes.py patched into every step profiled.")
 _POLICIES = flags.DEFINE_list("policies", ["none", "dots", "full"], "Remat policies to time; the first is traced.")
 
 _SHAPE = re.compile(r"= (f32|s32|pred|u32)\[([0-9,]*)\]")
@@ -147,7 +145,7 @@ def main(argv):
   b, l = c.global_batch_size, c.data.seq_len
   batch = jax.tree.map(jnp.asarray, batch_lib.synthetic(b, l, base.vocab_size))
   print(f"preset {_PRESET.value}: batch {b} x {l} tokens, {base.num_layers} layers, width {base.d_model}")
-  with cpu_prototypes.patched(_PROTOTYPE.value):
+  with cpu_prototypes.patched(cpu_prototypes.PROTOTYPE.value):
     for i, policy in enumerate(_POLICIES.value):
       profile_policy(base, policy, batch, trace=bool(_TRACE_DIR.value) and i == 0)
 
