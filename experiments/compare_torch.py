@@ -187,6 +187,9 @@ def main(argv: Sequence[str]) -> None:
       bench.bench_config(name)  # unknown names fail before any data is prepared
     if _DEVICE.value == "cpu":
       torch.set_num_threads(_TORCH_THREADS.value or os.cpu_count() or 1)
+    elif FLAGS["torch_threads"].present:
+      raise ValueError("--torch_threads is read only with --device=cpu (CUDA kernels do not use torch's CPU threads): "
+                       "drop it")
     results = []
     for name in FLAGS.configs:
       r = compare(name, FLAGS.steps, FLAGS.repeats, FLAGS.warmup, _EVAL_BATCHES.value, _DEVICE.value,

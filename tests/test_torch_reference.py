@@ -108,3 +108,15 @@ def test_compare_torch_end_to_end_writes_both_curves(tmp_path):
   assert abs(r["val_loss_ours"] - r["val_loss_torch"]) < 1e-3
   assert r["torch_threads"] == os.cpu_count()
   assert "[smoke]" in result.stdout and "validation loss" in result.stdout
+
+
+def test_compare_torch_refuses_cpu_threads_for_a_cuda_run(tmp_path):
+  env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "compare_torch.py"), "--configs=smoke",
+                           "--device=cuda", "--torch_threads=2", f"--workdir={tmp_path}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "llm_jax.compare_torch: error: --torch_threads is read only with --device=cpu (CUDA kernels do not use torch's "
+      "CPU threads): drop it"]
+  assert not any(tmp_path.iterdir())  # refused before any data was prepared
