@@ -218,13 +218,20 @@ _STORAGE_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exce
 
 
 def lost_peer_line(error: BaseException) -> str | None:
-  """One line for a CPU collective (Gloo) that failed because another process went away, or None. The peer
+  """One line for a collective that failed because another process went away, or None: Gloo's (CPU) closed
+  connection, or NCCL's (GPU) ncclRemoteError, which cannot tell a peer that exited from a network failure. The peer
   watchdog names the process when it notices first; a collective that sees the closed connection first says this."""
   text = " ".join(str(error).split())
-  if not isinstance(error, jax.errors.JaxRuntimeError) or "Gloo" not in text or not any(
-      sign in text for sign in ("reset by peer", "closed by peer", "Broken pipe", "Connection refused")):
+  if not isinstance(error, jax.errors.JaxRuntimeError):
     return None
-  return (f"a collective failed because another process went away ({text[:160]}); see the other processes' logs. "
+  if "Gloo" in text and any(sign in text for sign in ("reset by peer", "closed by peer", "Broken pipe",
+                                                      "Connection refused")):
+    cause = "another process went away"
+  elif "NCCL" in text and "remote process exited or there was a network error" in text:
+    cause = "another process exited or the network between hosts failed"
+  else:
+    return None
+  return (f"a collective failed because {cause} ({text[:160]}); see the other processes' logs. "
           "Completed checkpoints are kept: restart every process with the same command to resume")
 
 

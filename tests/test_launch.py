@@ -83,6 +83,14 @@ def test_a_collective_that_lost_its_peer_is_one_line_and_others_are_not():
   assert "restart every process with the same command" in line and "\n" not in line
   assert launch.lost_peer_line(jax.errors.JaxRuntimeError("UNKNOWN: Gloo all-reduce failed: bad size")) is None
   assert launch.lost_peer_line(RuntimeError("Gloo: Connection reset by peer")) is None  # not from the runtime
+  # NCCL's text for ncclRemoteError (ncclGetErrorString), as XLA:GPU wraps it.
+  nccl = jax.errors.JaxRuntimeError("INTERNAL: NCCL operation ncclGroupEnd() failed: remote process exited or there "
+                                    "was a network error. Last NCCL warning(error) log entry (may be unrelated) "
+                                    "'Net : Connection closed by remote peer'.")
+  assert launch.lost_peer_line(nccl).startswith("a collective failed because another process exited or the network "
+                                                "between hosts failed (INTERNAL: NCCL operation ncclGroupEnd()")
+  assert launch.lost_peer_line(jax.errors.JaxRuntimeError("INTERNAL: NCCL operation ncclCommInitRank failed: "
+                                                          "unhandled cuda error")) is None  # a local failure
 
 
 class _Recorder:
