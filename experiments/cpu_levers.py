@@ -9,7 +9,7 @@ Commands: python experiments/cpu_levers.py --mode=model --configs=tiny,10m --set
               --xla_flags='--xla_cpu_use_onednn=true;--xla_cpu_experimental_ynn_fusion_type=dot'
           python experiments/cpu_levers.py --mode=flags --configs=tiny --xla_flags=JAX_CPU_ENABLE_ASYNC_DISPATCH=false
           (bare config names are variants of experiments/bench.py, as in `python -m llm_jax.bench`)
-Method:   --mode=model builds two train steps of one config, the default (A) and the default with --set's model
+Method:   --mode=model builds two train steps of one config, the default (A) and the default with --set's
           keys (B; --compile_options and a --prototype of experiments/cpu_prototypes.py apply to B alone), from
           the same initial parameters on the same real batches, and after --warmup untimed steps of
           each alternates timed blocks of --steps steps (A, B, A, B, ... --repeats times) so load from other
@@ -55,7 +55,8 @@ FLAGS = flags.FLAGS
 # --configs, --steps, --repeats, --warmup and --workdir are llm_jax.bench's flags (importing it defines them), and
 # --prototype is cpu_prototypes.py's.
 _MODE = flags.DEFINE_enum("mode", "model", ["model", "flags"], "What to compare (see the docstring).")
-_SET = flags.DEFINE_list("set", ["compute_dtype=bfloat16"], "--mode=model: model keys of B, key=value.")
+_SET = flags.DEFINE_list("set", ["compute_dtype=bfloat16"], "--mode=model: B's settings, key=value: "
+                          "keys of config.model, or dotted paths of the config (grad_accum_steps=4).")
 _OPTIONS = flags.DEFINE_list("compile_options", [], "--mode=model: XLA options B's step is compiled with, key=value "
                              "(enums by name, e.g. xla_cpu_experimental_xnn_fusion_type=LIBRARY_FUSION_TYPE_DOT): "
                              "an XLA flag measured in one process.")
@@ -68,15 +69,23 @@ _MESH_A = flags.DEFINE_list("mesh_a", ["-1", "1", "1"], "--mode=model: A's (data
 _MESH_B = flags.DEFINE_list("mesh_b", ["-1", "1", "1"], "--mode=model: B's mesh, as --mesh_a.")
 
 
-def with_model_keys(c: Any, settings: Sequence[str]) -> Any:
-  """A copy of config `c` with 'key=value' model settings, each value parsed as the key's default type."""
+def with_settings(c: Any, settings: Sequence[str]) -> Any:
+  """A copy of config `c` with 'key=value' settings, each value parsed as the key's default type: a key of
+  config.model (compute_dtype=bfloat16) or a dotted path from the config's top (grad_accum_steps=4,
+  optim.weight_decay=0.0)."""
   c = ml_collections.ConfigDict(c.to_dict())
   for item in settings:
     key, sep, value = item.partition("=")
-    if not sep or key not in c.model:
-      raise ValueError(f"--set={item!r} is not model_key=value with a key of config.model; e.g. compute_dtype=bfloat16")
-    kind = type(c.model[key])
-    c.model[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
+    parent, _, leaf = (f"model.{key}" if key in c.model else key).rpartition(".")
+    node = c
+    for part in parent.split(".") if parent else ():
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if (not sep or not isinstance(node, ml_collections.ConfigDict) or leaf not in node
+        or isinstance(node[leaf], ml_collections.ConfigDict)):
+      raise ValueError(f"--set={item!r} is not key=value with a key of config.model (compute_dtype=bfloat16) or a "
+                       "dotted path of the config (grad_accum_steps=4)")
+    kind = type(node[leaf])
+    node[leaf] = value.lower() in ("1", "true") if kind is bool else kind(value)
   return c
 
 
@@ -113,7 +122,7 @@ def compare_model(name: str, settings: Sequence[str], block: int, repeats: int, 
   (B) on config `name`, each on its mesh of `meshes`: speed ratio and both loss curves."""
   compile_options = [dict(o.partition("=")[::2] for o in opts) for opts in ((), options)]
   c_a = bench.bench_config(name)
-  c_b = with_model_keys(c_a, settings)
+  c_b = with_settings(c_a, settings)
   data = pipeline.prepare_data(config_lib.data_config(c_a), config_lib.tokenizer_config(c_a),
                                tokenizer_dir=os.path.join(workdir, name, "tokenizer"))
   b, l = c_a.global_batch_size, c_a.data.seq_len

@@ -145,7 +145,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.stop_at_step = 0  # Stop this invocation early at this step (time-sliced jobs); 0 runs to the end.
   c.global_batch_size = 32  # Sequences per update, summed over all devices and micro-batches.
   c.init_params_from = ""  # A workdir (trained or converted) whose weights, dimensions and tokenizer to start from.
-  c.grad_accum_steps = 1  # Micro-batches per update (each global_batch_size / grad_accum_steps).
+  c.grad_accum_steps = 0  # Micro-batches per update (each global_batch_size / grad_accum_steps); 0: per backend.
   c.on_nonfinite = "stop"  # Non-finite loss/grad norm: 'stop' (keep the last good checkpoint) or 'skip'.
   c.max_replicated_share = 0.05  # Refuse fsdp/tensor meshes replicating more parameter bytes than this.
   c.dry_run = False  # Compile the step for this shape, print memory, FLOPs and shardings, then exit.

@@ -24,6 +24,12 @@ from llm_jax.model import Transformer
 
 Batch = dict[str, jax.Array]  # the layout of llm_jax.batch
 
+# What grad_accum_steps=0 ('auto') means per backend, from BENCHMARKS.md ("What limits the CPU figures"): on XLA:CPU
+# a per-device batch of 16,384 tokens (10m) trained 1.05x and 1.08x faster split into micro-batches of 4,096 (2,048:
+# 1.04x, 8,192: 1.04x), and a 768-token batch (tiny) 0.84x as fast split in two; so on CPU the batch is split into
+# the most micro-batches that keep at least this many tokens each. Other backends are unmeasured here: one batch.
+AUTO_MICRO_BATCH_TOKENS = {"cpu": 4096}
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -50,6 +56,7 @@ class StepFns:
   abstract_base: Any = flax.struct.field(pytree_node=False, default=None)  # LoRA only, as base_shardings and base
   base_shardings: Any = flax.struct.field(pytree_node=False, default=None)
   base: Any = flax.struct.field(pytree_node=False, default=None)
+  accum: int = flax.struct.field(pytree_node=False, default=1)  # micro-batches per update the train step runs
 
   @property
   def lora(self) -> bool:
@@ -98,6 +105,18 @@ def _forward_loss(params: Any, model: Transformer, batch: Batch, dropout_key: ja
     return nll_sum, (count, correct, nll_sum, jnp.float32(0))
   z_sum = metrics_lib.z_loss_sum(logits_BxLxV, batch["loss_mask"])
   return nll_sum + z_loss * z_sum, (count, correct, nll_sum, z_sum)
+
+
+def resolve_grad_accum_steps(accum: int, global_batch_size: int, seq_len: int, data_parallel: int,
+                             backend: str) -> int:
+  """The micro-batches per update that run: `accum` as given, or for 0 ('auto') the most that split each
+  data-parallel device's rows evenly into micro-batches of at least AUTO_MICRO_BATCH_TOKENS[backend] tokens (1 on
+  backends it does not name, or when no split keeps that many)."""
+  target = AUTO_MICRO_BATCH_TOKENS.get(backend)
+  if accum or target is None or global_batch_size % data_parallel:
+    return accum or 1
+  rows = global_batch_size // data_parallel
+  return max(k for k in range(1, rows + 1) if rows % k == 0 and (k == 1 or rows // k * seq_len >= target))
 
 
 def _micro_batches(batch: Batch, accum: int) -> Batch:
@@ -219,4 +238,4 @@ def build_steps(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: op
   abstract_base, base_sh = base or (None, None)
   return StepFns(init=init, train_jit=train, eval_jit=evaluate, state_shardings=state_sh,
                  abstract_state=abstract_state, batch_sharding=batch_sh, abstract_base=abstract_base,
-                 base_shardings=base_sh)
+                 base_shardings=base_sh, accum=accum)

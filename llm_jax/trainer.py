@@ -92,8 +92,10 @@ def make_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   """
   cfg = config_lib.model_config(config, vocab_size)
   tx, schedule = optim.make_optimizer(config_lib.optim_config(config), config.num_train_steps)
+  accum = steps_lib.resolve_grad_accum_steps(config.grad_accum_steps, config.global_batch_size, config.data.seq_len,
+                                             mesh.shape["data"] * mesh.shape["fsdp"], jax.default_backend())
   fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=config.seed, seq_len=config.data.seq_len,
-                              accum=config.grad_accum_steps, z_loss=config.z_loss)
+                              accum=accum, z_loss=config.z_loss)
   sharding.check_replication(fns.abstract_state.params, fns.state_shardings.params, mesh,
                              config.max_replicated_share)
   return cfg, fns
@@ -250,14 +252,21 @@ def _remat_line(cfg: ModelConfig) -> str:
   return f"{resolved} (auto on {backend})" if cfg.remat_policy == "auto" else resolved
 
 
+def _accum_line(fns: Any, accum_given: int) -> str:
+  """The micro-batches per update the step runs, and why when 'auto' (0) chose them."""
+  return f"{fns.accum} (auto on {jax.default_backend()})" if not accum_given else str(fns.accum)
+
+
 def _announce_model(cfg: ModelConfig, fns: Any, state: Any, flops: dict[str, float], mesh: jax.sharding.Mesh,
-                    peak: tuple[float, str], start_step: int) -> None:
-  """The start-up line: parameters (and LoRA's trained share), FLOPs per token, mesh, peak, resume point."""
+                    peak: tuple[float, str], start_step: int, accum_given: int) -> None:
+  """The start-up line: parameters (and LoRA's trained share), FLOPs per token, remat, micro-batches, mesh, peak,
+  resume point."""
   writers.console(
       f"model {cfg.family}: {count_params(fns.full_params(state.params)):,} parameters "
       f"{f'({count_params(state.params):,} trained: LoRA adapters) ' if fns.lora else ''}"
       f"({int(flops['non_embedding_params']):,} non-embedding), {flops['causal'] / 1e6:.2f} MFLOPs/token; "
-      f"remat {_remat_line(cfg)}; mesh {dict(mesh.shape)}; peak {peak[0] / 1e9:.0f} GFLOP/s ({peak[1]}); "
+      f"remat {_remat_line(cfg)}; micro-batches {_accum_line(fns, accum_given)}; mesh {dict(mesh.shape)}; "
+      f"peak {peak[0] / 1e9:.0f} GFLOP/s ({peak[1]}); "
       f"{'resuming from step ' + str(start_step) if start_step else 'starting from scratch'}")
 
 
@@ -300,7 +309,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
       workdir_lib.write_model_card(workdir, cfg, data.tokenizer.path, lora_base.get("lora_base"))
     writer = writers.MetricWriter(workdir, resume_step=start_step)
     flops = metrics_lib.flops_per_token(cfg, config.data.seq_len)
-    _announce_model(cfg, fns, state, flops, mesh, (peak, peak_source), start_step)
+    _announce_model(cfg, fns, state, flops, mesh, (peak, peak_source), start_step, config.grad_accum_steps)
     clock = loop_lib.Throughput(config.global_batch_size * config.data.seq_len, flops["causal"], peak,
                                 config.num_train_steps, last_step=start_step)
     loop = loop_lib.Loop(config_lib.loop_plan(config), fns, train_iter, eval_batches, ckpt, writer, meta, clock,

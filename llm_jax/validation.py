@@ -90,7 +90,9 @@ def _validate_run(config: ml_collections.ConfigDict) -> None:
            f"be between 0 and num_train_steps={config.num_train_steps}")
   _require(config.global_batch_size > 0, f"global_batch_size={config.global_batch_size} must be positive "
            "(sequences per optimizer step, over all devices and micro-batches)")
-  _require(config.grad_accum_steps > 0 and config.global_batch_size % config.grad_accum_steps == 0,
+  _require(config.grad_accum_steps >= 0, f"grad_accum_steps={config.grad_accum_steps} must be positive (or 0: "
+           "chosen per backend)")
+  _require(config.global_batch_size % max(config.grad_accum_steps, 1) == 0,
            f"global_batch_size={config.global_batch_size} does not divide into grad_accum_steps="
            f"{config.grad_accum_steps} micro-batches; make it a multiple")
   _require(math.isfinite(o.learning_rate) and o.learning_rate >= 0,
@@ -300,12 +302,12 @@ def _validate_sample(config: ml_collections.ConfigDict) -> None:
 def validate_for_devices(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
   """Checks that need the mesh: the batch must split evenly over the data-parallel devices."""
   data_parallel = mesh_shape["data"] * mesh_shape["fsdp"]
-  micro = config.global_batch_size // config.grad_accum_steps
+  accum = max(config.grad_accum_steps, 1)  # 'auto' (0) splits only a batch that divides over the devices
+  micro = config.global_batch_size // accum
   _require(micro % data_parallel == 0,
            f"micro-batch of {micro} sequences (global_batch_size={config.global_batch_size} / "
-           f"grad_accum_steps={config.grad_accum_steps}) does not divide over data x fsdp = "
-           f"{data_parallel} devices; make global_batch_size a multiple of "
-           f"{data_parallel * config.grad_accum_steps}")
+           f"grad_accum_steps={accum}) does not divide over data x fsdp = "
+           f"{data_parallel} devices; make global_batch_size a multiple of {data_parallel * accum}")
   _require(config.eval_batch_size % data_parallel == 0,
            f"eval_batch_size={config.eval_batch_size} does not divide over data x fsdp = "
            f"{data_parallel} devices; make it a multiple of {data_parallel}")

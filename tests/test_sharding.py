@@ -10,6 +10,7 @@ from llm_jax import config as config_lib
 from llm_jax import optim
 from llm_jax import sharding
 from llm_jax import steps as steps_lib
+from llm_jax import trainer
 
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (1, 1, 1)]
 VOCAB, SEQ, BATCH = 128, 16, 16
@@ -175,3 +176,37 @@ def test_gradient_accumulation_equals_one_big_batch():
   assert loss_four == pytest.approx(loss_one, rel=1e-5)
   for g, r in zip(jax.tree.leaves(grads_four), jax.tree.leaves(grads_one)):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("accum, batch, seq_len, data_parallel, backend, expected", [
+    (0, 64, 256, 1, "cpu", 4),  # 10m on one device: 4 micro-batches of 16 x 256 = 4,096 tokens
+    (0, 64, 256, 2, "cpu", 2),  # 32 rows per device: 2 of 16 x 256
+    (0, 12, 1024, 1, "cpu", 3),  # 3 of 4 x 1,024 (4 of 3 x 1,024 would be below 4,096)
+    (0, 16, 128, 1, "cpu", 1),  # sotu_small: 2,048 tokens, too few to split
+    (0, 12, 64, 1, "cpu", 1),  # tiny
+    (0, 10, 4096, 4, "cpu", 1),  # rows that do not divide over the devices: left to validation's error
+    (0, 64, 256, 1, "gpu", 1),  # unmeasured backends: one batch
+    (0, 64, 256, 1, "tpu", 1),
+    (3, 12, 64, 1, "cpu", 3),  # given: as given
+    (2, 64, 256, 1, "gpu", 2),
+])
+def test_auto_micro_batches_keep_at_least_the_backends_token_count(accum, batch, seq_len, data_parallel, backend,
+                                                                   expected):
+  assert steps_lib.resolve_grad_accum_steps(accum, batch, seq_len, data_parallel, backend) == expected
+  if not accum and expected > 1:  # the most micro-batches of at least that many tokens, and the rows split evenly
+    rows = batch // data_parallel
+    assert rows % expected == 0 and rows // expected * seq_len >= steps_lib.AUTO_MICRO_BATCH_TOKENS[backend]
+    assert not any(rows % k == 0 and rows // k * seq_len >= steps_lib.AUTO_MICRO_BATCH_TOKENS[backend]
+                   for k in range(expected + 1, rows + 1))
+
+
+def test_the_trainer_builds_the_step_with_the_resolved_micro_batches(monkeypatch):
+  monkeypatch.setitem(steps_lib.AUTO_MICRO_BATCH_TOKENS, "cpu", 4 * SEQ)  # 16 rows of 16 tokens: 4 micro-batches
+  c = _config("gpt2")
+  c.global_batch_size = BATCH
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  for given, runs in ((0, 4), (2, 2), (1, 1)):
+    c.grad_accum_steps = given
+    with jax.set_mesh(mesh):
+      _, fns = trainer.make_steps(c, mesh, VOCAB)
+    assert fns.accum == runs
