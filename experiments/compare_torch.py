@@ -59,7 +59,7 @@ _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch CPU threads; 0:
 def _prepare(name: str, c: Any, workdir: str) -> pipeline.PreparedData:
   # The same tokenizer folder as llm_jax.bench; the token store is shared through data.store_dir.
   return pipeline.prepare_data(config_lib.data_config(c), config_lib.tokenizer_config(c),
-                               tokenizer_dir=os.path.join(workdir, name, "tokenizer"))
+                               tokenizer_dir=bench.tokenizer_dir(workdir, name))
 
 
 def _sync(device: str) -> None:

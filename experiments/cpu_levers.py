@@ -124,7 +124,7 @@ def compare_model(name: str, settings: Sequence[str], block: int, repeats: int, 
   c_a = bench.bench_config(name)
   c_b = with_settings(c_a, settings)
   data = pipeline.prepare_data(config_lib.data_config(c_a), config_lib.tokenizer_config(c_a),
-                               tokenizer_dir=os.path.join(workdir, name, "tokenizer"))
+                               tokenizer_dir=bench.tokenizer_dir(workdir, name))
   b, l = c_a.global_batch_size, c_a.data.seq_len
   built, sides = [], []
   for c, shape in zip((c_a, c_b), meshes):

@@ -65,6 +65,12 @@ def bench_config(spec: str) -> ml_collections.ConfigDict:
   return c
 
 
+def tokenizer_dir(workdir: str, spec: str) -> str:
+  """Where the benchmark scripts cache the tokenizer of config `spec` under `workdir`: one folder per spec, its
+  slashes flattened, so that a config given by path (absolute or relative) stays inside `workdir`."""
+  return os.path.join(workdir, spec.strip("/").replace("/", "_"), "tokenizer")
+
+
 def _median_step_time(train, state, batches, steps: int, repeats: int, warmup: int):
   """Median seconds per step: each repeat dispatches `steps` steps and waits once at the end."""
   for i in range(warmup):
@@ -135,7 +141,7 @@ def bench_train(name: str, steps: int, repeats: int, warmup: int, real_data: boo
               "step_time_s": step_s}
     if real_data:
       data = pipeline.prepare_data(config_lib.data_config(c), config_lib.tokenizer_config(c),
-                                   tokenizer_dir=os.path.join(workdir, name, "tokenizer"))
+                                   tokenizer_dir=tokenizer_dir(workdir, name))
       it = pipeline.make_train_iterator(data, global_batch_size=b, seed=0, process_index=0, process_count=1)
       real_s, state = _median_step_time(compiled, state, lambda i: sharding.global_batch(next(it), fns.batch_sharding),
                                         steps, repeats, warmup)

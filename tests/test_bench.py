@@ -1,4 +1,5 @@
-"""The benchmark's FLOP formula against a hand count, and its JSON fields in a fast run (no time asserted)."""
+"""The benchmark's FLOP formula against a hand count, its JSON fields in a fast run (no time asserted), and where it
+caches tokenizers."""
 
 import json
 import re
@@ -71,3 +72,11 @@ def test_bench_fast_mode_json_has_every_field(tmp_path):
   assert list(r["decode_s_per_token_batch8_by_length"]) == ["64", "128"]  # the lengths asked for, in order
   assert r["decode_tokens_per_s_batch8"] == pytest.approx(8 / r["decode_s_per_token_batch8_by_length"]["128"])
   assert "[smoke]" in result.stdout
+
+
+def test_a_config_given_by_path_caches_its_tokenizer_inside_the_workdir():
+  assert bench.tokenizer_dir("/tmp/w", "tiny") == "/tmp/w/tiny/tokenizer"
+  assert bench.tokenizer_dir("/tmp/w", "experiments/sotu_small.py:adamw") == (
+      "/tmp/w/experiments_sotu_small.py:adamw/tokenizer")
+  # os.path.join would have dropped the workdir and written into the config file's own path
+  assert bench.tokenizer_dir("/tmp/w", "/home/me/ten_m.py") == "/tmp/w/home_me_ten_m.py/tokenizer"
