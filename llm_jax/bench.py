@@ -137,8 +137,8 @@ def bench_train(name: str, steps: int, repeats: int, warmup: int, real_data: boo
     on_device = sharding.global_batch(batch_lib.synthetic(b, l, cfg.vocab_size), fns.batch_sharding)
     state = fns.init()
     step_s, state = _median_step_time(compiled, state, lambda i: on_device, steps, repeats, warmup)
-    result = {"config": name, "model": dataclasses.asdict(cfg), "global_batch_size": b, "compile_s": compile_s,
-              "step_time_s": step_s}
+    result = {"config": name, "model": dataclasses.asdict(cfg), "global_batch_size": b, "micro_batches": fns.accum,
+              "compile_s": compile_s, "step_time_s": step_s}
     if real_data:
       data = pipeline.prepare_data(config_lib.data_config(c), config_lib.tokenizer_config(c),
                                    tokenizer_dir=tokenizer_dir(workdir, name))
@@ -273,7 +273,8 @@ def run(configs: Sequence[str], steps: int, repeats: int, warmup: int, real_data
 
 
 def format_result(r: dict) -> str:
-  lines = [f"[{r['config']}] {r['device_count']} x {r['device_kind']}, batch {r['global_batch_size']}: "
+  micro = f" ({r['micro_batches']} micro-batches)" if r.get("micro_batches", 1) > 1 else ""
+  lines = [f"[{r['config']}] {r['device_count']} x {r['device_kind']}, batch {r['global_batch_size']}{micro}: "
            f"step {1000 * r['step_time_s']:.1f} ms, "
            f"{r['tokens_per_s']:,.0f} tok/s, {r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s achieved, "
            f"MFU {100 * r['mfu']:.1f}% (6N+12LTD formula: {100 * r['mfu_standard_formula']:.1f}%) of "

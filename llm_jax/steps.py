@@ -24,7 +24,7 @@ from llm_jax.model import Transformer
 
 Batch = dict[str, jax.Array]  # the layout of llm_jax.batch
 
-# What grad_accum_steps=0 ('auto') means per backend, from BENCHMARKS.md ("What limits the CPU figures"): on XLA:CPU
+# What grad_accum_steps=0 ('auto') means per backend, from BENCHMARKS.md ("Micro-batches on CPU"): on XLA:CPU
 # a per-device batch of 16,384 tokens (10m) trained 1.05x and 1.08x faster split into micro-batches of 4,096 (2,048:
 # 1.04x, 8,192: 1.04x), and a 768-token batch (tiny) 0.84x as fast split in two; so on CPU the batch is split into
 # the most micro-batches that keep at least this many tokens each. Other backends are unmeasured here: one batch.

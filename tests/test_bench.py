@@ -67,6 +67,7 @@ def test_bench_fast_mode_json_has_every_field(tmp_path):
   # The smoke shape by hand (2 layers, width 64, vocabulary 512, context 64): N = 100,096 as counted above.
   assert r["flops_per_token_causal"] == 6 * (100096 + 64 * 512) + 6 * 2 * 64 * 64
   assert r["tokens_per_s"] == pytest.approx(8 * 64 / r["step_time_s"])
+  assert r["micro_batches"] == 1  # 512 tokens: too few for the CPU's micro-batches
   assert r["achieved_flops_per_s"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token_causal"])
   assert 0.0 < r["mfu"] < 1.0  # a step cannot beat the machine's own matmul peak
   assert list(r["decode_s_per_token_batch8_by_length"]) == ["64", "128"]  # the lengths asked for, in order
