@@ -41,6 +41,7 @@ def report(cfg: ModelConfig, fns: steps_lib.StepFns, *, global_batch_size: int, 
   return {
       "devices": jax.device_count(),
       "device_kind": jax.devices()[0].device_kind,
+      "micro_batches": fns.accum,
       "params_bytes_per_device": per_device_bytes(fns.abstract_state.params, fns.state_shardings.params),
       "opt_state_bytes_per_device": per_device_bytes(fns.abstract_state.opt_state,
                                                      fns.state_shardings.opt_state),
@@ -57,7 +58,8 @@ def report(cfg: ModelConfig, fns: steps_lib.StepFns, *, global_batch_size: int, 
 def format_report(r: dict[str, Any]) -> str:
   gib = 1024**3
   lines = [
-      f"dry run on {r['devices']} x {r['device_kind']}",
+      f"dry run on {r['devices']} x {r['device_kind']}, {r['micro_batches']} micro-batch"
+      f"{'es' if r['micro_batches'] > 1 else ''} per update",
       f"  parameters        {r['params_bytes_per_device'] / gib:10.3f} GiB per device",
       f"  optimizer state   {r['opt_state_bytes_per_device'] / gib:10.3f} GiB per device",
       f"  temporaries       {r['temp_bytes'] / gib:10.3f} GiB per device (compiled memory analysis)",

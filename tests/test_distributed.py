@@ -51,11 +51,13 @@ def test_two_processes_reach_the_losses_of_one(tmp_path, smoke_20):
 
 def test_dry_run_prints_memory_and_flops_without_training(cli, tmp_path):
   workdir = tmp_path / "dry"
+  # 512 rows over data x fsdp = 4 devices: 128 rows of 64 tokens each, which the CPU default splits into 2
+  # micro-batches of 4,096 tokens (steps.AUTO_MICRO_BATCH_TOKENS).
   result = cli("llm_jax.train", SMOKE, f"--workdir={workdir}", "--config.dry_run=True",
-               "--config.mesh.fsdp=4", "--config.mesh.tensor=2")
+               "--config.mesh.fsdp=4", "--config.mesh.tensor=2", "--config.global_batch_size=512")
   assert result.returncode == 0, result.stderr[-2000:]
   out = result.stdout
-  for fragment in ("dry run on 8 x cpu", "parameters", "optimizer state", "temporaries", "FLOPs per step",
+  for fragment in ("dry run on 8 x cpu, 2 micro-batches per update", "parameters", "optimizer state", "temporaries", "FLOPs per step",
                    "replicated share  0.0%", "P(None, 'fsdp', 'tensor', None)"):
     assert fragment in out, fragment
   assert not (workdir / "checkpoints").exists()
