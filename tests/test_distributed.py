@@ -57,8 +57,8 @@ def test_dry_run_prints_memory_and_flops_without_training(cli, tmp_path):
                "--config.mesh.fsdp=4", "--config.mesh.tensor=2", "--config.global_batch_size=512")
   assert result.returncode == 0, result.stderr[-2000:]
   out = result.stdout
-  for fragment in ("dry run on 8 x cpu, 2 micro-batches per update", "parameters", "optimizer state", "temporaries", "FLOPs per step",
-                   "replicated share  0.0%", "P(None, 'fsdp', 'tensor', None)"):
+  for fragment in ("dry run on 8 x cpu, 2 micro-batches per update", "parameters", "optimizer state", "temporaries",
+                   "FLOPs per step", "replicated share  0.0%", "P(None, 'fsdp', 'tensor', None)"):
     assert fragment in out, fragment
   assert not (workdir / "checkpoints").exists()
 
