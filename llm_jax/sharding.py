@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from typing import Any
+from typing import Mapping
 from typing import Sequence
 
 import flax.linen as nn
@@ -87,6 +88,12 @@ def param_shardings(abstract_boxed_params: Any, mesh: Mesh) -> Any:
 def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying `shardings`: restore and compile targets for the *current* mesh."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
+
+
+def data_parallel_size(mesh_shape: Mapping[str, int]) -> int:
+  """How many ways a batch splits over a mesh of `mesh_shape` (axis name to size): data x fsdp, as
+  `batch_sharding` places it."""
+  return mesh_shape["data"] * mesh_shape["fsdp"]
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

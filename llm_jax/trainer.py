@@ -93,7 +93,7 @@ def make_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   cfg = config_lib.model_config(config, vocab_size)
   tx, schedule = optim.make_optimizer(config_lib.optim_config(config), config.num_train_steps)
   accum = steps_lib.resolve_grad_accum_steps(config.grad_accum_steps, config.global_batch_size, config.data.seq_len,
-                                             mesh.shape["data"] * mesh.shape["fsdp"], jax.default_backend())
+                                             sharding.data_parallel_size(mesh.shape), jax.default_backend())
   fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=config.seed, seq_len=config.data.seq_len,
                               accum=accum, z_loss=config.z_loss)
   sharding.check_replication(fns.abstract_state.params, fns.state_shardings.params, mesh,

@@ -19,6 +19,7 @@ from llm_jax import optim
 from llm_jax import paths
 from llm_jax import profiler
 from llm_jax import sampling
+from llm_jax import sharding
 from llm_jax import tokenizer as tokenizer_lib
 from llm_jax.config import ConfigError
 from llm_jax.config import data_config
@@ -301,7 +302,7 @@ def _validate_sample(config: ml_collections.ConfigDict) -> None:
 
 def validate_for_devices(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
   """Checks that need the mesh: the batch must split evenly over the data-parallel devices."""
-  data_parallel = mesh_shape["data"] * mesh_shape["fsdp"]
+  data_parallel = sharding.data_parallel_size(mesh_shape)
   accum = max(config.grad_accum_steps, 1)  # 'auto' (0) splits only a batch that divides over the devices
   micro = config.global_batch_size // accum
   _require(micro % data_parallel == 0,
