@@ -31,13 +31,14 @@ from absl import app
 from absl import flags
 
 from llm_jax import batch as batch_lib
+from llm_jax import bench
 from llm_jax import config as config_lib
 from llm_jax import metrics
 from llm_jax import steps as steps_lib
 from llm_jax.model import ModelConfig
 
-_PRESET = flags.DEFINE_string("preset", "tiny", "Variant of experiments/bench.py to profile.")
-_BENCH_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
+_PRESET = flags.DEFINE_string("preset", "tiny", "Variant of experiments/bench.py to profile, or a config file "
+                              "such as experiments/sotu_small.py:adamw.")
 _TIMES = flags.DEFINE_integer("timed_calls", 5, "Timed calls per measurement (medians reported).")
 _TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Write a jax.profiler trace of the gradient here.")
 _POLICIES = flags.DEFINE_list("policies", ["none", "dots", "full"], "Remat policies to time; the first is traced.")
@@ -140,7 +141,7 @@ def dot_table(hlo_text: str, totals: collections.Counter, calls: collections.Cou
 
 def main(argv):
   del argv
-  c = config_lib.from_file(f"{_BENCH_FILE}:{_PRESET.value}")
+  c = bench.bench_config(_PRESET.value)
   base = dataclasses.replace(config_lib.model_config(c, c.model.vocab_size), remat_policy="none")
   b, l = c.global_batch_size, c.data.seq_len
   batch = jax.tree.map(jnp.asarray, batch_lib.synthetic(b, l, base.vocab_size))
