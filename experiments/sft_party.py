@@ -1,4 +1,4 @@
-"""Fine-tuning README's sotu_small model on the shipped party task (experiments/sotu_party.py), fully or with LoRA:
+"""Fine-tuning README's sotu_small model on the shipped party task (tools/sotu_party.py), fully or with LoRA:
 rows (c) and (d) of the task's four-way table.
 
 Data:     experiments/data/sotu_party/train.jsonl (3,142 {"prompt", "completion"} rows from 143 speeches; only the
@@ -19,7 +19,7 @@ Results (2026-12-01, quiet 2-core CPU, base /tmp/sotu_small_wd at step 400; 2,99
                                    0.150; 1 min 38-41 s + 23-25 s
             LoRA r=8, seeds 0 1 2: 0.5911 0.5911 0.5885 (mean 0.5902) / 0.5911 ×3; val loss 0.373 0.366 0.364;
                                    1 min 59 s-2 min 9 s + 26-27 s
-          Against chance 0.500 and majority 0.591 (rows (a) and (b) in experiments/sotu_party.py): neither way of
+          Against chance 0.500 and majority 0.591 (rows (a) and (b) in tools/sotu_party.py): neither way of
           fine-tuning beats the majority label. LoRA learns the label prior and answers " Democratic" nearly always;
           full SFT moves off it on some paragraphs, one seed above the majority (0.612), two below, a spread as
           wide as the effect. At 3.7M parameters and 0.8M pre-training tokens the paragraphs carry no party signal

@@ -20,7 +20,7 @@ Result:   2026-12-01, --root=/tmp/sft_party, base /tmp/sotu_small_wd at step 400
           of experiments/sft_party.py made earlier the same day by a shell loop and scored afterwards with
           `llm_jax.evaluate --zero_shot`: the in-run scorer and the command agree, and the runs reproduce.
           The four-way figure (zero-shot, few-shot, full SFT, LoRA against chance and majority):
-          python experiments/sotu_party.py --plot=experiments/results/sotu_party/four_way.png \
+          python tools/sotu_party.py --plot=experiments/results/sotu_party/four_way.png \
             --results=experiments/results/sotu_party/zero_few_shot.jsonl \
             --sweep_runs=experiments/results/sft_party/runs.csv
 """

@@ -1,6 +1,6 @@
 """Supervised fine-tuning of README's sotu_small model on the shipped SFT example set, fully or with LoRA adapters.
 
-Data:     experiments/data/sotu_sft.jsonl, 458 rows made offline by `python experiments/make_sotu_sft.py` (the same
+Data:     experiments/data/sotu_sft.jsonl, 458 rows made offline by `python tools/make_sotu_sft.py` (the same
           bytes on rerun): per speech, a chat row (paragraph + "Which president gave this State of the Union address?" →
           the president's full name) and a prompt/completion row (paragraph + "Year:" → " 1790"). Only the answers
           (and the chat template's end-of-turn marker, or eos) count in the loss.

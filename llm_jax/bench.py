@@ -24,6 +24,7 @@ from absl import app
 from absl import flags
 
 from llm_jax import batch as batch_lib
+from llm_jax import bench_shapes
 from llm_jax import config as config_lib
 from llm_jax import launch
 from llm_jax import metrics as metrics_lib
@@ -33,7 +34,7 @@ from llm_jax import trainer
 from llm_jax.data import pipeline
 from llm_jax.model import Transformer
 
-_CONFIGS = flags.DEFINE_list("configs", ["tiny", "10m"], "Variants of experiments/bench.py, or config files "
+_CONFIGS = flags.DEFINE_list("configs", ["tiny", "10m"], "Shapes of llm_jax/bench_shapes.py, or config files "
                              "(path.py[:variant]), to measure.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Repeats; medians are reported.")
@@ -52,13 +53,9 @@ _FIT_BATCH = flags.DEFINE_bool("fit_batch", False, "Rescale each config's batch 
                                 "no memory limit (CPU).")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/llm_jax_bench", "Cache for the tokenizer and packed data.")
 
-# Bare names in --configs are variants of this experiment file (relative to the repository).
-BENCH_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "bench.py")
-
-
 def bench_config(spec: str) -> ml_collections.ConfigDict:
-  """The experiment config `spec` names: 'tiny' (a variant of experiments/bench.py) or 'path.py[:variant]'."""
-  c = config_lib.from_file(spec if ".py" in spec else f"{BENCH_FILE}:{spec}")
+  """The experiment config `spec` names: 'tiny' (a shape of llm_jax/bench_shapes.py) or 'path.py[:variant]'."""
+  c = config_lib.from_file(spec) if ".py" in spec else bench_shapes.get_config(spec)
   # A config that sizes the vocabulary from its tokenizer (model.vocab_size=0, as the experiment files do) is
   # benchmarked at the size it asks the tokenizer for, which sentencepiece returns exactly.
   c.model.vocab_size = c.model.vocab_size or c.tokenizer.vocab_size

@@ -1,4 +1,4 @@
-"""experiments/cpu_levers.py: how a --mode=flags flag set is split into XLA flags and start-up environment settings,
+"""tools/cpu_levers.py: how a --mode=flags flag set is split into XLA flags and start-up environment settings,
 and the flags each mode would ignore."""
 
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 from conftest import REPO
 
-sys.path.insert(0, f"{REPO}/experiments")
+sys.path.insert(0, f"{REPO}/tools")
 import cpu_levers  # noqa: E402  pylint: disable=wrong-import-position
 import profile_cpu_step  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import  # both in one process
 
@@ -21,7 +21,7 @@ def test_a_flag_set_splits_into_xla_flags_and_environment():
 
 
 @pytest.mark.parametrize("mode, given, message", [
-    ("flags", ["prototype"], r"^--prototype is read only by --mode=model, not --mode=flags: drop it"),
+    ("flags", ["compile_options"], r"^--compile_options is read only by --mode=model, not --mode=flags: drop it"),
     ("flags", ["set", "mesh_b"], r"^--set, --mesh_b are read only by --mode=model"),
     ("model", ["rounds"], r"^--rounds is read only by --mode=flags, not --mode=model: drop it or change --mode"),
 ])

@@ -1,4 +1,4 @@
-"""The accelerator shapes of experiments/gpu_bench.sh (sizes, dtypes, attention, remat) and the batch-fitting
+"""The accelerator shapes of tools/gpu_bench.sh (sizes, dtypes, attention, remat) and the batch-fitting
 arithmetic of `python -m llm_jax.bench --fit_batch`, checked without an accelerator."""
 
 import os
@@ -43,7 +43,7 @@ def test_batch_that_fits_scales_temporaries_linearly():
 
 
 def test_gpu_bench_script_has_valid_syntax_and_a_smoke_mode():
-  script = os.path.join(REPO, "experiments", "gpu_bench.sh")
+  script = os.path.join(REPO, "tools", "gpu_bench.sh")
   assert subprocess.run(["bash", "-n", script], check=False).returncode == 0
   with open(script, encoding="utf-8") as f:
     text = f.read()

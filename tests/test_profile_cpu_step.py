@@ -1,4 +1,4 @@
-"""experiments/profile_cpu_step.py's dot table: the FLOPs it assigns a traced dot match the matmul's formula."""
+"""tools/profile_cpu_step.py's dot table: the FLOPs it assigns a traced dot match the matmul's formula."""
 
 import os
 import sys
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 from conftest import REPO
 
-sys.path.insert(0, os.path.join(REPO, "experiments"))
+sys.path.insert(0, os.path.join(REPO, "tools"))
 import profile_cpu_step  # noqa: E402  pylint: disable=wrong-import-position
 
 

@@ -16,7 +16,7 @@ SHIPPED = os.path.join(REPO, "experiments", "data", "sotu_party")
 
 
 def _load_experiment():
-  spec = importlib.util.spec_from_file_location("sotu_party", os.path.join(REPO, "experiments", "sotu_party.py"))
+  spec = importlib.util.spec_from_file_location("sotu_party", os.path.join(REPO, "tools", "sotu_party.py"))
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
   spec.loader.exec_module(module)
@@ -58,7 +58,7 @@ def test_the_committed_files_are_what_the_script_writes(rows, tmp_path):
   assert names == sorted(os.listdir(SHIPPED)) and "sotu_party.yaml" in names
   for name in names:
     if name.endswith(".jsonl"):
-      assert filecmp.cmp(out / name, os.path.join(SHIPPED, name), shallow=False), "rerun experiments/sotu_party.py"
+      assert filecmp.cmp(out / name, os.path.join(SHIPPED, name), shallow=False), "rerun tools/sotu_party.py"
   items = scoring.read_items(os.path.join(SHIPPED, "test_mc.jsonl"))
   with open(os.path.join(SHIPPED, "test.jsonl"), encoding="utf-8") as f:
     sft = [json.loads(line) for line in f]

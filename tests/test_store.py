@@ -233,7 +233,7 @@ def test_bad_sources_fail_before_tokenising(tmp_path):
 
 
 def test_make_corpus_is_deterministic_and_sized(tmp_path):
-  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "make_corpus.py")
+  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "make_corpus.py")
   for out in ("a", "b"):
     subprocess.run([sys.executable, script, "--mb=0.35", f"--out={tmp_path / out}"], check=True)
   a, b = _files(str(tmp_path / "a")), _files(str(tmp_path / "b"))

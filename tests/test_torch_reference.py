@@ -1,4 +1,4 @@
-"""Our train step against a second implementation in PyTorch (experiments/torch_reference.py): same init, same
+"""Our train step against a second implementation in PyTorch (tools/torch_reference.py): same init, same
 batches, the same losses before and after AdamW steps; and its schedule against optim.make_schedule."""
 
 import json
@@ -19,7 +19,7 @@ from llm_jax import sharding
 from llm_jax import trainer
 
 torch = pytest.importorskip("torch")
-sys.path.insert(0, os.path.join(REPO, "experiments"))
+sys.path.insert(0, os.path.join(REPO, "tools"))
 import torch_reference  # noqa: E402  pylint: disable=wrong-import-position
 
 
@@ -89,7 +89,7 @@ def test_compare_torch_end_to_end_writes_both_curves(tmp_path):
   out = tmp_path / "compare.json"
   env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
          "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "compare_torch.py"), "--configs=smoke",
+  result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "compare_torch.py"), "--configs=smoke",
                            "--warmup=1", "--steps=1", "--repeats=2", "--eval_batches=2", f"--json={out}",
                            f"--workdir={tmp_path / 'work'}"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600, check=False)
@@ -112,7 +112,7 @@ def test_compare_torch_end_to_end_writes_both_curves(tmp_path):
 
 def test_compare_torch_refuses_cpu_threads_for_a_cuda_run(tmp_path):
   env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "compare_torch.py"), "--configs=smoke",
+  result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "compare_torch.py"), "--configs=smoke",
                            "--device=cuda", "--torch_threads=2", f"--workdir={tmp_path}"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120, check=False)
   assert result.returncode == 2

@@ -1,4 +1,4 @@
-"""experiments/tpu_launch.py: the gcloud commands it prints for a single-host TPU VM and a pod slice (dry run)."""
+"""tools/tpu_launch.py: the gcloud commands it prints for a single-host TPU VM and a pod slice (dry run)."""
 
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 from conftest import REPO
 
-SCRIPT = os.path.join(REPO, "experiments", "tpu_launch.py")
+SCRIPT = os.path.join(REPO, "tools", "tpu_launch.py")
 
 
 def _launch(*args: str) -> subprocess.CompletedProcess:

@@ -1,11 +1,11 @@
 """Where a CPU train step spends its time: forward vs backward, remat policies, and layout copies in the HLO.
 
-Command:  python experiments/profile_cpu_step.py --preset=tiny [--trace_dir=/tmp/trace]
-          python experiments/profile_cpu_step.py --preset=10m --policies=dots --trace_dir=/tmp/trace --timed_calls=2
+Command:  python tools/profile_cpu_step.py --preset=tiny [--trace_dir=/tmp/trace]
+          python tools/profile_cpu_step.py --preset=10m --policies=dots --trace_dir=/tmp/trace --timed_calls=2
 Hardware: 2-core x86-64 CPU, float32, one device.
 Result:   see BENCHMARKS.md ("What limits the CPU figures"), measured 2026-11-28.
 
-It times the jitted forward and forward+backward of a bench shape (a variant of `experiments/bench.py`) with
+It times the jitted forward and forward+backward of a bench shape (a variant of `llm_jax/bench_shapes.py`) with
 each remat policy, and inspects the optimized HLO of the gradient: how many `copy` and `transpose`
 instructions XLA:CPU emits and how many bytes they write per step, the layout changes that make the
 backward pass cost several times the forward. `--trace_dir` also writes a `jax.profiler` trace of a
@@ -22,7 +22,6 @@ import json
 import os
 import re
 
-import cpu_prototypes
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -37,7 +36,7 @@ from llm_jax import metrics
 from llm_jax import steps as steps_lib
 from llm_jax.model import ModelConfig
 
-_PRESET = flags.DEFINE_string("preset", "tiny", "Variant of experiments/bench.py to profile, or a config file "
+_PRESET = flags.DEFINE_string("preset", "tiny", "Variant of llm_jax/bench_shapes.py to profile, or a config file "
                               "such as experiments/sotu_small.py:adamw.")
 _TIMES = flags.DEFINE_integer("timed_calls", 5, "Timed calls per measurement (medians reported).")
 _TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Write a jax.profiler trace of the gradient here.")
@@ -146,9 +145,8 @@ def main(argv):
   b, l = c.global_batch_size, c.data.seq_len
   batch = jax.tree.map(jnp.asarray, batch_lib.synthetic(b, l, base.vocab_size))
   print(f"preset {_PRESET.value}: batch {b} x {l} tokens, {base.num_layers} layers, width {base.d_model}")
-  with cpu_prototypes.patched(cpu_prototypes.PROTOTYPE.value):
-    for i, policy in enumerate(_POLICIES.value):
-      profile_policy(base, policy, batch, trace=bool(_TRACE_DIR.value) and i == 0)
+  for i, policy in enumerate(_POLICIES.value):
+    profile_policy(base, policy, batch, trace=bool(_TRACE_DIR.value) and i == 0)
 
 
 def profile_policy(base: ModelConfig, policy: str, batch: dict[str, jax.Array], trace: bool) -> None:

@@ -1,8 +1,8 @@
 """The matmuls of one train-step shape measured alone on CPU: each dot under XLA (its default YNNPACK fusion, with
 YNNPACK off, and in bfloat16), torch and numpy, and the attention's forward+backward by causal query blocks.
 
-Command:  python experiments/cpu_kernels.py [--batch=64 --length=256 --heads=6 --head_dim=64 --d_model=384
-              --d_ff=1536 --repeats=5 --attention_repeats=12]   (defaults: the 10m shape of experiments/bench.py)
+Command:  python tools/cpu_kernels.py [--batch=64 --length=256 --heads=6 --head_dim=64 --d_model=384
+              --d_ff=1536 --repeats=5 --attention_repeats=12]   (defaults: the 10m shape of llm_jax/bench_shapes.py)
 Method:   every dot is jitted alone (one `jnp.einsum`, float32 unless marked), warmed up, and timed --repeats times
           per implementation; the best call counts (load only ever slows a call down), as GFLOP/s = 2·M·N·K ÷ time.
           The attention part jits `llm_jax.attention.dot_product_attention`'s value and gradient at 1, 2 and 4

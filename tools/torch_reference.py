@@ -1,7 +1,7 @@
 """A plain PyTorch GPT-2 and AdamW step at our shapes and hyper-parameters, initialised from our parameters.
 
 It is the second implementation our train step is checked and timed against (tests/test_torch_reference.py,
-experiments/compare_torch.py). It mirrors `llm_jax.model` for the gpt2 family only: tied embeddings, learned
+tools/compare_torch.py). It mirrors `llm_jax.model` for the gpt2 family only: tied embeddings, learned
 positions, pre-LayerNorm blocks with biases, tanh-GELU MLP, causal attention that never crosses packed
 documents, a final LayerNorm; and `llm_jax.optim`: global-norm clipping, then AdamW with decoupled weight
 decay that skips norms, biases and the position table, on a warm-up + constant/linear/cosine schedule that

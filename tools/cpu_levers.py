@@ -1,16 +1,15 @@
 """CPU levers on the whole train step: a model setting against the default in one process, XLA:CPU flags across runs.
 
-Commands: python experiments/cpu_levers.py --mode=model --configs=tiny,10m --set=compute_dtype=bfloat16
+Commands: python tools/cpu_levers.py --mode=model --configs=tiny,10m --set=compute_dtype=bfloat16
               [--steps=20 --repeats=5 --warmup=2]
-          python experiments/cpu_levers.py --mode=model --configs=tiny --set= \
+          python tools/cpu_levers.py --mode=model --configs=tiny --set= \
               --compile_options=xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT
-          python experiments/cpu_levers.py --mode=model --configs=tiny --set= --prototype=dense_vjp
-          python experiments/cpu_levers.py --mode=flags --configs=tiny --rounds=3
+          python tools/cpu_levers.py --mode=flags --configs=tiny --rounds=3
               --xla_flags='--xla_cpu_use_onednn=true;--xla_cpu_experimental_ynn_fusion_type=dot'
-          python experiments/cpu_levers.py --mode=flags --configs=tiny --xla_flags=JAX_CPU_ENABLE_ASYNC_DISPATCH=false
-          (bare config names are variants of experiments/bench.py, as in `python -m llm_jax.bench`)
+          python tools/cpu_levers.py --mode=flags --configs=tiny --xla_flags=JAX_CPU_ENABLE_ASYNC_DISPATCH=false
+          (bare config names are variants of llm_jax/bench_shapes.py, as in `python -m llm_jax.bench`)
 Method:   --mode=model builds two train steps of one config, the default (A) and the default with --set's
-          keys (B; --compile_options and a --prototype of experiments/cpu_prototypes.py apply to B alone), from
+          keys (B; --compile_options apply to B alone), from
           the same initial parameters on the same real batches, and after --warmup untimed steps of
           each alternates timed blocks of --steps steps (A, B, A, B, ... --repeats times) so load from other
           processes hits both alike. It prints B ÷ A tokens/s (median of the per-block-pair ratios, with their
@@ -37,7 +36,6 @@ from typing import Any
 from typing import Collection
 from typing import Sequence
 
-import cpu_prototypes
 import jax
 import ml_collections
 from absl import app
@@ -52,8 +50,7 @@ from llm_jax import trainer
 from llm_jax.data import pipeline
 
 FLAGS = flags.FLAGS
-# --configs, --steps, --repeats, --warmup and --workdir are llm_jax.bench's flags (importing it defines them), and
-# --prototype is cpu_prototypes.py's.
+# --configs, --steps, --repeats, --warmup and --workdir are llm_jax.bench's flags (importing it defines them).
 _MODE = flags.DEFINE_enum("mode", "model", ["model", "flags"], "What to compare (see the docstring).")
 _SET = flags.DEFINE_list("set", ["compute_dtype=bfloat16"], "--mode=model: B's settings, key=value: "
                           "keys of config.model, or dotted paths of the config (grad_accum_steps=4).")
@@ -116,9 +113,9 @@ def _mesh(shape: Sequence[int]) -> jax.sharding.Mesh:
 
 
 def compare_model(name: str, settings: Sequence[str], block: int, repeats: int, warmup: int, eval_batches: int,
-                  workdir: str, options: Sequence[str] = (), prototype: str = "",
+                  workdir: str, options: Sequence[str] = (),
                   meshes: Sequence[Sequence[int]] = ((-1, 1, 1), (-1, 1, 1))) -> dict[str, Any]:
-  """Default (A) against the default with `settings`, XLA compile `options` and `prototype` patched into its trace
+  """Default (A) against the default with `settings` and XLA compile `options`
   (B) on config `name`, each on its mesh of `meshes`: speed ratio and both loss curves."""
   compile_options = [dict(o.partition("=")[::2] for o in opts) for opts in ((), options)]
   c_a = bench.bench_config(name)
@@ -136,8 +133,8 @@ def compare_model(name: str, settings: Sequence[str], block: int, repeats: int, 
     # B starts from A's very state (a copy, on B's mesh: steps donate theirs), whatever order B's layers create
     # parameters in.
     states = [state_a, jax.device_put(jax.tree.map(jax.numpy.copy, state_a), built[1][2].state_shardings)]
-  for (mesh, _, fns), state, opts, patch in zip(built, states, compile_options, ("", prototype)):
-    with jax.set_mesh(mesh), cpu_prototypes.patched(patch):
+  for (mesh, _, fns), state, opts in zip(built, states, compile_options):
+    with jax.set_mesh(mesh):
       sides.append((fns.lower_train(b, l).compile(opts), state))
   it = pipeline.make_train_iterator(data, global_batch_size=b, seed=c_a.seed, process_index=0, process_count=1)
   host = [next(it) for _ in range(warmup + block * repeats)]
@@ -149,7 +146,7 @@ def compare_model(name: str, settings: Sequence[str], block: int, repeats: int, 
     with jax.set_mesh(mesh):
       val_loss.append(loop_lib.evaluate(fns, state.params, val)["val_loss"])
   ratios = [a / b_s for a, b_s in zip(seconds[0], seconds[1])]
-  return {"config": name, "set": list(settings) + list(options) + ([f"prototype={prototype}"] if prototype else []),
+  return {"config": name, "set": list(settings) + list(options),
           "mesh_a": list(built[0][0].shape.values()), "mesh_b": list(built[1][0].shape.values()),
           "tokens_per_step": b * l, "warmup": warmup,
           "block": block, "repeats": repeats, "ms_per_step_a": [1000 * s for s in seconds[0]],
@@ -217,7 +214,7 @@ def compare_flags(name: str, flag_sets: Sequence[str], rounds: int, steps: int, 
 
 
 # The flags each mode reads alone; one given to the other mode would be ignored.
-MODE_FLAGS = {"model": ("set", "compile_options", "prototype", "eval_batches", "mesh_a", "mesh_b"),
+MODE_FLAGS = {"model": ("set", "compile_options", "eval_batches", "mesh_a", "mesh_b"),
               "flags": ("xla_flags", "rounds")}
 
 
@@ -240,8 +237,7 @@ def main(argv: Sequence[str]) -> None:
     for name in FLAGS.configs:
       if _MODE.value == "model":
         r = compare_model(name, _SET.value, FLAGS.steps, FLAGS.repeats, FLAGS.warmup, _EVAL_BATCHES.value,
-                          FLAGS.workdir, _OPTIONS.value, cpu_prototypes.PROTOTYPE.value,
-                          (_MESH_A.value, _MESH_B.value))
+                          FLAGS.workdir, _OPTIONS.value, (_MESH_A.value, _MESH_B.value))
         print(format_model(r), flush=True)
       else:
         flag_sets = [f.strip() for f in _XLA_FLAGS.value.split(";") if f.strip()]

@@ -1,4 +1,4 @@
-"""`python experiments/make_sotu_sft.py [--out=experiments/data/sotu_sft.jsonl]`: the shipped SFT example set, built
+"""`python tools/make_sotu_sft.py [--out=experiments/data/sotu_sft.jsonl]`: the shipped SFT example set, built
 offline and deterministically from the sotu package (speeches and metadata.csv).
 
 For every speech, one paragraph of 100-200 characters, chosen by a SHA-256 hash of the speech's file id, gives two

@@ -1,6 +1,6 @@
 """Prints (and with --run executes) the gcloud commands that run llm_jax on a Cloud TPU VM or pod slice.
 
-Command:  python experiments/tpu_launch.py --name=llm-jax --zone=us-west4-a --accelerator=v5litepod-8 \
+Command:  python tools/tpu_launch.py --name=llm-jax --zone=us-west4-a --accelerator=v5litepod-8 \
             --job="train --config=experiments/sotu_small.py --workdir=/tmp/runs/sotu \
                    --config.model.compute_dtype=bfloat16" [--steps=create,install,start] [--run]
 Steps, in order: create (the VM or slice), install (llm_jax, its pinned stack and jax[tpu] on every

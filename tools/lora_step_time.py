@@ -1,4 +1,4 @@
-"""`python experiments/lora_step_time.py [--rounds=5 --steps=5]`: trainable parameters and train-step time of full
+"""`python tools/lora_step_time.py [--rounds=5 --steps=5]`: trainable parameters and train-step time of full
 fine-tuning against LoRA at sotu_small's shape (4 layers, width 256, 16 x 128 tokens, vocabulary 2048).
 
 Both steps are built by `trainer.make_steps` from experiments/sft_sotu.py's two variants (LoRA: rank 8 on q, k, v, o,

@@ -1,10 +1,10 @@
 """Our jitted train step against the plain PyTorch reference: same init, same real batches, alternating timed blocks.
 
-Command:  python experiments/compare_torch.py --configs=tiny,10m,experiments/sotu_small.py:adamw --json=torch.json
+Command:  python tools/compare_torch.py --configs=tiny,10m,experiments/sotu_small.py:adamw --json=torch.json
           [--warmup=3 --steps=3 --repeats=3: untimed steps, steps per timed block, timed blocks]
-          (bare names are variants of experiments/bench.py, as in `python -m llm_jax.bench`; run from the
+          (bare names are variants of llm_jax/bench_shapes.py, as in `python -m llm_jax.bench`; run from the
           repository root with llm_jax installed or on PYTHONPATH)
-Method:   both start from our initial parameters (experiments/torch_reference.py loads them) and read the same
+Method:   both start from our initial parameters (tools/torch_reference.py loads them) and read the same
           packed batches of the config's corpus, taken from the grain pipeline before timing. After --warmup
           untimed steps of each, steps run in --repeats blocks of --steps: ours, then torch on the same steps,
           and so on, so load from other processes hits both alike. Reported per config: median ms/step and

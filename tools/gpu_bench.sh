@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The GPU benchmark in one command: our step at 125M, 350M and 1B parameters and the PyTorch reference at 125M.
 #
-# Usage:  experiments/gpu_bench.sh [OUT.json]          on a CUDA host with network access (about 10 minutes)
-#         GPU_BENCH_SMOKE=1 experiments/gpu_bench.sh    on CPU at the smoke/tiny shapes, installing nothing
+# Usage:  tools/gpu_bench.sh [OUT.json]          on a CUDA host with network access (about 10 minutes)
+#         GPU_BENCH_SMOKE=1 tools/gpu_bench.sh    on CPU at the smoke/tiny shapes, installing nothing
 #
 # Full mode makes a venv (GPU_BENCH_VENV, default /tmp/llm_jax_gpu_venv), installs jax[cuda12] at the version
 # requirements.txt pins, this project (pip install -e .) and torch (PyPI's Linux wheel is the CUDA build), then:
-#   1. python -m llm_jax.bench at gpt2_125m, gpt2_350m, llama_1b (experiments/bench.py: bf16, context 2048,
+#   1. python -m llm_jax.bench at gpt2_125m, gpt2_350m, llama_1b (llm_jax/bench_shapes.py: bf16, context 2048,
 #      cuDNN attention, remat 'dots'), each batch fitted to device memory by a dry-run compile (--fit_batch);
-#   2. experiments/compare_torch.py at gpt2_125m: torch on CUDA under bf16 autocast against our bf16 step,
+#   2. tools/compare_torch.py at gpt2_125m: torch on CUDA under bf16 autocast against our bf16 step,
 #      same init and batches, JAX told not to preallocate so both fit on the GPU;
 # and merges both JSON files into OUT.json (default gpu_bench.json). Each stage has its own time limit.
 set -euo pipefail
@@ -44,7 +44,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The torch shapes have no decode or depth runs; real data is exercised by the comparison, not the bench.
 timeout "$LIMIT_S" "$PY" -m llm_jax.bench --configs="$BENCH_CONFIGS" "${BENCH_ARGS[@]}" --real_data=False \
   --decode=False --workdir="$WORK" --json="$WORK/bench.json"
-XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$LIMIT_S" "$PY" experiments/compare_torch.py \
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$LIMIT_S" "$PY" tools/compare_torch.py \
   --configs="$TORCH_CONFIG" "${TORCH_ARGS[@]}" --workdir="$WORK" --json="$WORK/torch.json"
 
 "$PY" - "$WORK/bench.json" "$WORK/torch.json" "$OUT" <<'PYEOF'
