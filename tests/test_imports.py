@@ -1,4 +1,5 @@
-"""The layering, enforced: lower modules never import higher ones (read from the source, lazy imports included)."""
+"""The layering, enforced: a module imports only its own layer or lower ones, as llm_jax.LAYERS declares them (read
+from the source, lazy imports included); and the finer rules of the core and the data layer."""
 
 import ast
 import os
@@ -7,6 +8,8 @@ import sys
 
 import pytest
 from conftest import REPO
+
+import llm_jax
 
 PACKAGE = os.path.join(REPO, "llm_jax")
 ENTRY_POINTS = {"llm_jax.train", "llm_jax.generate", "llm_jax.evaluate", "llm_jax.convert", "llm_jax.sweep",
@@ -58,6 +61,38 @@ def reach(module: str) -> set[str]:
         if name in MODULES:
           todo.append(name)
   return seen
+
+
+def layer_of(module: str) -> int:
+  """The index in llm_jax.LAYERS of the layer that declares `module` (the package root, which holds the table, is
+  below them all); KeyError if none does, ValueError if several do."""
+  if module == "llm_jax":
+    return -1
+  name = module.removeprefix("llm_jax.")
+  found = [i for i, (_, names) in enumerate(llm_jax.LAYERS) for pattern in names
+           if name == pattern or (pattern.endswith(".*") and (name + ".").startswith(pattern[:-1]))]
+  if not found:
+    raise KeyError(f"{module} is in no layer of llm_jax.LAYERS; place it there")
+  if len(set(found)) > 1:
+    raise ValueError(f"{module} is in several layers of llm_jax.LAYERS: {sorted(set(found))}")
+  return found[0]
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_every_module_imports_only_its_layer_or_lower(module):
+  own = layer_of(module)
+  bad = sorted(n for n in imports_of(module) if n in MODULES and layer_of(n) > own)
+  names = [name for name, _ in llm_jax.LAYERS]
+  assert not bad, f"{module} ({names[own]}) imports higher layers: " + ", ".join(f"{n} ({names[layer_of(n)]})"
+                                                                             for n in bad)
+
+
+def test_the_layer_rule_catches_a_wrong_import():
+  # The rule's own check, on the graph as it is: a core module that imported the trainer would be refused.
+  assert layer_of("llm_jax.trainer") > layer_of("llm_jax.model") > layer_of("llm_jax.paths")
+  assert layer_of("llm_jax.data.store") == layer_of("llm_jax.tokenizer") < layer_of("llm_jax.workdir")
+  with pytest.raises(KeyError, match="no layer"):
+    layer_of("llm_jax.not_declared")
 
 
 def test_the_rules_see_every_layer():
