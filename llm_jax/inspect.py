@@ -34,6 +34,7 @@ _OUT = flags.DEFINE_string("out", None, "Folder for the pictures, pages and summ
 _COMPARE = flags.DEFINE_string("compare", "", "A second workdir with the same tokenizer: adds its per-token loss "
                                "difference from --workdir's.")
 _STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint of --workdir to inspect; default the newest.")
+_COMPARE_STEP = flags.DEFINE_integer("compare_step", None, "Checkpoint of --compare; default the newest.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "Window in tokens; 0: the run's data.seq_len.")
 _STRIDE = flags.DEFINE_integer("stride", 0, "Tokens a window advances through a text longer than --seq_len; 0: the "
                                "text must fit one window.")
@@ -64,6 +65,8 @@ def _check_inputs(text: str) -> int:
   seq_len = _SEQ_LEN.value or doc_eval.default_seq_len(_WORKDIR.value, cfg)
   doc_eval.check_seq_len(cfg, seq_len)
   analysis.check_text(text, len(load_tokenizer(tokenizer_path).encode(text)), seq_len, _STRIDE.value)
+  if _COMPARE_STEP.value is not None and not _COMPARE.value:
+    raise ValueError("--compare_step is set but --compare is not; pass --compare=DIR or drop --compare_step")
   if _COMPARE.value:
     other_cfg, other_path = workdir_lib.read_model_card(_COMPARE.value, "--compare")
     if file_sha256(other_path) != file_sha256(tokenizer_path):
@@ -93,9 +96,10 @@ def _run() -> None:
   summary = report.write_inspection(out, ins, tokenizer, meta)
   print(report.heads_text(summary["heads"]), end="", flush=True)
   if _COMPARE.value:
-    other, other_meta, _ = _inspect(_COMPARE.value, None, text, seq_len)
+    other, other_meta, _ = _inspect(_COMPARE.value, _COMPARE_STEP.value, text, seq_len)
     print(f"{_COMPARE.value} at step {other_meta['checkpoint_step']}: {report.loss_line(other)}", flush=True)
-    names = (os.path.basename(os.path.normpath(_WORKDIR.value)), os.path.basename(os.path.normpath(_COMPARE.value)))
+    names = tuple(f"{os.path.basename(os.path.normpath(m['workdir']))}@{m['checkpoint_step']}"
+                  for m in (meta, other_meta))
     if names[0] == names[1]:
       names = ("--workdir", "--compare")
     compared = report.write_comparison(out, ins, other, *names, _TOP.value)

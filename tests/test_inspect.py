@@ -111,6 +111,7 @@ def test_head_statistics_by_formula():
   np.testing.assert_allclose(heads["first"], [[1.0, 0.5]])
   np.testing.assert_allclose(heads["previous"], [[0.5, 1.0]])
   np.testing.assert_allclose(heads["distance"], [[1.5, 1.0]])
+  np.testing.assert_allclose(heads["local"], [[1.0, 1.0]])
   np.testing.assert_allclose(heads["entropy"], [[0.0, 0.0]], atol=1e-6)
   np.testing.assert_allclose(heads["uniform_entropy"], [[(np.log(2) + np.log(3)) / 2] * 2], rtol=1e-6)
   kinds = [r["kind"] for r in analysis.head_table(heads)]

@@ -33,7 +33,8 @@ from llm_jax.model import output_logits
 Array = jax.Array
 TOP_K = 5
 # Per-head statistics over the scored queries (slot >= 1): each is a mean over queries.
-HEAD_STATS = ("entropy", "uniform_entropy", "first", "previous", "self", "distance")
+HEAD_STATS = ("entropy", "uniform_entropy", "first", "previous", "self", "local", "distance")
+LOCAL_KEYS = 8  # 'local': weight on the query itself and the LOCAL_KEYS - 1 tokens before it
 # Tokens of context a piece is decoded with, so that leading spaces and multi-byte characters come out right.
 PIECE_CONTEXT = 16
 
@@ -92,6 +93,7 @@ def head_sums(probs_NxBxHxLxS: Array, query_BxL: Array) -> dict[str, Array]:
       "first": probs_NxBxHxLxS[..., 0],
       "previous": jnp.sum(jnp.where(k_S == q_L[:, None] - 1, probs_NxBxHxLxS, 0.0), axis=-1),
       "self": jnp.sum(jnp.where(k_S == q_L[:, None], probs_NxBxHxLxS, 0.0), axis=-1),
+      "local": jnp.sum(jnp.where(k_S > q_L[:, None] - LOCAL_KEYS, probs_NxBxHxLxS, 0.0), axis=-1),
       "distance": jnp.sum(probs_NxBxHxLxS * (q_L[:, None] - k_S).astype(jnp.float32), axis=-1),
   }
   sums = {name: jnp.sum(v * w, axis=(1, 3)) for name, v in per_query.items()}
@@ -204,13 +206,14 @@ def inspect_text(params: Any, cfg: ModelConfig, tokenizer: Any, text: str, *, se
 
 
 def head_kind(stats: dict[str, float]) -> str:
-  """A head's most visible habit: where most of its attention goes, else how far it reaches."""
+  """A head's most visible habit: where most of its attention goes (the first token, the previous one, itself, the
+  last LOCAL_KEYS), else whether it spreads nearly evenly ('broad') or picks tokens by content ('selective')."""
   weight, kind = max((stats["first"], "first-token"), (stats["previous"], "previous-token"), (stats["self"], "self"))
   if weight >= 0.5:
     return kind
-  if stats["distance"] <= 3.0:
+  if stats["local"] >= 0.5:
     return "local"
-  return "broad" if stats["entropy"] >= 0.7 * stats["uniform_entropy"] else "mixed"
+  return "broad" if stats["entropy"] >= 0.9 * stats["uniform_entropy"] else "selective"
 
 
 def head_table(heads: dict[str, np.ndarray]) -> list[dict[str, Any]]:

@@ -21,7 +21,8 @@ HEAD_COLUMNS = ("layer", "head", "kind", *analysis.HEAD_STATS)
 HEAD_LEGEND = ("Means over the scored queries (the first slot of each window left out): entropy of the attention "
                "(nats) against uniform_entropy, that of attending evenly to every visible key; first: weight on the "
                "window's first token (the conditioning token in the first window); previous / self: weight on the "
-               "token just before / the query itself; distance: mean query-key distance in tokens.")
+               f"token just before / the query itself; local: weight on the query and the {analysis.LOCAL_KEYS - 1} "
+               "tokens before it; distance: mean query-key distance in tokens.")
 
 
 def attention_file(layer: int) -> str:
@@ -38,7 +39,9 @@ class Vocabulary:
     token_id = int(token_id)
     if token_id not in self._cache:
       raw = self._tokenizer.id_to_piece(token_id)
-      text = self._tokenizer.decode([token_id]) or raw
+      text = self._tokenizer.decode([token_id])
+      if not text or not text.replace("\n", "").isprintable() or "\ufffd" in text:  # a byte or a control token: its piece says more
+        text = raw
       spaced = raw[:1] in ("▁", "Ġ") and not text.startswith(" ")
       self._cache[token_id] = " " + text if spaced else text
     return self._cache[token_id]
