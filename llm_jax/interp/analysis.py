@@ -206,14 +206,15 @@ def inspect_text(params: Any, cfg: ModelConfig, tokenizer: Any, text: str, *, se
 
 
 def head_kind(stats: dict[str, float]) -> str:
-  """A head's most visible habit: where most of its attention goes (the first token, the previous one, itself, the
-  last LOCAL_KEYS), else whether it spreads nearly evenly ('broad') or picks tokens by content ('selective')."""
+  """A head's most visible habit: 'broad' when it spreads nearly evenly over what it sees (entropy at least 90% of
+  uniform), else where most of its attention goes (the first token, the previous one, itself, the last LOCAL_KEYS),
+  else 'selective' (it picks tokens by content)."""
+  if stats["entropy"] >= 0.9 * stats["uniform_entropy"]:
+    return "broad"
   weight, kind = max((stats["first"], "first-token"), (stats["previous"], "previous-token"), (stats["self"], "self"))
   if weight >= 0.5:
     return kind
-  if stats["local"] >= 0.5:
-    return "local"
-  return "broad" if stats["entropy"] >= 0.9 * stats["uniform_entropy"] else "selective"
+  return "local" if stats["local"] >= 0.5 else "selective"
 
 
 def head_table(heads: dict[str, np.ndarray]) -> list[dict[str, Any]]:

@@ -117,10 +117,12 @@ def attention_picture(path: str, maps_HxMxM: np.ndarray, labels: Sequence[str], 
                       panel_titles: Sequence[str]) -> None:
   """One panel per head, query (rows) by key (columns), log-scaled; masked (zero) entries left white."""
   h, m = maps_HxMxM.shape[0], maps_HxMxM.shape[-1]
-  cols = min(h, 4)
+  labelled = m <= LABEL_TOKENS
+  cols = min(h, 2 if labelled else 4)  # labelled panels need room: two across
   rows = math.ceil(h / cols)
-  side = 4.2 if m <= LABEL_TOKENS else 3.4
-  fig, axes = plt.subplots(rows, cols, figsize=(cols * side + 0.8, rows * side + 0.6), squeeze=False)
+  side = 5.5 if labelled else 3.4
+  fig, axes = plt.subplots(rows, cols, figsize=(cols * side + 1.0, rows * side + 0.5), squeeze=False,
+                           layout="constrained")
   norm = mcolors.LogNorm(vmin=1e-3, vmax=1.0)
   cmap = plt.get_cmap("viridis").with_extremes(bad="white", under=plt.get_cmap("viridis")(0.0))
   image = None
@@ -131,17 +133,17 @@ def attention_picture(path: str, maps_HxMxM: np.ndarray, labels: Sequence[str], 
     masked = np.ma.masked_equal(maps_HxMxM[i], 0.0)
     image = ax.imshow(masked, norm=norm, cmap=cmap, interpolation="nearest")
     ax.set_title(panel_titles[i], fontsize=8)
-    if m <= LABEL_TOKENS:
+    if labelled:
       ticks = [display(s, 10) for s in labels]
-      ax.set_xticks(range(m), ticks, rotation=90, fontsize=5, family=FONT)
-      ax.set_yticks(range(m), ticks, fontsize=5, family=FONT)
+      ax.set_xticks(range(m), ticks, rotation=90, fontsize=6, family=FONT)
+      ax.set_yticks(range(m), ticks, fontsize=6, family=FONT)
     else:
       ax.set_xlabel("key position", fontsize=7)
       ax.set_ylabel("query position", fontsize=7)
       ax.tick_params(labelsize=6)
   fig.suptitle(title, fontsize=10)
-  fig.colorbar(image, ax=axes, shrink=0.8, label="attention probability (log scale)")
-  fig.savefig(path, dpi=110, bbox_inches="tight")
+  fig.colorbar(image, ax=axes, shrink=0.6, label="attention probability (log scale)")
+  fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
