@@ -80,8 +80,9 @@ def _inspect(workdir: str, step: int | None, text: str, seq_len: int) -> tuple[a
   loaded = workdir_lib.load_model(workdir, step)
   ins = analysis.inspect_text(loaded.params, loaded.cfg, loaded.tokenizer, text, seq_len=seq_len,
                               stride=_STRIDE.value)
-  note = (f"attention read through the reference einsum path in one query block (the model's attention_impl "
-          f"{loaded.cfg.attention_impl!r} set aside), the path whose probabilities the pictures show")
+  impl = loaded.cfg.attention_impl
+  aside = "" if impl == "einsum" else f" (model.attention_impl={impl!r} set aside: it keeps no probabilities)"
+  note = f"attention read through the reference einsum path in one query block{aside}"
   return ins, {"workdir": workdir, "checkpoint_step": loaded.step, "note": note}, loaded.tokenizer
 
 

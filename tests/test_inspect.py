@@ -66,14 +66,16 @@ def test_token_losses_sum_to_the_evaluate_figure(loaded, seq_len, stride):
   assert abs(float(np.mean(ins.top_ids[:, 0] == ins.ids)) - ev["accuracy"]) < 1e-9
 
 
-@pytest.mark.parametrize("family,scan", [("gpt2", True), ("gpt2", False), ("llama", True)])
-def test_attention_rows_sum_to_one_and_stay_causal_within_documents(family, scan):
-  cfg = dataclasses.replace(TINY[family], scan_layers=scan)
+@pytest.mark.parametrize("family,scan,impl", [("gpt2", True, "einsum"), ("gpt2", False, "einsum"),
+                                              ("llama", True, "jax")])
+def test_attention_rows_sum_to_one_and_stay_causal_within_documents(family, scan, impl):
+  # Captured from the model as configured (remat 'auto', any attention_impl): it switches to the reference path itself.
+  cfg = dataclasses.replace(TINY[family], scan_layers=scan, attention_impl=impl)
   params = _random(cfg)
   segments_BxL = jnp.asarray([[1] * 9 + [2] * 11 + [0] * 4])  # two packed documents, then padding
   positions_BxL = jnp.asarray([list(range(9)) + list(range(11)) + [0] * 4])
   tokens_BxL = jax.random.randint(jax.random.key(1), (1, 24), 0, cfg.vocab_size)
-  c = capture(params, analysis.reference_config(cfg), tokens_BxL, positions_BxL, segments_BxL)
+  c = capture(params, cfg, tokens_BxL, positions_BxL, segments_BxL)
   probs = np.asarray(c.probs_NxBxHxLxS)[:, 0]
   assert probs.shape == (cfg.num_layers, cfg.num_heads, 24, 24)
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
@@ -82,7 +84,8 @@ def test_attention_rows_sum_to_one_and_stay_causal_within_documents(family, scan
   allowed = (k <= q) & (seg[:, None] == seg[None, :])
   assert np.all(probs[..., ~allowed] == 0.0)
   assert np.all(probs[..., allowed] > 0.0)
-  # The probabilities are those the output is made of: the inspected forward gives the model's usual logits.
+  # The probabilities are those the output is made of: the inspected forward gives the model's usual logits (for
+  # 'jax', those of XLA's attention, a second implementation).
   logits = _logits(cfg, params, tokens_BxL, positions_BxL, segments_BxL)
   np.testing.assert_allclose(np.asarray(c.logits_BxLxV), np.asarray(logits), atol=1e-5)
 

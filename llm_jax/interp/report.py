@@ -40,7 +40,8 @@ class Vocabulary:
     if token_id not in self._cache:
       raw = self._tokenizer.id_to_piece(token_id)
       text = self._tokenizer.decode([token_id])
-      if not text or not text.replace("\n", "").isprintable() or "\ufffd" in text:  # a byte or a control token: its piece says more
+      # A byte or a control token decodes to nothing readable: its vocabulary piece says more.
+      if not text or not text.replace("\n", "").isprintable() or "\ufffd" in text:
         text = raw
       spaced = raw[:1] in ("▁", "Ġ") and not text.startswith(" ")
       self._cache[token_id] = " " + text if spaced else text
