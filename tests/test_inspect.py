@@ -194,6 +194,7 @@ def test_bad_text_is_one_line(text, num_ids, stride, key):
   assert key in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow  # builds a transformers model and converts it: about 20 s
 def test_a_converted_hugging_face_gpt2(tmp_path):
   pytest.importorskip("transformers")
   import tiny_hf  # pylint: disable=import-outside-toplevel
