@@ -63,9 +63,12 @@ def causal_blocks(backend: str) -> int:
   return CAUSAL_BLOCKS.get(backend, 1)
 
 
-def dot_product_attention(q_BxLxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array,
-                          mask_BxLxS: Array, impl: str = "einsum", blocks: int = 1) -> Array:
+def dot_product_attention(q_BxLxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array, mask_BxLxS: Array,
+                          impl: str = "einsum", blocks: int = 1, return_probs: bool = False
+                          ) -> Array | tuple[Array, Array]:
   """softmax(QKᵀ/√K)V with grouped key/value heads; softmax in float32.
+
+  With `return_probs` (inspection: the einsum path in one block), also the softmax probabilities, B x H x L x S.
 
   `blocks` > 1 is for a mask that is causal by slot over the same L slots of queries and keys (training, and
   scoring without a cache): the queries are split into that many blocks and each is scored against the keys up to
@@ -73,6 +76,9 @@ def dot_product_attention(q_BxLxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array,
   covers every key its queries may see, so the result is the same up to summation order. A length the count does
   not divide, or the 'jax' impl, runs as one block.
   """
+  if return_probs and (impl != "einsum" or blocks != 1):
+    raise ValueError(f"attention probabilities come from the einsum path in one block, not impl={impl!r} with "
+                     f"{blocks} blocks")
   if impl == "jax":
     return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK,
                                         mask=mask_BxLxS[:, None, :, :])
@@ -92,7 +98,8 @@ def dot_product_attention(q_BxLxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array,
                                   preferred_element_type=jnp.float32) / jnp.sqrt(k).astype(jnp.float32)
     logits_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None, start:start + c, :end], logits_BxGxRxLxS,
                                  jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits_BxGxRxLxS, axis=-1).astype(v_BxSxGxK.dtype)
-    outs.append(jnp.einsum("BGRLS,BGSK->BGRLK", probs, v_BxGxSxK[:, :, :end]))
+    probs_BxGxRxLxS = jax.nn.softmax(logits_BxGxRxLxS, axis=-1)
+    outs.append(jnp.einsum("BGRLS,BGSK->BGRLK", probs_BxGxRxLxS.astype(v_BxSxGxK.dtype), v_BxGxSxK[:, :, :end]))
   out_BxGxRxLxK = outs[0] if n == 1 else jnp.concatenate(outs, axis=3)
-  return out_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(b, l, h, k)
+  out_BxLxHxK = out_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(b, l, h, k)
+  return (out_BxLxHxK, probs_BxGxRxLxS.reshape(b, h, l, s)) if return_probs else out_BxLxHxK

@@ -204,8 +204,12 @@ class Attention(nn.Module):
     mask_BxLxS = attention_mask(q_pos_BxL, k_pos_BxS, q_seg_BxL, k_seg_BxS)
     # Without a cache the mask is causal by slot over the same slots, which query blocks may skip above.
     blocks = causal_blocks(jax.default_backend()) if cache is None else 1
-    out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS,
-                                        cfg.attention_impl, blocks)
+    if self.is_mutable_collection("intermediates"):  # inspection (llm_jax.interp) keeps the probabilities
+      out_BxLxHxK, probs_BxHxLxS = dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, "einsum", 1,
+                                                         return_probs=True)
+      self.sow("intermediates", "probs", probs_BxHxLxS)
+    else:
+      out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, cfg.attention_impl, blocks)
     w_HxKxD = param_with_axes(self, "out", init_normal(0.02 / (2 * cfg.num_layers) ** 0.5),
                               (cfg.num_heads, cfg.head_dim, cfg.d_model), ("heads", "head_dim", "embed"))
     y_BxLxD = lora.adapt(cfg, self, "out", jnp.einsum("BLHK,HKD->BLD", out_BxLxHxK, w_HxKxD.astype(cfg.dtype)),
@@ -273,6 +277,7 @@ class Block(nn.Module):
     x_BxLxD = x_BxLxD + drop(h_BxLxD)
     h_BxLxD = Mlp(cfg, name="mlp")(Norm(cfg.is_llama, cfg.norm_eps, name="mlp_norm")(x_BxLxD))
     x_BxLxD = constrain(x_BxLxD + drop(h_BxLxD), ("batch", "length", "act_embed"))
+    self.sow("intermediates", "residual", x_BxLxD)  # a no-op unless the caller made 'intermediates' mutable
     return x_BxLxD, cache
 
 
@@ -312,6 +317,7 @@ class Transformer(nn.Module):
       x_BxLxD += lookup(pos_embed_LxD, positions_BxL, "positions").astype(cfg.dtype)
     x_BxLxD = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x_BxLxD)
     x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
+    self.sow("intermediates", "embedded", x_BxLxD)
 
     block = Block
     # Resolved here, at trace time, so a config (and the checkpoint recording it) keeps 'auto' and a run resumed on
@@ -320,7 +326,8 @@ class Transformer(nn.Module):
     if remat != "none":
       block = nn.remat(Block, policy=_remat_policy(remat), prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+      stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
+                      split_rngs={"params": True, "dropout": True},
                       in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
       x_BxLxD, cache = stack(cfg, deterministic, name="layers")(x_BxLxD, cache, positions_BxL,
@@ -336,16 +343,22 @@ class Transformer(nn.Module):
         cache = jax.tree.map(lambda *c: jnp.stack(c), *new_layers)
 
     x_BxLxD = Norm(cfg.is_llama, cfg.norm_eps, name="final_norm")(x_BxLxD)
-    if cfg.tie_embeddings:
-      logits_BxLxV = jnp.einsum("BLD,VD->BLV", x_BxLxD, embed_VxD.astype(cfg.dtype))
-    else:
-      head_DxV = param_with_axes(self, "lm_head", init_normal(0.02), (cfg.d_model, cfg.vocab_size),
-                                 ("embed", "vocab"))
-      logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, head_DxV.astype(cfg.dtype))
-    logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "act_vocab")).astype(jnp.float32)
-    if cfg.logit_softcap > 0:
-      logits_BxLxV = cfg.logit_softcap * jnp.tanh(logits_BxLxV / cfg.logit_softcap)
-    return logits_BxLxV, cache
+    head_DxV = None if cfg.tie_embeddings else param_with_axes(
+        self, "lm_head", init_normal(0.02), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+    return output_logits(cfg, x_BxLxD, embed_VxD, head_DxV), cache
+
+
+def output_logits(cfg: ModelConfig, x_BxLxD: Array, embed_VxD: Array, head_DxV: Array | None) -> Array:
+  """Float32 logits of the final-normed residual stream: the tied embedding (head None) or the output head, and the
+  soft cap when configured."""
+  if head_DxV is None:
+    logits_BxLxV = jnp.einsum("BLD,VD->BLV", x_BxLxD, embed_VxD.astype(cfg.dtype))
+  else:
+    logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, head_DxV.astype(cfg.dtype))
+  logits_BxLxV = constrain(logits_BxLxV, ("batch", "length", "act_vocab")).astype(jnp.float32)
+  if cfg.logit_softcap > 0:
+    logits_BxLxV = cfg.logit_softcap * jnp.tanh(logits_BxLxV / cfg.logit_softcap)
+  return logits_BxLxV
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> Cache:
