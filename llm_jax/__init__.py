@@ -3,7 +3,7 @@
 The package is built in layers, lowest first. A module imports only modules of its own layer or a lower one, lazy
 imports included; tests/test_imports.py reads LAYERS and enforces it, and a new module must be placed here.
 
-  base   paths, run errors and signals, chat templates, the profiler switch: no model, no data
+  base   the user-error family, paths, run errors and signals, chat templates, the profiler switch
   core   the model, its attention and adapters, mesh rules, batch schema, optimizers, metrics, the train/eval
          steps, sampling and the compile-only report: frozen configs in, pure functions out, no run files
   data   text to tokens: corpora, cleaning, splits, the token store, packing, the input pipeline, tokenizers
@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 # Layer name -> module names relative to `llm_jax`; "pkg.*" stands for a sub-package and all its modules.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("paths", "faults", "chat", "profiler")),
+    ("base", ("errors", "paths", "faults", "chat", "profiler")),
     ("core", ("model", "attention", "lora", "sharding", "batch", "optim", "metrics", "steps", "sampling", "dryrun",
               "hf.weights")),
     ("data", ("data.*", "tokenizer", "hf.tokenizer")),

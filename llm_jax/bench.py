@@ -26,6 +26,7 @@ from absl import flags
 from llm_jax import batch as batch_lib
 from llm_jax import bench_shapes
 from llm_jax import config as config_lib
+from llm_jax import errors
 from llm_jax import launch
 from llm_jax import metrics as metrics_lib
 from llm_jax import sampling
@@ -197,10 +198,10 @@ def decode_lengths(values: Sequence[str | int]) -> list[int]:
   try:
     lengths = [int(v) for v in values]
   except ValueError:
-    raise ValueError(f"{flag} must be whole numbers, e.g. {example}") from None
+    raise errors.ConfigError(f"{flag} must be whole numbers, e.g. {example}") from None
   if not lengths or lengths != sorted(set(lengths)) or lengths[0] <= len(DECODE_PROMPT):
-    raise ValueError(f"{flag} must be distinct, ascending and each above the {len(DECODE_PROMPT)}-token prompt, "
-                     f"e.g. {example}")
+    raise errors.ConfigError(f"{flag} must be distinct, ascending and each above the {len(DECODE_PROMPT)}-token "
+                             f"prompt, e.g. {example}")
   return lengths
 
 
@@ -298,7 +299,7 @@ def _check_writable(path: str) -> None:
   """Test-opens the --json file before benchmarking, so a bad path cannot throw the measurements away."""
   directory = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(directory):
-    raise ValueError(f"--json={path}: directory {directory} does not exist; create it or pass another path")
+    raise errors.ConfigError(f"--json={path}: directory {directory} does not exist; create it or pass another path")
   try:
     existed = os.path.exists(path)
     with open(path, "a", encoding="utf-8"):
@@ -306,7 +307,7 @@ def _check_writable(path: str) -> None:
     if not existed:
       os.remove(path)
   except OSError as e:
-    raise ValueError(f"cannot write --json={path} ({e.strerror or e}); pass a writable path") from None
+    raise errors.RunError(f"cannot write --json={path} ({e.strerror or e}); pass a writable path") from None
 
 
 def write_json(path: str, results: list[dict]) -> None:
@@ -322,12 +323,12 @@ def main(argv: Sequence[str]) -> None:
 
   def body() -> None:
     if not _CONFIGS.value:
-      raise ValueError("--configs is empty; name at least one, e.g. --configs=tiny")
+      raise errors.ConfigError("--configs is empty; name at least one, e.g. --configs=tiny")
     for name, flag, least in (("steps", _STEPS, 1), ("repeats", _REPEATS, 1), ("warmup", _WARMUP, 0)):
       if flag.value < least:
-        raise ValueError(f"--{name}={flag.value} must be at least {least}")
+        raise errors.ConfigError(f"--{name}={flag.value} must be at least {least}")
     if _DECODE_LENGTHS.present and not _DECODE.value:
-      raise ValueError("--decode_lengths is ignored with --decode=false; drop one of them")
+      raise errors.ConfigError("--decode_lengths is ignored with --decode=false; drop one of them")
     lengths = decode_lengths(_DECODE_LENGTHS.value)
     if _JSON.value:
       _check_writable(_JSON.value)

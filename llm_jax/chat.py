@@ -22,6 +22,8 @@ from typing import Sequence
 import jinja2
 import jinja2.sandbox
 
+from llm_jax import errors
+
 ROLES = ("system", "user", "assistant")
 END_OF_TURN = "<|end|>"
 DEFAULT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}" + END_OF_TURN + "\n{% endfor %}"
@@ -29,7 +31,7 @@ DEFAULT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content']
 HF_CONFIG_FILE = "tokenizer_config.json"  # as llm_jax.hf.tokenizer.CONFIG_FILE
 
 
-class TemplateError(ValueError):
+class TemplateError(errors.DataError):
   """A conversation the template cannot render (the message names the row)."""
 
 

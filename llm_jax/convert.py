@@ -7,6 +7,7 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
+from llm_jax import errors
 from llm_jax import launch
 from llm_jax.hf import files as hf_files
 
@@ -23,10 +24,11 @@ def main(argv: Sequence[str]) -> None:
 
   def body() -> None:
     if bool(_FROM_HF.value) == bool(_TO_HF.value):
-      raise ValueError("pass exactly one of --from_hf=HF_DIR (into --workdir) or --to_hf=HF_DIR (from --workdir)")
+      raise errors.ConfigError("pass exactly one of --from_hf=HF_DIR (into --workdir) or --to_hf=HF_DIR (from "
+                               "--workdir)")
     if _FROM_HF.value and _STEP.value is not None:
-      raise ValueError("--checkpoint_step is set but --from_hf writes a new workdir and ignores it; drop "
-                       "--checkpoint_step (it picks the checkpoint --to_hf exports)")
+      raise errors.ConfigError("--checkpoint_step is set but --from_hf writes a new workdir and ignores it; drop "
+                               "--checkpoint_step (it picks the checkpoint --to_hf exports)")
     if _FROM_HF.value:
       cfg, num_params = hf_files.import_hf(_FROM_HF.value, _WORKDIR.value)
       print(f"converted {cfg.family} ({num_params:,} parameters, {cfg.num_layers} layers) from "

@@ -12,6 +12,7 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
+from llm_jax import errors
 from llm_jax import launch
 from llm_jax import paths
 from llm_jax.evals import documents as doc_eval
@@ -45,14 +46,14 @@ def _check_writable(path: str, what: str = "") -> None:
     if not existed:
       os.remove(path)  # leave no empty report behind if the evaluation then fails
   except OSError as e:
-    raise ValueError(f"cannot write {what or '--output=' + path} ({e.strerror or e}); pass a writable "
-                     "--output") from None
+    raise errors.RunError(f"cannot write {what or '--output=' + path} ({e.strerror or e}); pass a writable "
+                          "--output") from None
 
 
 def _check_flags() -> None:
   """One-line errors for flag values that would otherwise fail deep inside (or after) the evaluation."""
   if _BATCH_SIZE.value < 1:
-    raise ValueError(f"--batch_size={_BATCH_SIZE.value} must be at least 1")
+    raise errors.ConfigError(f"--batch_size={_BATCH_SIZE.value} must be at least 1")
   ignored, why = (), ""
   if _ZERO_SHOT.value:
     ignored, why = ("split", "text_files", "seq_len", "stride"), "--zero_shot scores whole items"
@@ -60,10 +61,10 @@ def _check_flags() -> None:
     ignored, why = ("split",), "--text_files evaluates those files instead"
   for name in ignored:
     if flags.FLAGS[name].present:
-      raise ValueError(f"--{name} is set but {why} and ignores it; drop --{name}")
+      raise errors.ConfigError(f"--{name} is set but {why} and ignores it; drop --{name}")
   for name, flag in (("seq_len", _SEQ_LEN), ("stride", _STRIDE)):
     if flag.value < 0:
-      raise ValueError(f"--{name}={flag.value} must be >= 0 (0: the default)")
+      raise errors.ConfigError(f"--{name}={flag.value} must be >= 0 (0: the default)")
   if _OUTPUT.value:
     _check_writable(_OUTPUT.value)
   elif paths.is_local(_WORKDIR.value) and os.path.isdir(_WORKDIR.value):

@@ -10,6 +10,8 @@ import jax
 import optax
 from optax import contrib
 
+from llm_jax import errors
+
 # Parameter names (the last path entry) that are never decayed: norms, biases, position tables.
 NO_DECAY_SUFFIXES = ("scale", "bias", "pos_embed")
 OPTIMIZERS = ("adamw", "sgd", "muon", "lion", "adafactor", "schedule_free_adamw")
@@ -67,7 +69,7 @@ def make_schedule(o: OptimConfig, num_steps: int) -> optax.Schedule:
     main = optax.join_schedules(
         [optax.constant_schedule(peak), optax.linear_schedule(peak, floor, decay)], [stable])
   else:
-    raise ValueError(f"optim.schedule={o.schedule!r} is unknown; use constant, linear, cosine, rsqrt or wsd")
+    raise errors.ConfigError(f"optim.schedule={o.schedule!r} is unknown; use constant, linear, cosine, rsqrt or wsd")
   if warmup == 0:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
@@ -130,9 +132,9 @@ def parse_lr_multipliers(spec: str) -> dict[str, float]:
     except ValueError:
       factor = -1.0
     if not sep or group.strip() not in PARAM_GROUPS or not factor >= 0 or group.strip() in out:
-      raise ValueError(f"optim.lr_multipliers entry {entry!r} is not group=factor with a factor >= 0 and a "
-                       f"group named once from {', '.join(PARAM_GROUPS)}; e.g. "
-                       "--config.optim.lr_multipliers='embed=0.5,head=2'")
+      raise errors.ConfigError(f"optim.lr_multipliers entry {entry!r} is not group=factor with a factor >= 0 and a "
+                               f"group named once from {', '.join(PARAM_GROUPS)}; e.g. "
+                               "--config.optim.lr_multipliers='embed=0.5,head=2'")
     out[group.strip()] = factor
   return out
 
@@ -140,12 +142,13 @@ def parse_lr_multipliers(spec: str) -> dict[str, float]:
 def check(o: OptimConfig) -> None:
   """The settings of the newer optimizers and the multipliers; a one-line ValueError names the key and the fix."""
   if not (o.adam_learning_rate > 0 and o.adam_learning_rate < float("inf")):
-    raise ValueError(f"optim.adam_learning_rate={o.adam_learning_rate} must be positive and finite")
+    raise errors.ConfigError(f"optim.adam_learning_rate={o.adam_learning_rate} must be positive and finite")
   if o.name == "schedule_free_adamw" and o.schedule != "constant":
-    raise ValueError(f"optim.name='schedule_free_adamw' replaces the learning-rate decay, but optim.schedule="
-                     f"{o.schedule!r}; pass --config.optim.schedule=constant (warm-up still applies)")
+    raise errors.ConfigError(f"optim.name='schedule_free_adamw' replaces the learning-rate decay, but optim.schedule="
+                             f"{o.schedule!r}; pass --config.optim.schedule=constant (warm-up still applies)")
   if o.name == "schedule_free_adamw" and not 0.0 < o.b1 < 1.0:
-    raise ValueError(f"optim.b1={o.b1} must be in (0, 1) for schedule_free_adamw (its eval params divide by b1)")
+    raise errors.ConfigError(f"optim.b1={o.b1} must be in (0, 1) for schedule_free_adamw (its eval params "
+                             "divide by b1)")
   parse_lr_multipliers(o.lr_multipliers)
 
 
@@ -194,7 +197,7 @@ def _core(o: OptimConfig, schedule: optax.Schedule, num_steps: int) -> list[opta
     return [optax.adafactor(schedule, multiply_by_parameter_scale=False,
                             weight_decay_rate=lambda count: o.weight_decay * schedule(count),
                             weight_decay_mask=decay_mask)]
-  raise ValueError(f"optim.name={o.name!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
+  raise errors.ConfigError(f"optim.name={o.name!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
 
 
 def make_optimizer(o: OptimConfig, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

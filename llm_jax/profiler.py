@@ -7,6 +7,8 @@ import os
 
 import jax
 
+from llm_jax import errors
+
 
 def parse_steps(spec: str | tuple[int, int], num_train_steps: int) -> tuple[int, int] | None:
   """(first, last) step to trace from 'START,END' (or a tuple); None for ''; a one-line ValueError if bad."""
@@ -18,8 +20,8 @@ def parse_steps(spec: str | tuple[int, int], num_train_steps: int) -> tuple[int,
   ok = len(parts) == 2 and all(p.isdigit() for p in parts)
   first, last = (int(parts[0]), int(parts[1])) if ok else (0, 0)
   if not ok or not 1 <= first < last <= num_train_steps:
-    raise ValueError(f"profile_steps={spec!r} must be 'START,END' with 1 <= START < END <= "
-                     f"num_train_steps={num_train_steps}; e.g. --config.profile_steps=10,15")
+    raise errors.ConfigError(f"profile_steps={spec!r} must be 'START,END' with 1 <= START < END <= "
+                             f"num_train_steps={num_train_steps}; e.g. --config.profile_steps=10,15")
   return first, last
 
 

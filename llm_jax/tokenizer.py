@@ -19,6 +19,7 @@ from typing import Sequence
 
 import sentencepiece as spm
 
+from llm_jax import errors
 from llm_jax import paths
 from llm_jax.hf.tokenizer import HFTokenizer
 
@@ -58,22 +59,22 @@ class Tokenizer:
     self.bos_id = processor.bos_id()
     self.eos_id = processor.eos_id()
     if self.bos_id < 0 or self.eos_id < 0:
-      raise ValueError(f"tokenizer {path} has no bos/eos pieces (bos={self.bos_id}, eos={self.eos_id}), which "
-                       "document packing needs; use a model trained with them or clear tokenizer.path")
+      raise errors.DataError(f"tokenizer {path} has no bos/eos pieces (bos={self.bos_id}, eos={self.eos_id}), which "
+                             "document packing needs; use a model trained with them or clear tokenizer.path")
 
   @classmethod
   def load(cls, path: str) -> "Tokenizer":
     """Loads a SentencePiece .model file (read as bytes, so a gs:// path works too)."""
     if not paths.as_path(path).is_file():
-      raise ValueError(f"tokenizer model {path!r} does not exist; pass an existing .model file with "
-                       "--config.tokenizer.path=... or leave it empty to train one")
+      raise errors.DataError(f"tokenizer model {path!r} does not exist; pass an existing .model file with "
+                             "--config.tokenizer.path=... or leave it empty to train one")
     processor = spm.SentencePieceProcessor()
     try:
       processor.LoadFromSerializedProto(paths.as_path(path).read_bytes())
     except (OSError, RuntimeError) as e:  # sentencepiece reports a truncated or foreign file as either
       reason = str(e).strip().splitlines()[-1][:120] if str(e).strip() else type(e).__name__
-      raise ValueError(f"tokenizer model {path} is unreadable ({reason}); delete it to have it retrained, or fix "
-                       "--config.tokenizer.path") from None
+      raise errors.DataError(f"tokenizer model {path} is unreadable ({reason}); delete it to have it retrained, or fix "
+                             "--config.tokenizer.path") from None
     return cls(processor, path)
 
   @property
@@ -155,10 +156,10 @@ def train_tokenizer(documents: Sequence[str] | Callable[[], Iterable[str]], mode
 def _train_on_lines(lines: list[str], model_prefix: str, *, model_type: str, vocab_size: int,
                     byte_fallback: bool) -> Tokenizer:
   if model_type not in MODEL_TYPES:
-    raise ValueError(f"tokenizer.model_type={model_type!r} is not one of {MODEL_TYPES}; pass e.g. "
-                     "--config.tokenizer.model_type=bpe")
+    raise errors.ConfigError(f"tokenizer.model_type={model_type!r} is not one of {MODEL_TYPES}; pass e.g. "
+                             "--config.tokenizer.model_type=bpe")
   if not lines:
-    raise ValueError("cannot train a tokenizer on an empty corpus; check --config.data.corpus")
+    raise errors.DataError("cannot train a tokenizer on an empty corpus; check --config.data.corpus")
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
@@ -173,8 +174,8 @@ def _train_on_lines(lines: list[str], model_prefix: str, *, model_type: str, voc
         num_threads=1, minloglevel=2)
   except RuntimeError as e:
     reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    raise ValueError(f"sentencepiece could not train a {model_type} tokenizer with vocab_size={vocab_size} "
-                     f"({reason}); change --config.tokenizer.vocab_size") from None
+    raise errors.DataError(f"sentencepiece could not train a {model_type} tokenizer with vocab_size={vocab_size} "
+                           f"({reason}); change --config.tokenizer.vocab_size") from None
   path = model_prefix + ".model"
   paths.makedirs(os.path.dirname(paths.absolute(path)))
   paths.write_atomic(path, model.getvalue())  # A concurrent reader sees no model or a whole one.

@@ -16,6 +16,8 @@ from typing import Sequence
 import grain
 import numpy as np
 
+from llm_jax import errors
+
 # Slots per cycle: weights are honoured to 1 / CYCLE; 4096 int16s and int64s per mixture.
 CYCLE = 4096
 # Length of the endless stream of training rows (grain datasets have a length; no run reaches this).
@@ -26,14 +28,14 @@ def slot_counts(weights: Sequence[float], cycle: int = CYCLE) -> np.ndarray:
   """Slots of each component per cycle: its share of `cycle`, rounded by largest remainders (sums to `cycle`)."""
   weights_K = np.asarray(weights, dtype=np.float64)
   if len(weights_K) == 0 or np.any(weights_K <= 0):
-    raise ValueError(f"mixture weights {list(weights)} must be positive; give every component weight > 0")
+    raise errors.ConfigError(f"mixture weights {list(weights)} must be positive; give every component weight > 0")
   exact_K = weights_K / weights_K.sum() * cycle
   counts_K = np.floor(exact_K).astype(np.int64)
   remainder_order = np.argsort(-(exact_K - counts_K), kind="stable")
   counts_K[remainder_order[:cycle - counts_K.sum()]] += 1
   if np.any(counts_K == 0):
-    raise ValueError(f"mixture weights {list(weights)} give a component less than 1/{cycle} of the rows; raise "
-                     "its weight or drop it")
+    raise errors.ConfigError(f"mixture weights {list(weights)} give a component less than 1/{cycle} of the rows; raise "
+                             "its weight or drop it")
   return counts_K
 
 

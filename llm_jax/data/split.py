@@ -3,6 +3,8 @@
 import hashlib
 from typing import Sequence
 
+from llm_jax import errors
+
 
 def _unit_hash(key: str) -> float:
   """Maps `key` to [0, 1) by SHA-256: stable across runs and machines, unlike hash()."""
@@ -16,10 +18,10 @@ def validation_keys(keys: Sequence[str], fraction: float) -> set[str]:
   except when the clamp applies.
   """
   if not 0.0 < fraction < 1.0:
-    raise ValueError(f"data.validation_fraction={fraction} must be in (0, 1); pass e.g. "
-                     "--config.data.validation_fraction=0.05")
+    raise errors.ConfigError(f"data.validation_fraction={fraction} must be in (0, 1); pass e.g. "
+                             "--config.data.validation_fraction=0.05")
   if len(keys) < 2:
-    raise ValueError(f"cannot split {len(keys)} document(s) into train and validation; add documents")
+    raise errors.DataError(f"cannot split {len(keys)} document(s) into train and validation; add documents")
   ranked = sorted(keys, key=_unit_hash)
   num_validation = sum(_unit_hash(k) < fraction for k in keys)
   num_validation = min(max(num_validation, 1), len(keys) - 1)

@@ -4,6 +4,7 @@
 import re
 import unicodedata
 
+from llm_jax import errors
 from llm_jax import paths
 
 # A stage note such as "[Laughter]" or "[The President spoke in Spanish.]": one line, no nested brackets, and
@@ -39,8 +40,8 @@ def read_utf8(path: str) -> str:
   try:
     text = data.decode("utf-8")
   except UnicodeDecodeError as e:
-    raise ValueError(f"{path} is not valid UTF-8 (byte {data[e.start]:#04x} at byte offset {e.start}); "
-                     f"convert it with `iconv -t UTF-8` or drop it from data.text_files") from None
+    raise errors.DataError(f"{path} is not valid UTF-8 (byte {data[e.start]:#04x} at byte offset {e.start}); "
+                           f"convert it with `iconv -t UTF-8` or drop it from data.text_files") from None
   return text.removeprefix("\ufeff")  # A byte-order mark is not text.
 
 
@@ -52,5 +53,5 @@ def text_file_paths(pattern: str, setting: str, fix: str = "") -> list[str]:
   globs = [g.strip() for g in pattern.split(",") if g.strip()]
   found = {p for g in globs for p in paths.glob_files(g)}
   if not found:
-    raise ValueError(f"{setting}={pattern!r} matches no files; pass an existing glob{fix}")
+    raise errors.DataError(f"{setting}={pattern!r} matches no files; pass an existing glob{fix}")
   return sorted(found)

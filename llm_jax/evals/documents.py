@@ -29,6 +29,7 @@ from typing import Sequence
 import jax.numpy as jnp
 
 from llm_jax import config as config_lib
+from llm_jax import errors
 from llm_jax import metrics as metrics_lib
 from llm_jax import paths
 from llm_jax import workdir as workdir_lib
@@ -67,12 +68,12 @@ def document_windows(ids: Sequence[int], start_id: int, seq_len: int, stride: in
 def make_windows(documents: Sequence[str], tokenizer: Any, seq_len: int, stride: int) -> Windows:
   """Tokenises `documents` and lays their windows out as fixed-length scoring rows."""
   if not 1 <= stride <= seq_len:
-    raise ValueError(f"--stride={stride} must be between 1 and the window --seq_len={seq_len}")
+    raise errors.ConfigError(f"--stride={stride} must be between 1 and the window --seq_len={seq_len}")
   start_id = scoring.conditioning_id(tokenizer)
   windows = [w for ids in tokenizer.encode_batch(list(documents)) if ids
              for w in document_windows(ids, start_id, seq_len, stride)]
   if not windows:
-    raise ValueError("there is no text to evaluate: every document is empty")
+    raise errors.DataError("there is no text to evaluate: every document is empty")
   rows = scoring.layout_rows(windows, seq_len)
   num_bytes = sum(len(doc.encode("utf-8")) for doc in documents)
   return Windows(rows=rows, num_documents=len(documents), num_bytes=num_bytes)
@@ -110,7 +111,7 @@ def evaluate_documents(params: Any, cfg: ModelConfig, tokenizer: Any, documents:
 
 def check_seq_len(cfg: ModelConfig, seq_len: int) -> None:
   if seq_len < 1 or (cfg.position_limit and seq_len > cfg.position_limit):
-    raise ValueError(f"--seq_len={seq_len} must be between 1 and the model's {cfg.position_limit} positions")
+    raise errors.ConfigError(f"--seq_len={seq_len} must be between 1 and the model's {cfg.position_limit} positions")
 
 
 def text_files_documents(pattern: str) -> list[str]:
@@ -118,7 +119,7 @@ def text_files_documents(pattern: str) -> list[str]:
   paths = text_file_paths(pattern, "--text_files")
   documents = [doc for doc in (clean_text(read_utf8(p)) for p in paths) if doc]
   if not documents:
-    raise ValueError(f"--text_files={pattern!r} has no text left after cleaning")
+    raise errors.DataError(f"--text_files={pattern!r} has no text left after cleaning")
   return documents
 
 
@@ -137,8 +138,8 @@ def evaluate_workdir(workdir: str, *, step: int | None = None, split: str = "val
     split, documents = "text_files", text_files_documents(text_files)
   else:
     if not workdir_lib.has_run_config(workdir):
-      raise FileNotFoundError(f"{workdir_lib.path(workdir, workdir_lib.RUN_CONFIG_FILE)} is missing, so the "
-                              "validation split is unknown; pass --text_files=<glob>")
+      raise errors.MissingFileError(f"{workdir_lib.path(workdir, workdir_lib.RUN_CONFIG_FILE)} is missing, so the "
+                                    "validation split is unknown; pass --text_files=<glob>")
     documents = corpus.load_documents(config_lib.data_config(workdir_lib.read_run_config(workdir)), split)
   seq_len = seq_len or default_seq_len(workdir, loaded.cfg)
   metrics = evaluate_documents(loaded.params, loaded.cfg, loaded.tokenizer, documents, seq_len=seq_len,

@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from llm_jax import errors
 from llm_jax import sampling
 from llm_jax import workdir as workdir_lib
 from llm_jax.evals import documents
@@ -38,7 +39,7 @@ GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top
 def require_lm_eval(what: str) -> None:
   """A one-line error naming the extra to install when lm_eval is missing."""
   if importlib.util.find_spec("lm_eval") is None:
-    raise ValueError(f"{what} needs lm_eval, which is not installed; {INSTALL_HINT}")
+    raise errors.ConfigError(f"{what} needs lm_eval, which is not installed; {INSTALL_HINT}")
 
 
 class Backend:
@@ -47,9 +48,9 @@ class Backend:
   def __init__(self, params: Any, cfg: ModelConfig, tokenizer: Any, *, batch_size: int = 8,
                max_gen_toks: int = 256, seed: int = 0):
     if batch_size < 1:
-      raise ValueError(f"batch_size={batch_size} must be at least 1")
+      raise errors.ConfigError(f"batch_size={batch_size} must be at least 1")
     if max_gen_toks < 1:
-      raise ValueError(f"max_gen_toks={max_gen_toks} must be at least 1")
+      raise errors.ConfigError(f"max_gen_toks={max_gen_toks} must be at least 1")
     self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
     self.batch_size, self.max_gen_toks, self.seed = batch_size, max_gen_toks, seed
 
@@ -103,8 +104,8 @@ class Backend:
   def _generate_one(self, context: str, kwargs: dict[str, Any], index: int) -> str:
     unknown = sorted(set(kwargs) - set(GEN_KWARGS))
     if unknown:
-      raise ValueError(f"generate_until request {index}: llm_jax does not support generation settings {unknown}; "
-                       f"it reads {list(GEN_KWARGS)}")
+      raise errors.ConfigError(f"generate_until request {index}: llm_jax does not support generation settings "
+                               f"{unknown}; it reads {list(GEN_KWARGS)}")
     until = kwargs.get("until") or []
     until = [until] if isinstance(until, str) else list(until)
     max_gen_toks = int(kwargs.get("max_gen_toks", self.max_gen_toks))
@@ -155,10 +156,10 @@ def lm_class() -> type:
       super().__init__()
       del device, max_batch_size  # lm_eval always passes them; JAX chooses the device, batches are fixed
       if str(batch_size).startswith("auto"):
-        raise ValueError(f"--batch_size={batch_size}: llm_jax needs a fixed integer batch size")
+        raise errors.ConfigError(f"--batch_size={batch_size}: llm_jax needs a fixed integer batch size")
       if backend is None:
         if not workdir:
-          raise ValueError("--model llm_jax needs --model_args workdir=DIR (a training or conversion workdir)")
+          raise errors.ConfigError("--model llm_jax needs --model_args workdir=DIR (a training or conversion workdir)")
         backend = load_backend(str(workdir), None if step is None else int(step), batch_size=int(batch_size),
                                max_gen_toks=int(max_gen_toks), seed=int(seed))
       self.backend = backend
@@ -213,9 +214,9 @@ class HarnessTasks:
       self.manager = TaskManager(include_path=include_path or None)
     missing = sorted(set(tasks) - set(self.manager.all_tasks))
     if missing:
-      raise ValueError(f"eval_harness_tasks names {missing}, which lm_eval does not know"
-                       f"{' under ' + include_path if include_path else ''}; check the names or set "
-                       "eval_harness_include_path to the folder of their YAML files")
+      raise errors.ConfigError(f"eval_harness_tasks names {missing}, which lm_eval does not know"
+                               f"{' under ' + include_path if include_path else ''}; check the names or set "
+                               "eval_harness_include_path to the folder of their YAML files")
     self.backend, self.tasks, self.limit = backend, list(tasks), limit
     self.lm = lm_class()(backend=backend)
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm_jax import errors
 from llm_jax import metrics as metrics_lib
 from llm_jax import paths
 from llm_jax.model import ModelConfig
@@ -43,14 +44,14 @@ class Item:
 def read_items(path: str) -> list[Item]:
   """Parses a zero-shot JSONL file; a ValueError names the file, line and what is wrong."""
   if not paths.as_path(path).is_file():
-    raise FileNotFoundError(f"zero-shot file {path} does not exist; pass an existing JSONL file")
+    raise errors.MissingFileError(f"zero-shot file {path} does not exist; pass an existing JSONL file")
   items = []
   with paths.as_path(path).open("rb") as raw:
     for number, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8"), 1):
       if line.strip():
         items.append(_parse_item(line, f"{path}:{number}"))
   if not items:
-    raise ValueError(f"zero-shot file {path} has no items")
+    raise errors.DataError(f"zero-shot file {path} has no items")
   return items
 
 
@@ -58,16 +59,16 @@ def _parse_item(line: str, where: str) -> Item:
   try:
     obj = json.loads(line)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    raise errors.DataError(f"{where}: not valid JSON ({e.msg})") from None
   if not isinstance(obj, dict):
-    raise ValueError(f"{where}: expected an object with context, choices and label")
+    raise errors.DataError(f"{where}: expected an object with context, choices and label")
   context, choices, label = obj.get("context"), obj.get("choices"), obj.get("label")
   if not isinstance(context, str):
-    raise ValueError(f"{where}: 'context' must be a string")
+    raise errors.DataError(f"{where}: 'context' must be a string")
   if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-    raise ValueError(f"{where}: 'choices' must be a list of at least two non-empty strings")
+    raise errors.DataError(f"{where}: 'choices' must be a list of at least two non-empty strings")
   if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
-    raise ValueError(f"{where}: 'label' must be an integer index into the {len(choices)} choices")
+    raise errors.DataError(f"{where}: 'label' must be an integer index into the {len(choices)} choices")
   return Item(context=context, choices=tuple(choices), label=label)
 
 
@@ -123,9 +124,9 @@ def choice_sequence(tokenizer: Any, context: str, choice: str, start_id: int, ma
   `layout_rows`; one-line errors name `subject` when the choice is empty or longer than the model reads."""
   context_ids, choice_ids = encode_pair(tokenizer, context, choice)
   if not choice_ids:
-    raise ValueError(f"{subject} encodes to no tokens")
+    raise errors.DataError(f"{subject} encodes to no tokens")
   if len(choice_ids) >= max_len:
-    raise ValueError(f"{subject} has {len(choice_ids)} tokens; the model reads at most {max_len}")
+    raise errors.DataError(f"{subject} has {len(choice_ids)} tokens; the model reads at most {max_len}")
   return ([start_id] + context_ids + choice_ids)[-(max_len + 1):], len(choice_ids)
 
 

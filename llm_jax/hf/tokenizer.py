@@ -16,6 +16,7 @@ from typing import Sequence
 
 import tokenizers
 
+from llm_jax import errors
 from llm_jax import paths
 
 CONFIG_FILE = "tokenizer_config.json"
@@ -49,11 +50,11 @@ def special_tokens(directory: str) -> dict[str, Any]:
 def read_tokenizer_json(path: str) -> tokenizers.Tokenizer:
   """The `tokenizers.Tokenizer` in `path`; a one-line ValueError when it is missing or not one."""
   if not paths.as_path(path).is_file():
-    raise ValueError(f"tokenizer file {path!r} does not exist; pass an existing tokenizer.json or .model file")
+    raise errors.DataError(f"tokenizer file {path!r} does not exist; pass an existing tokenizer.json or .model file")
   try:
     return tokenizers.Tokenizer.from_str(paths.as_path(path).read_text(encoding="utf-8"))
   except Exception as e:  # pylint: disable=broad-except  # the library raises bare Exceptions on bad files
-    raise ValueError(f"{path} is not a Hugging Face tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+    raise errors.DataError(f"{path} is not a Hugging Face tokenizer.json ({str(e).splitlines()[0][:200]})") from None
 
 
 class HFTokenizer:
@@ -67,8 +68,8 @@ class HFTokenizer:
     if self.eos_id < 0:
       self.eos_id = next((i for i in map(tokenizer.token_to_id, USUAL_EOS_TOKENS) if i is not None), -1)
     if self.eos_id < 0:
-      raise ValueError(f"tokenizer {path} has no end-of-text token: name it as eos_token in "
-                       f"{os.path.join(os.path.dirname(path), CONFIG_FILE)}")
+      raise errors.DataError(f"tokenizer {path} has no end-of-text token: name it as eos_token in "
+                             f"{os.path.join(os.path.dirname(path), CONFIG_FILE)}")
     self.unk_id = self._special_id(specials.get("unk_token"))
     pad_id = self._special_id(specials.get("pad_token"))
     self.pad_id = pad_id if pad_id >= 0 else DEFAULT_PAD_ID

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from llm_jax import errors
 from llm_jax.model import ModelConfig
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama")
@@ -58,7 +59,7 @@ _HEAD: _Entry = ("lm_head.weight", "lm_head", "linear", 1)
 
 def _require(ok: bool, message: str) -> None:
   if not ok:
-    raise ValueError(message)
+    raise errors.DataError(message)
 
 
 def _field(hf: dict[str, Any], key: str, default: Any) -> Any:
@@ -73,7 +74,7 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     return _gpt2_config(hf)
   if model_type == "llama":
     return _llama_config(hf)
-  raise ValueError(f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+  raise errors.DataError(f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
 
 
 def _gpt2_config(hf: dict[str, Any]) -> ModelConfig:
@@ -97,7 +98,8 @@ def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
   theta = float(_field(hf, "rope_theta", rope.get("rope_theta", 10000.0)))
   kind = rope.get("rope_type", rope.get("type", "default"))
   if kind not in SUPPORTED_ROPE_TYPES:
-    raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    raise errors.DataError(f"rope_scaling type {kind!r} is not supported "
+                           f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
   if kind == "default":
     return {"rope_theta": theta}
   return {"rope_theta": theta, "rope_scaling_factor": float(rope["factor"]),
@@ -178,7 +180,8 @@ def _set(tree: dict[str, Any], path: str, value: Any) -> None:
 def _to_ours(name: str, x: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
   matrix = x.T if kind == "linear" else x
   if x.size != math.prod(shape) or (kind != "vec" and x.ndim != 2):
-    raise ValueError(f"weight {name!r} has shape {tuple(x.shape)}, which does not fit our {shape} for this config")
+    raise errors.DataError(f"weight {name!r} has shape {tuple(x.shape)}, which does not fit our {shape} for "
+                           "this config")
   return np.ascontiguousarray(matrix.reshape(shape), dtype=np.float32)
 
 
@@ -230,7 +233,8 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig,
 
   def take(name: str) -> np.ndarray:
     if name not in tensors:
-      raise ValueError(f"the checkpoint has no weight {name!r}, which a {cfg.family} model with this config needs")
+      raise errors.DataError(f"the checkpoint has no weight {name!r}, which a {cfg.family} model with this "
+                             f"config needs")
     return tensors.pop(name)
 
   params: dict[str, Any] = {}
@@ -248,8 +252,8 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig,
     tensors.pop(_HEAD[0], None)  # Some checkpoints store the tied head as well.
   if tensors:
     names = sorted(tensors)
-    raise ValueError(f"the checkpoint has {len(names)} weight(s) a {cfg.family} model does not use, e.g. "
-                     f"{', '.join(names[:3])}; the architecture differs from what config.json says")
+    raise errors.DataError(f"the checkpoint has {len(names)} weight(s) a {cfg.family} model does not use, e.g. "
+                           f"{', '.join(names[:3])}; the architecture differs from what config.json says")
   return params
 
 

@@ -31,6 +31,7 @@ import numpy as np
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
 
+from llm_jax import errors
 from llm_jax import writers  # noqa: E402
 from llm_jax.sweeps import plan  # noqa: E402
 from llm_jax.sweeps import runcard  # noqa: E402
@@ -224,11 +225,11 @@ def _plots(results: list[RunResult], rows: list[dict[str, Any]], sweep: plan.Swe
 def write_report(sweep: plan.Sweep, root: str) -> Report:
   """results.csv (per variant), runs.csv (per run), results.md and the PNGs, all under `root`."""
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"--root={root} does not exist; pass the --root the sweep ran in")
+    raise errors.MissingFileError(f"--root={root} does not exist; pass the --root the sweep ran in")
   runs = plan.expand(sweep, root)
   results = [r for r in (collect_run(run) for run in runs) if r is not None]
   if not results:
-    raise ValueError(f"no run under {root} has finished with a validation loss yet; run the sweep first")
+    raise errors.RunError(f"no run under {root} has finished with a validation loss yet; run the sweep first")
   rows = aggregate(results)
   files = [os.path.join(root, name) for name in ("results.csv", "runs.csv", "results.md")]
   write_csv(files[0], rows)

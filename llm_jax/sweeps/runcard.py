@@ -14,6 +14,7 @@ import jax
 import ml_collections
 
 from llm_jax import config as config_lib
+from llm_jax import errors
 from llm_jax import paths
 from llm_jax import workdir as workdir_lib
 
@@ -58,8 +59,8 @@ def read(workdir: str) -> dict[str, Any] | None:
   try:
     return json.loads(text)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); it is the run card (status, times, "
-                     "final metrics): fix it, or move it away to start a new card") from None
+    raise errors.RunError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); it is the run card (status, times, "
+                          "final metrics): fix it, or move it away to start a new card") from None
 
 
 def _write(workdir: str, card: dict[str, Any]) -> None:
