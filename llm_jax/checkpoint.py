@@ -41,7 +41,12 @@ class CheckpointError(RuntimeError):
 
 
 def check_reachable(directory: str) -> None:
-  """Refuses a gs:// checkpoint directory when orbax could not write it (it needs google-cloud-storage there)."""
+  """Refuses a gs:// checkpoint directory when orbax could not write it (it needs google-cloud-storage there), or
+  when its name holds glob characters: orbax lists its files by globbing below the directory, and on an object
+  store that glob would read them as a pattern (`paths` makes local paths literal)."""
+  if not paths.is_local(directory) and any(c in directory for c in "[*?"):
+    raise ValueError(f"checkpoint directory {directory} holds a glob character ([, * or ?), which orbax's listing on "
+                     "an object store would read as a pattern; pick a --workdir without them")
   if not directory.startswith("gs://"):
     return
   try:

@@ -14,11 +14,40 @@ import importlib.util
 import os
 import re
 import sys
+from typing import Iterator
 
 from etils import epath
+from etils.epath import backend as epath_backend
+from etils.epath import gpath as epath_gpath
 
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _WILDCARD = re.compile(r"[*?\[]")
+
+
+def _glob_below_literal_path(self: epath.Path, pattern: str) -> Iterator[epath.Path]:
+  """`Path.glob` with the path itself taken literally, as pathlib does, and only `pattern` as a pattern.
+
+  etils 1.15 joins the path into the pattern: a local folder named `r[1]` became the character class `r1`, so orbax
+  found none of the per-process OCDBT files it lists this way, committed checkpoints without their manifest and
+  could not read them back, and a folder with `*` in its name could pick up another run's files. Installed on
+  epath's local paths by `_install_literal_glob` (object stores keep etils' own; `checkpoint.check_reachable`
+  refuses such characters there).
+  """
+  if self._backend is not epath_backend.os_backend:  # pylint: disable=protected-access
+    yield from _ETILS_GLOB(self, pattern)
+    return
+  yield from _ETILS_GLOB(type(self)(glob.escape(os.fspath(self))), pattern)
+
+
+def _install_literal_glob() -> None:
+  """Every local epath Path (orbax's included) globs below its own path literally; idempotent."""
+  epath_gpath._GPath.glob = _glob_below_literal_path  # pylint: disable=protected-access
+
+
+# etils' own glob (kept across a reload of this module, which would otherwise wrap the wrapper).
+_ETILS_GLOB = getattr(epath_gpath._GPath.glob, "etils_glob", epath_gpath._GPath.glob)  # pylint: disable=protected-access
+_glob_below_literal_path.etils_glob = _ETILS_GLOB
+_install_literal_glob()
 
 
 def is_local(location: str) -> bool:

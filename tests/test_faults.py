@@ -21,6 +21,7 @@ from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
 from llm_jax import faults
 from llm_jax import optim
+from llm_jax import paths
 from llm_jax import sharding
 from llm_jax import steps as steps_lib
 from llm_jax import tokenizer as tokenizer_lib
@@ -287,3 +288,35 @@ def test_truncated_tokenizer_model_is_one_line_naming_the_file(tmp_path, cli):
                f"--config.tokenizer.path={broken}", "--config.tokenizer.vocab_size=2048")
   assert result.returncode == 2, result.stderr[-2000:]
   assert len(result.stderr.strip().splitlines()) == 1 and broken in result.stderr
+
+
+@pytest.mark.parametrize("name", ["r[1]", "r*x?"])
+def test_checkpoints_in_a_folder_named_with_glob_characters_restore(tmp_path, name):
+  directory = workdir_lib.checkpoint_dir(str(tmp_path / name))
+  state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float32)}
+  saver = checkpoint_lib.Checkpointer(directory, keep=2)
+  saver.save(1, state, {"iterator": {"next_index": 1}}, {"seed": 0})
+  saver.close()
+  assert os.path.isfile(os.path.join(directory, "1", "state", "manifest.ocdbt"))  # orbax merged the process files
+  reader = checkpoint_lib.Checkpointer(directory, keep=2)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  step, restored, data_state, _ = reader.restore(abstract, jax.tree.map(lambda _: device, state))
+  reader.close()
+  assert step == 1 and data_state == {"iterator": {"next_index": 1}}
+  for key, value in state.items():
+    np.testing.assert_array_equal(jax.device_get(restored[key]), value)
+
+
+def test_a_local_path_is_never_a_glob_pattern(tmp_path):
+  for folder in ("a[b]", "ab", "a*", "axe"):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "file1").write_text(folder)
+  found = {os.path.relpath(p, tmp_path) for folder in ("a[b]", "a*")
+           for p in map(os.fspath, paths.as_path(str(tmp_path / folder)).glob("file*"))}
+  assert found == {"a[b]/file1", "a*/file1"}
+
+
+def test_an_object_store_checkpoint_folder_with_glob_characters_is_refused():
+  with pytest.raises(ValueError, match=r"gs://bucket/r\[1\]/checkpoints holds a glob character"):
+    checkpoint_lib.check_reachable("gs://bucket/r[1]/checkpoints")
