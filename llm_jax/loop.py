@@ -32,6 +32,7 @@ class LoopPlan:
   extra_eval_every: int = 0
   checkpoint_every: int = 200
   on_nonfinite: str = "stop"
+  max_skipped_steps: int = 10
   profile_steps: str = ""
 
 
@@ -111,6 +112,7 @@ class Loop:
   meta: dict[str, Any]
   clock: Throughput
   nonfinite_steps: int = 0
+  skipped_in_a_row: int = 0  # non-finite updates since the last finite one (on_nonfinite='skip' bounds them)
   unlogged: list[dict[str, float]] = dataclasses.field(default_factory=list)
   extra_eval: Callable[[Any], dict[str, float]] | None = None
   profile_dir: str = ""  # where a profile_steps trace goes (the workdir's TensorBoard directory)
@@ -165,7 +167,7 @@ class Loop:
     self._check_finite(pending)
     window = self.unlogged + [{k: float(v) for k, v in m.items()} for m in jax.device_get([m for _, m in pending])]
     data_state = {"iterator": self.train_iter.get_state(), "nonfinite_steps": self.nonfinite_steps,
-                  "unlogged": window}
+                  "skipped_in_a_row": self.skipped_in_a_row, "unlogged": window}
     self.ckpt.save(step, state, data_state, self.meta)
 
   def _check_finite(self, pending: list[tuple[int, dict[str, jax.Array]]]) -> list[int]:
@@ -197,6 +199,18 @@ class Loop:
     if bad:
       writers.console(f"step {step:>6d} | skipped {len(bad)} non-finite update(s) at steps {bad}")
     self.final_metrics.update(m)
+    self._check_skip_bound(step, fetched)
+
+  def _check_skip_bound(self, step: int, fetched: list[dict[str, Any]]) -> None:
+    """Under on_nonfinite='skip', stops a run whose updates stay non-finite (it diverged: skipping would run on to
+    the end, training nothing), after max_skipped_steps of them in a row."""
+    for m in fetched:
+      self.skipped_in_a_row = self.skipped_in_a_row + 1 if m["nonfinite"] else 0
+    if self.plan.on_nonfinite == "skip" and self.skipped_in_a_row >= self.plan.max_skipped_steps:
+      raise faults.RunError(f"the last {self.skipped_in_a_row} updates up to step {step} were all non-finite "
+                            f"(on_nonfinite='skip', max_skipped_steps={self.plan.max_skipped_steps}): the run "
+                            f"diverged; checkpoint {self.ckpt.latest()} holds its last finite update: lower "
+                            "optim.learning_rate, or raise --config.max_skipped_steps")
 
   def _evaluate(self, step: int, state: steps_lib.TrainState) -> None:
     params = optim.eval_params(state.opt_state, state.params)  # schedule-free: its averaged x

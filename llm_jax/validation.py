@@ -111,7 +111,8 @@ def _validate_run(config: ml_collections.ConfigDict) -> None:
     optim.check(resolved)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "eval_batch_size"):
+  for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "eval_batch_size",
+              "max_skipped_steps"):
     _require(config[key] > 0, f"{key}={config[key]} must be positive")
   _require(0.0 <= config.max_replicated_share <= 1.0,
            f"max_replicated_share={config.max_replicated_share} must be in [0, 1]")
@@ -233,6 +234,8 @@ def _refuse_ignored(config: ml_collections.ConfigDict) -> None:
   for key, readers in optim.READS.items():
     if o.name not in readers:
       ignored.append(("optim", (key,), f"optim.name={o.name!r}", f"optim.name={readers[0]}"))
+  if config.on_nonfinite != "skip":
+    ignored.append(("", ("max_skipped_steps",), f"on_nonfinite={config.on_nonfinite!r}", "on_nonfinite=skip"))
   if o.schedule != "wsd":
     ignored.append(("optim", ("decay_fraction",), f"optim.schedule={o.schedule!r}", "optim.schedule=wsd"))
   if config.tokenizer.path and not config.init_params_from:
@@ -243,10 +246,11 @@ def _refuse_ignored(config: ml_collections.ConfigDict) -> None:
     ignored.append(("model", rope, f"model.family={m.family!r}", "model.family=llama"))
   for section, keys, chooser, reader in ignored:
     for key in keys:
-      default = defaults[section][key]
-      _require(config[section][key] == default,
-               f"{section}.{key} is set but {chooser} ignores it; pass --config.{reader} (or "
-               f"{'clear' if default in ('', False) else 'restore'} {section}.{key}"
+      default, value = (defaults[section][key], config[section][key]) if section else (defaults[key], config[key])
+      name = f"{section}.{key}" if section else key
+      _require(value == default,
+               f"{name} is set but {chooser} ignores it; pass --config.{reader} (or "
+               f"{'clear' if default in ('', False) else 'restore'} {name}"
                f"{'' if default in ('', False) else f'={default}'})")
 
 

@@ -158,9 +158,17 @@ def check_tokenizer(saved_meta: dict[str, Any], tokenizer_sha256: str, tokenizer
 
 
 def check_resumable(saved_meta: dict[str, Any], meta: dict[str, Any], tokenizer_path: str) -> None:
-  """Refuses to resume a checkpoint with other model dimensions (ModelConfig.RUNTIME_FIELDS may change) or
-  another tokenizer; `meta` is this run's `checkpoint_meta`."""
-  saved_model, model = saved_meta.get("model", {}), meta["model"]
+  """Refuses to resume a checkpoint with other model dimensions (ModelConfig.RUNTIME_FIELDS may change), another
+  seed, another data stream or another tokenizer; `meta` is this run's `checkpoint_meta`."""
+  check_model_dims(saved_meta, meta["model"])
+  check_seed(saved_meta, meta.get("seed"))
+  check_data_stream(saved_meta, meta.get("data_stream"))
+  check_tokenizer(saved_meta, meta["tokenizer_sha256"], tokenizer_path)
+
+
+def check_model_dims(saved_meta: dict[str, Any], model: dict[str, Any]) -> None:
+  """Refuses model dimensions (`dataclasses.asdict` of this run's ModelConfig) other than the checkpoint's."""
+  saved_model = saved_meta.get("model", {})
   default = dataclasses.asdict(ModelConfig())  # for fields added after a checkpoint was written (LoRA's)
   differing = sorted(k for k in set(saved_model) | set(model) if k not in ModelConfig.RUNTIME_FIELDS
                      and saved_model.get(k, default.get(k)) != model.get(k, default.get(k)))
@@ -169,12 +177,63 @@ def check_resumable(saved_meta: dict[str, Any], meta: dict[str, Any], tokenizer_
                        for k in differing)
     raise faults.RunError(f"config does not match the checkpoint ({detail}); restore those values or use a new "
                           "--workdir")
-  # Checkpoints written before the seed was recorded carry none: accept them.
-  saved_seed, seed = saved_meta.get("seed"), meta.get("seed")
+
+
+def check_seed(saved_meta: dict[str, Any], seed: int | None) -> None:
+  """Refuses another seed (checkpoints written before the seed was recorded carry none: accepted)."""
+  saved_seed = saved_meta.get("seed")
   if saved_seed is not None and seed is not None and saved_seed != seed:
     raise faults.RunError(f"seed={seed} differs from the checkpoint's seed={saved_seed}; the data order and dropout "
                           f"would change; pass --config.seed={saved_seed} or use another --workdir")
-  check_tokenizer(saved_meta, meta["tokenizer_sha256"], tokenizer_path)
+
+
+def _stream_differences(saved: dict[str, Any], stream: dict[str, Any]) -> list[str]:
+  """'key: checkpoint X vs config Y' for each setting of a `data_stream` record that differs."""
+  differing = [f"{key}: checkpoint {saved.get(key)!r} vs config {stream.get(key)!r}"
+               for key in ("global_batch_size", "data.seq_len") if saved.get(key) != stream.get(key)]
+  saved_tok, tok = saved.get("tokenizer"), stream.get("tokenizer")
+  if saved_tok and tok:
+    differing += [f"tokenizer.{k}: checkpoint {saved_tok.get(k)!r} vs config {tok.get(k)!r}"
+                  for k in sorted(set(saved_tok) | set(tok)) if saved_tok.get(k) != tok.get(k)]
+  saved_sources, sources = saved.get("sources", []), stream.get("sources", [])
+  if [s.get("name") for s in saved_sources] != [s.get("name") for s in sources]:
+    return differing + [f"data sources: checkpoint {[s.get('name') or s.get('corpus') for s in saved_sources]} vs "
+                        f"config {[s.get('name') or s.get('corpus') for s in sources]}"]
+  for old, new in zip(saved_sources, sources):
+    prefix = f"data.mixture.{new['name']}." if new.get("name") else "data."
+    for key in sorted((set(old) | set(new)) - {"name"}):
+      if old.get(key) == new.get(key):
+        continue
+      if key == "files":
+        setting = f"{prefix}{'sft_files' if new.get('corpus') == 'sft' else 'text_files'}"
+        differing.append(f"the files {setting} matches differ ({old[key]['count']} at the checkpoint, "
+                         f"{new[key]['count']} now, or their sizes changed)" if old.get(key) and new.get(key)
+                         else f"{setting}: the matched files differ")
+      else:
+        differing.append(f"{prefix}{key}: checkpoint {old.get(key)!r} vs config {new.get(key)!r}")
+  return differing
+
+
+def check_data_stream(saved_meta: dict[str, Any], stream: dict[str, Any] | None) -> None:
+  """Refuses to resume when what decides the training data order or the validation set (corpus settings and files,
+  split, sequence length, batch size, tokenizer settings: trainer's `data_stream` record) differs from the
+  checkpoint's: validation would score documents the run trained on, or the data order would silently change.
+  Checkpoints written before the record existed carry none: accepted."""
+  saved = saved_meta.get("data_stream")
+  if saved is None or stream is None:
+    return
+  differing = _stream_differences(saved, stream)
+  if differing:
+    raise faults.RunError(f"the training data or validation set would change on resume ({'; '.join(differing)}); "
+                          "restore the checkpoint's values (and files), or use a new --workdir")
+
+
+def check_optim_name(saved_meta: dict[str, Any], name: str) -> None:
+  """Refuses another optimizer (its state has another layout), from the metadata alone."""
+  saved_name = (saved_meta.get("optim") or {}).get("name")
+  if saved_name is not None and saved_name != name:
+    raise faults.RunError(f"the optimizer state layout differs from the checkpoint's (optim.name: checkpoint "
+                          f"{saved_name!r} vs config {name!r}); {checkpoint_lib.REMEDY_LAYOUT}")
 
 
 def check_optim_drift(saved_meta: dict[str, Any], optim: dict[str, Any], opt_state_tree: str) -> None:
