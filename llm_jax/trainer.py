@@ -323,11 +323,14 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
     loop = loop_lib.Loop(config_lib.loop_plan(config), fns, train_iter, eval_batches, ckpt, writer, meta, clock,
                          nonfinite_steps=int(loop_state.get("nonfinite_steps", 0)),
                          skipped_in_a_row=int(loop_state.get("skipped_in_a_row", 0)),
+                         owed=dict(loop_state.get("owed", {})),
                          unlogged=list(loop_state.get("unlogged", [])),
                          extra_eval=_extra_evaluator(config, cfg, data.tokenizer, fns.full_params),
                          profile_dir=workdir_lib.path(workdir, workdir_lib.TENSORBOARD_DIR))
     state, status = _run_recorded(loop, state, start_step, workdir, runcard.start(workdir, config,
                                                                                    count_params(state.params)))
+  if loop.preempted:  # the checkpoint is written; a preempted machine has nothing left to do but exit
+    return loop.final_metrics
   try:
     params = fns.full_params(optim.eval_params(state.opt_state, state.params))
     _print_samples(config, *workdir_lib.merge_adapters(cfg, params), data.tokenizer)

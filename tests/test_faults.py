@@ -20,6 +20,7 @@ from test_train import smoke_config
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
 from llm_jax import faults
+from llm_jax import loop as loop_lib
 from llm_jax import optim
 from llm_jax import paths
 from llm_jax import sharding
@@ -246,6 +247,7 @@ def test_a_second_run_on_a_busy_workdir_refuses_to_start(tmp_path, cli):
 _SPAWNING_SCRIPT = """
 import concurrent.futures, multiprocessing, sys
 from llm_jax import faults
+from llm_jax import loop as loop_lib
 if sys.argv[1] == "unguarded" or __name__ == "__main__":  # a spawned worker re-runs this file as __mp_main__
   faults.check_not_importing_main("the run")  # what trainer.train_and_evaluate does first
   with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -320,3 +322,57 @@ def test_a_local_path_is_never_a_glob_pattern(tmp_path):
 def test_an_object_store_checkpoint_folder_with_glob_characters_is_refused():
   with pytest.raises(ValueError, match=r"gs://bucket/r\[1\]/checkpoints holds a glob character"):
     checkpoint_lib.check_reachable("gs://bucket/r[1]/checkpoints")
+
+
+class _SignallingIterator:
+  """The real training iterator, sending this process SIGTERM as it hands out the batch of step `at`."""
+
+  def __init__(self, inner, at: int):
+    self.inner, self.at, self.step = inner, at, 0
+
+  def __next__(self):
+    self.step += 1
+    if self.step == self.at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return next(self.inner)
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+    self.step = state["next_index"]
+
+
+def _records(workdir):
+  return [{k: v for k, v in r.items() if k in ("step", "loss", "val_loss", "nonfinite_steps")}
+          for r in writers.read_metrics(workdir)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("during", ["the step", "the validation pass"])
+def test_sigterm_saves_before_logging_or_validating_then_resumes_the_same_record(tmp_path, monkeypatch, during):
+  config = lambda: smoke_config(num_train_steps=20, log_every=5, eval_every=5, checkpoint_every=20)  # noqa: E731
+  reference = str(tmp_path / "reference")
+  trainer.train_and_evaluate(config(), reference)
+  if during == "the step":  # the signal comes while step 10 trains; logging and validation were due at 10
+    make = pipeline.make_train_iterator
+    monkeypatch.setattr(pipeline, "make_train_iterator", lambda *a, **k: _SignallingIterator(make(*a, **k), 10))
+  else:  # the signal comes at the first batch of step 10's validation pass, after its log line
+    evaluate, calls = loop_lib.evaluate, []
+
+    def signalling_evaluate(fns, params, batches, stop=None):
+      calls.append(1)
+      if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return evaluate(fns, params, batches, stop)
+    monkeypatch.setattr(loop_lib, "evaluate", signalling_evaluate)
+  workdir = str(tmp_path / "preempted")
+  trainer.train_and_evaluate(config(), workdir)
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["10"]
+  first = _records(workdir)
+  assert max(r["step"] for r in first) == (5 if during == "the step" else 10)
+  assert not any(r["step"] == 10 and "val_loss" in r for r in first)  # the cut validation pass wrote nothing
+  monkeypatch.undo()
+  trainer.train_and_evaluate(config(), workdir)
+  assert _records(workdir) == _records(reference)
