@@ -27,6 +27,7 @@ from llm_jax import sharding
 from llm_jax import steps as steps_lib
 from llm_jax import tokenizer as tokenizer_lib
 from llm_jax import trainer
+from llm_jax import validation
 from llm_jax import workdir as workdir_lib
 from llm_jax import writers
 from llm_jax.data import pipeline
@@ -376,3 +377,38 @@ def test_sigterm_saves_before_logging_or_validating_then_resumes_the_same_record
   monkeypatch.undo()
   trainer.train_and_evaluate(config(), workdir)
   assert _records(workdir) == _records(reference)
+
+
+class _Checkpoints:
+  def latest(self):
+    return 20
+
+
+def test_skipping_non_finite_updates_stops_after_max_skipped_steps_in_a_row():
+  plan = loop_lib.LoopPlan(num_train_steps=100, on_nonfinite="skip", max_skipped_steps=3)
+  loop = loop_lib.Loop(plan, None, None, [], _Checkpoints(), None, {}, None)
+  loop._check_skip_bound(10, [{"nonfinite": 1.0}, {"nonfinite": 1.0}, {"nonfinite": 0.0}])  # a finite one resets
+  loop._check_skip_bound(20, [{"nonfinite": 1.0}, {"nonfinite": 1.0}])
+  assert loop.skipped_in_a_row == 2
+  with pytest.raises(faults.RunError, match=r"the last 3 updates up to step 30 were all non-finite "
+                     r".*max_skipped_steps=3.*checkpoint 20 holds its last finite update"):
+    loop._check_skip_bound(30, [{"nonfinite": 1.0}])
+
+
+@pytest.mark.slow
+def test_a_diverged_run_under_skip_gives_up(tmp_path):
+  c = smoke_config(num_train_steps=30, on_nonfinite="skip", max_skipped_steps=5)
+  c.optim.learning_rate = 1e30
+  with pytest.raises(faults.RunError, match="updates up to step 10 were all non-finite"):
+    trainer.train_and_evaluate(c, str(tmp_path))
+  with open(os.path.join(tmp_path, "run.json"), encoding="utf-8") as f:
+    assert '"status": "failed"' in f.read()
+
+
+def test_max_skipped_steps_is_refused_where_nothing_is_skipped():
+  c = smoke_config(max_skipped_steps=3)
+  with pytest.raises(config_lib.ConfigError, match="max_skipped_steps is set but on_nonfinite='stop' ignores it"):
+    validation.validate(c)
+  c.on_nonfinite, c.max_skipped_steps = "skip", 0
+  with pytest.raises(config_lib.ConfigError, match="max_skipped_steps=0 must be positive"):
+    validation.validate(c)
