@@ -14,6 +14,7 @@ from llm_jax import sampling
 from llm_jax import trainer
 from llm_jax import validation
 from llm_jax import workdir as workdir_lib
+from llm_jax.data import sources
 
 SMOKE = "--config=experiments/smoke.py"
 
@@ -441,3 +442,24 @@ def test_train_refuses_a_model_flag_that_the_base_model_replaces(trained, tmp_pa
   _one_line(result, f"--config.model.num_layers=7 differs from the base model's 2 (--config.init_params_from="
             f"{trained}), whose dimensions the run takes; drop --config.model.num_layers")
   assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("value, kind", [("12345", "int 12345"), ("null", "null"), ('["a", "b"]', 'list ["a", "b"]')])
+def test_a_jsonl_record_whose_text_is_not_a_string_is_named(tmp_path, value, kind):
+  rows = tmp_path / "rows.jsonl"
+  rows.write_text('{"text": "a first document of words"}\n' * 20 + f'{{"text": {value}}}\n')
+  source = sources.TextFiles(str(rows), 0.1)
+  with pytest.raises(ValueError, match=r"^[^\n]*$") as error:
+    for split in ("train", "validation"):
+      list(source.documents(split))
+  assert f"{rows} line 21: data.text_field='text' is {kind}, not text" in str(error.value)
+
+
+def test_a_parquet_text_column_that_is_not_text_is_named(tmp_path):
+  pa = pytest.importorskip("pyarrow")
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+
+  path = tmp_path / "numbers.parquet"
+  pq.write_table(pa.table({"text": list(range(100))}), path)
+  with pytest.raises(ValueError, match=f"data.text_field='text' of {path} is a int64 column, not text"):
+    sources.TextFiles(str(path), 0.1)

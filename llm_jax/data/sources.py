@@ -68,14 +68,23 @@ def _open_binary(path: str) -> Iterator[IO[bytes]]:
 def _texts_of_records(path: str, field: str) -> Iterator[Any]:
   """The raw `field` values of a JSONL (plain or .gz) or Parquet file, in file order."""
   if path.endswith(".parquet"):
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel  (only Parquet corpora need it)
 
     parquet = pq.ParquetFile(path if paths.is_local(path) else paths.as_path(path).open("rb"))
     if field not in parquet.schema_arrow.names:
       raise ValueError(f"data.text_field={field!r} is not a column of {path} (it has "
                        f"{parquet.schema_arrow.names}); pass --config.data.text_field=...")
+    kind = parquet.schema_arrow.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+            or pa.types.is_large_binary(kind)):
+      raise ValueError(f"data.text_field={field!r} of {path} is a {kind} column, not text; point "
+                       "--config.data.text_field at a string column")
+    row = 0
     for batch in parquet.iter_batches(columns=[field], batch_size=1024):
-      yield from batch.column(0).to_pylist()
+      for value in batch.column(0).to_pylist():
+        row += 1
+        yield _text_value(value, f"{path} row {row}", field)
     return
   with _open_binary(path) as f:
     for number, line in enumerate(f, 1):
@@ -90,7 +99,17 @@ def _texts_of_records(path: str, field: str) -> Iterator[Any]:
         names = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise ValueError(f"data.text_field={field!r} is not a field of {path} line {number} (it has {names}); "
                          "pass --config.data.text_field=...")
-      yield record[field]
+      yield _text_value(record[field], f"{path} line {number}", field)
+
+
+def _text_value(value: Any, where: str, field: str) -> str | bytes:
+  """A record's text (bytes are decoded later); a ValueError names the record when it holds none: a number, list
+  or null would otherwise be trained on as its printed form, or silently dropped."""
+  if isinstance(value, (str, bytes)):
+    return value
+  kind = "null" if value is None else f"{type(value).__name__} {json.dumps(value, default=str)[:40]}"
+  raise ValueError(f"{where}: data.text_field={field!r} is {kind}, not text; fix or drop that record, or point "
+                   "--config.data.text_field at the text")
 
 
 def _as_text(value: Any) -> str:
