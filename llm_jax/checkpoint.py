@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import importlib.util
+import json
 import os
 import time
 from typing import Any
@@ -121,14 +122,39 @@ def layout_difference(saved: Any, target: Any) -> str | None:
   return f"{part} differs: {'; '.join(details)}"
 
 
+def read_pins(path: str) -> set[int] | None:
+  """The steps pinned in the JSON file `path` ({"steps": {"30": [who needs it, ...]}}); None when it is unreadable
+  (then every checkpoint is kept: deleting one another run needs cannot be undone)."""
+  if not paths.as_path(path).exists():
+    return set()
+  try:
+    return {int(step) for step in json.loads(paths.as_path(path).read_text(encoding="utf-8"))["steps"]}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return None
+
+
+class _PinnedSteps:
+  """An orbax preservation policy keeping the steps pinned in a file (`read_pins`), read at every rotation, so a pin
+  added by another run while this one trains holds."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def should_preserve(self, checkpoints: Any, *, context: Any) -> list[bool]:  # pylint: disable=unused-argument
+    pinned = read_pins(self.path)
+    return [pinned is None or c.step in pinned for c in checkpoints]
+
+
 class Checkpointer:
   """Saves checkpoints into `directory` when told to (asynchronously by default), keeps the newest `keep`
-  (None: all), and restores them."""
+  (None: all) and any step pinned in the file `pins` (checkpoints other runs depend on), and restores them."""
 
-  def __init__(self, directory: str, *, keep: int | None = None, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int | None = None, async_save: bool = True, pins: str = ""):
     self.directory = paths.absolute(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                           create=True)
+    rotation = {"max_to_keep": keep} if keep is None or not pins else {
+        "preservation_policy": ocp.checkpoint_managers.AnyPreservationPolicy(
+            [ocp.checkpoint_managers.LatestN(keep), _PinnedSteps(pins)])}
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, create=True, **rotation)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data", "meta"))
 

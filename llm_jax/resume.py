@@ -24,7 +24,8 @@ from llm_jax.tokenizer import file_sha256
 def open_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> checkpoint_lib.Checkpointer:
   """The workdir's checkpointer, after refusing a start that would silently lose or skip work (`check_history`)."""
   existed = paths.as_path(workdir_lib.checkpoint_dir(workdir)).exists()
-  ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir), keep=config.keep_checkpoints)
+  ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir), keep=config.keep_checkpoints,
+                                     pins=workdir_lib.path(workdir, workdir_lib.PINS_FILE))
   try:
     check_history(config, workdir, ckpt, existed)
   except faults.RunError:

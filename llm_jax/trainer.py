@@ -76,12 +76,17 @@ def _restore_or_init(ckpt: checkpoint_lib.Checkpointer, fns: steps_lib.StepFns, 
   return step, state, data_state
 
 
-def _with_lora_base(fns: steps_lib.StepFns, init_params_from: str) -> tuple[steps_lib.StepFns, dict[str, Any]]:
+def _with_lora_base(fns: steps_lib.StepFns, init_params_from: str,
+                    workdir: str) -> tuple[steps_lib.StepFns, dict[str, Any]]:
   """LoRA steps bound to the base weights of `init_params_from`'s newest checkpoint, and the reference to that base
-  (workdir, step, model card hash) that checkpoints and the model card keep."""
+  (workdir, step, model card hash) that checkpoints and the model card keep; the base workdir pins that checkpoint
+  first, so its rotation keeps what the adapters need."""
   source = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(init_params_from), async_save=False)
   try:
-    step, base = source.restore_params(fns.abstract_base, fns.base_shardings)
+    steps = source.steps()
+    if steps and jax.process_index() == 0:
+      workdir_lib.pin_checkpoint(init_params_from, steps[-1], paths.absolute(workdir))
+    step, base = source.restore_params(fns.abstract_base, fns.base_shardings, steps[-1] if steps else None)
   finally:
     source.close()
   return fns.with_base(base), workdir_lib.lora_base_reference(init_params_from, step)
@@ -299,7 +304,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
         process_index=jax.process_index(), process_count=jax.process_count())
     lora_base = {}
     if fns.lora:
-      fns, lora_base["lora_base"] = _with_lora_base(fns, config.init_params_from)
+      fns, lora_base["lora_base"] = _with_lora_base(fns, config.init_params_from, workdir)
     # optim and the optimizer state's tree let a resume with other optim settings be refused by name; the
     # seed and the data stream, one that would silently change the data order or the validation set.
     meta = workdir_lib.checkpoint_meta(cfg, data.tokenizer.path, seed=config.seed,

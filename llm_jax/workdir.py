@@ -10,6 +10,8 @@ metadata (built and checked here only), and loading a trained or converted model
     checkpoints/         orbax checkpoints (`checkpoint.Checkpointer`); unusable ones move to unusable_checkpoints/
     tokenizer/           trained tokenizers, cached per corpus and settings
     data_store.json      which shared token stores (data.store_dir; one per source) the run read
+    pinned_checkpoints.json  steps of checkpoints/ that other runs depend on (LoRA adapters' base), kept through
+                         rotation (`pin_checkpoint`)
     tensorboard/         TensorBoard event files
 
 The workdir may be a local folder or an object-store URL (gs://...): every file goes through `paths`.
@@ -49,6 +51,7 @@ CHECKPOINT_DIR = "checkpoints"
 UNUSABLE_CHECKPOINT_DIR = os.path.basename(checkpoint_lib.unusable_dir(CHECKPOINT_DIR))
 TOKENIZER_DIR = "tokenizer"
 DATA_STORE_FILE = "data_store.json"
+PINS_FILE = "pinned_checkpoints.json"
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -118,6 +121,23 @@ def read_lora_base(workdir: str) -> dict[str, Any] | None:
     return json.load(f).get("lora_base")
 
 
+def pin_checkpoint(workdir: str, step: int, by: str) -> None:
+  """Records in `workdir` that run `by` depends on its checkpoint `step`, so that its rotation keeps it
+  (`checkpoint.Checkpointer(pins=...)`). A workdir that cannot be written gets a warning line: the pin is then the
+  user's job."""
+  pins_path = path(workdir, PINS_FILE)
+  try:
+    pins = json.loads(paths.as_path(pins_path).read_text(encoding="utf-8")) if paths.as_path(pins_path).exists() \
+        else {"steps": {}}
+    users = pins.setdefault("steps", {}).setdefault(str(int(step)), [])
+    if by not in users:
+      users.append(by)
+      paths.write_atomic(pins_path, json.dumps(pins, indent=2))
+  except (OSError, ValueError, AttributeError) as e:
+    print(f"warning: could not pin checkpoint {step} of {workdir} in {pins_path} ({e}); keep that checkpoint, which "
+          f"{by} depends on, through the base run's rotation (keep_checkpoints)", flush=True)
+
+
 def lora_base_reference(base_workdir: str, step: int) -> dict[str, Any]:
   """What names a LoRA run's base model: its workdir, checkpoint step and the sha256 of its model card."""
   return {"workdir": os.path.abspath(base_workdir), "step": int(step),
@@ -131,6 +151,19 @@ def check_lora_base(saved: dict[str, Any] | None, given: dict[str, Any], where: 
     raise faults.RunError(f"the LoRA adapters of {where} were trained on another base model than the one given "
                           f"({differing}); pass --config.init_params_from={saved.get('workdir')} (that base, at "
                           f"step {saved.get('step')}) or use a new --workdir")
+
+
+def check_base_step(base_workdir: str, step: int, workdir: str) -> None:
+  """Refuses, naming what is gone, LoRA adapters whose base checkpoint no longer exists."""
+  ckpt = checkpoint_lib.Checkpointer(checkpoint_dir(base_workdir), async_save=False)
+  try:
+    steps = ckpt.steps()
+  finally:
+    ckpt.close()
+  if step not in steps:
+    raise checkpoint_lib.CheckpointError(
+        f"checkpoint {step} of {base_workdir}, the base model the LoRA adapters of {workdir} were trained on, is gone "
+        f"(it holds {steps or 'none'}); restore it there, or train the adapters again on a checkpoint it holds")
 
 
 def merge_adapters(cfg: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
@@ -284,6 +317,7 @@ def load_model(workdir: str, step: int | None = None) -> LoadedModel:
       raise FileNotFoundError(f"the base model {reference.get('workdir')!r} of LoRA workdir {workdir} (named in "
                               f"{MODEL_FILE}) is missing; restore it there")
     check_lora_base(reference, lora_base_reference(reference["workdir"], reference["step"]), workdir)
+    check_base_step(reference["workdir"], reference["step"], workdir)
     base = load_model(reference["workdir"], reference["step"])
   if not paths.as_path(tokenizer_path).exists():
     raise FileNotFoundError(f"tokenizer {tokenizer_path} named in {MODEL_FILE} is missing")

@@ -1,6 +1,7 @@
 """Never lose a run: SIGKILL and SIGTERM resume exactly, unusable checkpoints, other meshes, divergence, drift."""
 
 import dataclasses
+import json
 import os
 import random
 import shutil
@@ -412,3 +413,40 @@ def test_max_skipped_steps_is_refused_where_nothing_is_skipped():
   c.on_nonfinite, c.max_skipped_steps = "skip", 0
   with pytest.raises(config_lib.ConfigError, match="max_skipped_steps=0 must be positive"):
     validation.validate(c)
+
+
+def test_rotation_keeps_the_checkpoints_other_runs_pinned_even_when_pinned_late(tmp_path):
+  pins = str(tmp_path / workdir_lib.PINS_FILE)
+  saver = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=2, async_save=False, pins=pins)
+  state = {"w": np.zeros(3, np.float32)}
+  for step in range(1, 7):
+    saver.save(step, state, {}, {})
+    saver.wait_until_saved()
+    if step == 2:  # another run pins step 2 while this one trains
+      workdir_lib.pin_checkpoint(str(tmp_path), 2, "/runs/lora")
+      workdir_lib.pin_checkpoint(str(tmp_path), 2, "/runs/lora")  # idempotent
+  saver.close()
+  assert checkpoint_lib.read_pins(pins) == {2}
+  reader = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=2, async_save=False)
+  assert reader.steps() == [2, 5, 6]
+  reader.close()
+
+
+@pytest.mark.slow
+def test_lora_adapters_survive_the_base_training_on_and_name_a_lost_base(pretrained, tmp_path):
+  from test_sft import ROWS  # pylint: disable=import-outside-toplevel
+  from test_sft import sft_config  # pylint: disable=import-outside-toplevel
+
+  base, lora = str(tmp_path / "base"), str(tmp_path / "lora")
+  shutil.copytree(pretrained, base, ignore=shutil.ignore_patterns(".lock", workdir_lib.PINS_FILE))  # step 10
+  rows = tmp_path / "rows.jsonl"
+  rows.write_text("".join(json.dumps(row) + "\n" for row in ROWS * 20))
+  trainer.train_and_evaluate(sft_config(base, str(rows), **{"model.lora_rank": 4, "num_train_steps": 2,
+                                                            "eval_every": 2, "checkpoint_every": 2}), lora)
+  trainer.train_and_evaluate(smoke_config(num_train_steps=30, keep_checkpoints=1), base)  # rotates 20 away, not 10
+  assert sorted(os.listdir(os.path.join(base, "checkpoints"))) == ["10", "30"]
+  assert workdir_lib.load_model(lora).step == 2
+  shutil.rmtree(os.path.join(base, "checkpoints", "10"))
+  with pytest.raises(checkpoint_lib.CheckpointError, match=f"checkpoint 10 of {base}, the base model the LoRA "
+                     r"adapters of .* were trained on, is gone \(it holds \[30\]\)"):
+    workdir_lib.load_model(lora)
