@@ -450,3 +450,67 @@ def test_lora_adapters_survive_the_base_training_on_and_name_a_lost_base(pretrai
   with pytest.raises(checkpoint_lib.CheckpointError, match=f"checkpoint 10 of {base}, the base model the LoRA "
                      r"adapters of .* were trained on, is gone \(it holds \[30\]\)"):
     workdir_lib.load_model(lora)
+
+
+_SLOW_PREPARATION = """
+import sys, time
+from llm_jax.data import sources, store
+from llm_jax.tokenizer import load_tokenizer
+
+class Slow(sources.Source):
+  def identity(self):
+    return {}
+
+  def shards(self, split, docs_per_shard):
+    return [(split, i) for i in range(2)]
+
+  def read(self, unit, keep=None):
+    time.sleep(600)
+    yield "key", "text"
+
+if __name__ == "__main__":
+  store.write_shards(Slow(), load_tokenizer(sys.argv[2]), sys.argv[1], workers=4)
+"""
+
+
+def _children(pid: int) -> set[int]:
+  found = set()
+  for entry in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
+        if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+          found.add(int(entry))
+    except (OSError, ValueError, IndexError):
+      continue
+  return found
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_preparation_workers_die_with_their_parent(pretrained, tmp_path, signum):
+  script = tmp_path / "prepare.py"
+  script.write_text(_SLOW_PREPARATION, encoding="utf-8")
+  tokenizer = next(os.path.join(pretrained, "tokenizer", f) for f in os.listdir(os.path.join(pretrained, "tokenizer"))
+                   if f.endswith(".model"))
+  proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "store"), tokenizer], cwd=REPO,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  deadline = time.time() + 120
+  while len(_children(proc.pid)) < 5 and time.time() < deadline:  # 4 workers and the resource tracker
+    time.sleep(0.2)
+  children = _children(proc.pid)
+  assert len(children) >= 4, children
+  time.sleep(2)  # the workers are inside their shards
+  proc.send_signal(signum)
+  proc.wait(timeout=60)
+  deadline = time.time() + 30
+  while any(map(_alive, children)) and time.time() < deadline:
+    time.sleep(0.2)
+  assert not any(map(_alive, children)), [c for c in children if _alive(c)]

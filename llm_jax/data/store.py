@@ -14,11 +14,15 @@ a gs:// store is never downloaded whole.
 """
 
 import concurrent.futures
+import ctypes
 import dataclasses
+import glob
 import hashlib
 import json
 import multiprocessing
 import os
+import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -118,6 +122,9 @@ def _write_shard(source: Source, unit: Any, tokenizer: Any, prefix: str, progres
   dtype, has_bos = token_dtype(tokenizer.vocab_size), tokenizer.bos_id >= 0
   paths.makedirs(os.path.dirname(prefix))
   tmp = f".tmp{os.getpid()}" if paths.is_local(prefix) else ""  # see the module docstring
+  if tmp:  # a killed writer's partial files of this shard (a shard has one writer: its owner, under the store lock)
+    for stale in glob.glob(glob.escape(prefix) + ".*.tmp*"):
+      os.remove(stale)
   digest, offsets, stream = hashlib.sha256(), [], 0
   counts = {"documents": 0, "num_tokens": 0, "bytes": 0}
   with paths.as_path(prefix + ".tokens" + tmp).open("wb") as f:
@@ -237,29 +244,54 @@ def write_shards(source: Source, tokenizer: Any, path: str, *, docs_per_shard: i
   else:
     jobs = [(source, tokenizer.path, unit, _shard_prefix(path, split, index), threads)
             for split, index, unit in todo]
-    # Spawned, not forked: the parent may hold JAX and grain threads. An executor, not multiprocessing.Pool: a
-    # worker that dies (the out-of-memory killer, a script without a __main__ guard) breaks it with an error,
-    # where a Pool would wait for that worker's result forever.
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-      try:
-        for future in concurrent.futures.as_completed([pool.submit(_shard_job, job) for job in jobs]):
-          progress.add(*future.result())
-      except concurrent.futures.process.BrokenProcessPool:
-        from llm_jax import faults  # pylint: disable=import-outside-toplevel  # JAX stays out of the workers
-        written = sum(paths.as_path(_shard_prefix(path, split, index) + ".json").exists()
-                      for split, index, _ in todo)
-        raise faults.RunError(
-            f"a worker process preparing the token store {path} died (killed, often by the out-of-memory killer, "
-            f"or it could not start: a script that trains or prepares data at its top level needs an "
-            f"`if __name__ == '__main__':` guard); the {len(kept) + written} whole shard(s) are kept: run the same "
-            f"command again to resume") from None
+    _write_in_workers(jobs, workers, progress, path, len(kept))
   for split, index, _ in kept:
     verify_shard(path, split, index, _read_shard_record(_shard_prefix(path, split, index), path))
   log(progress.line(f"prepared shards of process {process_index}/{process_count}" if process_count > 1 else
                     "prepared") + (f"; kept {len(kept)} shard(s) from an interrupted run" if kept else ""))
 
 
+def _write_in_workers(jobs: list[tuple[Source, str, Any, str, int]], workers: int, progress: Progress, path: str,
+                      kept: int) -> None:
+  """The shard jobs on `workers` spawned processes, which die with this one (`_die_with_parent`): an interrupted or
+  killed preparation leaves no worker behind."""
+  # Spawned, not forked: the parent may hold JAX and grain threads. An executor, not multiprocessing.Pool: a
+  # worker that dies (the out-of-memory killer, a script without a __main__ guard) breaks it with an error,
+  # where a Pool would wait for that worker's result forever.
+  context = multiprocessing.get_context("spawn")
+  pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent,
+                                                initargs=(os.getpid(),))
+  try:
+    for future in concurrent.futures.as_completed([pool.submit(_shard_job, job) for job in jobs]):
+      progress.add(*future.result())
+  except concurrent.futures.process.BrokenProcessPool:
+    from llm_jax import faults  # pylint: disable=import-outside-toplevel  # JAX stays out of the workers
+    written = sum(paths.as_path(job[3] + ".json").exists() for job in jobs)
+    raise faults.RunError(
+        f"a worker process preparing the token store {path} died (killed, often by the out-of-memory killer, "
+        f"or it could not start: a script that trains or prepares data at its top level needs an "
+        f"`if __name__ == '__main__':` guard); the {kept + written} whole shard(s) are kept: run the same "
+        f"command again to resume") from None
+  except BaseException:
+    # A signal (Interrupted) or another error: stop the workers now, rather than wait for their shards (shutdown's
+    # wait would, and so would the interpreter's exit). The executor has no public way to stop its processes.
+    for process in list((pool._processes or {}).values()):  # pylint: disable=protected-access
+      process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    raise
+  pool.shutdown()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+  """A worker's initializer: on Linux the kernel kills it when its parent dies, even by SIGKILL (PR_SET_PDEATHSIG),
+  so no worker (nor the resource tracker waiting on it) outlives a killed preparation."""
+  if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+  if os.getppid() != parent_pid:  # the parent died before the line above took effect
+    os._exit(1)  # pylint: disable=protected-access
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _WORKER_TOKENIZERS: dict[str, Any] = {}
 
 
