@@ -392,6 +392,7 @@ def test_a_damaged_manifest_names_itself_and_a_fix_that_works(sotu, tokenizer, s
   assert f"delete {manifest} and rerun python -m llm_jax.prepare" in str(error.value)
   os.remove(manifest)  # the advice, followed
   store_lib.build(sotu, tokenizer, path, docs_per_shard=50, log=lambda line: None)
+  assert not [name for name in os.listdir(os.path.join(path, "train")) if ".tmp" in name]
   assert _files(path) == _files(sotu_store)
 
 
@@ -407,3 +408,18 @@ def test_a_damaged_shard_is_named_when_read_not_blamed_on_the_model(sotu_store, 
     train.rows(np.arange(train.num_rows(64)), 64)
   assert f"token store shard {victim} holds id 65535, past the vocabulary of 512" in str(error.value)
   assert "rerun python -m llm_jax.prepare" in str(error.value)
+
+
+def test_a_killed_writers_partial_files_are_removed_when_its_shard_is_rewritten(sotu, tokenizer, sotu_store, tmp_path):
+  path = str(tmp_path / "s")
+  shutil.copytree(sotu_store, path)
+  prefix = os.path.join(path, "train", "000001")
+  for name in (".tokens", ".offsets", ".json"):
+    os.remove(prefix + name)
+  os.remove(os.path.join(path, store_lib.MANIFEST))
+  for stale in (".tokens.tmp999999", ".offsets.tmp999998"):
+    with open(prefix + stale, "wb") as f:
+      f.write(b"\0" * 100)
+  store_lib.build(sotu, tokenizer, path, docs_per_shard=50, log=lambda line: None)
+  assert not [name for name in os.listdir(os.path.join(path, "train")) if ".tmp" in name]
+  assert _files(path) == _files(sotu_store)
