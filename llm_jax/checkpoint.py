@@ -6,14 +6,17 @@ the machine); only a local one is made absolute.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import importlib.util
 import json
 import os
+import shutil
 import time
 from typing import Any
 from typing import Callable
+from typing import Iterator
 
 import jax
 import numpy as np
@@ -33,6 +36,8 @@ RESTORE_BACKOFF_S = 2.0
 _MISSING = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
 _TRANSIENT_ERRNOS = {errno.EIO, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY, errno.ESTALE, errno.ECONNRESET,
                      errno.ECONNREFUSED, errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EINTR}
+# Room left beyond a checkpoint's array bytes (its metadata, JSON items, file system blocks).
+_SPACE_MARGIN = 16 << 20
 REMEDY_LAYOUT = ("keep the old optim settings, or start a new --workdir from these weights with "
                  "--config.init_params_from=<workdir>")
 
@@ -165,10 +170,45 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: Any, data_state: dict[str, Any], meta: dict[str, Any]) -> bool:
-    """Starts saving step `step` (asynchronously unless `async_save=False`); returns whether it started."""
-    return self.manager.save(step, force=True, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(meta)))
+    """Starts saving step `step` (asynchronously unless `async_save=False`); returns whether it started. Refused
+    at once, in one line, when the disk cannot hold it (`_check_space`) or an earlier save failed on storage."""
+    self._check_space(step, state)
+    with self._storage_errors():
+      return self.manager.save(step, force=True, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+          meta=ocp.args.JsonSave(meta)))
+
+  def _check_space(self, step: int, state: Any) -> None:
+    """Refuses a save that the local disk has no room for (the arrays' bytes), before orbax's writer threads fail
+    one by one with tracebacks and the run trains on until the next save."""
+    if not paths.is_local(self.directory) or not os.path.isdir(self.directory):
+      return
+    need = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state)) + _SPACE_MARGIN
+    free = shutil.disk_usage(self.directory).free
+    if free < need:
+      raise CheckpointError(f"no room for checkpoint {step} in {self.directory}: {free / 1e6:,.0f} MB free, it needs "
+                            f"about {need / 1e6:,.0f} MB; free space, then rerun the same command (it resumes from "
+                            f"checkpoint {self.latest()})")
+
+  @contextlib.contextmanager
+  def _storage_errors(self) -> Iterator[None]:
+    """Turns a full disk met while writing (errno ENOSPC/EDQUOT, or tensorstore's RESOURCE_EXHAUSTED) into one line."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  # re-raised unless it is a full disk
+      text = " ".join(str(e).split())
+      if not (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) and not any(
+          sign in text for sign in ("RESOURCE_EXHAUSTED", "No space left", "Disk quota exceeded")):
+        raise
+      raise CheckpointError(f"the disk holding {self.directory} is full: writing a checkpoint failed ({text[:160]}); "
+                            "free space, then rerun the same command (it resumes from the newest complete "
+                            "checkpoint)") from None
+
+  def check_for_errors(self) -> None:
+    """Raises now what a finished background save failed with (a full disk in one line), rather than at the next
+    save."""
+    with self._storage_errors():
+      self.manager.check_for_errors()
 
   def save_params(self, step: int, params: Any, meta: dict[str, Any]) -> None:
     """A parameters-only checkpoint (converted or exported weights); `restore_params` reads it."""
@@ -315,8 +355,12 @@ class Checkpointer:
 
   def wait_until_saved(self) -> None:
     """Blocks until every started save has committed (is a complete checkpoint on storage)."""
-    self.manager.wait_until_finished()
+    with self._storage_errors():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    with self._storage_errors():
+      try:
+        self.manager.wait_until_finished()
+      finally:
+        self.manager.close()

@@ -152,6 +152,8 @@ class Loop:
           break
         completed = self._after_step(step, state, pending, due, preemption.signalled)
         pending = [] if due["log"] else pending
+        if due["log"]:
+          self.ckpt.check_for_errors()  # a failed background save stops the run now, not at the next save
         if not completed:
           self._save_and_exit(step, state, pending, {"eval": True, "extra_eval": due["extra_eval"]},
                               preemption.reason)

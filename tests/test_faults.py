@@ -514,3 +514,26 @@ def test_preparation_workers_die_with_their_parent(pretrained, tmp_path, signum)
   while any(map(_alive, children)) and time.time() < deadline:
     time.sleep(0.2)
   assert not any(map(_alive, children)), [c for c in children if _alive(c)]
+
+
+def test_a_full_disk_refuses_the_save_in_one_line(tmp_path, monkeypatch):
+  directory = str(tmp_path / "checkpoints")
+  saver = checkpoint_lib.Checkpointer(directory, keep=2, async_save=False)
+  state = {"w": np.zeros((256, 256), np.float32)}
+  saver.save(1, state, {}, {})
+  usage = shutil.disk_usage(directory)
+  monkeypatch.setattr(checkpoint_lib.shutil, "disk_usage", lambda path: usage._replace(free=5 << 20))
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r"^[^\n]*$") as error:
+    saver.save(2, state, {}, {})
+  assert f"no room for checkpoint 2 in {directory}: 5 MB free, it needs about 17 MB" in str(error.value)
+  assert "resumes from checkpoint 1" in str(error.value)
+  monkeypatch.undo()
+
+  def fail():
+    raise ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/x/d/123\": No space left on device [source "
+                     "locations='tensorstore/kvstore/file/file_key_value_store.cc:123']\nmore lines")
+  monkeypatch.setattr(saver.manager, "wait_until_finished", fail)
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r"^the disk holding .* is full: writing a checkpoint "
+                     r"failed \(RESOURCE_EXHAUSTED[^\n]*$"):
+    saver.close()
+  assert sorted(os.listdir(directory)) == ["1"]
