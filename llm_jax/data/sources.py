@@ -71,7 +71,11 @@ def _texts_of_records(path: str, field: str) -> Iterator[Any]:
     import pyarrow as pa  # pylint: disable=import-outside-toplevel
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel  (only Parquet corpora need it)
 
-    parquet = pq.ParquetFile(path if paths.is_local(path) else paths.as_path(path).open("rb"))
+    try:
+      parquet = pq.ParquetFile(path if paths.is_local(path) else paths.as_path(path).open("rb"))
+    except (pa.ArrowException, OSError) as e:
+      raise ValueError(f"{path} is not a readable Parquet file ({' '.join(str(e).split())[:120]}); fix it or drop it "
+                       "from the data files") from None
     if field not in parquet.schema_arrow.names:
       raise ValueError(f"data.text_field={field!r} is not a column of {path} (it has "
                        f"{parquet.schema_arrow.names}); pass --config.data.text_field=...")
