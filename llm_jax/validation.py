@@ -209,6 +209,10 @@ def _validate_finetune(config: ml_collections.ConfigDict) -> None:
   _require(m.lora_rank >= 0 and (m.lora_rank == 0 or bool(config.init_params_from)), f"model.lora_rank={m.lora_rank}"
            " must be 0 (off) or positive with --config.init_params_from=WORKDIR (the base model the adapters train on)")
   _require(math.isfinite(m.lora_alpha) and m.lora_alpha > 0, f"model.lora_alpha={m.lora_alpha} must be positive")
+  # An adapter of rank >= the width is a full-rank update with extra steps: not what LoRA is for, so refused.
+  _require(m.lora_rank < m.d_model, f"model.lora_rank={m.lora_rank} is not below model.d_model={m.d_model}: such an "
+           "adapter is no smaller than the weight it adapts; lower model.lora_rank (e.g. 8), or train every weight "
+           "with model.lora_rank=0")
   try:
     lora.parse_targets(m.lora_targets)
   except ValueError as e:
