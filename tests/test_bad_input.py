@@ -528,3 +528,18 @@ def test_chat_names_a_stdin_line_that_is_not_utf8(trained):
   stderr = result.stderr.decode()
   assert result.returncode == 2, stderr[-2000:]
   assert len(stderr.strip().splitlines()) == 1 and "line 1 of stdin is not UTF-8 text (byte 0xe9" in stderr
+
+
+def test_a_mixture_components_wrong_text_field_names_the_components_setting(tmp_path):
+  from llm_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+
+  rows = tmp_path / "rows.jsonl"
+  rows.write_text('{"body": "some words of text"}\n' * 10)
+  c = smoke_config()
+  c.data.corpus = "mixture"
+  c.data.mixture = {"sotu": {"corpus": "sotu", "weight": 0.5},
+                    "web": {"corpus": "text_files", "text_files": str(rows), "weight": 0.5}}
+  with pytest.raises(ValueError, match=r"data.mixture.web.text_field='text' is not a field of .* pass "
+                     r"--config.data.mixture.web.text_field=\.\.\.$"):
+    pipeline.prepare_data(config_lib.data_config(c), config_lib.tokenizer_config(c), store_dir=str(tmp_path / "s"))
+  assert not (tmp_path / "s").exists()

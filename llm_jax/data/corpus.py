@@ -148,16 +148,17 @@ def store_dir(data_cfg: DataConfig) -> str:
   return os.path.expanduser(data_cfg.store_dir or DEFAULT_STORE_DIR)
 
 
-def make_source(data_cfg: DataConfig) -> sources.Source:
+def make_source(data_cfg: DataConfig, key: str = "data") -> sources.Source:
   """Returns the streaming source of corpus data.corpus, its settings checked before any text is tokenised.
 
   'sotu' fixes its split when the dataset is built (sotu.VALIDATION_FRACTION) and ignores
-  data.validation_fraction; 'text_files' uses it; 'tfds' uses the dataset's own named splits.
+  data.validation_fraction; 'text_files' uses it; 'tfds' uses the dataset's own named splits. Errors name the
+  settings under `key` (data.mixture.<name> for a mixture component).
   """
   if data_cfg.corpus == "sotu":
     return sources.sotu_source(data_dir(data_cfg))
   if data_cfg.corpus == "text_files":
-    return sources.TextFiles(data_cfg.text_files, data_cfg.validation_fraction, data_cfg.text_field)
+    return sources.TextFiles(data_cfg.text_files, data_cfg.validation_fraction, data_cfg.text_field, key)
   if data_cfg.corpus == "mixture":
     raise ValueError("data.corpus='mixture' has one source per component; read them through corpus.components")
   if data_cfg.corpus == "tfds":

@@ -159,7 +159,8 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer_di
     raise ValueError(f"data.seq_len={seq_len} must be at least 1; pass e.g. --config.data.seq_len=128")
   root = store_dir or default_store_dir(data_cfg)
   parts = components(data_cfg)
-  sources = [make_source(part.data) for part in parts]  # Every source is checked before any text is read.
+  # Every source is checked before any text is read.
+  sources = [make_source(part.data, f"data.mixture.{part.name}" if part.name else "data") for part in parts]
   tokenizer = _get_tokenizer(parts, sources, tok_cfg, root, process_index, barrier, log)
   if tokenizer_dir and not tok_cfg.path:
     tokenizer = type(tokenizer).load(_copy_into(tokenizer.path, tokenizer_dir))
