@@ -21,38 +21,41 @@ from llm_jax.sweeps import runcard
 from llm_jax.tokenizer import file_sha256
 
 
-def open_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> checkpoint_lib.Checkpointer:
-  """The workdir's checkpointer, after refusing a start that would silently lose or skip work (`check_history`)."""
-  existed = paths.as_path(workdir_lib.checkpoint_dir(workdir)).exists()
-  ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir), keep=config.keep_checkpoints,
-                                     pins=workdir_lib.path(workdir, workdir_lib.PINS_FILE))
+def read_history(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
+  """The metadata of the workdir's newest readable checkpoint (None: none), after refusing a start that would
+  silently lose or skip work (`check_history`). Reads only: a refused start leaves the workdir as it was."""
+  directory = workdir_lib.checkpoint_dir(workdir)
+  if not paths.as_path(directory).exists():
+    unusable = paths.as_path(checkpoint_lib.unusable_dir(directory))
+    check_history(config, workdir, directory, [], unusable.is_dir() and any(unusable.iterdir()), existed=False)
+    return None
+  ckpt = checkpoint_lib.Checkpointer(directory, async_save=False)
   try:
-    check_history(config, workdir, ckpt, existed)
-  except faults.RunError:
+    check_history(config, workdir, directory, ckpt.steps(), bool(ckpt.quarantined()), existed=True)
+    return newest_meta(ckpt)
+  finally:
     ckpt.close()
-    raise
-  return ckpt
 
 
-def check_history(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint_lib.Checkpointer,
-                   existed: bool) -> None:
-  """Refuses a workdir whose newest checkpoint lies past the run's end (it would silently train nothing), a start
-  from scratch in a workdir that shows a run's history but has lost its checkpoints (unless config.restart), and
-  config.restart beside checkpoints that would be resumed instead.
+def check_history(config: ml_collections.ConfigDict, workdir: str, directory: str, steps: list[int],
+                  quarantined: bool, existed: bool) -> None:
+  """Refuses a workdir whose newest checkpoint (of `steps`, in `directory`) lies past the run's end (it would
+  silently train nothing), a start from scratch in a workdir that shows a run's history but has lost its checkpoints
+  (unless config.restart), and config.restart beside checkpoints that would be resumed instead.
 
   History: run.json says a run finished or stopped (each ends with a checkpoint), or run.json or metrics.jsonl exist
   while checkpoints/ does not (a run creates it before writing either). A run killed before its first checkpoint
-  leaves an empty checkpoints/ and a 'running' run.json: rerunning it starts over, as before.
+  leaves an empty checkpoints/ and a 'running' run.json: rerunning it starts over, as before. With `quarantined`
+  (earlier runs moved every checkpoint aside) the trainer's restore refuses, naming them.
   """
-  steps = ckpt.steps()
   if steps and steps[-1] > config.num_train_steps:
     raise faults.RunError(f"the workdir already holds checkpoint {steps[-1]}, past num_train_steps="
                           f"{config.num_train_steps}; raise num_train_steps or use another --workdir")
   if steps and config.restart:
-    raise faults.RunError(f"restart=True but {ckpt.directory} holds checkpoints {steps}, which the run would resume "
+    raise faults.RunError(f"restart=True but {directory} holds checkpoints {steps}, which the run would resume "
                           "rather than restart; drop --config.restart to resume, or move that folder away to start "
                           "over")
-  if steps or config.restart or ckpt.quarantined():  # all unusable: the trainer's restore refuses, naming them
+  if steps or config.restart or quarantined:
     return
   card = runcard.read(workdir) or {}
   metrics = paths.as_path(workdir_lib.path(workdir, workdir_lib.METRICS_FILE))
@@ -60,7 +63,7 @@ def check_history(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpo
   if card.get("status") in ("finished", "stopped") or (not existed and (card or has_metrics)):
     what = f"{workdir_lib.RUN_FILE} says {card['status']!r}" if card.get("status") else (
         f"it has {workdir_lib.RUN_FILE if card else workdir_lib.METRICS_FILE}")
-    raise faults.RunError(f"--workdir={workdir} holds an earlier run ({what}) but no checkpoint in {ckpt.directory}; "
+    raise faults.RunError(f"--workdir={workdir} holds an earlier run ({what}) but no checkpoint in {directory}; "
                           "starting from scratch would replace its metrics: restore the checkpoints, or pass "
                           "--config.restart=True to start over here, or use a new --workdir")
 

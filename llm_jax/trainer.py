@@ -287,18 +287,15 @@ def _announce_model(cfg: ModelConfig, fns: Any, state: Any, flops: dict[str, flo
 
 def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> dict[str, float]:
   runcard.read(workdir)  # a damaged run card is refused now, not after preparing data and compiling
-  ckpt = resume.open_checkpoints(config, workdir)
-  try:
-    saved, stream = resume.newest_meta(ckpt), resume.stream_record(config)
-    resume.check_against_checkpoint(config, saved, stream)
-    with faults.interruptible("preparing the tokenizer and data"):
-      data = _prepare_data_once(config, workdir, lambda tokenizer: _check_tokenizer(config, tokenizer, saved))
-  except BaseException:
-    ckpt.close()
-    raise
+  saved, stream = resume.read_history(config, workdir), resume.stream_record(config)
+  resume.check_against_checkpoint(config, saved, stream)
+  with faults.interruptible("preparing the tokenizer and data"):
+    data = _prepare_data_once(config, workdir, lambda tokenizer: _check_tokenizer(config, tokenizer, saved))
   peak, peak_source = metrics_lib.peak_flops_total(config.peak_flops_per_device)
   with jax.set_mesh(mesh):
     cfg, fns = make_steps(config, mesh, data.tokenizer.vocab_size)
+    ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir), keep=config.keep_checkpoints,
+                                       pins=workdir_lib.path(workdir, workdir_lib.PINS_FILE))
     train_iter = pipeline.make_train_iterator(
         data, global_batch_size=config.global_batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())

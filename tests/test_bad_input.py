@@ -543,3 +543,13 @@ def test_a_mixture_components_wrong_text_field_names_the_components_setting(tmp_
                      r"--config.data.mixture.web.text_field=\.\.\.$"):
     pipeline.prepare_data(config_lib.data_config(c), config_lib.tokenizer_config(c), store_dir=str(tmp_path / "s"))
   assert not (tmp_path / "s").exists()
+
+
+def test_a_prompt_past_the_models_positions_is_not_told_to_raise_max_length():
+  cfg = config_lib.model_config(smoke_config(), 512)  # gpt2, 64 learned positions
+  with pytest.raises(ValueError, match=r"^the prompt \(70 tokens, a chat's whole conversation\) fills all 64 "
+                     r"positions of this model; shorten it"):
+    sampling._validate(cfg, 70, 64, 1, 0.8, 40, 0.95)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match=r"--max_length=20 is not longer than the prompt \(30 tokens\); raise "
+                     r"--max_length \(up to 64, this model's positions\)$"):
+    sampling._validate(cfg, 30, 20, 1, 0.8, 40, 0.95)  # pylint: disable=protected-access
