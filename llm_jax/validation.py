@@ -274,6 +274,9 @@ def validate_against_base(config: ml_collections.ConfigDict, base: model_lib.Mod
                           command_line_keys: Collection[str]) -> dict[str, tuple]:
   """Refuses a model setting given on the command line that the base model's dimensions would replace (the
   experiment file's are the recipe's and are replaced), and any tokenizer flag; returns `replaced_by_base`."""
+  _require(config.data.seq_len <= base.max_len, f"data.seq_len={config.data.seq_len} is longer than the {base.max_len} "
+           f"positions of the base model (--config.init_params_from={config.init_params_from}), whose dimensions the "
+           f"run takes; lower --config.data.seq_len to at most {base.max_len}")
   replaced = replaced_by_base(config, base)
   for key in replaced:
     value, base_value = config[key], getattr(base, key.split(".", 1)[1])

@@ -553,3 +553,12 @@ def test_a_prompt_past_the_models_positions_is_not_told_to_raise_max_length():
   with pytest.raises(ValueError, match=r"--max_length=20 is not longer than the prompt \(30 tokens\); raise "
                      r"--max_length \(up to 64, this model's positions\)$"):
     sampling._validate(cfg, 30, 20, 1, 0.8, 40, 0.95)  # pylint: disable=protected-access
+
+
+def test_a_sequence_longer_than_the_base_models_positions_gets_advice_that_works():
+  c = smoke_config(init_params_from="/runs/base")
+  c.data.seq_len = 128
+  base = config_lib.model_config(smoke_config(), 512)  # 64 positions
+  with pytest.raises(config_lib.ConfigError, match=r"data.seq_len=128 is longer than the 64 positions of the base "
+                     r"model .* lower --config.data.seq_len to at most 64$"):
+    validation.validate_against_base(c, base, ("data.seq_len",))
