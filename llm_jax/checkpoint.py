@@ -220,6 +220,11 @@ class Checkpointer:
   def restore_meta(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+  def read_meta(self, step: int) -> dict[str, Any]:
+    """`restore_meta`, retried through storage hiccups like a restore (then refused with CheckpointError); damage
+    raises as it is."""
+    return self._retrying(step, lambda: self.restore_meta(step))
+
   def restore(self, abstract_state: Any, shardings: Any, step: int | None = None,
               check_meta: Callable[[dict[str, Any]], None] | None = None
               ) -> tuple[int, Any, dict[str, Any], dict[str, Any]] | None:

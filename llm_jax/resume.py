@@ -80,11 +80,14 @@ def stream_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def newest_meta(ckpt: checkpoint_lib.Checkpointer) -> dict[str, Any] | None:
-  """The metadata of the newest checkpoint whose metadata reads (a damaged one is left to the restore)."""
+  """The metadata of the newest checkpoint whose metadata reads (a damaged one is left to the restore, which moves
+  it aside); a storage error that outlasts the retries is refused here, before any data is read."""
   for step in reversed(ckpt.steps()):
     try:
-      return ckpt.restore_meta(step)
-    except Exception:  # pylint: disable=broad-except  # damage or a hiccup: the restore retries or moves it aside
+      return ckpt.read_meta(step)
+    except checkpoint_lib.CheckpointError:
+      raise
+    except Exception:  # pylint: disable=broad-except  # damage: the restore reports it and tries an older one
       continue
   return None
 
