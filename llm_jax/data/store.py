@@ -14,15 +14,11 @@ a gs:// store is never downloaded whole.
 """
 
 import concurrent.futures
-import ctypes
 import dataclasses
 import glob
 import hashlib
 import json
-import multiprocessing
 import os
-import signal
-import sys
 import threading
 import time
 from typing import Any
@@ -32,6 +28,7 @@ from typing import Iterable
 import numpy as np
 
 from llm_jax import paths
+from llm_jax.data import workers as workers_lib
 from llm_jax.data.packing import PAD_ID
 from llm_jax.data.sources import SPLITS
 from llm_jax.data.sources import Source
@@ -253,14 +250,8 @@ def write_shards(source: Source, tokenizer: Any, path: str, *, docs_per_shard: i
 
 def _write_in_workers(jobs: list[tuple[Source, str, Any, str, int]], workers: int, progress: Progress, path: str,
                       kept: int) -> None:
-  """The shard jobs on `workers` spawned processes, which die with this one (`_die_with_parent`): an interrupted or
-  killed preparation leaves no worker behind."""
-  # Spawned, not forked: the parent may hold JAX and grain threads. An executor, not multiprocessing.Pool: a
-  # worker that dies (the out-of-memory killer, a script without a __main__ guard) breaks it with an error,
-  # where a Pool would wait for that worker's result forever.
-  context = multiprocessing.get_context("spawn")
-  pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent,
-                                                initargs=(os.getpid(),))
+  """The shard jobs on `workers` spawned processes that die with this one (`workers.spawn_pool`)."""
+  pool = workers_lib.spawn_pool(workers)
   try:
     for future in concurrent.futures.as_completed([pool.submit(_shard_job, job) for job in jobs]):
       progress.add(*future.result())
@@ -273,25 +264,11 @@ def _write_in_workers(jobs: list[tuple[Source, str, Any, str, int]], workers: in
         f"`if __name__ == '__main__':` guard); the {kept + written} whole shard(s) are kept: run the same "
         f"command again to resume") from None
   except BaseException:
-    # A signal (Interrupted) or another error: stop the workers now, rather than wait for their shards (shutdown's
-    # wait would, and so would the interpreter's exit). The executor has no public way to stop its processes.
-    for process in list((pool._processes or {}).values()):  # pylint: disable=protected-access
-      process.terminate()
-    pool.shutdown(wait=False, cancel_futures=True)
+    workers_lib.stop_pool(pool)  # a signal (Interrupted) or another error: stop them now, not after their shards
     raise
   pool.shutdown()
 
 
-def _die_with_parent(parent_pid: int) -> None:
-  """A worker's initializer: on Linux the kernel kills it when its parent dies, even by SIGKILL (PR_SET_PDEATHSIG),
-  so no worker (nor the resource tracker waiting on it) outlives a killed preparation."""
-  if sys.platform.startswith("linux"):
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-  if os.getppid() != parent_pid:  # the parent died before the line above took effect
-    os._exit(1)  # pylint: disable=protected-access
-
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _WORKER_TOKENIZERS: dict[str, Any] = {}
 
 
