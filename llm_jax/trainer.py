@@ -348,7 +348,8 @@ def _run_recorded(loop: loop_lib.Loop, state: steps_lib.TrainState, start_step: 
   started, status = time.perf_counter(), "failed"
   try:
     state = loop.run(state, start_step)
-    status = "finished" if int(state.step) == loop.plan.num_train_steps else "stopped"
+    # A preemption at the last step leaves its final log and evaluation to the resumed run: not finished yet.
+    status = "finished" if int(state.step) == loop.plan.num_train_steps and not loop.preempted else "stopped"
   finally:
     # A close that fails (a full disk, say) must not keep run.json from saying how the run ended.
     try:
