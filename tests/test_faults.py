@@ -352,14 +352,15 @@ def _records(workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("during", ["the step", "the validation pass"])
+@pytest.mark.parametrize("during", ["the step", "the validation pass", "the last step"])
 def test_sigterm_saves_before_logging_or_validating_then_resumes_the_same_record(tmp_path, monkeypatch, during):
   config = lambda: smoke_config(num_train_steps=20, log_every=5, eval_every=5, checkpoint_every=20)  # noqa: E731
   reference = str(tmp_path / "reference")
   trainer.train_and_evaluate(config(), reference)
-  if during == "the step":  # the signal comes while step 10 trains; logging and validation were due at 10
+  stop = 20 if during == "the last step" else 10
+  if during != "the validation pass":  # the signal comes while step `stop` trains; a log and validation were due
     make = pipeline.make_train_iterator
-    monkeypatch.setattr(pipeline, "make_train_iterator", lambda *a, **k: _SignallingIterator(make(*a, **k), 10))
+    monkeypatch.setattr(pipeline, "make_train_iterator", lambda *a, **k: _SignallingIterator(make(*a, **k), stop))
   else:  # the signal comes at the first batch of step 10's validation pass, after its log line
     evaluate, calls = loop_lib.evaluate, []
 
@@ -371,10 +372,12 @@ def test_sigterm_saves_before_logging_or_validating_then_resumes_the_same_record
     monkeypatch.setattr(loop_lib, "evaluate", signalling_evaluate)
   workdir = str(tmp_path / "preempted")
   trainer.train_and_evaluate(config(), workdir)
-  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["10"]
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(stop)]
   first = _records(workdir)
-  assert max(r["step"] for r in first) == (5 if during == "the step" else 10)
-  assert not any(r["step"] == 10 and "val_loss" in r for r in first)  # the cut validation pass wrote nothing
+  assert max(r["step"] for r in first) == (10 if during == "the validation pass" else stop - 5)
+  assert not any(r["step"] == stop and "val_loss" in r for r in first)  # the cut validation pass wrote nothing
+  with open(os.path.join(workdir, "run.json"), encoding="utf-8") as f:
+    assert json.load(f)["status"] == "stopped"  # even at the last step: its log and validation are still owed
   monkeypatch.undo()
   trainer.train_and_evaluate(config(), workdir)
   assert _records(workdir) == _records(reference)
