@@ -340,7 +340,7 @@ def test_many_record_files_split_by_file_and_are_read_once(tmp_path, monkeypatch
   source = make_source(DataConfig(corpus="text_files", text_files=str(tmp_path / "*.jsonl"), validation_fraction=0.2))
   opened = []
   real = sources._texts_of_records
-  monkeypatch.setattr(sources, "_texts_of_records", lambda path, field: opened.append(path) or real(path, field))
+  monkeypatch.setattr(sources, "_texts_of_records", lambda path, *args: opened.append(path) or real(path, *args))
   docs = {split: [key for key, _ in source.documents(split)] for split in sources.SPLITS}
   files = {split: {key.rsplit(":", 1)[0] for key in docs[split]} for split in sources.SPLITS}
   assert not files["train"] & files["validation"] and len(files["train"] | files["validation"]) == 20
