@@ -1,5 +1,6 @@
 """A run's workdir: the name of every file and folder in it, its run config and model card, the checkpoint
-metadata (built and checked here only), and loading a trained or converted model from it.
+metadata and every check of it (its data-stream record is built by `resume`), pins of checkpoints other runs need,
+and loading a trained or converted model from it.
 
     config.json          the resolved llm_jax config of the run (not a Hugging Face config.json)
     model.json           the model card: ModelConfig and the tokenizer's path, all `generate`/`evaluate` need (and,
