@@ -6,13 +6,17 @@ the machine); only a local one is made absolute.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import importlib.util
+import json
 import os
+import shutil
 import time
 from typing import Any
 from typing import Callable
+from typing import Iterator
 
 import jax
 import numpy as np
@@ -32,6 +36,8 @@ RESTORE_BACKOFF_S = 2.0
 _MISSING = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
 _TRANSIENT_ERRNOS = {errno.EIO, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY, errno.ESTALE, errno.ECONNRESET,
                      errno.ECONNREFUSED, errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EINTR}
+# Room left beyond a checkpoint's array bytes (its metadata, JSON items, file system blocks).
+_SPACE_MARGIN = 16 << 20
 REMEDY_LAYOUT = ("keep the old optim settings, or start a new --workdir from these weights with "
                  "--config.init_params_from=<workdir>")
 
@@ -41,7 +47,12 @@ class CheckpointError(RuntimeError):
 
 
 def check_reachable(directory: str) -> None:
-  """Refuses a gs:// checkpoint directory when orbax could not write it (it needs google-cloud-storage there)."""
+  """Refuses a gs:// checkpoint directory when orbax could not write it (it needs google-cloud-storage there), or
+  when its name holds glob characters: orbax lists its files by globbing below the directory, and on an object
+  store that glob would read them as a pattern (`paths` makes local paths literal)."""
+  if not paths.is_local(directory) and any(c in directory for c in "[*?"):
+    raise ValueError(f"checkpoint directory {directory} holds a glob character ([, * or ?), which orbax's listing on "
+                     "an object store would read as a pattern; pick a --workdir without them")
   if not directory.startswith("gs://"):
     return
   try:
@@ -116,14 +127,39 @@ def layout_difference(saved: Any, target: Any) -> str | None:
   return f"{part} differs: {'; '.join(details)}"
 
 
+def read_pins(path: str) -> set[int] | None:
+  """The steps pinned in the JSON file `path` ({"steps": {"30": [who needs it, ...]}}); None when it is unreadable
+  (then every checkpoint is kept: deleting one another run needs cannot be undone)."""
+  if not paths.as_path(path).exists():
+    return set()
+  try:
+    return {int(step) for step in json.loads(paths.as_path(path).read_text(encoding="utf-8"))["steps"]}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return None
+
+
+class _PinnedSteps:
+  """An orbax preservation policy keeping the steps pinned in a file (`read_pins`), read at every rotation, so a pin
+  added by another run while this one trains holds."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def should_preserve(self, checkpoints: Any, *, context: Any) -> list[bool]:  # pylint: disable=unused-argument
+    pinned = read_pins(self.path)
+    return [pinned is None or c.step in pinned for c in checkpoints]
+
+
 class Checkpointer:
   """Saves checkpoints into `directory` when told to (asynchronously by default), keeps the newest `keep`
-  (None: all), and restores them."""
+  (None: all) and any step pinned in the file `pins` (checkpoints other runs depend on), and restores them."""
 
-  def __init__(self, directory: str, *, keep: int | None = None, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int | None = None, async_save: bool = True, pins: str = ""):
     self.directory = paths.absolute(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                           create=True)
+    rotation = {"max_to_keep": keep} if keep is None or not pins else {
+        "preservation_policy": ocp.checkpoint_managers.AnyPreservationPolicy(
+            [ocp.checkpoint_managers.LatestN(keep), _PinnedSteps(pins)])}
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, create=True, **rotation)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data", "meta"))
 
@@ -134,10 +170,45 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: Any, data_state: dict[str, Any], meta: dict[str, Any]) -> bool:
-    """Starts saving step `step` (asynchronously unless `async_save=False`); returns whether it started."""
-    return self.manager.save(step, force=True, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(meta)))
+    """Starts saving step `step` (asynchronously unless `async_save=False`); returns whether it started. Refused
+    at once, in one line, when the disk cannot hold it (`_check_space`) or an earlier save failed on storage."""
+    self._check_space(step, state)
+    with self._storage_errors():
+      return self.manager.save(step, force=True, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+          meta=ocp.args.JsonSave(meta)))
+
+  def _check_space(self, step: int, state: Any) -> None:
+    """Refuses a save that the local disk has no room for (the arrays' bytes), before orbax's writer threads fail
+    one by one with tracebacks and the run trains on until the next save."""
+    if not paths.is_local(self.directory) or not os.path.isdir(self.directory):
+      return
+    need = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state)) + _SPACE_MARGIN
+    free = shutil.disk_usage(self.directory).free
+    if free < need:
+      raise CheckpointError(f"no room for checkpoint {step} in {self.directory}: {free / 1e6:,.0f} MB free, it needs "
+                            f"about {need / 1e6:,.0f} MB; free space, then rerun the same command (it resumes from "
+                            f"checkpoint {self.latest()})")
+
+  @contextlib.contextmanager
+  def _storage_errors(self) -> Iterator[None]:
+    """Turns a full disk met while writing (errno ENOSPC/EDQUOT, or tensorstore's RESOURCE_EXHAUSTED) into one line."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  # re-raised unless it is a full disk
+      text = " ".join(str(e).split())
+      if not (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) and not any(
+          sign in text for sign in ("RESOURCE_EXHAUSTED", "No space left", "Disk quota exceeded")):
+        raise
+      raise CheckpointError(f"the disk holding {self.directory} is full: writing a checkpoint failed ({text[:160]}); "
+                            "free space, then rerun the same command (it resumes from the newest complete "
+                            "checkpoint)") from None
+
+  def check_for_errors(self) -> None:
+    """Raises now what a finished background save failed with (a full disk in one line), rather than at the next
+    save."""
+    with self._storage_errors():
+      self.manager.check_for_errors()
 
   def save_params(self, step: int, params: Any, meta: dict[str, Any]) -> None:
     """A parameters-only checkpoint (converted or exported weights); `restore_params` reads it."""
@@ -148,6 +219,11 @@ class Checkpointer:
 
   def restore_meta(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def read_meta(self, step: int) -> dict[str, Any]:
+    """`restore_meta`, retried through storage hiccups like a restore (then refused with CheckpointError); damage
+    raises as it is."""
+    return self._retrying(step, lambda: self.restore_meta(step))
 
   def restore(self, abstract_state: Any, shardings: Any, step: int | None = None,
               check_meta: Callable[[dict[str, Any]], None] | None = None
@@ -284,8 +360,12 @@ class Checkpointer:
 
   def wait_until_saved(self) -> None:
     """Blocks until every started save has committed (is a complete checkpoint on storage)."""
-    self.manager.wait_until_finished()
+    with self._storage_errors():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    with self._storage_errors():
+      try:
+        self.manager.wait_until_finished()
+      finally:
+        self.manager.close()

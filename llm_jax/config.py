@@ -147,6 +147,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.init_params_from = ""  # A workdir (trained or converted) whose weights, dimensions and tokenizer to start from.
   c.grad_accum_steps = 0  # Micro-batches per update (each global_batch_size / grad_accum_steps); 0: per backend.
   c.on_nonfinite = "stop"  # Non-finite loss/grad norm: 'stop' (keep the last good checkpoint) or 'skip'.
+  c.max_skipped_steps = 10  # on_nonfinite='skip': stop after this many non-finite updates in a row (a diverged run).
+  # Start over in a workdir that holds an earlier run (run.json, metrics) but no usable checkpoint; without it such a
+  # start is refused. Refused beside checkpoints, which a run always resumes.
+  c.restart = False
   c.max_replicated_share = 0.05  # Refuse fsdp/tensor meshes replicating more parameter bytes than this.
   c.dry_run = False  # Compile the step for this shape, print memory, FLOPs and shardings, then exit.
   c.log_every = 20  # Steps between console/metrics lines (host syncs: these, the first step, evals, saves).

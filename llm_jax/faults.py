@@ -109,8 +109,9 @@ class WorkdirLock:
 
 
 class Preemption:
-  """Turns SIGTERM (how a Cloud TPU VM announces preemption) and SIGINT (Ctrl-C) into a stop after the current
-  step, with a checkpoint; further signals are absorbed until `uninstall`, after that checkpoint has committed.
+  """Turns SIGTERM (how a Cloud TPU VM announces preemption) and SIGINT (Ctrl-C) into a checkpoint of the current
+  step and an exit, before any logging or evaluation that step was due (the loop saves those for the resumed run);
+  further signals are absorbed until `uninstall`, after that checkpoint has committed.
 
   With several processes JAX's own preemption notifier catches SIGTERM and
   `reached_preemption_sync_point` makes every process agree on the same step.
@@ -139,6 +140,11 @@ class Preemption:
         self.reason = "preempted (SIGTERM)"
         return True
       return False
+    return self.requested
+
+  def signalled(self) -> bool:
+    """Whether a signal arrived, at any moment (one process: lets a long evaluation stop for it); a multi-process
+    run learns of a preemption only at `should_stop`'s sync point, where every process agrees on the step."""
     return self.requested
 
   def uninstall(self) -> None:

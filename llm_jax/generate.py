@@ -8,6 +8,7 @@ line, and keeps the conversation (each turn's first reply joins it) until end of
 from __future__ import annotations
 
 import sys
+from typing import Iterator
 from typing import Sequence
 
 from absl import app
@@ -59,10 +60,20 @@ def main(argv: Sequence[str]) -> None:
   launch.run_main("llm_jax.generate", body)
 
 
+def _stdin_turns() -> Iterator[str]:
+  """User turns from stdin, one per line; a ValueError names the first line that is not UTF-8 text."""
+  for number, line in enumerate(sys.stdin.buffer, 1):
+    try:
+      yield line.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as e:
+      raise ValueError(f"line {number} of stdin is not UTF-8 text (byte {line[e.start]:#04x} at offset {e.start}); "
+                       "send UTF-8 (e.g. through iconv -t UTF-8)") from None
+
+
 def _chat(loaded: workdir_lib.LoadedModel, num_return_sequences: int) -> None:
   """Replies to --prompt, or to each line of stdin in one growing conversation."""
   template = chat.template_for(loaded.tokenizer.path)
-  turns = [_PROMPT.value] if flags.FLAGS["prompt"].present else (line.rstrip("\n") for line in sys.stdin)
+  turns = [_PROMPT.value] if flags.FLAGS["prompt"].present else _stdin_turns()
   messages: list[dict[str, str]] = []
   for turn in turns:
     if not turn.strip():

@@ -32,13 +32,17 @@ class LoopPlan:
   extra_eval_every: int = 0
   checkpoint_every: int = 200
   on_nonfinite: str = "stop"
+  max_skipped_steps: int = 10
   profile_steps: str = ""
 
 
-def evaluate(fns: steps_lib.StepFns, params: Any, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
-  """Mean validation loss and perplexity over fixed batches."""
+def evaluate(fns: steps_lib.StepFns, params: Any, batches: list[dict[str, np.ndarray]],
+             stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
+  """Mean validation loss and perplexity over fixed batches; None when `stop()` turned true between two batches."""
   totals = {"nll_sum": 0.0, "tokens": 0.0, "correct": 0.0}
   for batch in batches:
+    if stop is not None and stop():
+      return None
     out = fns.eval(params, sharding.global_batch(batch, fns.batch_sharding))
     for k in totals:
       totals[k] += float(out[k])
@@ -111,10 +115,13 @@ class Loop:
   meta: dict[str, Any]
   clock: Throughput
   nonfinite_steps: int = 0
+  skipped_in_a_row: int = 0  # non-finite updates since the last finite one (on_nonfinite='skip' bounds them)
+  owed: dict[str, bool] = dataclasses.field(default_factory=dict)  # due at the restored step, not done: `_settle_owed`
   unlogged: list[dict[str, float]] = dataclasses.field(default_factory=list)
   extra_eval: Callable[[Any], dict[str, float]] | None = None
   profile_dir: str = ""  # where a profile_steps trace goes (the workdir's TensorBoard directory)
   final_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+  preempted: bool = False  # the run stopped on a signal: nothing more is done after its checkpoint
 
   def run(self, state: steps_lib.TrainState, start_step: int) -> steps_lib.TrainState:
     c = self.plan
@@ -124,8 +131,10 @@ class Loop:
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     trace = profiler_lib.StepProfiler(profiler_lib.parse_steps(c.profile_steps, c.num_train_steps), self.profile_dir)
     try:
+      self._settle_owed(start_step, state)
       # Logs and evaluations fall on their intervals and at the true end only, never where a slice
-      # (stop_at_step) or a preemption cuts the run: a cut window travels in the checkpoint (`unlogged`).
+      # (stop_at_step) cuts the run: a cut window travels in the checkpoint (`unlogged`). A preemption saves
+      # first and only then exits: what was due at its step travels in the checkpoint too (`owed`).
       for step in range(start_step + 1, last + 1):
         batch = sharding.global_batch(next(self.train_iter), self.fns.batch_sharding)
         trace.before_step(step)
@@ -137,23 +146,25 @@ class Loop:
           writers.console(f"step {step:>6d} | compiled and ran the first step in "
                           f"{self.clock.seconds_since_reset():.1f} s")
           self.clock.reset(step)
-        preempted = preemption.should_stop(step)
-        if step % c.log_every == 0 or step == c.num_train_steps:
-          self._log(step, pending)
-          pending = []
-        if (c.eval_every and step % c.eval_every == 0) or step == c.num_train_steps:
-          self._check_finite(pending)
-          self._evaluate(step, state)
-        if c.extra_eval_every and (step % c.extra_eval_every == 0 or step == c.num_train_steps):
-          self._check_finite(pending)
-          self._evaluate_extra(step, state)
-        if preempted or step == last or step % c.checkpoint_every == 0:
+        due = self._due(step)
+        if preemption.should_stop(step):
+          self._save_and_exit(step, state, pending, due, preemption.reason)
+          break
+        completed = self._after_step(step, state, pending, due, preemption.signalled)
+        pending = [] if due["log"] else pending
+        if due["log"]:
+          self.ckpt.check_for_errors()  # a failed background save stops the run now, not at the next save
+        if not completed:
+          self._save_and_exit(step, state, pending, {"eval": True, "extra_eval": due["extra_eval"]},
+                              preemption.reason)
+          break
+        saved = step == last or step % c.checkpoint_every == 0
+        if saved:
           self._save(step, state, pending)
-        if preempted:
-          # Signals stay caught until the save has committed: a second SIGTERM must not leave only a
-          # partial *.orbax-checkpoint-tmp behind.
-          self.ckpt.wait_until_saved()
-          writers.console(f"step {step:>6d} | {preemption.reason}: checkpoint {step} written, exiting")
+        if preemption.signalled():  # a signal during this step's logging, evaluation or save
+          if not saved:
+            self._save(step, state, pending)
+          self._exit_after_save(step, preemption.reason)
           break
     finally:
       trace.stop()
@@ -161,11 +172,59 @@ class Loop:
       self.writer.flush()
     return state
 
-  def _save(self, step: int, state: steps_lib.TrainState, pending: list[tuple[int, dict[str, jax.Array]]]) -> None:
+  def _due(self, step: int) -> dict[str, bool]:
+    """What falls on `step` besides training: a log line, a validation pass, the extra evaluations."""
+    c = self.plan
+    end = step == c.num_train_steps
+    return {"log": step % c.log_every == 0 or end, "eval": bool(c.eval_every and step % c.eval_every == 0) or end,
+            "extra_eval": bool(c.extra_eval_every and (step % c.extra_eval_every == 0 or end))}
+
+  def _after_step(self, step: int, state: steps_lib.TrainState, pending: list[tuple[int, dict[str, jax.Array]]],
+                  due: dict[str, bool], stop: Callable[[], bool]) -> bool:
+    """Logs and evaluates what is due at `step`; False when a signal interrupted the validation pass."""
+    if due["log"]:
+      self._log(step, pending)
+      pending = []
+    if due["eval"]:
+      self._check_finite(pending)
+      if not self._evaluate(step, state, stop):
+        return False
+    if due["extra_eval"]:
+      self._check_finite(pending)
+      self._evaluate_extra(step, state)
+    return True
+
+  def _save_and_exit(self, step: int, state: steps_lib.TrainState, pending: list[tuple[int, dict[str, jax.Array]]],
+                     owed: dict[str, bool], reason: str) -> None:
+    """The preemption path: the checkpoint first (with what was due and not done), then nothing but the exit."""
+    self._save(step, state, pending, owed)
+    self._exit_after_save(step, reason)
+
+  def _exit_after_save(self, step: int, reason: str) -> None:
+    # Signals stay caught until the save has committed: a second SIGTERM must not leave only a partial
+    # *.orbax-checkpoint-tmp behind.
+    self.ckpt.wait_until_saved()
+    self.preempted = True
+    writers.console(f"step {step:>6d} | {reason}: checkpoint {step} written, exiting")
+
+  def _settle_owed(self, step: int, state: steps_lib.TrainState) -> None:
+    """Does what a preempted run saved its checkpoint `step` without doing (its log line, validation, extra
+    evaluations), so the resumed record is the uninterrupted one."""
+    owed, self.owed = self.owed, {}
+    if owed.get("log"):
+      self._log(step, [])
+    if owed.get("eval"):
+      self._evaluate(step, state)
+    if owed.get("extra_eval"):
+      self._evaluate_extra(step, state)
+
+  def _save(self, step: int, state: steps_lib.TrainState, pending: list[tuple[int, dict[str, jax.Array]]],
+            owed: dict[str, bool] | None = None) -> None:
     self._check_finite(pending)
     window = self.unlogged + [{k: float(v) for k, v in m.items()} for m in jax.device_get([m for _, m in pending])]
     data_state = {"iterator": self.train_iter.get_state(), "nonfinite_steps": self.nonfinite_steps,
-                  "unlogged": window}
+                  "skipped_in_a_row": self.skipped_in_a_row, "unlogged": window,
+                  "owed": {k: True for k, v in (owed or {}).items() if v}}
     self.ckpt.save(step, state, data_state, self.meta)
 
   def _check_finite(self, pending: list[tuple[int, dict[str, jax.Array]]]) -> list[int]:
@@ -197,10 +256,26 @@ class Loop:
     if bad:
       writers.console(f"step {step:>6d} | skipped {len(bad)} non-finite update(s) at steps {bad}")
     self.final_metrics.update(m)
+    self._check_skip_bound(step, fetched)
 
-  def _evaluate(self, step: int, state: steps_lib.TrainState) -> None:
+  def _check_skip_bound(self, step: int, fetched: list[dict[str, Any]]) -> None:
+    """Under on_nonfinite='skip', stops a run whose updates stay non-finite (it diverged: skipping would run on to
+    the end, training nothing), after max_skipped_steps of them in a row."""
+    for m in fetched:
+      self.skipped_in_a_row = self.skipped_in_a_row + 1 if m["nonfinite"] else 0
+    if self.plan.on_nonfinite == "skip" and self.skipped_in_a_row >= self.plan.max_skipped_steps:
+      raise faults.RunError(f"the last {self.skipped_in_a_row} updates up to step {step} were all non-finite "
+                            f"(on_nonfinite='skip', max_skipped_steps={self.plan.max_skipped_steps}): the run "
+                            f"diverged; checkpoint {self.ckpt.latest()} holds its last finite update: lower "
+                            "optim.learning_rate, or raise --config.max_skipped_steps")
+
+  def _evaluate(self, step: int, state: steps_lib.TrainState, stop: Callable[[], bool] | None = None) -> bool:
+    """The validation pass (and the extra evaluations riding on it); False, with nothing written, when `stop()`
+    interrupted it."""
     params = optim.eval_params(state.opt_state, state.params)  # schedule-free: its averaged x
-    ev = evaluate(self.fns, params, self.eval_batches)
+    ev = evaluate(self.fns, params, self.eval_batches, stop)
+    if ev is None:
+      return False
     if self.extra_eval is not None and not self.plan.extra_eval_every:
       ev.update(self.extra_eval(params))
     self.writer.write(step, ev)
@@ -208,6 +283,7 @@ class Loop:
                     f"perplexity {ev['val_perplexity']:.2f}")
     self.final_metrics.update(ev)
     self.clock.reset(step)  # evaluation time is not training throughput
+    return True
 
   def _evaluate_extra(self, step: int, state: steps_lib.TrainState) -> None:
     """The extra eval sets on their own interval (extra_eval_every), logged with the other eval metrics."""

@@ -27,6 +27,10 @@ def parse_targets(targets: str) -> tuple[str, ...]:
   if unknown or not names:
     raise ValueError(f"model.lora_targets={targets!r}: {', '.join(unknown) or 'nothing'} matches no projection; "
                      f"use comma-separated names from {', '.join(TARGETS)}")
+  repeated = sorted({t for t in names if names.count(t) > 1})
+  if repeated:  # one adapter per weight: a repeat is a typo, not a second adapter
+    raise ValueError(f"model.lora_targets={targets!r} names {', '.join(repeated)} more than once; name each "
+                     "projection once")
   return tuple(w for t in names for w in TARGETS[t])
 
 

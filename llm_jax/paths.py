@@ -14,11 +14,40 @@ import importlib.util
 import os
 import re
 import sys
+from typing import Iterator
 
 from etils import epath
+from etils.epath import backend as epath_backend
+from etils.epath import gpath as epath_gpath
 
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _WILDCARD = re.compile(r"[*?\[]")
+
+
+def _glob_below_literal_path(self: epath.Path, pattern: str) -> Iterator[epath.Path]:
+  """`Path.glob` with the path itself taken literally, as pathlib does, and only `pattern` as a pattern.
+
+  etils 1.15 joins the path into the pattern: a local folder named `r[1]` became the character class `r1`, so orbax
+  found none of the per-process OCDBT files it lists this way, committed checkpoints without their manifest and
+  could not read them back, and a folder with `*` in its name could pick up another run's files. Installed on
+  epath's local paths by `_install_literal_glob` (object stores keep etils' own; `checkpoint.check_reachable`
+  refuses such characters there).
+  """
+  if self._backend is not epath_backend.os_backend:  # pylint: disable=protected-access
+    yield from _ETILS_GLOB(self, pattern)
+    return
+  yield from _ETILS_GLOB(type(self)(glob.escape(os.fspath(self))), pattern)
+
+
+def _install_literal_glob() -> None:
+  """Every local epath Path (orbax's included) globs below its own path literally; idempotent."""
+  epath_gpath._GPath.glob = _glob_below_literal_path  # pylint: disable=protected-access
+
+
+# etils' own glob (kept across a reload of this module, which would otherwise wrap the wrapper).
+_ETILS_GLOB = getattr(epath_gpath._GPath.glob, "etils_glob", epath_gpath._GPath.glob)  # pylint: disable=protected-access
+_glob_below_literal_path.etils_glob = _ETILS_GLOB
+_install_literal_glob()
 
 
 def is_local(location: str) -> bool:
@@ -112,8 +141,16 @@ def check_local(location: str, what: str) -> None:
 _FSSPEC = {"gs": ("gcs", "gcsfs"), "s3": ("s3", "s3fs")}
 
 
+_ONE_SLASH_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")
+
+
 def check_reachable(location: str, what: str) -> None:
-  """Refuses, in one line naming the package, a URL that epath could not open here, before any work is done."""
+  """Refuses, in one line naming the package, a URL that epath could not open here, before any work is done; and a
+  URL missing a slash (gs:/bucket), which would otherwise become a local folder named 'gs:'."""
+  one_slash = _ONE_SLASH_URL.match(location or "")
+  if one_slash:
+    raise ValueError(f"{what}={location} is a URL with one slash after {one_slash.group(1)}:, which would make a local "
+                     f"folder named '{one_slash.group(1)}:'; write {one_slash.group(1)}://{location[len(one_slash.group(0)):]}")
   match = _URL_SCHEME.match(location or "")
   if not match:
     return

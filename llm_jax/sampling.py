@@ -132,9 +132,13 @@ def _validate(cfg: ModelConfig, prompt_len: int, max_length: int, num_return_seq
     raise ValueError("the prompt is empty; give at least one token (e.g. a BOS id) to condition on")
   check_settings(max_length=max_length, num_return_sequences=num_return_sequences, temperature=temperature,
                  top_k=top_k, top_p=top_p, prefix=prefix)
+  limit = cfg.position_limit
+  if limit and prompt_len >= limit:  # no max_length can help: the advice to raise it would loop
+    raise ValueError(f"the prompt ({prompt_len} tokens, a chat's whole conversation) fills all {limit} positions "
+                     "of this model; shorten it (in a chat, start a new conversation)")
   if max_length <= prompt_len:
     raise ValueError(f"{prefix}max_length={max_length} is not longer than the prompt ({prompt_len} tokens); "
-                     f"raise {prefix}max_length")
+                     f"raise {prefix}max_length" + (f" (up to {limit}, this model's positions)" if limit else ""))
   check_fits(cfg, max_length, num_return_sequences, prefix)
 
 

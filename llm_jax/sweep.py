@@ -74,6 +74,9 @@ def main(argv: Sequence[str]) -> None:
     launch.fail("llm_jax.sweep", e)
   if not _ROOT.value.strip():
     launch.fail("llm_jax.sweep", ValueError("--root is empty; pass the directory that holds the runs"))
+  if os.path.isfile(_ROOT.value):
+    launch.fail("llm_jax.sweep", ValueError(f"--root={_ROOT.value} is a file; pass the directory that holds (or will "
+                                            "hold) one workdir per run"))
   if _REPORT.value and _DRY_RUN.value:
     launch.fail("llm_jax.sweep", ValueError("--dry_run and --report exclude each other; pass one of them"))
   try:

@@ -21,6 +21,7 @@ from llm_jax import loop as loop_lib
 from llm_jax import metrics as metrics_lib
 from llm_jax import optim
 from llm_jax import paths
+from llm_jax import resume
 from llm_jax import sampling
 from llm_jax import sharding
 from llm_jax import steps as steps_lib
@@ -35,16 +36,18 @@ from llm_jax.model import check_vocab_fits
 from llm_jax.model import count_params
 from llm_jax.model import resolve_remat_policy
 from llm_jax.sweeps import runcard
+from llm_jax.tokenizer import file_sha256
 
 
 def _restore_or_init(ckpt: checkpoint_lib.Checkpointer, fns: steps_lib.StepFns, train_iter: Any,
-                     init_params_from: str, meta: dict[str, Any],
-                     tokenizer_path: str) -> tuple[int, steps_lib.TrainState, dict]:
+                     init_params_from: str, meta: dict[str, Any], tokenizer_path: str,
+                     restart: bool = False) -> tuple[int, steps_lib.TrainState, dict]:
   """(step, state, saved loop state): the newest usable checkpoint, else a fresh start, optionally from
   another run's weights (under LoRA those are the base, which `_with_lora_base` binds to the steps).
 
   Raises (before the metric writer exists, so metrics.jsonl is never truncated) rather than start over on
-  a workdir whose checkpoints are all unusable, now or in an earlier run.
+  a workdir whose checkpoints are all unusable, now or in an earlier run, unless `restart` (config.restart) asks
+  for it.
   """
   def check(saved: dict[str, Any]) -> None:
     workdir_lib.check_resumable(saved, meta, tokenizer_path)
@@ -54,11 +57,11 @@ def _restore_or_init(ckpt: checkpoint_lib.Checkpointer, fns: steps_lib.StepFns, 
 
   restored = ckpt.restore(fns.abstract_state, fns.state_shardings, check_meta=check)
   if restored is None:
-    if ckpt.quarantined():
+    if ckpt.quarantined() and not restart:
       raise checkpoint_lib.CheckpointError(
           f"no usable checkpoint in {ckpt.directory}, and earlier runs moved unusable ones to "
           f"{ckpt.unusable_directory} ({', '.join(ckpt.quarantined())}); starting over would overwrite this "
-          "workdir's metrics: restore one, or move that folder away to start over, or use a new --workdir")
+          "workdir's metrics: restore one, or pass --config.restart=True to start over here, or use a new --workdir")
     state = fns.init()
     if init_params_from and not fns.lora:
       source = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(init_params_from), async_save=False)
@@ -73,12 +76,17 @@ def _restore_or_init(ckpt: checkpoint_lib.Checkpointer, fns: steps_lib.StepFns, 
   return step, state, data_state
 
 
-def _with_lora_base(fns: steps_lib.StepFns, init_params_from: str) -> tuple[steps_lib.StepFns, dict[str, Any]]:
+def _with_lora_base(fns: steps_lib.StepFns, init_params_from: str,
+                    workdir: str) -> tuple[steps_lib.StepFns, dict[str, Any]]:
   """LoRA steps bound to the base weights of `init_params_from`'s newest checkpoint, and the reference to that base
-  (workdir, step, model card hash) that checkpoints and the model card keep."""
+  (workdir, step, model card hash) that checkpoints and the model card keep; the base workdir pins that checkpoint
+  first, so its rotation keeps what the adapters need."""
   source = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(init_params_from), async_save=False)
   try:
-    step, base = source.restore_params(fns.abstract_base, fns.base_shardings)
+    steps = source.steps()
+    if steps and jax.process_index() == 0:
+      workdir_lib.pin_checkpoint(init_params_from, steps[-1], paths.absolute(workdir))
+    step, base = source.restore_params(fns.abstract_base, fns.base_shardings, steps[-1] if steps else None)
   finally:
     source.close()
   return fns.with_base(base), workdir_lib.lora_base_reference(init_params_from, step)
@@ -101,12 +109,15 @@ def make_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   return cfg, fns
 
 
-def _prepare_data_once(config: ml_collections.ConfigDict, workdir: str) -> pipeline.PreparedData:
+def _prepare_data_once(config: ml_collections.ConfigDict, workdir: str,
+                       check_tokenizer: Callable[[Any], None]) -> pipeline.PreparedData:
   """Gets the tokenizer and the shared token store (every process tokenises its shards when the store is
   missing; process 0 trains the tokenizer and writes the manifest) and records the store in the workdir. SFT rows
-  are small: they are read into memory instead (`pipeline.prepare_sft`), with the model's own tokenizer."""
+  are small: they are read into memory instead (`pipeline.prepare_sft`), with the model's own tokenizer.
+  `check_tokenizer` sees the tokenizer before any document is tokenised."""
   if config.data.corpus == "sft":
     data = pipeline.prepare_sft(config_lib.data_config(config), config_lib.tokenizer_config(config))
+    check_tokenizer(data.tokenizer)
     writers.console(f"data: {data.train_num_documents:,} train and {data.val_num_documents:,} validation SFT rows "
                     f"from {config.data.sft_files} ({data.train.num_rows:,} packed train rows)")
     return data
@@ -114,7 +125,8 @@ def _prepare_data_once(config: ml_collections.ConfigDict, workdir: str) -> pipel
   data = pipeline.prepare_data(
       config_lib.data_config(config), config_lib.tokenizer_config(config),
       tokenizer_dir=workdir_lib.path(workdir, workdir_lib.TOKENIZER_DIR),
-      process_index=jax.process_index(), process_count=jax.process_count(), barrier=sync, log=writers.console)
+      process_index=jax.process_index(), process_count=jax.process_count(), barrier=sync, log=writers.console,
+      check_tokenizer=check_tokenizer)
   if jax.process_index() == 0:
     workdir_lib.write_data_store(workdir, data.store_paths)
   writers.console(f"data: token store {', '.join(data.store_paths)} ({data.train_num_documents:,} train and "
@@ -228,12 +240,15 @@ def _make_workdir(workdir: str) -> None:
                      "write") from None
 
 
-def _check_resume(config: ml_collections.ConfigDict, ckpt: checkpoint_lib.Checkpointer) -> None:
-  """Refuses a workdir whose newest checkpoint lies past the run's end (it would silently train nothing)."""
-  latest = ckpt.latest()
-  if latest is not None and latest > config.num_train_steps:
-    raise faults.RunError(f"the workdir already holds checkpoint {latest}, past num_train_steps="
-                          f"{config.num_train_steps}; raise num_train_steps or use another --workdir")
+def _check_tokenizer(config: ml_collections.ConfigDict, tokenizer: Any, saved: dict[str, Any] | None) -> None:
+  """The checks that need the tokenizer, run as soon as it is known, before any document is tokenised: it fits
+  the model's vocabulary, the sample prompt fits sample.max_length, and it is the checkpoint's."""
+  if config.model.vocab_size:
+    check_vocab_fits(config.model.vocab_size, tokenizer.vocab_size,
+                     f"model.vocab_size={config.model.vocab_size}; raise model.vocab_size or set it to 0")
+  _check_prompt_fits(config, config_lib.model_config(config, tokenizer.vocab_size), tokenizer)
+  if saved is not None:
+    workdir_lib.check_tokenizer(saved, file_sha256(tokenizer.path), tokenizer.path)
 
 
 def _check_prompt_fits(config: ml_collections.ConfigDict, cfg: ModelConfig, tokenizer: Any) -> None:
@@ -272,35 +287,30 @@ def _announce_model(cfg: ModelConfig, fns: Any, state: Any, flops: dict[str, flo
 
 def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> dict[str, float]:
   runcard.read(workdir)  # a damaged run card is refused now, not after preparing data and compiling
+  saved, stream = resume.read_history(config, workdir), resume.stream_record(config)
+  resume.check_against_checkpoint(config, saved, stream)
   with faults.interruptible("preparing the tokenizer and data"):
-    data = _prepare_data_once(config, workdir)
+    data = _prepare_data_once(config, workdir, lambda tokenizer: _check_tokenizer(config, tokenizer, saved))
   peak, peak_source = metrics_lib.peak_flops_total(config.peak_flops_per_device)
-  if config.model.vocab_size:
-    check_vocab_fits(config.model.vocab_size, data.tokenizer.vocab_size,
-                     f"model.vocab_size={config.model.vocab_size}; raise model.vocab_size or set it to 0")
   with jax.set_mesh(mesh):
-    _check_prompt_fits(config, config_lib.model_config(config, data.tokenizer.vocab_size), data.tokenizer)
     cfg, fns = make_steps(config, mesh, data.tokenizer.vocab_size)
-    ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir), keep=config.keep_checkpoints)
-    try:
-      _check_resume(config, ckpt)
-    except faults.RunError:
-      ckpt.close()
-      raise
+    ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir), keep=config.keep_checkpoints,
+                                       pins=workdir_lib.path(workdir, workdir_lib.PINS_FILE))
     train_iter = pipeline.make_train_iterator(
         data, global_batch_size=config.global_batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
     lora_base = {}
     if fns.lora:
-      fns, lora_base["lora_base"] = _with_lora_base(fns, config.init_params_from)
+      fns, lora_base["lora_base"] = _with_lora_base(fns, config.init_params_from, workdir)
     # optim and the optimizer state's tree let a resume with other optim settings be refused by name; the
-    # seed, one that would silently change the data order.
+    # seed and the data stream, one that would silently change the data order or the validation set.
     meta = workdir_lib.checkpoint_meta(cfg, data.tokenizer.path, seed=config.seed,
+                                       data_stream=stream,
                                        optim=dataclasses.asdict(config_lib.optim_config(config)),
                                        opt_state_tree=str(jax.tree.structure(fns.abstract_state.opt_state)),
                                        **lora_base)
     start_step, state, loop_state = _restore_or_init(ckpt, fns, train_iter, config.init_params_from, meta,
-                                                     data.tokenizer.path)
+                                                     data.tokenizer.path, config.restart)
     eval_batches = pipeline.make_eval_batches(
         data, batch_size=config.eval_batch_size, max_batches=config.eval_batches,
         process_index=jax.process_index(), process_count=jax.process_count())
@@ -314,11 +324,15 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
                                 config.num_train_steps, last_step=start_step)
     loop = loop_lib.Loop(config_lib.loop_plan(config), fns, train_iter, eval_batches, ckpt, writer, meta, clock,
                          nonfinite_steps=int(loop_state.get("nonfinite_steps", 0)),
+                         skipped_in_a_row=int(loop_state.get("skipped_in_a_row", 0)),
+                         owed=dict(loop_state.get("owed", {})),
                          unlogged=list(loop_state.get("unlogged", [])),
                          extra_eval=_extra_evaluator(config, cfg, data.tokenizer, fns.full_params),
                          profile_dir=workdir_lib.path(workdir, workdir_lib.TENSORBOARD_DIR))
     state, status = _run_recorded(loop, state, start_step, workdir, runcard.start(workdir, config,
                                                                                    count_params(state.params)))
+  if loop.preempted:  # the checkpoint is written; a preempted machine has nothing left to do but exit
+    return loop.final_metrics
   try:
     params = fns.full_params(optim.eval_params(state.opt_state, state.params))
     _print_samples(config, *workdir_lib.merge_adapters(cfg, params), data.tokenizer)
@@ -334,7 +348,8 @@ def _run_recorded(loop: loop_lib.Loop, state: steps_lib.TrainState, start_step: 
   started, status = time.perf_counter(), "failed"
   try:
     state = loop.run(state, start_step)
-    status = "finished" if int(state.step) == loop.plan.num_train_steps else "stopped"
+    # A preemption at the last step leaves its final log and evaluation to the resumed run: not finished yet.
+    status = "finished" if int(state.step) == loop.plan.num_train_steps and not loop.preempted else "stopped"
   finally:
     # A close that fails (a full disk, say) must not keep run.json from saying how the run ended.
     try:

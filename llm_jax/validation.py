@@ -111,7 +111,8 @@ def _validate_run(config: ml_collections.ConfigDict) -> None:
     optim.check(resolved)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "eval_batch_size"):
+  for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "eval_batch_size",
+              "max_skipped_steps"):
     _require(config[key] > 0, f"{key}={config[key]} must be positive")
   _require(0.0 <= config.max_replicated_share <= 1.0,
            f"max_replicated_share={config.max_replicated_share} must be in [0, 1]")
@@ -208,6 +209,10 @@ def _validate_finetune(config: ml_collections.ConfigDict) -> None:
   _require(m.lora_rank >= 0 and (m.lora_rank == 0 or bool(config.init_params_from)), f"model.lora_rank={m.lora_rank}"
            " must be 0 (off) or positive with --config.init_params_from=WORKDIR (the base model the adapters train on)")
   _require(math.isfinite(m.lora_alpha) and m.lora_alpha > 0, f"model.lora_alpha={m.lora_alpha} must be positive")
+  # An adapter of rank >= the width is a full-rank update with extra steps: not what LoRA is for, so refused.
+  _require(m.lora_rank < m.d_model, f"model.lora_rank={m.lora_rank} is not below model.d_model={m.d_model}: such an "
+           "adapter is no smaller than the weight it adapts; lower model.lora_rank (e.g. 8), or train every weight "
+           "with model.lora_rank=0")
   try:
     lora.parse_targets(m.lora_targets)
   except ValueError as e:
@@ -224,6 +229,8 @@ def _refuse_ignored(config: ml_collections.ConfigDict) -> None:
     ignored.append(("data", ("text_files",), f"data.corpus={d.corpus!r}", "data.corpus=text_files"))
   if d.corpus != "tfds":
     ignored.append(("data", ("tfds_name",), f"data.corpus={d.corpus!r}", "data.corpus=tfds"))
+  if d.corpus in ("sotu", "tfds"):  # their splits are fixed (sotu's when built; a TFDS dataset's named splits)
+    ignored.append(("data", ("validation_fraction",), f"data.corpus={d.corpus!r}", "data.corpus=text_files"))
   _require(d.corpus == "mixture" or not d.mixture, f"data.mixture is set but data.corpus={d.corpus!r} ignores it; "
            "pass --config.data.corpus=mixture (or clear data.mixture)")
   if d.corpus != "sft":
@@ -233,6 +240,8 @@ def _refuse_ignored(config: ml_collections.ConfigDict) -> None:
   for key, readers in optim.READS.items():
     if o.name not in readers:
       ignored.append(("optim", (key,), f"optim.name={o.name!r}", f"optim.name={readers[0]}"))
+  if config.on_nonfinite != "skip":
+    ignored.append(("", ("max_skipped_steps",), f"on_nonfinite={config.on_nonfinite!r}", "on_nonfinite=skip"))
   if o.schedule != "wsd":
     ignored.append(("optim", ("decay_fraction",), f"optim.schedule={o.schedule!r}", "optim.schedule=wsd"))
   if config.tokenizer.path and not config.init_params_from:
@@ -243,10 +252,11 @@ def _refuse_ignored(config: ml_collections.ConfigDict) -> None:
     ignored.append(("model", rope, f"model.family={m.family!r}", "model.family=llama"))
   for section, keys, chooser, reader in ignored:
     for key in keys:
-      default = defaults[section][key]
-      _require(config[section][key] == default,
-               f"{section}.{key} is set but {chooser} ignores it; pass --config.{reader} (or "
-               f"{'clear' if default in ('', False) else 'restore'} {section}.{key}"
+      default, value = (defaults[section][key], config[section][key]) if section else (defaults[key], config[key])
+      name = f"{section}.{key}" if section else key
+      _require(value == default,
+               f"{name} is set but {chooser} ignores it; pass --config.{reader} (or "
+               f"{'clear' if default in ('', False) else 'restore'} {name}"
                f"{'' if default in ('', False) else f'={default}'})")
 
 
@@ -264,6 +274,9 @@ def validate_against_base(config: ml_collections.ConfigDict, base: model_lib.Mod
                           command_line_keys: Collection[str]) -> dict[str, tuple]:
   """Refuses a model setting given on the command line that the base model's dimensions would replace (the
   experiment file's are the recipe's and are replaced), and any tokenizer flag; returns `replaced_by_base`."""
+  _require(config.data.seq_len <= base.max_len, f"data.seq_len={config.data.seq_len} is longer than the {base.max_len} "
+           f"positions of the base model (--config.init_params_from={config.init_params_from}), whose dimensions the "
+           f"run takes; lower --config.data.seq_len to at most {base.max_len}")
   replaced = replaced_by_base(config, base)
   for key in replaced:
     value, base_value = config[key], getattr(base, key.split(".", 1)[1])

@@ -1,5 +1,6 @@
 """A run's workdir: the name of every file and folder in it, its run config and model card, the checkpoint
-metadata (built and checked here only), and loading a trained or converted model from it.
+metadata and every check of it (its data-stream record is built by `resume`), pins of checkpoints other runs need,
+and loading a trained or converted model from it.
 
     config.json          the resolved llm_jax config of the run (not a Hugging Face config.json)
     model.json           the model card: ModelConfig and the tokenizer's path, all `generate`/`evaluate` need (and,
@@ -10,6 +11,8 @@ metadata (built and checked here only), and loading a trained or converted model
     checkpoints/         orbax checkpoints (`checkpoint.Checkpointer`); unusable ones move to unusable_checkpoints/
     tokenizer/           trained tokenizers, cached per corpus and settings
     data_store.json      which shared token stores (data.store_dir; one per source) the run read
+    pinned_checkpoints.json  steps of checkpoints/ that other runs depend on (LoRA adapters' base), kept through
+                         rotation (`pin_checkpoint`)
     tensorboard/         TensorBoard event files
 
 The workdir may be a local folder or an object-store URL (gs://...): every file goes through `paths`.
@@ -49,6 +52,7 @@ CHECKPOINT_DIR = "checkpoints"
 UNUSABLE_CHECKPOINT_DIR = os.path.basename(checkpoint_lib.unusable_dir(CHECKPOINT_DIR))
 TOKENIZER_DIR = "tokenizer"
 DATA_STORE_FILE = "data_store.json"
+PINS_FILE = "pinned_checkpoints.json"
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -118,6 +122,23 @@ def read_lora_base(workdir: str) -> dict[str, Any] | None:
     return json.load(f).get("lora_base")
 
 
+def pin_checkpoint(workdir: str, step: int, by: str) -> None:
+  """Records in `workdir` that run `by` depends on its checkpoint `step`, so that its rotation keeps it
+  (`checkpoint.Checkpointer(pins=...)`). A workdir that cannot be written gets a warning line: the pin is then the
+  user's job."""
+  pins_path = path(workdir, PINS_FILE)
+  try:
+    pins = json.loads(paths.as_path(pins_path).read_text(encoding="utf-8")) if paths.as_path(pins_path).exists() \
+        else {"steps": {}}
+    users = pins.setdefault("steps", {}).setdefault(str(int(step)), [])
+    if by not in users:
+      users.append(by)
+      paths.write_atomic(pins_path, json.dumps(pins, indent=2))
+  except (OSError, ValueError, AttributeError) as e:
+    print(f"warning: could not pin checkpoint {step} of {workdir} in {pins_path} ({e}); keep that checkpoint, which "
+          f"{by} depends on, through the base run's rotation (keep_checkpoints)", flush=True)
+
+
 def lora_base_reference(base_workdir: str, step: int) -> dict[str, Any]:
   """What names a LoRA run's base model: its workdir, checkpoint step and the sha256 of its model card."""
   return {"workdir": os.path.abspath(base_workdir), "step": int(step),
@@ -131,6 +152,19 @@ def check_lora_base(saved: dict[str, Any] | None, given: dict[str, Any], where: 
     raise faults.RunError(f"the LoRA adapters of {where} were trained on another base model than the one given "
                           f"({differing}); pass --config.init_params_from={saved.get('workdir')} (that base, at "
                           f"step {saved.get('step')}) or use a new --workdir")
+
+
+def check_base_step(base_workdir: str, step: int, workdir: str) -> None:
+  """Refuses, naming what is gone, LoRA adapters whose base checkpoint no longer exists."""
+  ckpt = checkpoint_lib.Checkpointer(checkpoint_dir(base_workdir), async_save=False)
+  try:
+    steps = ckpt.steps()
+  finally:
+    ckpt.close()
+  if step not in steps:
+    raise checkpoint_lib.CheckpointError(
+        f"checkpoint {step} of {base_workdir}, the base model the LoRA adapters of {workdir} were trained on, is gone "
+        f"(it holds {steps or 'none'}); restore it there, or train the adapters again on a checkpoint it holds")
 
 
 def merge_adapters(cfg: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
@@ -158,9 +192,17 @@ def check_tokenizer(saved_meta: dict[str, Any], tokenizer_sha256: str, tokenizer
 
 
 def check_resumable(saved_meta: dict[str, Any], meta: dict[str, Any], tokenizer_path: str) -> None:
-  """Refuses to resume a checkpoint with other model dimensions (ModelConfig.RUNTIME_FIELDS may change) or
-  another tokenizer; `meta` is this run's `checkpoint_meta`."""
-  saved_model, model = saved_meta.get("model", {}), meta["model"]
+  """Refuses to resume a checkpoint with other model dimensions (ModelConfig.RUNTIME_FIELDS may change), another
+  seed, another data stream or another tokenizer; `meta` is this run's `checkpoint_meta`."""
+  check_model_dims(saved_meta, meta["model"])
+  check_seed(saved_meta, meta.get("seed"))
+  check_data_stream(saved_meta, meta.get("data_stream"))
+  check_tokenizer(saved_meta, meta["tokenizer_sha256"], tokenizer_path)
+
+
+def check_model_dims(saved_meta: dict[str, Any], model: dict[str, Any]) -> None:
+  """Refuses model dimensions (`dataclasses.asdict` of this run's ModelConfig) other than the checkpoint's."""
+  saved_model = saved_meta.get("model", {})
   default = dataclasses.asdict(ModelConfig())  # for fields added after a checkpoint was written (LoRA's)
   differing = sorted(k for k in set(saved_model) | set(model) if k not in ModelConfig.RUNTIME_FIELDS
                      and saved_model.get(k, default.get(k)) != model.get(k, default.get(k)))
@@ -169,12 +211,63 @@ def check_resumable(saved_meta: dict[str, Any], meta: dict[str, Any], tokenizer_
                        for k in differing)
     raise faults.RunError(f"config does not match the checkpoint ({detail}); restore those values or use a new "
                           "--workdir")
-  # Checkpoints written before the seed was recorded carry none: accept them.
-  saved_seed, seed = saved_meta.get("seed"), meta.get("seed")
+
+
+def check_seed(saved_meta: dict[str, Any], seed: int | None) -> None:
+  """Refuses another seed (checkpoints written before the seed was recorded carry none: accepted)."""
+  saved_seed = saved_meta.get("seed")
   if saved_seed is not None and seed is not None and saved_seed != seed:
     raise faults.RunError(f"seed={seed} differs from the checkpoint's seed={saved_seed}; the data order and dropout "
                           f"would change; pass --config.seed={saved_seed} or use another --workdir")
-  check_tokenizer(saved_meta, meta["tokenizer_sha256"], tokenizer_path)
+
+
+def _stream_differences(saved: dict[str, Any], stream: dict[str, Any]) -> list[str]:
+  """'key: checkpoint X vs config Y' for each setting of a `data_stream` record that differs."""
+  differing = [f"{key}: checkpoint {saved.get(key)!r} vs config {stream.get(key)!r}"
+               for key in ("global_batch_size", "data.seq_len") if saved.get(key) != stream.get(key)]
+  saved_tok, tok = saved.get("tokenizer"), stream.get("tokenizer")
+  if saved_tok and tok:
+    differing += [f"tokenizer.{k}: checkpoint {saved_tok.get(k)!r} vs config {tok.get(k)!r}"
+                  for k in sorted(set(saved_tok) | set(tok)) if saved_tok.get(k) != tok.get(k)]
+  saved_sources, sources = saved.get("sources", []), stream.get("sources", [])
+  if [s.get("name") for s in saved_sources] != [s.get("name") for s in sources]:
+    return differing + [f"data sources: checkpoint {[s.get('name') or s.get('corpus') for s in saved_sources]} vs "
+                        f"config {[s.get('name') or s.get('corpus') for s in sources]}"]
+  for old, new in zip(saved_sources, sources):
+    prefix = f"data.mixture.{new['name']}." if new.get("name") else "data."
+    for key in sorted((set(old) | set(new)) - {"name"}):
+      if old.get(key) == new.get(key):
+        continue
+      if key == "files":
+        setting = f"{prefix}{'sft_files' if new.get('corpus') == 'sft' else 'text_files'}"
+        differing.append(f"the files {setting} matches differ ({old[key]['count']} at the checkpoint, "
+                         f"{new[key]['count']} now, or their sizes changed)" if old.get(key) and new.get(key)
+                         else f"{setting}: the matched files differ")
+      else:
+        differing.append(f"{prefix}{key}: checkpoint {old.get(key)!r} vs config {new.get(key)!r}")
+  return differing
+
+
+def check_data_stream(saved_meta: dict[str, Any], stream: dict[str, Any] | None) -> None:
+  """Refuses to resume when what decides the training data order or the validation set (corpus settings and files,
+  split, sequence length, batch size, tokenizer settings: trainer's `data_stream` record) differs from the
+  checkpoint's: validation would score documents the run trained on, or the data order would silently change.
+  Checkpoints written before the record existed carry none: accepted."""
+  saved = saved_meta.get("data_stream")
+  if saved is None or stream is None:
+    return
+  differing = _stream_differences(saved, stream)
+  if differing:
+    raise faults.RunError(f"the training data or validation set would change on resume ({'; '.join(differing)}); "
+                          "restore the checkpoint's values (and files), or use a new --workdir")
+
+
+def check_optim_name(saved_meta: dict[str, Any], name: str) -> None:
+  """Refuses another optimizer (its state has another layout), from the metadata alone."""
+  saved_name = (saved_meta.get("optim") or {}).get("name")
+  if saved_name is not None and saved_name != name:
+    raise faults.RunError(f"the optimizer state layout differs from the checkpoint's (optim.name: checkpoint "
+                          f"{saved_name!r} vs config {name!r}); {checkpoint_lib.REMEDY_LAYOUT}")
 
 
 def check_optim_drift(saved_meta: dict[str, Any], optim: dict[str, Any], opt_state_tree: str) -> None:
@@ -225,6 +318,7 @@ def load_model(workdir: str, step: int | None = None) -> LoadedModel:
       raise FileNotFoundError(f"the base model {reference.get('workdir')!r} of LoRA workdir {workdir} (named in "
                               f"{MODEL_FILE}) is missing; restore it there")
     check_lora_base(reference, lora_base_reference(reference["workdir"], reference["step"]), workdir)
+    check_base_step(reference["workdir"], reference["step"], workdir)
     base = load_model(reference["workdir"], reference["step"])
   if not paths.as_path(tokenizer_path).exists():
     raise FileNotFoundError(f"tokenizer {tokenizer_path} named in {MODEL_FILE} is missing")

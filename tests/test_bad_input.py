@@ -14,6 +14,7 @@ from llm_jax import sampling
 from llm_jax import trainer
 from llm_jax import validation
 from llm_jax import workdir as workdir_lib
+from llm_jax.data import sources
 
 SMOKE = "--config=experiments/smoke.py"
 
@@ -90,6 +91,7 @@ CONFIG_CASES = [
     ("optim.warmup_steps", 31, "optim.warmup_steps=31 is longer than the run (num_train_steps=30)"),
     ("data.validation_fraction", 0.0, "data.validation_fraction=0.0 must be in (0, 1)"),
     ("data.validation_fraction", 1.0, "data.validation_fraction=1.0 must be in (0, 1)"),
+    ("data.validation_fraction", 0.3, "data.validation_fraction is set but data.corpus='sotu' ignores it"),
     ("eval_harness_limit", 5, "eval_harness_limit is set but no eval_harness_tasks are"),
     ("eval_harness_include_path", "tests", "eval_harness_include_path is set but no eval_harness_tasks are"),
     ("extra_eval_every", 5, "extra_eval_every is set but there are no eval_text_files, eval_zero_shot_files or "
@@ -130,6 +132,10 @@ CONFIG_GROUP_CASES = [
      "model.lora_targets='q,attn': attn matches no projection; use comma-separated names from q, k, v, o, mlp_in"),
     ("LoRA alpha", {"model.lora_rank": 4, "init_params_from": "/tmp", "model.lora_alpha": 0.0},
      "model.lora_alpha=0.0 must be positive"),
+    ("LoRA target named twice", {"model.lora_rank": 4, "init_params_from": "/tmp", "model.lora_targets": "q,v,q"},
+     "model.lora_targets='q,v,q' names q more than once"),
+    ("LoRA rank at the width", {"model.lora_rank": 64, "init_params_from": "/tmp"},
+     "model.lora_rank=64 is not below model.d_model=64"),
     ("schedule-free with a decaying schedule", {"optim.name": "schedule_free_adamw"},
      "optim.name='schedule_free_adamw' replaces the learning-rate decay, but optim.schedule='cosine'"),
     ("schedule-free with b1=0", {"optim.name": "schedule_free_adamw", "optim.schedule": "constant", "optim.b1": 0.0},
@@ -397,6 +403,7 @@ OTHER_CASES = [
     ("llm_jax.convert", ["--workdir={tmp}"], "pass exactly one of --from_hf"),
     ("llm_jax.convert", ["--from_hf=/nonexistent", "--workdir={tmp}"], "is not a directory"),
     ("llm_jax.sweep", ["--sweep=/nonexistent.py", "--root={tmp}"], "sweep file /nonexistent.py does not exist"),
+    ("llm_jax.sweep", ["--sweep=experiments/ablation_family.py", "--root=README.md"], "--root=README.md is a file"),
     ("llm_jax.bench", ["--configs=huge"], "unknown bench config 'huge'"),
     ("llm_jax.evaluate", ["--workdir={run}", "--batch_size=0"], "--batch_size=0 must be at least 1"),
     ("llm_jax.evaluate", ["--workdir={run}", "--batch_size=-1"], "--batch_size=-1 must be at least 1"),
@@ -441,3 +448,117 @@ def test_train_refuses_a_model_flag_that_the_base_model_replaces(trained, tmp_pa
   _one_line(result, f"--config.model.num_layers=7 differs from the base model's 2 (--config.init_params_from="
             f"{trained}), whose dimensions the run takes; drop --config.model.num_layers")
   assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("value, kind", [("12345", "int 12345"), ("null", "null"), ('["a", "b"]', 'list ["a", "b"]')])
+def test_a_jsonl_record_whose_text_is_not_a_string_is_named(tmp_path, value, kind):
+  rows = tmp_path / "rows.jsonl"
+  rows.write_text('{"text": "a first document of words"}\n' * 20 + f'{{"text": {value}}}\n')
+  source = sources.TextFiles(str(rows), 0.1)
+  with pytest.raises(ValueError, match=r"^[^\n]*$") as error:
+    for split in ("train", "validation"):
+      list(source.documents(split))
+  assert f"{rows} line 21: data.text_field='text' is {kind}, not text" in str(error.value)
+
+
+def test_a_parquet_text_column_that_is_not_text_is_named(tmp_path):
+  pa = pytest.importorskip("pyarrow")
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+
+  path = tmp_path / "numbers.parquet"
+  pq.write_table(pa.table({"text": list(range(100))}), path)
+  with pytest.raises(ValueError, match=f"data.text_field='text' of {path} is a int64 column, not text"):
+    sources.TextFiles(str(path), 0.1)
+
+
+def test_a_url_with_one_slash_is_refused_not_made_a_local_folder(tmp_path):
+  with pytest.raises(ValueError, match=r"--workdir=gs:/bucket/x is a URL with one slash .* write gs://bucket/x$"):
+    trainer.train_and_evaluate(smoke_config(), "gs:/bucket/x")
+  assert not os.path.exists("gs:")
+
+
+def test_a_misspelt_name_in_a_sweep_file_is_refused(tmp_path):
+  from llm_jax.sweeps import plan  # pylint: disable=import-outside-toplevel
+
+  sweep = tmp_path / "sweep.py"
+  sweep.write_text('BASE = "experiments/smoke.py"\nGRIDD = {"model.d_model": [64, 128]}\nSEED = (1,)\n')
+  with pytest.raises(ValueError, match="sets GRIDD, SEED, which a sweep does not read; it reads BASE, SEEDS, GRID"):
+    plan.load_sweep(str(sweep))
+
+
+def test_a_file_that_is_not_parquet_is_named(tmp_path):
+  path = tmp_path / "rows.parquet"
+  path.write_text("not parquet at all")
+  with pytest.raises(ValueError, match=f"^{path} is not a readable Parquet file"):
+    sources.TextFiles(str(path), 0.1)
+
+
+@pytest.mark.parametrize("row, fragment", [
+    ({"prompt": "a", "completion": 5}, "rows.jsonl line 3: 'completion' must be a string, not int"),
+    ({"prompt": "a", "completion": "b", "messages": [{"role": "user", "content": "x"}]},
+     "rows.jsonl line 3 has both 'messages' and 'prompt'/'completion'"),
+])
+def test_an_sft_row_of_the_wrong_shape_is_named(row, fragment):
+  from llm_jax import chat  # pylint: disable=import-outside-toplevel
+  from llm_jax.data import sft  # pylint: disable=import-outside-toplevel
+
+  with pytest.raises(ValueError, match=r"^[^\n]*$") as error:
+    sft.render_row(row, "rows.jsonl line 3", chat.ChatTemplate(chat.DEFAULT_TEMPLATE))
+  assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
+def test_a_garbage_hugging_face_config_is_named(tmp_path, content):
+  from llm_jax.hf import files as hf_files  # pylint: disable=import-outside-toplevel
+
+  (tmp_path / "config.json").write_text(content)
+  with pytest.raises(ValueError, match=f"^{tmp_path / 'config.json'} (is not valid JSON|holds a JSON list)"):
+    hf_files.read_hf_config(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_chat_names_a_stdin_line_that_is_not_utf8(trained):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  result = subprocess.run([sys.executable, "-m", "llm_jax.generate", f"--workdir={trained}", "--chat",
+                           "--max_length=40"], input="caf\u00e9\n".encode("latin-1"), capture_output=True,
+                          check=False, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  stderr = result.stderr.decode()
+  assert result.returncode == 2, stderr[-2000:]
+  assert len(stderr.strip().splitlines()) == 1 and "line 1 of stdin is not UTF-8 text (byte 0xe9" in stderr
+
+
+def test_a_mixture_components_wrong_text_field_names_the_components_setting(tmp_path):
+  from llm_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+
+  rows = tmp_path / "rows.jsonl"
+  rows.write_text('{"body": "some words of text"}\n' * 10)
+  c = smoke_config()
+  c.data.corpus = "mixture"
+  c.data.mixture = {"sotu": {"corpus": "sotu", "weight": 0.5},
+                    "web": {"corpus": "text_files", "text_files": str(rows), "weight": 0.5}}
+  with pytest.raises(ValueError, match=r"data.mixture.web.text_field='text' is not a field of .* pass "
+                     r"--config.data.mixture.web.text_field=\.\.\.$"):
+    pipeline.prepare_data(config_lib.data_config(c), config_lib.tokenizer_config(c), store_dir=str(tmp_path / "s"))
+  assert not (tmp_path / "s").exists()
+
+
+def test_a_prompt_past_the_models_positions_is_not_told_to_raise_max_length():
+  cfg = config_lib.model_config(smoke_config(), 512)  # gpt2, 64 learned positions
+  with pytest.raises(ValueError, match=r"^the prompt \(70 tokens, a chat's whole conversation\) fills all 64 "
+                     r"positions of this model; shorten it"):
+    sampling._validate(cfg, 70, 64, 1, 0.8, 40, 0.95)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match=r"--max_length=20 is not longer than the prompt \(30 tokens\); raise "
+                     r"--max_length \(up to 64, this model's positions\)$"):
+    sampling._validate(cfg, 30, 20, 1, 0.8, 40, 0.95)  # pylint: disable=protected-access
+
+
+def test_a_sequence_longer_than_the_base_models_positions_gets_advice_that_works():
+  c = smoke_config(init_params_from="/runs/base")
+  c.data.seq_len = 128
+  base = config_lib.model_config(smoke_config(), 512)  # 64 positions
+  with pytest.raises(config_lib.ConfigError, match=r"data.seq_len=128 is longer than the 64 positions of the base "
+                     r"model .* lower --config.data.seq_len to at most 64$"):
+    validation.validate_against_base(c, base, ("data.seq_len",))

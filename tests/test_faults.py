@@ -1,6 +1,7 @@
 """Never lose a run: SIGKILL and SIGTERM resume exactly, unusable checkpoints, other meshes, divergence, drift."""
 
 import dataclasses
+import json
 import os
 import random
 import shutil
@@ -20,11 +21,14 @@ from test_train import smoke_config
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
 from llm_jax import faults
+from llm_jax import loop as loop_lib
 from llm_jax import optim
+from llm_jax import paths
 from llm_jax import sharding
 from llm_jax import steps as steps_lib
 from llm_jax import tokenizer as tokenizer_lib
 from llm_jax import trainer
+from llm_jax import validation
 from llm_jax import workdir as workdir_lib
 from llm_jax import writers
 from llm_jax.data import pipeline
@@ -245,6 +249,7 @@ def test_a_second_run_on_a_busy_workdir_refuses_to_start(tmp_path, cli):
 _SPAWNING_SCRIPT = """
 import concurrent.futures, multiprocessing, sys
 from llm_jax import faults
+from llm_jax import loop as loop_lib
 if sys.argv[1] == "unguarded" or __name__ == "__main__":  # a spawned worker re-runs this file as __mp_main__
   faults.check_not_importing_main("the run")  # what trainer.train_and_evaluate does first
   with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -287,3 +292,251 @@ def test_truncated_tokenizer_model_is_one_line_naming_the_file(tmp_path, cli):
                f"--config.tokenizer.path={broken}", "--config.tokenizer.vocab_size=2048")
   assert result.returncode == 2, result.stderr[-2000:]
   assert len(result.stderr.strip().splitlines()) == 1 and broken in result.stderr
+
+
+@pytest.mark.parametrize("name", ["r[1]", "r*x?"])
+def test_checkpoints_in_a_folder_named_with_glob_characters_restore(tmp_path, name):
+  directory = workdir_lib.checkpoint_dir(str(tmp_path / name))
+  state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float32)}
+  saver = checkpoint_lib.Checkpointer(directory, keep=2)
+  saver.save(1, state, {"iterator": {"next_index": 1}}, {"seed": 0})
+  saver.close()
+  assert os.path.isfile(os.path.join(directory, "1", "state", "manifest.ocdbt"))  # orbax merged the process files
+  reader = checkpoint_lib.Checkpointer(directory, keep=2)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  step, restored, data_state, _ = reader.restore(abstract, jax.tree.map(lambda _: device, state))
+  reader.close()
+  assert step == 1 and data_state == {"iterator": {"next_index": 1}}
+  for key, value in state.items():
+    np.testing.assert_array_equal(jax.device_get(restored[key]), value)
+
+
+def test_a_local_path_is_never_a_glob_pattern(tmp_path):
+  for folder in ("a[b]", "ab", "a*", "axe"):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "file1").write_text(folder)
+  found = {os.path.relpath(p, tmp_path) for folder in ("a[b]", "a*")
+           for p in map(os.fspath, paths.as_path(str(tmp_path / folder)).glob("file*"))}
+  assert found == {"a[b]/file1", "a*/file1"}
+
+
+def test_an_object_store_checkpoint_folder_with_glob_characters_is_refused():
+  with pytest.raises(ValueError, match=r"gs://bucket/r\[1\]/checkpoints holds a glob character"):
+    checkpoint_lib.check_reachable("gs://bucket/r[1]/checkpoints")
+
+
+class _SignallingIterator:
+  """The real training iterator, sending this process SIGTERM as it hands out the batch of step `at`."""
+
+  def __init__(self, inner, at: int):
+    self.inner, self.at, self.step = inner, at, 0
+
+  def __next__(self):
+    self.step += 1
+    if self.step == self.at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return next(self.inner)
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+    self.step = state["next_index"]
+
+
+def _records(workdir):
+  return [{k: v for k, v in r.items() if k in ("step", "loss", "val_loss", "nonfinite_steps")}
+          for r in writers.read_metrics(workdir)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("during", ["the step", "the validation pass", "the last step"])
+def test_sigterm_saves_before_logging_or_validating_then_resumes_the_same_record(tmp_path, monkeypatch, during):
+  config = lambda: smoke_config(num_train_steps=20, log_every=5, eval_every=5, checkpoint_every=20)  # noqa: E731
+  reference = str(tmp_path / "reference")
+  trainer.train_and_evaluate(config(), reference)
+  stop = 20 if during == "the last step" else 10
+  if during != "the validation pass":  # the signal comes while step `stop` trains; a log and validation were due
+    make = pipeline.make_train_iterator
+    monkeypatch.setattr(pipeline, "make_train_iterator", lambda *a, **k: _SignallingIterator(make(*a, **k), stop))
+  else:  # the signal comes at the first batch of step 10's validation pass, after its log line
+    evaluate, calls = loop_lib.evaluate, []
+
+    def signalling_evaluate(fns, params, batches, stop=None):
+      calls.append(1)
+      if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return evaluate(fns, params, batches, stop)
+    monkeypatch.setattr(loop_lib, "evaluate", signalling_evaluate)
+  workdir = str(tmp_path / "preempted")
+  trainer.train_and_evaluate(config(), workdir)
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(stop)]
+  first = _records(workdir)
+  assert max(r["step"] for r in first) == (10 if during == "the validation pass" else stop - 5)
+  assert not any(r["step"] == stop and "val_loss" in r for r in first)  # the cut validation pass wrote nothing
+  with open(os.path.join(workdir, "run.json"), encoding="utf-8") as f:
+    assert json.load(f)["status"] == "stopped"  # even at the last step: its log and validation are still owed
+  monkeypatch.undo()
+  trainer.train_and_evaluate(config(), workdir)
+  assert _records(workdir) == _records(reference)
+
+
+class _Checkpoints:
+  def latest(self):
+    return 20
+
+
+def test_skipping_non_finite_updates_stops_after_max_skipped_steps_in_a_row():
+  plan = loop_lib.LoopPlan(num_train_steps=100, on_nonfinite="skip", max_skipped_steps=3)
+  loop = loop_lib.Loop(plan, None, None, [], _Checkpoints(), None, {}, None)
+  loop._check_skip_bound(10, [{"nonfinite": 1.0}, {"nonfinite": 1.0}, {"nonfinite": 0.0}])  # a finite one resets
+  loop._check_skip_bound(20, [{"nonfinite": 1.0}, {"nonfinite": 1.0}])
+  assert loop.skipped_in_a_row == 2
+  with pytest.raises(faults.RunError, match=r"the last 3 updates up to step 30 were all non-finite "
+                     r".*max_skipped_steps=3.*checkpoint 20 holds its last finite update"):
+    loop._check_skip_bound(30, [{"nonfinite": 1.0}])
+
+
+@pytest.mark.slow
+def test_a_diverged_run_under_skip_gives_up(tmp_path):
+  c = smoke_config(num_train_steps=30, on_nonfinite="skip", max_skipped_steps=5)
+  c.optim.learning_rate = 1e30
+  with pytest.raises(faults.RunError, match="updates up to step 10 were all non-finite"):
+    trainer.train_and_evaluate(c, str(tmp_path))
+  with open(os.path.join(tmp_path, "run.json"), encoding="utf-8") as f:
+    assert '"status": "failed"' in f.read()
+
+
+def test_max_skipped_steps_is_refused_where_nothing_is_skipped():
+  c = smoke_config(max_skipped_steps=3)
+  with pytest.raises(config_lib.ConfigError, match="max_skipped_steps is set but on_nonfinite='stop' ignores it"):
+    validation.validate(c)
+  c.on_nonfinite, c.max_skipped_steps = "skip", 0
+  with pytest.raises(config_lib.ConfigError, match="max_skipped_steps=0 must be positive"):
+    validation.validate(c)
+
+
+def test_rotation_keeps_the_checkpoints_other_runs_pinned_even_when_pinned_late(tmp_path):
+  pins = str(tmp_path / workdir_lib.PINS_FILE)
+  saver = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=2, async_save=False, pins=pins)
+  state = {"w": np.zeros(3, np.float32)}
+  for step in range(1, 7):
+    saver.save(step, state, {}, {})
+    saver.wait_until_saved()
+    if step == 2:  # another run pins step 2 while this one trains
+      workdir_lib.pin_checkpoint(str(tmp_path), 2, "/runs/lora")
+      workdir_lib.pin_checkpoint(str(tmp_path), 2, "/runs/lora")  # idempotent
+  saver.close()
+  assert checkpoint_lib.read_pins(pins) == {2}
+  reader = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=2, async_save=False)
+  assert reader.steps() == [2, 5, 6]
+  reader.close()
+
+
+@pytest.mark.slow
+def test_lora_adapters_survive_the_base_training_on_and_name_a_lost_base(pretrained, tmp_path):
+  from test_sft import ROWS  # pylint: disable=import-outside-toplevel
+  from test_sft import sft_config  # pylint: disable=import-outside-toplevel
+
+  base, lora = str(tmp_path / "base"), str(tmp_path / "lora")
+  shutil.copytree(pretrained, base, ignore=shutil.ignore_patterns(".lock", workdir_lib.PINS_FILE))  # step 10
+  rows = tmp_path / "rows.jsonl"
+  rows.write_text("".join(json.dumps(row) + "\n" for row in ROWS * 20))
+  trainer.train_and_evaluate(sft_config(base, str(rows), **{"model.lora_rank": 4, "num_train_steps": 2,
+                                                            "eval_every": 2, "checkpoint_every": 2}), lora)
+  trainer.train_and_evaluate(smoke_config(num_train_steps=30, keep_checkpoints=1), base)  # rotates 20 away, not 10
+  assert sorted(os.listdir(os.path.join(base, "checkpoints"))) == ["10", "30"]
+  assert workdir_lib.load_model(lora).step == 2
+  shutil.rmtree(os.path.join(base, "checkpoints", "10"))
+  with pytest.raises(checkpoint_lib.CheckpointError, match=f"checkpoint 10 of {base}, the base model the LoRA "
+                     r"adapters of .* were trained on, is gone \(it holds \[30\]\)"):
+    workdir_lib.load_model(lora)
+
+
+_SLOW_PREPARATION = """
+import sys, time
+from llm_jax.data import sources, store
+from llm_jax.tokenizer import load_tokenizer
+
+class Slow(sources.Source):
+  def identity(self):
+    return {}
+
+  def shards(self, split, docs_per_shard):
+    return [(split, i) for i in range(2)]
+
+  def read(self, unit, keep=None):
+    time.sleep(600)
+    yield "key", "text"
+
+if __name__ == "__main__":
+  store.write_shards(Slow(), load_tokenizer(sys.argv[2]), sys.argv[1], workers=4)
+"""
+
+
+def _children(pid: int) -> set[int]:
+  found = set()
+  for entry in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
+        if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+          found.add(int(entry))
+    except (OSError, ValueError, IndexError):
+      continue
+  return found
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_preparation_workers_die_with_their_parent(pretrained, tmp_path, signum):
+  script = tmp_path / "prepare.py"
+  script.write_text(_SLOW_PREPARATION, encoding="utf-8")
+  tokenizer = next(os.path.join(pretrained, "tokenizer", f) for f in os.listdir(os.path.join(pretrained, "tokenizer"))
+                   if f.endswith(".model"))
+  proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "store"), tokenizer], cwd=REPO,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  deadline = time.time() + 120
+  while len(_children(proc.pid)) < 5 and time.time() < deadline:  # 4 workers and the resource tracker
+    time.sleep(0.2)
+  children = _children(proc.pid)
+  assert len(children) >= 4, children
+  time.sleep(2)  # the workers are inside their shards
+  proc.send_signal(signum)
+  proc.wait(timeout=60)
+  deadline = time.time() + 30
+  while any(map(_alive, children)) and time.time() < deadline:
+    time.sleep(0.2)
+  assert not any(map(_alive, children)), [c for c in children if _alive(c)]
+
+
+def test_a_full_disk_refuses_the_save_in_one_line(tmp_path, monkeypatch):
+  directory = str(tmp_path / "checkpoints")
+  saver = checkpoint_lib.Checkpointer(directory, keep=2, async_save=False)
+  state = {"w": np.zeros((256, 256), np.float32)}
+  saver.save(1, state, {}, {})
+  usage = shutil.disk_usage(directory)
+  monkeypatch.setattr(checkpoint_lib.shutil, "disk_usage", lambda path: usage._replace(free=5 << 20))
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r"^[^\n]*$") as error:
+    saver.save(2, state, {}, {})
+  assert f"no room for checkpoint 2 in {directory}: 5 MB free, it needs about 17 MB" in str(error.value)
+  assert "resumes from checkpoint 1" in str(error.value)
+  monkeypatch.undo()
+
+  def fail():
+    raise ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/x/d/123\": No space left on device [source "
+                     "locations='tensorstore/kvstore/file/file_key_value_store.cc:123']\nmore lines")
+  monkeypatch.setattr(saver.manager, "wait_until_finished", fail)
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r"^the disk holding .* is full: writing a checkpoint "
+                     r"failed \(RESOURCE_EXHAUSTED[^\n]*$"):
+    saver.close()
+  assert sorted(os.listdir(directory)) == ["1"]

@@ -340,7 +340,7 @@ def test_many_record_files_split_by_file_and_are_read_once(tmp_path, monkeypatch
   source = make_source(DataConfig(corpus="text_files", text_files=str(tmp_path / "*.jsonl"), validation_fraction=0.2))
   opened = []
   real = sources._texts_of_records
-  monkeypatch.setattr(sources, "_texts_of_records", lambda path, field: opened.append(path) or real(path, field))
+  monkeypatch.setattr(sources, "_texts_of_records", lambda path, *args: opened.append(path) or real(path, *args))
   docs = {split: [key for key, _ in source.documents(split)] for split in sources.SPLITS}
   files = {split: {key.rsplit(":", 1)[0] for key in docs[split]} for split in sources.SPLITS}
   assert not files["train"] & files["validation"] and len(files["train"] | files["validation"]) == 20
@@ -376,3 +376,50 @@ def test_two_processes_prepare_the_store_one_process_prepares(tmp_path):
   assert stores["one"] == stores["two"] and len(stores["one"]) == 1
   built = {name: _files(str(tmp_path / name / stores[name][0])) for name in ("one", "two")}
   assert built["one"] == built["two"] and len(built["one"]) > 40
+
+
+@pytest.mark.parametrize("content", ["", "[1, 2]", "{}", '{"format": 1, "dtype": "uint16"}'],
+                         ids=["empty", "a list", "an empty object", "no splits"])
+def test_a_damaged_manifest_names_itself_and_a_fix_that_works(sotu, tokenizer, sotu_store, tmp_path, content):
+  path = str(tmp_path / "s")
+  shutil.copytree(sotu_store, path)
+  manifest = os.path.join(path, store_lib.MANIFEST)
+  with open(manifest, "w", encoding="utf-8") as f:
+    f.write(content)
+  with pytest.raises(ValueError, match=ONE_LINE) as error:
+    store_lib.TokenStore.open(path)
+  assert f"token store file {manifest}" in str(error.value) or f"token store manifest {manifest}" in str(error.value)
+  assert f"delete {manifest} and rerun python -m llm_jax.prepare" in str(error.value)
+  os.remove(manifest)  # the advice, followed
+  store_lib.build(sotu, tokenizer, path, docs_per_shard=50, log=lambda line: None)
+  assert not [name for name in os.listdir(os.path.join(path, "train")) if ".tmp" in name]
+  assert _files(path) == _files(sotu_store)
+
+
+def test_a_damaged_shard_is_named_when_read_not_blamed_on_the_model(sotu_store, tmp_path):
+  path = str(tmp_path / "s")
+  shutil.copytree(sotu_store, path)
+  victim = os.path.join(path, "train", "000001.tokens")
+  with open(victim, "r+b") as f:
+    f.seek(200)
+    f.write(b"\xff" * 1000)
+  train = store_lib.TokenStore.open(path).splits["train"]  # sizes are intact: opening cannot tell
+  with pytest.raises(ValueError, match=ONE_LINE) as error:
+    train.rows(np.arange(train.num_rows(64)), 64)
+  assert f"token store shard {victim} holds id 65535, past the vocabulary of 512" in str(error.value)
+  assert "rerun python -m llm_jax.prepare" in str(error.value)
+
+
+def test_a_killed_writers_partial_files_are_removed_when_its_shard_is_rewritten(sotu, tokenizer, sotu_store, tmp_path):
+  path = str(tmp_path / "s")
+  shutil.copytree(sotu_store, path)
+  prefix = os.path.join(path, "train", "000001")
+  for name in (".tokens", ".offsets", ".json"):
+    os.remove(prefix + name)
+  os.remove(os.path.join(path, store_lib.MANIFEST))
+  for stale in (".tokens.tmp999999", ".offsets.tmp999998"):
+    with open(prefix + stale, "wb") as f:
+      f.write(b"\0" * 100)
+  store_lib.build(sotu, tokenizer, path, docs_per_shard=50, log=lambda line: None)
+  assert not [name for name in os.listdir(os.path.join(path, "train")) if ".tmp" in name]
+  assert _files(path) == _files(sotu_store)

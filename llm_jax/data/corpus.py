@@ -7,6 +7,8 @@ file order, Python's hash seed or the machine.
 """
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 from typing import Any
@@ -15,6 +17,7 @@ from llm_jax import paths
 from llm_jax.data import sources
 from llm_jax.data.mixture import CYCLE
 from llm_jax.data.sources import SPLITS
+from llm_jax.data.text import text_file_paths
 
 CORPORA = ("sotu", "text_files", "tfds", "mixture", "sft")
 # What a mixture component may set: its corpus and that corpus's own settings (seq_len and the directories are the
@@ -100,6 +103,27 @@ def mixture_components(base: DataConfig, mixture: dict[str, dict[str, Any]]) -> 
   return tuple(Component(name, weight / total, data) for name, weight, data in parts)
 
 
+# Per corpus, the settings that decide which documents it yields and how they split (a resume compares them).
+_STREAM_READS = {**_READS, "sft": ("sft_files", "validation_fraction", "train_on_prompt")}
+
+
+def stream_identity(data_cfg: DataConfig) -> list[dict[str, Any]]:
+  """What decides each source's documents and its train/validation split, found without reading any text: per
+  component its name, share, corpus and the settings that corpus reads, and for file corpora a hash of the matched
+  paths (with their sizes, locally). A resume compares it with the checkpoint's before anything is tokenised."""
+  identity = []
+  for part in components(data_cfg):
+    d = part.data
+    entry = {"name": part.name, "weight": part.weight, "corpus": d.corpus,
+             **{key: getattr(d, key) for key in _STREAM_READS.get(d.corpus, ())}}
+    pattern = d.text_files if d.corpus == "text_files" else d.sft_files if d.corpus == "sft" else ""
+    if pattern:
+      files = [(p, paths.size(p) if paths.is_local(p) else None) for p in text_file_paths(pattern, "data files")]
+      entry["files"] = {"count": len(files), "sha256": hashlib.sha256(json.dumps(files).encode()).hexdigest()}
+    identity.append(entry)
+  return identity
+
+
 def _check_component(data: DataConfig, key: str) -> None:
   if not 0.0 < data.validation_fraction < 1.0:
     raise ValueError(f"{key}.validation_fraction={data.validation_fraction} must be in (0, 1)")
@@ -124,16 +148,17 @@ def store_dir(data_cfg: DataConfig) -> str:
   return os.path.expanduser(data_cfg.store_dir or DEFAULT_STORE_DIR)
 
 
-def make_source(data_cfg: DataConfig) -> sources.Source:
+def make_source(data_cfg: DataConfig, key: str = "data") -> sources.Source:
   """Returns the streaming source of corpus data.corpus, its settings checked before any text is tokenised.
 
   'sotu' fixes its split when the dataset is built (sotu.VALIDATION_FRACTION) and ignores
-  data.validation_fraction; 'text_files' uses it; 'tfds' uses the dataset's own named splits.
+  data.validation_fraction; 'text_files' uses it; 'tfds' uses the dataset's own named splits. Errors name the
+  settings under `key` (data.mixture.<name> for a mixture component).
   """
   if data_cfg.corpus == "sotu":
     return sources.sotu_source(data_dir(data_cfg))
   if data_cfg.corpus == "text_files":
-    return sources.TextFiles(data_cfg.text_files, data_cfg.validation_fraction, data_cfg.text_field)
+    return sources.TextFiles(data_cfg.text_files, data_cfg.validation_fraction, data_cfg.text_field, key)
   if data_cfg.corpus == "mixture":
     raise ValueError("data.corpus='mixture' has one source per component; read them through corpus.components")
   if data_cfg.corpus == "tfds":

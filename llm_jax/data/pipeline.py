@@ -140,7 +140,8 @@ def _copy_into(path: str, directory: str) -> str:
 
 def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer_dir: str = "",
                  store_dir: str = "", process_index: int = 0, process_count: int = 1,
-                 barrier: Callable[[str], None] = _no_barrier, log: Callable[[str], None] = print) -> PreparedData:
+                 barrier: Callable[[str], None] = _no_barrier, log: Callable[[str], None] = print,
+                 check_tokenizer: Callable[[Any], None] | None = None) -> PreparedData:
   """Gets the tokenizer and the token store of each source (one, or a mixture's components), building what is
   missing.
 
@@ -148,7 +149,8 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer_di
   (paths, sizes, mtimes; dataset versions), so a restart reads no text. With several processes, process 0
   trains the tokenizer, process p tokenises shards i = p (mod process_count), and process 0 writes the
   manifest; `barrier(name)` must wait for every process (multihost_utils.sync_global_devices). The tokenizer
-  is copied into `tokenizer_dir` when given.
+  is copied into `tokenizer_dir` when given. `check_tokenizer(tokenizer)` runs before any document is tokenised
+  (a caller's checks that need the tokenizer: a missing store may take hours).
   """
   from llm_jax import faults  # pylint: disable=import-outside-toplevel  # grain's workers import this module, not JAX
   faults.check_not_importing_main("pipeline.prepare_data")  # else such a worker waits on this process's store lock
@@ -157,10 +159,13 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer_di
     raise ValueError(f"data.seq_len={seq_len} must be at least 1; pass e.g. --config.data.seq_len=128")
   root = store_dir or default_store_dir(data_cfg)
   parts = components(data_cfg)
-  sources = [make_source(part.data) for part in parts]  # Every source is checked before any text is read.
+  # Every source is checked before any text is read.
+  sources = [make_source(part.data, f"data.mixture.{part.name}" if part.name else "data") for part in parts]
   tokenizer = _get_tokenizer(parts, sources, tok_cfg, root, process_index, barrier, log)
   if tokenizer_dir and not tok_cfg.path:
     tokenizer = type(tokenizer).load(_copy_into(tokenizer.path, tokenizer_dir))
+  if check_tokenizer is not None:
+    check_tokenizer(tokenizer)
   stores = []
   for part, source in zip(parts, sources):
     what = f"data.corpus={part.data.corpus!r}" + (f" (mixture component {part.name!r})" if part.name else "")

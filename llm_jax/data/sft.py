@@ -99,6 +99,11 @@ def tokens_and_weights(text: str, spans: Sequence[tuple[int, int]], tokenizer: A
 
 def render_row(row: Any, where: str, template: chat.ChatTemplate) -> tuple[str, list[tuple[int, int]], bool]:
   """(text, weighted spans, whether eos follows) of one row; one-line ValueErrors naming `where`."""
+  if isinstance(row, dict) and row.get("messages") is not None and ("completion" in row or "prompt" in row):
+    raise ValueError(f"{where} has both 'messages' and 'prompt'/'completion', which would be one of them ignored; "
+                     "give each row one form")
+  if isinstance(row, dict) and "completion" in row and not isinstance(row["completion"], str):
+    raise ValueError(f"{where}: 'completion' must be a string, not {type(row['completion']).__name__}")
   if isinstance(row, dict) and row.get("messages") is not None:
     try:
       chat.check_messages(row["messages"])

@@ -65,17 +65,31 @@ def _open_binary(path: str) -> Iterator[IO[bytes]]:
       yield raw
 
 
-def _texts_of_records(path: str, field: str) -> Iterator[Any]:
-  """The raw `field` values of a JSONL (plain or .gz) or Parquet file, in file order."""
+def _texts_of_records(path: str, field: str, key: str = "data") -> Iterator[Any]:
+  """The `field` values of a JSONL (plain or .gz) or Parquet file, in file order; errors name the setting as
+  `key`.text_field (`key`: data, or data.mixture.<name> for a mixture component)."""
   if path.endswith(".parquet"):
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel  (only Parquet corpora need it)
 
-    parquet = pq.ParquetFile(path if paths.is_local(path) else paths.as_path(path).open("rb"))
+    try:
+      parquet = pq.ParquetFile(path if paths.is_local(path) else paths.as_path(path).open("rb"))
+    except (pa.ArrowException, OSError) as e:
+      raise ValueError(f"{path} is not a readable Parquet file ({' '.join(str(e).split())[:120]}); fix it or drop it "
+                       "from the data files") from None
     if field not in parquet.schema_arrow.names:
-      raise ValueError(f"data.text_field={field!r} is not a column of {path} (it has "
-                       f"{parquet.schema_arrow.names}); pass --config.data.text_field=...")
+      raise ValueError(f"{key}.text_field={field!r} is not a column of {path} (it has "
+                       f"{parquet.schema_arrow.names}); pass --config.{key}.text_field=...")
+    kind = parquet.schema_arrow.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+            or pa.types.is_large_binary(kind)):
+      raise ValueError(f"{key}.text_field={field!r} of {path} is a {kind} column, not text; point "
+                       f"--config.{key}.text_field at a string column")
+    row = 0
     for batch in parquet.iter_batches(columns=[field], batch_size=1024):
-      yield from batch.column(0).to_pylist()
+      for value in batch.column(0).to_pylist():
+        row += 1
+        yield _text_value(value, f"{path} row {row}", f"{key}.text_field={field!r}")
     return
   with _open_binary(path) as f:
     for number, line in enumerate(f, 1):
@@ -88,9 +102,19 @@ def _texts_of_records(path: str, field: str) -> Iterator[Any]:
                          "data.text_files") from None
       if not isinstance(record, dict) or field not in record:
         names = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"data.text_field={field!r} is not a field of {path} line {number} (it has {names}); "
-                         "pass --config.data.text_field=...")
-      yield record[field]
+        raise ValueError(f"{key}.text_field={field!r} is not a field of {path} line {number} (it has {names}); "
+                         f"pass --config.{key}.text_field=...")
+      yield _text_value(record[field], f"{path} line {number}", f"{key}.text_field={field!r}")
+
+
+def _text_value(value: Any, where: str, setting: str) -> str | bytes:
+  """A record's text (bytes are decoded later); a ValueError names the record when it holds none: a number, list
+  or null would otherwise be trained on as its printed form, or silently dropped."""
+  if isinstance(value, (str, bytes)):
+    return value
+  kind = "null" if value is None else f"{type(value).__name__} {json.dumps(value, default=str)[:40]}"
+  raise ValueError(f"{where}: {setting} is {kind}, not text; fix or drop that record, or point "
+                   f"--config.{setting.split('=')[0]} at the text")
 
 
 def _as_text(value: Any) -> str:
@@ -133,8 +157,9 @@ class TextFiles(Source):
   JSONL/Parquet records (field `text_field`; split by a stable hash of 'path:record index' for up to _FEW_FILES
   files, else by a stable hash of the path, so each file is read once, by one split)."""
 
-  def __init__(self, pattern: str, validation_fraction: float, text_field: str = "text"):
+  def __init__(self, pattern: str, validation_fraction: float, text_field: str = "text", key: str = "data"):
     self.name, self.pattern, self.fraction, self.field = "text_files", pattern, validation_fraction, text_field
+    self.key = key  # how errors name the settings: data, or data.mixture.<name>
     self.paths = text_file_paths(pattern, "data.text_files", " with --config.data.text_files=...")
     self._identity: dict[str, Any] | None = None
     records = [p.endswith(_RECORD_ENDINGS) for p in self.paths]
@@ -157,7 +182,7 @@ class TextFiles(Source):
     if not 0.0 < self.fraction < 1.0:
       validation_keys(["a", "b"], self.fraction)  # Raises its one-line message.
     for path in self.paths:
-      for _ in _texts_of_records(path, self.field):
+      for _ in _texts_of_records(path, self.field, self.key):
         return
     raise ValueError(f"data.text_files={self.pattern!r} holds no records; point it at non-empty JSONL/Parquet files")
 
@@ -222,7 +247,7 @@ class TextFiles(Source):
       if keep is not None and not self.records and not keep(path):
         continue
       if self.records:
-        for index, value in enumerate(_texts_of_records(path, self.field)):
+        for index, value in enumerate(_texts_of_records(path, self.field, self.key)):
           key = f"{path}:{index}"
           in_split = not self._by_record or is_validation(key, self.fraction) == (split == "validation")
           if in_split and (keep is None or keep(key)):

@@ -15,9 +15,9 @@ a gs:// store is never downloaded whole.
 
 import concurrent.futures
 import dataclasses
+import glob
 import hashlib
 import json
-import multiprocessing
 import os
 import threading
 import time
@@ -28,6 +28,7 @@ from typing import Iterable
 import numpy as np
 
 from llm_jax import paths
+from llm_jax.data import workers as workers_lib
 from llm_jax.data.packing import PAD_ID
 from llm_jax.data.sources import SPLITS
 from llm_jax.data.sources import Source
@@ -118,6 +119,9 @@ def _write_shard(source: Source, unit: Any, tokenizer: Any, prefix: str, progres
   dtype, has_bos = token_dtype(tokenizer.vocab_size), tokenizer.bos_id >= 0
   paths.makedirs(os.path.dirname(prefix))
   tmp = f".tmp{os.getpid()}" if paths.is_local(prefix) else ""  # see the module docstring
+  if tmp:  # a killed writer's partial files of this shard (a shard has one writer: its owner, under the store lock)
+    for stale in glob.glob(glob.escape(prefix) + ".*.tmp*"):
+      os.remove(stale)
   digest, offsets, stream = hashlib.sha256(), [], 0
   counts = {"documents": 0, "num_tokens": 0, "bytes": 0}
   with paths.as_path(prefix + ".tokens" + tmp).open("wb") as f:
@@ -150,8 +154,38 @@ def _write_shard(source: Source, unit: Any, tokenizer: Any, prefix: str, progres
   paths.write_atomic(prefix + ".json", json.dumps(meta, sort_keys=True).encode())
 
 
-def _read_json(path: str) -> dict[str, Any]:
-  return json.loads(paths.as_path(path).read_text(encoding="utf-8"))
+def _read_json(path: str, fix: str) -> dict[str, Any]:
+  """A JSON object file of the store; a ValueError names the file and `fix` when it is not one (cut or edited)."""
+  try:
+    record = json.loads(paths.as_path(path).read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"token store file {path} is not valid JSON ({str(e).splitlines()[0]}); {fix}") from None
+  if not isinstance(record, dict):
+    raise ValueError(f"token store file {path} holds a JSON {type(record).__name__}, not an object; {fix}")
+  return record
+
+
+def _manifest_fix(path: str) -> str:
+  return (f"delete {path} and rerun python -m llm_jax.prepare with the same config (it rewrites it from the "
+          "shards' own records)")
+
+
+def _read_shard_record(prefix: str, path: str) -> dict[str, Any]:
+  return _read_json(prefix + ".json", _rebuild_hint(prefix, path))
+
+
+def _check_manifest(manifest: dict[str, Any], manifest_path: str) -> None:
+  """Refuses a manifest that lacks what reading needs (an edited or foreign file), naming it and the fix."""
+  fix = _manifest_fix(manifest_path)
+  if manifest.get("format") != FORMAT_VERSION:
+    raise ValueError(f"token store manifest {manifest_path} has format {manifest.get('format')!r}, not "
+                     f"{FORMAT_VERSION}; {fix}")
+  splits = manifest.get("splits")
+  missing = [k for k in ("dtype", "vocab_size", "splits") if k not in manifest]
+  missing += [] if not isinstance(splits, dict) else [f"splits.{s}" for s in SPLITS if not isinstance(
+      splits.get(s), dict) or not isinstance(splits[s].get("shards"), list)]
+  if missing:
+    raise ValueError(f"token store manifest {manifest_path} lacks {', '.join(missing)}; {fix}")
 
 
 def check_shard_sizes(path: str, split: str, index: int, meta: dict[str, Any]) -> None:
@@ -207,27 +241,32 @@ def write_shards(source: Source, tokenizer: Any, path: str, *, docs_per_shard: i
   else:
     jobs = [(source, tokenizer.path, unit, _shard_prefix(path, split, index), threads)
             for split, index, unit in todo]
-    # Spawned, not forked: the parent may hold JAX and grain threads. An executor, not multiprocessing.Pool: a
-    # worker that dies (the out-of-memory killer, a script without a __main__ guard) breaks it with an error,
-    # where a Pool would wait for that worker's result forever.
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-      try:
-        for future in concurrent.futures.as_completed([pool.submit(_shard_job, job) for job in jobs]):
-          progress.add(*future.result())
-      except concurrent.futures.process.BrokenProcessPool:
-        from llm_jax import faults  # pylint: disable=import-outside-toplevel  # JAX stays out of the workers
-        written = sum(paths.as_path(_shard_prefix(path, split, index) + ".json").exists()
-                      for split, index, _ in todo)
-        raise faults.RunError(
-            f"a worker process preparing the token store {path} died (killed, often by the out-of-memory killer, "
-            f"or it could not start: a script that trains or prepares data at its top level needs an "
-            f"`if __name__ == '__main__':` guard); the {len(kept) + written} whole shard(s) are kept: run the same "
-            f"command again to resume") from None
+    _write_in_workers(jobs, workers, progress, path, len(kept))
   for split, index, _ in kept:
-    verify_shard(path, split, index, _read_json(_shard_prefix(path, split, index) + ".json"))
+    verify_shard(path, split, index, _read_shard_record(_shard_prefix(path, split, index), path))
   log(progress.line(f"prepared shards of process {process_index}/{process_count}" if process_count > 1 else
                     "prepared") + (f"; kept {len(kept)} shard(s) from an interrupted run" if kept else ""))
+
+
+def _write_in_workers(jobs: list[tuple[Source, str, Any, str, int]], workers: int, progress: Progress, path: str,
+                      kept: int) -> None:
+  """The shard jobs on `workers` spawned processes that die with this one (`workers.spawn_pool`)."""
+  pool = workers_lib.spawn_pool(workers)
+  try:
+    for future in concurrent.futures.as_completed([pool.submit(_shard_job, job) for job in jobs]):
+      progress.add(*future.result())
+  except concurrent.futures.process.BrokenProcessPool:
+    from llm_jax import faults  # pylint: disable=import-outside-toplevel  # JAX stays out of the workers
+    written = sum(paths.as_path(job[3] + ".json").exists() for job in jobs)
+    raise faults.RunError(
+        f"a worker process preparing the token store {path} died (killed, often by the out-of-memory killer, "
+        f"or it could not start: a script that trains or prepares data at its top level needs an "
+        f"`if __name__ == '__main__':` guard); the {kept + written} whole shard(s) are kept: run the same "
+        f"command again to resume") from None
+  except BaseException:
+    workers_lib.stop_pool(pool)  # a signal (Interrupted) or another error: stop them now, not after their shards
+    raise
+  pool.shutdown()
 
 
 _WORKER_TOKENIZERS: dict[str, Any] = {}
@@ -239,7 +278,7 @@ def _shard_job(job: tuple[Source, str, Any, str, int]) -> tuple[int, int, int]:
   if tokenizer_path not in _WORKER_TOKENIZERS:
     _WORKER_TOKENIZERS[tokenizer_path] = load_tokenizer(tokenizer_path)
   _write_shard(source, unit, _WORKER_TOKENIZERS[tokenizer_path], prefix, None, threads)
-  meta = _read_json(prefix + ".json")
+  meta = _read_shard_record(prefix, os.path.dirname(os.path.dirname(prefix)))
   return meta["documents"], meta["num_tokens"], meta["bytes"]
 
 
@@ -253,7 +292,7 @@ def write_manifest(source: Source, tokenizer: Any, path: str, *, docs_per_shard:
       if not paths.as_path(meta_path).exists():
         raise ValueError(f"token store shard {meta_path} is missing (a worker did not finish, or data.store_dir is "
                          "not one file system shared by every process); rerun the preparation on a shared store_dir")
-      shards.append(_read_json(meta_path))
+      shards.append(_read_shard_record(_shard_prefix(path, split, index), path))
     totals = {k: sum(s[k] for s in shards) for k in ("documents", "num_tokens", "bytes", "stream_tokens")}
     splits[split] = {**totals, "shards": shards}
   manifest = {"format": FORMAT_VERSION, "fingerprint": os.path.basename(path),
@@ -293,8 +332,8 @@ class SplitStore:
   """One split's shards as one token stream, opened lazily (memory maps locally, byte ranges on an object store);
   picklable (shards are reopened per process)."""
 
-  def __init__(self, path: str, split: str, meta: dict[str, Any], dtype: str):
-    self.path, self.split, self.dtype = path, split, np.dtype(dtype)
+  def __init__(self, path: str, split: str, meta: dict[str, Any], dtype: str, vocab_size: int = 0):
+    self.path, self.split, self.dtype, self.vocab_size = path, split, np.dtype(dtype), vocab_size
     self.meta = meta
     sizes = [s["stream_tokens"] for s in meta["shards"]]
     docs = [s["documents"] for s in meta["shards"]]
@@ -321,6 +360,15 @@ class SplitStore:
   def num_rows(self, seq_len: int) -> int:
     return -(-self.num_tokens // (seq_len + 1))
 
+  def _checked(self, ids: np.ndarray, shard: int) -> np.ndarray:
+    """`ids` of shard `shard`, refused (naming the shard) when one lies past the vocabulary: damaged bytes, which the
+    model would otherwise turn into a non-finite loss blamed on the learning rate."""
+    if self.vocab_size and len(ids) and int(ids.max()) >= self.vocab_size:
+      prefix = _shard_prefix(self.path, self.split, shard)
+      raise ValueError(f"token store shard {prefix}.tokens holds id {int(ids.max())}, past the vocabulary of "
+                       f"{self.vocab_size} (the file is damaged); {_rebuild_hint(prefix, self.path)}")
+    return ids
+
   def rows(self, indices_B: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Returns (tokens_BxL1, segment_ids_BxL1) int32 of the given rows, exactly as `pack_documents` cuts them."""
     row_len = seq_len + 1
@@ -336,7 +384,8 @@ class SplitStore:
         stop = min(end, int(self.shard_token_starts[shard + 1]))
         local = position - int(self.shard_token_starts[shard])
         shard_tokens, shard_offsets = self._shard(shard)
-        tokens_BxL1[b, position - start:stop - start] = shard_tokens[local:local + stop - position]
+        tokens_BxL1[b, position - start:stop - start] = self._checked(shard_tokens[local:local + stop - position],
+                                                                      shard)
         local_positions = np.arange(local, local + stop - position)
         doc = self.shard_doc_starts[shard] + np.searchsorted(shard_offsets, local_positions, side="right") - 1
         first_doc = doc[0] if first_doc is None else first_doc
@@ -361,15 +410,14 @@ class TokenStore:
     manifest_path = os.path.join(path, MANIFEST)
     if not paths.as_path(manifest_path).exists():
       raise ValueError(f"no token store at {path} (no {MANIFEST}); run python -m llm_jax.prepare --config=...")
-    manifest = _read_json(manifest_path)
-    if manifest.get("format") != FORMAT_VERSION:
-      raise ValueError(f"token store {path} has format {manifest.get('format')}, not {FORMAT_VERSION}; rerun "
-                       "python -m llm_jax.prepare to build the current format")
+    manifest = _read_json(manifest_path, _manifest_fix(manifest_path))
+    _check_manifest(manifest, manifest_path)
     for split, entry in manifest["splits"].items():
       for index, meta in enumerate(entry["shards"]):
         if paths.is_local(path):
           check_shard_sizes(path, split, index, meta)
-    splits = {s: SplitStore(path, s, e, manifest["dtype"]) for s, e in manifest["splits"].items()}
+    splits = {s: SplitStore(path, s, e, manifest["dtype"], manifest["vocab_size"])
+              for s, e in manifest["splits"].items()}
     return cls(path, manifest, splits)
 
   def verify(self, process_index: int = 0, process_count: int = 1) -> int:

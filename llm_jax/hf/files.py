@@ -50,8 +50,16 @@ def read_hf_config(hf_dir: str) -> dict[str, Any]:
   path = os.path.join(hf_dir, HF_CONFIG_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} is missing; a Hugging Face checkpoint directory has config.json")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      config = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not valid JSON ({str(e).splitlines()[0][:120]}); restore the checkpoint's "
+                     "config.json") from None
+  if not isinstance(config, dict):
+    raise ValueError(f"{path} holds a JSON {type(config).__name__}, not the model's settings; restore the "
+                     "checkpoint's config.json")
+  return config
 
 
 def read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:

@@ -87,9 +87,17 @@ def _as_lists(path: str, name: str, table: Any) -> dict[str, list[Any]]:
   return {key: list(values) for key, values in table.items()}
 
 
+# The names a sweep file sets (module docstring); any other upper-case name is a misspelling.
+SWEEP_NAMES = ("BASE", "SEEDS", "GRID", "ZIP", "OVERRIDES")
+
+
 def load_sweep(path: str) -> Sweep:
   """Reads a sweep file and validates it (keys, shapes, every run's resolved config)."""
   module = config_lib.load_python_file(path, "sweep file", "--sweep=experiments/ablation_family.py")
+  unknown = sorted(name for name in vars(module) if name.isupper() and name not in SWEEP_NAMES)
+  if unknown:
+    raise ValueError(f"sweep file {path} sets {', '.join(unknown)}, which a sweep does not read; it reads "
+                     f"{', '.join(SWEEP_NAMES)} (check the spelling)")
   if not isinstance(getattr(module, "BASE", None), str):
     raise ValueError(f"sweep file {path} has no BASE (the config file every run starts from); add "
                      "BASE = \"experiments/<config>.py\"")
