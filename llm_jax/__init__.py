@@ -8,8 +8,9 @@ imports included; tests/test_imports.py reads LAYERS and enforces it, and a new 
          steps, sampling and the compile-only report: frozen configs in, pure functions out, no run files
   data   text to tokens: corpora, cleaning, splits, the token store, packing, the input pipeline, tokenizers
   io     one run's files: the workdir's records, checkpoints, metric writers
-  run    what one run or study does: config resolution and checks, the loop and trainer, evaluations, sweeps,
-         Hugging Face directories in and out of workdirs, the benchmark shapes, looking inside a model (interp)
+  run    what one run or study does: config resolution and checks, resume checks, the loop and trainer,
+         evaluations, sweeps, Hugging Face directories in and out of workdirs, the benchmark shapes, looking inside
+         a model (interp)
   entry  the command-line programs (`python -m llm_jax.<name>`) and what they share (launch)
 """
 
@@ -22,8 +23,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
               "hf.weights")),
     ("data", ("data.*", "tokenizer", "hf.tokenizer")),
     ("io", ("workdir", "checkpoint", "writers")),
-    ("run", ("config", "validation", "loop", "trainer", "evals.*", "sweeps.*", "hf", "hf.files", "bench_shapes",
-             "interp.*")),
+    ("run", ("config", "validation", "resume", "loop", "trainer", "evals.*", "sweeps.*", "hf", "hf.files",
+             "bench_shapes", "interp.*")),
     ("entry", ("launch", "train", "generate", "evaluate", "convert", "prepare", "sweep", "bench", "harness",
                "inspect")),
 )
