@@ -124,9 +124,10 @@ def _prepare_data_once(config: ml_collections.ConfigDict, workdir: str) -> pipel
   return data
 
 
-def dry_run(config: ml_collections.ConfigDict, command_line_keys: Collection[str] = ()) -> dict[str, Any]:
-  """Compiles the step (no data, no tokenizer) on the devices present, or for `config.topology`'s TPU slice through
-  libtpu, prints what it needs per chip and how fast it should run, and returns it."""
+def compile_report(config: ml_collections.ConfigDict,
+                   command_line_keys: Collection[str] = ()) -> tuple[ModelConfig, dict[str, Any], str]:
+  """(model config, `dryrun.report`, remat line): the step compiled (no data, no tokenizer) on the devices present,
+  or for `config.topology`'s TPU slice through libtpu; dryrun.DoesNotFit when it needs more memory than a chip has."""
   config = _resolved(config, command_line_keys)
   slice_ = tpu.parse_slice(config.topology, config.num_slices) if config.topology else None
   mesh = _mesh(config, tpu.devices(slice_) if slice_ else None)
@@ -134,11 +135,18 @@ def dry_run(config: ml_collections.ConfigDict, command_line_keys: Collection[str
   with target.compiling_for(platform), jax.set_mesh(mesh):
     cfg, fns = make_steps(config, mesh, config.model.vocab_size or config.tokenizer.vocab_size)
     share = sharding.replicated_fraction(fns.abstract_state.params, fns.state_shardings.params)
-    remat = resolve_remat_policy(cfg.remat_policy, platform)
     result = dryrun.report(cfg, fns, mesh, global_batch_size=config.global_batch_size, seq_len=config.data.seq_len,
-                           replicated_share=share, slice_=slice_, remat=remat)
-    writers.console(f"model {cfg.family}: {metrics_lib.flops_per_token(cfg, 1)['non_embedding_params']:,.0f} "
-                    f"non-embedding parameters; remat {_remat_line(cfg)}\n" + dryrun.format_report(result))
+                           replicated_share=share, slice_=slice_,
+                           remat=resolve_remat_policy(cfg.remat_policy, platform))
+    return cfg, result, _remat_line(cfg)
+
+
+def dry_run(config: ml_collections.ConfigDict, command_line_keys: Collection[str] = ()) -> dict[str, Any]:
+  """Compiles the step for the configured devices or TPU slice, prints what it needs per chip and how fast it should
+  run, and returns it."""
+  cfg, result, remat = compile_report(config, command_line_keys)
+  writers.console(f"model {cfg.family}: {metrics_lib.flops_per_token(cfg, 1)['non_embedding_params']:,.0f} "
+                  f"non-embedding parameters; remat {remat}\n" + dryrun.format_report(result))
   return result
 
 
