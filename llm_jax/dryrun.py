@@ -173,9 +173,10 @@ def format_chip(chip: tpu.Chip) -> str:
 
 def format_report(r: dict[str, Any]) -> str:
   unit = "chip" if r["chip"] is not None else "device"
+  chips = f" ({r['devices']} x {r['device_kind']})" if r["chip"] is not None else ""
   lines = [
-      f"dry run for {r['target']} ({r['devices']} x {r['device_kind']}), mesh {r['mesh']}, {r['micro_batches']} "
-      f"micro-batch{'es' if r['micro_batches'] > 1 else ''} per update",
+      f"dry run on {r['target']}{chips}, {r['micro_batches']} micro-batch{'es' if r['micro_batches'] > 1 else ''} "
+      f"per update; mesh {r['mesh']}",
       f"  parameters        {r['params_bytes_per_device'] / GIB:10.3f} GiB per {unit}",
       f"  optimizer state   {r['opt_state_bytes_per_device'] / GIB:10.3f} GiB per {unit}",
       f"  temporaries       {r['temp_bytes'] / GIB:10.3f} GiB per {unit} (compiled memory analysis)",

@@ -20,7 +20,9 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 # The only place where logical names meet mesh axes. Parameters shard their 'embed' dimension
 # over fsdp (ZeRO-3 style) and their head/MLP/vocab dimensions over tensor; activations shard
-# their batch over (data, fsdp) and their head/MLP/vocab dimensions over tensor.
+# their batch over (data, fsdp) and their head/MLP/vocab dimensions over tensor. With several slices
+# (make_mesh's num_slices) the data axis spans them, so the batch splits across slices and parameters,
+# sharded over fsdp and tensor only, are whole in each slice: only gradients cross the slower DCN.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", None),

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from llm_jax import config as config_lib
 from llm_jax import dryrun
+from llm_jax import planner
 from llm_jax import roofline
 from llm_jax import sharding
 from llm_jax import target
@@ -199,3 +200,27 @@ def test_two_v5e_16_slices_join_over_the_data_axis():
   embed = slices_holding(state_sh.params["embed"], (512, 64))
   assert len(embed) == 16 and all(s == {0, 1} for s in embed.values())
   assert np.all(np.vectorize(lambda d: d.slice_index)(mesh.devices)[1] == 1)
+
+
+@pytest.mark.parametrize("name,chips,slices,shape", [("fsdp", 8, 1, (1, 8, 1)), ("fsdp_tensor2", 8, 1, (1, 4, 2)),
+                                                     ("data", 8, 1, (8, 1, 1)), ("fsdp", 32, 2, (2, 16, 1))])
+def test_planner_mesh_splits(name, chips, slices, shape):
+  assert planner.mesh_shape(name, chips, slices) == shape
+
+
+def test_planner_refuses_an_unknown_mesh_split():
+  with pytest.raises(ValueError, match="fsdp_tensorN"):
+    planner.mesh_shape("pipeline", 8, 1)
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_planner_ranks_fitting_candidates_with_their_flags():
+  c = config_lib.from_file(os.path.join(REPO, "experiments", "smoke.py"))
+  c.topology = "v5e-8"
+  rows = planner.plan(c, micro_batches=(1, 2), remats=("none",), meshes=("fsdp",), log=lambda line: None)
+  assert [r["fits"] for r in rows] == [True] * len(rows) and len(rows) >= 2
+  assert [r["tokens_per_s"] for r in rows] == sorted((r["tokens_per_s"] for r in rows), reverse=True)
+  best = rows[0]
+  assert f"--config.global_batch_size={best['global_batch_size']}" in best["flags"]
+  assert best["global_batch_size"] == best["micro_batch_per_chip"] * best["mesh"]["data"] * best["mesh"]["fsdp"]
