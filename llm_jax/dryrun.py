@@ -76,9 +76,13 @@ def fit_advice(message: str, *, state_bytes: int, rows_per_device: int, accum: i
       options.append(f"grad_accum_steps={k} (micro-batches of {global_batch_size // k // data_parallel} sequences "
                      "per data-parallel chip)")
     options.append(f"global_batch_size={rows_fit * data_parallel * accum} (about {rows_fit} per chip)")
+  if rows_fit < 1:
+    # Not even one sequence per chip: the state and one row's temporaries must spread over more chips.
+    one_row = state + temporaries / rows_per_device
+    options.append(f"about {max(2, math.ceil(one_row / available))}x the chips (a larger slice, mesh.fsdp)")
   if remat != "full":
-    options.append("model.remat_policy=full")
-  return "about " + " or ".join(options) + " would fit" if options else "shard over more chips"
+    options.append("model.remat_policy=full (less memory for more compute)")
+  return "try " + " or ".join(options)
 
 
 def compile_train(fns: steps_lib.StepFns, *, global_batch_size: int, seq_len: int, slice_name: str, mesh: Mesh,
@@ -119,6 +123,7 @@ def report(cfg: ModelConfig, fns: steps_lib.StepFns, mesh: Mesh, *, global_batch
   raw_flops = float(cost.get("flops", 0.0))
   flops = raw_flops + (dots - dots_once) / len(devices)  # the loop trips XLA's count leaves out
   params_bytes = per_device_bytes(fns.abstract_state.params, fns.state_shardings.params)
+  hlo = roofline.read_hlo(compiled.as_text(), len(devices))
   peak = getattr(memory, "peak_memory_in_bytes", 0) or (memory.argument_size_in_bytes + memory.output_size_in_bytes
                                                         - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
   r = {
@@ -140,8 +145,9 @@ def report(cfg: ModelConfig, fns: steps_lib.StepFns, mesh: Mesh, *, global_batch
       "flops_per_device": flops,
       "dot_flops_per_step": dots,
       "model_flops_per_step": metrics_lib.flops_per_token(cfg, seq_len)["causal"] * global_batch_size * seq_len,
-      "bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)) * flops / max(raw_flops, 1.0),
-      "collectives": roofline.collectives(compiled.as_text(), len(devices)),
+      "compiled_bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
+      "bytes_accessed_per_device": hlo.hbm_bytes,
+      "collectives": hlo.collectives,
       "replicated_param_share": replicated_share,
       "largest_params": largest_arrays(fns.abstract_state.params, fns.state_shardings.params),
       "chip": chip,
@@ -198,9 +204,9 @@ def format_report(r: dict[str, Any]) -> str:
             for c in r["collectives"].values()] or ["    none"]
   if r["chip"] is not None:
     est = r["estimate"]
-    terms = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in est.terms.items())
+    terms = ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in est.terms.items())
     lines += [format_chip(r["chip"]),
-              f"  ESTIMATE (roofline, not a measurement): step {est.step_s * 1e3:.1f} ms, bound by {est.bound} "
+              f"  ESTIMATE (roofline, not a measurement): step {est.step_s * 1e3:.3g} ms, bound by {est.bound} "
               f"({terms}); {r['estimated_tokens_per_s']:,.0f} tokens/s, MFU {100 * r['estimated_mfu']:.1f}%",
               "    leaves out: imperfect overlap of the terms, kernel efficiency below peak, latency of small "
               "collectives, host input and step dispatch"]

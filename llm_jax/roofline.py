@@ -1,9 +1,9 @@
 """What a compiled step costs, read from its programs: matmul FLOPs with loop trips counted, the collectives of one
-step by kind, and a roofline estimate of step time and MFU from a chip's datasheet figures.
+step by kind and its HBM traffic, and a roofline estimate of step time and MFU from a chip's datasheet figures.
 
 XLA's `cost_analysis()` counts the body of a while loop once, so a model whose layers are scanned reports about one
 layer's FLOPs. `dot_flops` reads the lowered (StableHLO) program instead, multiplying what each loop body does by the
-loop's trip count; `collectives` reads the optimized (per-device) HLO the same way.
+loop's trip count; `read_hlo` reads the optimized (per-device) HLO the same way.
 """
 
 from __future__ import annotations
@@ -143,9 +143,61 @@ def _moved(kind: str, result_bytes: int, n: int) -> float:
           "collective-permute": float(result_bytes)}[kind]
 
 
-def collectives(hlo_text: str, num_devices: int) -> dict[str, Collective]:
-  """The collectives one step of an optimized HLO module runs, by kind: count, result bytes and bytes sent per device,
-  each loop body's collectives counted once per trip. Computations not reachable from ENTRY count nothing."""
+# Instructions that move no data of their own through HBM (structure, aliases, the halves of async pairs whose start
+# is counted, and wrappers whose wrapped computation is counted instead).
+_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",
+               "after-all", "partition-id", "replica-id", "opt-barrier", "async-start", "async-update", "async-done"}
+
+
+@dataclasses.dataclass(frozen=True)
+class HloCost:
+  """What one step of an optimized HLO module does per device, loop trips counted."""
+
+  collectives: dict[str, Collective]
+  hbm_bytes: float  # operands and results of every unfused instruction and fusion: an HBM traffic estimate
+
+
+def _fusion_reads(fused_lines: list[str]) -> tuple[dict[int, int], int | None]:
+  """What a fused computation really touches of its operands: {parameter number: bytes read} for parameters it only
+  dynamic-slices (the slices) or updates in place (nothing), and the bytes it writes when its root is an in-place
+  dynamic-update-slice (the update), else None."""
+  params, shapes, uses, written = {}, {}, {}, None
+  for line in fused_lines:
+    inst = _HLO_INSTRUCTION.match(line)
+    if not inst:
+      continue
+    shapes[inst[1]] = inst[2]
+    if inst[3] == "parameter":
+      params[inst[1]] = int(re.search(r"parameter\((\d+)\)", line)[1])
+      continue
+    operands = re.findall(r"%[\w.-]+", line[inst.end():].split(")", 1)[0])
+    for i, o in enumerate(operands):
+      if o in params:
+        sliced = inst[3] == "dynamic-slice" and i == 0
+        in_place = inst[3] == "dynamic-update-slice" and i == 0
+        uses.setdefault(o, []).append(_shape_bytes(inst[2]) if sliced else 0 if in_place else None)
+    if line.lstrip().startswith("ROOT") and inst[3] == "dynamic-update-slice" and len(operands) > 1:
+      written = _shape_bytes(shapes.get(operands[1], ""))
+  reads = {params[p]: sum(u) for p, u in uses.items() if None not in u}
+  return reads, written
+
+
+def _traffic(opcode: str, result: str, operands: list[str], fused_lines: list[str] | None) -> float:
+  """HBM bytes one unfused instruction or fusion reads and writes: its operands and result, except what slicing and
+  in-place updates leave untouched."""
+  sizes = [_shape_bytes(o) for o in operands]
+  if opcode == "dynamic-slice":
+    return 2.0 * _shape_bytes(result)
+  if opcode == "dynamic-update-slice":
+    return 2.0 * (sizes[1] if len(sizes) > 1 else 0)
+  if fused_lines is None:
+    return float(_shape_bytes(result) + sum(sizes))
+  reads, written = _fusion_reads(fused_lines)
+  return float((_shape_bytes(result) if written is None else written)
+               + sum(reads.get(i, size) for i, size in enumerate(sizes)))
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
   comps: dict[str, list[str]] = {}
   entry, current = None, None
   for line in hlo_text.splitlines():
@@ -156,31 +208,54 @@ def collectives(hlo_text: str, num_devices: int) -> dict[str, Collective]:
       entry = current if line.startswith("ENTRY") else entry
     elif current is not None:
       comps[current].append(line)
+  return comps, entry
+
+
+def read_hlo(hlo_text: str, num_devices: int) -> HloCost:
+  """The collectives (by kind: count, result bytes, bytes sent) and the HBM traffic of one step of an optimized HLO
+  module, per device; each loop body counts once per trip, and computations not reachable from ENTRY not at all.
+  A fusion's traffic is its operands and result (what it reads and writes in HBM), not what happens inside."""
+  comps, entry = _computations(hlo_text)
   trips = {name: max([int(c) for line in body for c in _HLO_S32_CONST.findall(line)] or [1])
            for name, body in comps.items()}
   found: dict[str, list[float]] = {k: [0, 0.0, 0.0] for k in COLLECTIVE_KINDS}
+  traffic = [0.0]
 
-  def visit(name: str, multiplier: float, stack: tuple[str, ...]) -> None:
+  def visit(name: str, multiplier: float, fused: bool, stack: tuple[str, ...]) -> None:
+    shapes: dict[str, str] = {}
     for line in comps.get(name, ()):
       inst = _HLO_INSTRUCTION.match(line)
+      opcode = inst[3] if inst else ""
       if inst:
-        kind = inst[3].removesuffix("-start")
-        if kind in found and not inst[3].endswith("-done"):
+        shapes[inst[1]] = inst[2]
+        kind = opcode.removesuffix("-start")
+        if kind in found and not opcode.endswith("-done"):
           size = _shape_bytes(inst[2])
           found[kind][0] += multiplier
           found[kind][1] += multiplier * size
           found[kind][2] += multiplier * _moved(kind, size, _group_size(line, num_devices))
+        if not fused and opcode not in _NO_TRAFFIC and not opcode.endswith("-done"):
+          operands = [shapes.get(o, "") for o in re.findall(r"%[\w.-]+", line[inst.end():].split(")", 1)[0])]
+          called = re.search(r"\bcalls=(%[\w.-]+)", line) if opcode == "fusion" else None
+          traffic[0] += multiplier * _traffic(opcode, inst[2], operands, comps.get(called[1], []) if called else None)
       condition = re.search(r"\bcondition=(%[\w.-]+)", line)
       trip = trips[condition[1]] if condition else 1
-      refs = [(ref, trip if role == "body" else 1) for role, ref in _HLO_REFS.findall(line)]
-      refs += [(ref.strip(), 1) for group in _HLO_REF_LISTS.findall(line) for ref in group.split(",") if ref.strip()]
-      for ref, trip in refs:
+      refs = [(ref, trip if role == "body" else 1, role == "to_apply" or opcode == "fusion")
+              for role, ref in _HLO_REFS.findall(line)]
+      refs += [(ref.strip(), 1, fused) for group in _HLO_REF_LISTS.findall(line) for ref in group.split(",")
+               if ref.strip()]
+      for ref, trip, inner_fused in refs:
         if ref not in stack:
-          visit(ref, multiplier * trip, stack + (ref,))
+          visit(ref, multiplier * trip, fused or inner_fused, stack + (ref,))
 
   if entry is not None:
-    visit(entry, 1, (entry,))
-  return {k: Collective(k, int(c), b, m) for k, (c, b, m) in found.items() if c}
+    visit(entry, 1, False, (entry,))
+  return HloCost({k: Collective(k, int(c), b, m) for k, (c, b, m) in found.items() if c}, traffic[0])
+
+
+def collectives(hlo_text: str, num_devices: int) -> dict[str, Collective]:
+  """`read_hlo(...).collectives`: the collectives of one step, by kind."""
+  return read_hlo(hlo_text, num_devices).collectives
 
 
 @dataclasses.dataclass(frozen=True)
