@@ -5,7 +5,8 @@ Command:  JAX_PLATFORMS=cpu python experiments/what_fits.py --out=experiments/re
           (appends one JSON line per cell, skips cells already there, then prints the Markdown table;
           --cells=llama3_8b:v6e-256 runs only the cells named)
 Search:   mesh fsdp (everything over fsdp), remat 'dots' (the accelerator shapes' own; 'full' only where 'dots'
-          does not fit at one sequence per chip), micro-batches per chip 1, 2, 4, ... 32: the largest that fits.
+          does not fit at one sequence per chip), micro-batches per chip 1, 2, 4, ... 32: the largest the planner's
+          proportional guess finds (it errs small: a larger one may fit).
 Shapes:   experiments/bench.py's gpt2_125m, gpt2_350m, llama_1b (context 2048) through `llm_jax.bench.bench_config`,
           and a Llama-3-8B shape (32 layers x 4096, 32 heads sharing 8 KV heads, MLP 14336, vocabulary 128,256,
           untied, RoPE theta 500,000, context 8192) built on llama_1b's settings (bf16, AdamW, attention 'jax').

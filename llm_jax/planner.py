@@ -1,8 +1,10 @@
 """The planner behind `python -m llm_jax.plan` and `--config.plan=True`: which mesh, remat policy and micro-batch to
 train with on a TPU slice, ranked by the roofline's estimated tokens/s, from real compiles of the step through libtpu.
 
-For each mesh split and remat policy it finds the largest micro-batch per chip that fits: it compiles the smallest,
-scales its temporaries linearly to guess the largest that fits, compiles that, and steps down until one fits.
+For each mesh split and remat policy it looks for the largest micro-batch per chip that fits in two or three compiles:
+it compiles the smallest, scales its temporaries in proportion to guess the largest that fits, compiles that, and
+steps down until one fits. Temporaries have a part that does not grow with the batch, so the guess errs small: a
+larger micro-batch than the one found may fit (ask for it with --micro_batches).
 Compiles go to the persistent compilation cache, so a rerun takes seconds. (`llm_jax.sweeps.plan` is another thing:
 the sweep file format.)
 """
@@ -80,7 +82,8 @@ def _try(config: ml_collections.ConfigDict, shape: tuple[int, int, int], remat: 
 
 def largest_fitting(config: ml_collections.ConfigDict, shape: tuple[int, int, int], remat: str,
                     micro_batches: Sequence[int], log: Any) -> list[dict[str, Any]]:
-  """Every candidate compiled while finding the largest micro-batch of `micro_batches` (ascending) that fits."""
+  """Every candidate compiled while looking for the largest micro-batch of `micro_batches` (ascending) that fits: the
+  smallest, then the proportional guess and the ones below it until one fits."""
   tried = [_try(config, shape, remat, micro_batches[0], log)]
   if not tried[0]["fits"]:
     return tried
