@@ -153,6 +153,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.restart = False
   c.max_replicated_share = 0.05  # Refuse fsdp/tensor meshes replicating more parameter bytes than this.
   c.dry_run = False  # Compile the step for this shape, print memory, FLOPs and shardings, then exit.
+  # dry_run/plan: compile for this Cloud TPU slice, by its gcloud name (v5e-8, v5litepod-16, v5p-128, v6e-8, v4-8),
+  # on any machine, through libtpu (pip install -e .[tpu]); '' compiles for the devices present.
+  c.topology = ""
+  # Slices joined by the data-center network: the data axis spans them (a hybrid ICI/DCN mesh; mesh.data counts all
+  # slices). Training on real multi-slice hardware and the topology dry run both read it.
+  c.num_slices = 1
+  c.plan = False  # With topology: rank micro-batch x remat x mesh candidates for the slice (python -m llm_jax.plan).
   c.log_every = 20  # Steps between console/metrics lines (host syncs: these, the first step, evals, saves).
   c.eval_every = 200  # Steps between validation passes; 0 disables periodic evaluation.
   c.eval_batches = 8  # Validation batches per pass.

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax import lora
+from llm_jax import target
 from llm_jax.attention import apply_rope
 from llm_jax.attention import attention_mask
 from llm_jax.attention import causal_blocks
@@ -203,7 +204,7 @@ class Attention(nn.Module):
 
     mask_BxLxS = attention_mask(q_pos_BxL, k_pos_BxS, q_seg_BxL, k_seg_BxS)
     # Without a cache the mask is causal by slot over the same slots, which query blocks may skip above.
-    blocks = causal_blocks(jax.default_backend()) if cache is None else 1
+    blocks = causal_blocks(target.platform()) if cache is None else 1
     if self.is_mutable_collection("intermediates"):  # inspection (llm_jax.interp) keeps the probabilities
       out_BxLxHxK, probs_BxHxLxS = dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, "einsum", 1,
                                                          return_probs=True)
@@ -322,7 +323,7 @@ class Transformer(nn.Module):
     block = Block
     # Resolved here, at trace time, so a config (and the checkpoint recording it) keeps 'auto' and a run resumed on
     # another platform takes that platform's choice.
-    remat = resolve_remat_policy(cfg.remat_policy, jax.default_backend())
+    remat = resolve_remat_policy(cfg.remat_policy, target.platform())
     if remat != "none":
       block = nn.remat(Block, policy=_remat_policy(remat), prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:

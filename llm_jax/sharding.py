@@ -10,6 +10,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -19,7 +20,9 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 # The only place where logical names meet mesh axes. Parameters shard their 'embed' dimension
 # over fsdp (ZeRO-3 style) and their head/MLP/vocab dimensions over tensor; activations shard
-# their batch over (data, fsdp) and their head/MLP/vocab dimensions over tensor.
+# their batch over (data, fsdp) and their head/MLP/vocab dimensions over tensor. With several slices
+# (make_mesh's num_slices) the data axis spans them, so the batch splits across slices and parameters,
+# sharded over fsdp and tensor only, are whole in each slice: only gradients cross the slower DCN.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", None),
@@ -62,15 +65,38 @@ def resolve_mesh_shape(requested: Sequence[int], num_devices: int) -> tuple[int,
   return tuple(sizes)
 
 
-def make_mesh(requested: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh with Auto axes: parameters and activations are annotated and XLA propagates the rest."""
+def make_mesh(requested: Sequence[int], devices: Sequence[jax.Device] | None = None, num_slices: int = 1) -> Mesh:
+  """A mesh with Auto axes: parameters and activations are annotated and XLA propagates the rest.
+
+  With `num_slices` > 1 the data axis spans the slices: its outer factor crosses the data-center network (DCN) and
+  the rest of the mesh stays inside each slice's ICI, as `mesh_utils.create_hybrid_device_mesh` lays it out, so only
+  the data-parallel gradient reduction crosses slices. TPU devices (real or libtpu's compile-only ones) are laid out
+  along the torus.
+  """
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(requested, len(devices))
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  found = len({getattr(d, "slice_index", 0) for d in devices})
+  if num_slices > 1 or found > 1:
+    return Mesh(_hybrid_devices(shape, devices, num_slices, found), MESH_AXES, axis_types=axis_types)
+  if devices[0].platform == "tpu":
+    return Mesh(mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True), MESH_AXES,
+                axis_types=axis_types)
   if len(devices) == len(jax.devices()):
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+def _hybrid_devices(shape: tuple[int, ...], devices: list[jax.Device], num_slices: int, found: int) -> np.ndarray:
+  """The devices of a several-slice mesh: data = num_slices (DCN) x data / num_slices (ICI)."""
+  if found != num_slices:
+    raise MeshError(f"num_slices={num_slices} but the devices span {found} slice(s); set --config.num_slices={found}")
+  data, fsdp, tensor = shape
+  if data % num_slices:
+    raise MeshError(f"mesh.data={data} does not divide over num_slices={num_slices}: slices join along the data axis "
+                    f"(fsdp and tensor stay inside a slice); make mesh.data a multiple of {num_slices}")
+  return mesh_utils.create_hybrid_device_mesh((data // num_slices, fsdp, tensor), (num_slices, 1, 1), devices,
+                                              allow_split_physical_axes=True)
 
 
 def logical_to_mesh_specs(logical_tree: Any) -> Any:

@@ -9,6 +9,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from llm_jax import launch
+from llm_jax import planner
 from llm_jax import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -27,7 +28,10 @@ def main(argv: Sequence[str]) -> None:
   _DISTRIBUTED.initialize("llm_jax.train")
   config = _CONFIG.value
   keys = tuple(config_flags.get_override_values(flags.FLAGS["config"]))
-  if config.dry_run:
+  if config.plan:
+    _DISTRIBUTED.run("llm_jax.train", lambda: planner.run(config, planner.MICRO_BATCHES, planner.REMATS,
+                                                          planner.MESHES, None, planner.CACHE_DIR))
+  elif config.dry_run:
     _DISTRIBUTED.run("llm_jax.train", lambda: trainer.dry_run(config, keys))
   else:
     _DISTRIBUTED.run("llm_jax.train", lambda: trainer.train_and_evaluate(config, _WORKDIR.value, keys))

@@ -25,6 +25,8 @@ from llm_jax import resume
 from llm_jax import sampling
 from llm_jax import sharding
 from llm_jax import steps as steps_lib
+from llm_jax import target
+from llm_jax import tpu
 from llm_jax import validation
 from llm_jax import workdir as workdir_lib
 from llm_jax import writers
@@ -101,7 +103,7 @@ def make_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   cfg = config_lib.model_config(config, vocab_size)
   tx, schedule = optim.make_optimizer(config_lib.optim_config(config), config.num_train_steps)
   accum = steps_lib.resolve_grad_accum_steps(config.grad_accum_steps, config.global_batch_size, config.data.seq_len,
-                                             sharding.data_parallel_size(mesh.shape), jax.default_backend())
+                                             sharding.data_parallel_size(mesh.shape), target.platform())
   fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=config.seed, seq_len=config.data.seq_len,
                               accum=accum, z_loss=config.z_loss)
   sharding.check_replication(fns.abstract_state.params, fns.state_shardings.params, mesh,
@@ -134,17 +136,29 @@ def _prepare_data_once(config: ml_collections.ConfigDict, workdir: str,
   return data
 
 
-def dry_run(config: ml_collections.ConfigDict, command_line_keys: Collection[str] = ()) -> dict[str, Any]:
-  """Compiles the step on the devices present (no data, no tokenizer), prints what it needs and returns it."""
+def compile_report(config: ml_collections.ConfigDict,
+                   command_line_keys: Collection[str] = ()) -> tuple[ModelConfig, dict[str, Any], str]:
+  """(model config, `dryrun.report`, remat line): the step compiled (no data, no tokenizer) on the devices present,
+  or for `config.topology`'s TPU slice through libtpu; dryrun.DoesNotFit when it needs more memory than a chip has."""
   config = _resolved(config, command_line_keys)
-  mesh = _mesh(config)
-  with jax.set_mesh(mesh):
+  slice_ = tpu.parse_slice(config.topology, config.num_slices) if config.topology else None
+  mesh = _mesh(config, tpu.devices(slice_) if slice_ else None)
+  platform = "tpu" if slice_ else target.platform()
+  with target.compiling_for(platform), jax.set_mesh(mesh):
     cfg, fns = make_steps(config, mesh, config.model.vocab_size or config.tokenizer.vocab_size)
     share = sharding.replicated_fraction(fns.abstract_state.params, fns.state_shardings.params)
-    result = dryrun.report(cfg, fns, global_batch_size=config.global_batch_size,
-                           seq_len=config.data.seq_len, replicated_share=share)
+    result = dryrun.report(cfg, fns, mesh, global_batch_size=config.global_batch_size, seq_len=config.data.seq_len,
+                           replicated_share=share, slice_=slice_,
+                           remat=resolve_remat_policy(cfg.remat_policy, platform))
+    return cfg, result, _remat_line(cfg)
+
+
+def dry_run(config: ml_collections.ConfigDict, command_line_keys: Collection[str] = ()) -> dict[str, Any]:
+  """Compiles the step for the configured devices or TPU slice, prints what it needs per chip and how fast it should
+  run, and returns it."""
+  cfg, result, remat = compile_report(config, command_line_keys)
   writers.console(f"model {cfg.family}: {metrics_lib.flops_per_token(cfg, 1)['non_embedding_params']:,.0f} "
-                  f"non-embedding parameters; mesh {dict(mesh.shape)}\n" + dryrun.format_report(result))
+                  f"non-embedding parameters; remat {remat}\n" + dryrun.format_report(result))
   return result
 
 
@@ -196,8 +210,9 @@ def _resolved(config: ml_collections.ConfigDict,
   return config
 
 
-def _mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
+def _mesh(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """The configured mesh over `devices` (default: all present), its data axis across `num_slices` slices."""
+  mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor), devices, config.num_slices)
   validation.validate_for_devices(config, dict(mesh.shape))
   return mesh
 
@@ -262,14 +277,14 @@ def _check_prompt_fits(config: ml_collections.ConfigDict, cfg: ModelConfig, toke
 
 def _remat_line(cfg: ModelConfig) -> str:
   """The remat policy the step runs with, and why when 'auto' chose it."""
-  backend = jax.default_backend()
+  backend = target.platform()
   resolved = resolve_remat_policy(cfg.remat_policy, backend)
   return f"{resolved} (auto on {backend})" if cfg.remat_policy == "auto" else resolved
 
 
 def _accum_line(fns: Any, accum_given: int) -> str:
   """The micro-batches per update the step runs, and why when 'auto' (0) chose them."""
-  return f"{fns.accum} (auto on {jax.default_backend()})" if not accum_given else str(fns.accum)
+  return f"{fns.accum} (auto on {target.platform()})" if not accum_given else str(fns.accum)
 
 
 def _announce_model(cfg: ModelConfig, fns: Any, state: Any, flops: dict[str, float], mesh: jax.sharding.Mesh,

@@ -21,6 +21,7 @@ from llm_jax import profiler
 from llm_jax import sampling
 from llm_jax import sharding
 from llm_jax import tokenizer as tokenizer_lib
+from llm_jax import tpu
 from llm_jax.config import ConfigError
 from llm_jax.config import data_config
 from llm_jax.config import get_config
@@ -117,11 +118,28 @@ def _validate_run(config: ml_collections.ConfigDict) -> None:
   _require(0.0 <= config.max_replicated_share <= 1.0,
            f"max_replicated_share={config.max_replicated_share} must be in [0, 1]")
   _require(config.eval_every >= 0, f"eval_every={config.eval_every} must be >= 0 (0 disables)")
+  _validate_topology(config)
   _require(math.isfinite(config.z_loss) and config.z_loss >= 0,
            f"z_loss={config.z_loss} must be >= 0 and finite (0 disables; e.g. 1e-4)")
   try:
     profiler.parse_steps(config.profile_steps, config.num_train_steps)
   except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _validate_topology(config: ml_collections.ConfigDict) -> None:
+  """A named TPU slice is compiled for by the dry run and the planner only, and needs libtpu to be installed."""
+  _require(config.num_slices >= 1, f"num_slices={config.num_slices} must be at least 1")
+  _require(not config.plan or bool(config.topology), "plan=True searches meshes and batches for a TPU slice: pass "
+           "--config.topology=<slice>, e.g. v5e-8")
+  if not config.topology:
+    return
+  _require(config.dry_run or config.plan, f"topology={config.topology!r} is read by the dry run and the planner "
+           "only; pass --config.dry_run=True or --config.plan=True (or clear topology)")
+  try:
+    tpu.parse_slice(config.topology, config.num_slices)
+    tpu.check_libtpu()
+  except tpu.TopologyError as e:
     raise ConfigError(str(e)) from None
 
 
