@@ -44,6 +44,13 @@ SPLASH_MAX_BLOCK = 512
 CUDNN_DTYPES = ("bfloat16", "float16")
 
 
+def target_platform() -> str:
+  """The platform the code being traced is for: the active mesh's devices' ('tpu' when compiling for a TPU slice
+  from a CPU host), else the default backend."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
 def resolve_attention_impl(impl: str, backend: str) -> str:
   """The attention that runs: an explicit impl as given, 'auto' as AUTO_ATTENTION says for `backend`."""
   return AUTO_ATTENTION.get(backend, "einsum") if impl == "auto" else impl
@@ -91,11 +98,12 @@ def splash_attention(q_BxLxHxK: Array, k_BxLxGxK: Array, v_BxLxGxK: Array, segme
 
   A length the block does not divide is padded at the end (zeros, and a segment id no document has): causal
   masking already hides the padded keys from every real query, and the padded queries' rows are cut off.
-  `block` defaults to `splash_block(L)`; `interpret` (run the kernel as plain JAX, for CPU) to any non-TPU backend.
+  `block` defaults to `splash_block(L)`; `interpret` (run the kernel as plain JAX, for CPU) to any target platform
+  but TPU.
   """
   b, l, h, k = q_BxLxHxK.shape
   block = block or splash_block(l)
-  interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+  interpret = target_platform() != "tpu" if interpret is None else interpret
   pad = -l % block
   length = l + pad
   blocks = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,

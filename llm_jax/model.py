@@ -34,6 +34,7 @@ from llm_jax.attention import rope_inverse_frequencies
 from llm_jax.attention_kernels import FUSED_IMPLS
 from llm_jax.attention_kernels import fused_attention
 from llm_jax.attention_kernels import resolve_attention_impl
+from llm_jax.attention_kernels import target_platform
 
 Array = jax.Array
 Cache = dict[str, Array]
@@ -206,7 +207,7 @@ class Attention(nn.Module):
       q_seg_BxL = k_seg_BxS = None  # one sequence per row while decoding
       q_pos_BxL = start + jnp.broadcast_to(jnp.arange(l, dtype=positions_BxL.dtype), (b, l))
 
-    impl = resolve_attention_impl(cfg.attention_impl, jax.default_backend())
+    impl = resolve_attention_impl(cfg.attention_impl, target_platform())
     if cache is None and impl in FUSED_IMPLS:
       out_BxLxHxK = fused_attention(impl, q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxL)
     else:  # decoding keeps XLA's attention over the cache, whatever the impl (llm_jax.attention)
