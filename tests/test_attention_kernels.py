@@ -84,6 +84,7 @@ def _loss_and_grads(impl: str, mesh_shape):
   return float(metrics["loss"]), grads
 
 
+@pytest.mark.slow  # two train-step compiles, one with the interpreted kernel: about 25 s
 def test_the_models_loss_with_splash_equals_the_einsum_paths_on_a_sharded_mesh():
   # data=2, tensor=2: the batch and the heads (2 KV heads, 4 query heads) split, so shard_map hands each kernel
   # one row pair and one KV group.
@@ -139,3 +140,26 @@ def test_decoding_with_a_kernel_impl_runs_the_xla_attention_over_the_cache():
   outs = [Transformer(dataclasses.replace(cfg, attention_impl=impl)).apply(
       {"params": params}, tokens, positions, None, init_cache(cfg, 1, 8))[0] for impl in ("einsum", "splash")]
   np.testing.assert_array_equal(outs[0], outs[1])
+
+
+@pytest.mark.slow
+def test_the_train_step_with_splash_compiles_for_a_tpu_slice():
+  # Through libtpu on this CPU host (requirements-test.txt): the splash kernel must sit in shard_map for Mosaic to
+  # accept it, and 'auto' must resolve to it from the mesh's TPU devices, not from the CPU backend tracing it.
+  import os  # pylint: disable=import-outside-toplevel
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # libtpu compiles only: no metadata server to ask
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other test processes may hold libtpu too
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
+  texts = {}
+  for impl in ("auto", "einsum"):
+    cfg = ModelConfig(family="llama", vocab_size=256, num_layers=2, d_model=256, num_heads=4, num_kv_heads=2,
+                      head_dim=64, d_ff=512, max_len=1024, compute_dtype="bfloat16", remat_policy="dots",
+                      attention_impl=impl)
+    mesh = sharding.make_mesh((2, 1, 2), devices)
+    with jax.set_mesh(mesh):
+      fns = steps_lib.build_steps(cfg, optax.adamw(1e-3), lambda step: 1e-3, mesh, seed=0, seq_len=1024, accum=1)
+      compiled = fns.lower_train(4, 1024).compile()
+    texts[impl] = compiled.as_text()
+    assert compiled.memory_analysis().temp_size_in_bytes > 0
+  assert "tpu_custom_call" in texts["auto"] and "tpu_custom_call" not in texts["einsum"]

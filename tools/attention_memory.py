@@ -59,7 +59,8 @@ def peak_bytes(spec: str, layers: int, context: int, impl: str, batch: int, devi
           + memory.temp_size_in_bytes)
 
 
-def largest_batch(measure: Callable[[int], int], chips: int, limit: float, max_rows: int) -> tuple[int, dict[int, int]]:
+def largest_batch(measure: Callable[[int], float], chips: int, limit: float,
+                  max_rows: int) -> tuple[int, dict[int, float]]:
   """The largest multiple of `chips` rows whose measured peak fits `limit` bytes (0 if one row per chip does not),
   and every peak measured, by global batch.
 
@@ -67,17 +68,17 @@ def largest_batch(measure: Callable[[int], int], chips: int, limit: float, max_r
   straight line through them (activations grow linearly in the batch) predicts the largest fit, and that batch is
   compiled to check; while the check fails, one row per chip less is tried.
   """
-  peaks: dict[int, int] = {}
+  peaks: dict[int, float] = {}
 
-  def peak(rows: int) -> int:
+  def peak(rows: int) -> float:
     if rows * chips not in peaks:
       peaks[rows * chips] = measure(rows * chips)
     return peaks[rows * chips]
 
   if peak(1) > limit:
     return 0, peaks
-  per_row = max(peak(2) - peak(1), 1)
-  rows = min(max_rows, max(1, 1 + int((limit - peak(1)) // per_row)))
+  per_row = peak(2) - peak(1)
+  rows = max_rows if per_row <= 0 else min(max_rows, max(1, 1 + int((limit - peak(1)) // per_row)))
   while rows > 1 and peak(rows) > limit:
     rows -= 1
   return rows * chips, peaks
