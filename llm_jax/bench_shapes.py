@@ -17,9 +17,9 @@ Variants: smoke       2 layers x 64, context 64, batch 8: the bench's own test
                       vocabulary 32,000, tied (1.04B parameters, the Llama-3.2-1B body)
                       These three are tools/gpu_bench.sh's shapes: bf16 compute, attention_impl 'auto'
                       (cuDNN's fused kernel on GPU, splash on TPU), remat 'dots'; the batches are starting
-                      points for one GPU of about 80 GB, which `--fit_batch` rescales to the memory the device reports. Their
-                      tokenizer has 8,192 pieces (what the built-in corpus can train) inside the larger
-                      embedding, so the real-data runs and the torch comparison work too.
+                      points for one GPU of about 80 GB, which `--fit_batch` rescales to the memory the
+                      device reports. Their tokenizer has 8,192 pieces (what the built-in corpus can train)
+                      inside the larger embedding, so the real-data runs and the torch comparison work too.
 Hardware and results: BENCHMARKS.md (2026-11-28: tiny 49.9 ms/step, 10m 10.35 s/step on 2 CPU cores).
 Every variant but tiny_2k: AdamW at a constant learning rate (no warm-up), vocabulary 512 (llama_500m: 32,000).
 The CPU shapes keep the default remat policy 'auto', which on XLA:CPU recomputes the dots in the backward pass
