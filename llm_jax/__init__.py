@@ -20,8 +20,8 @@ __version__ = "0.1.0"
 # Layer name -> module names relative to `llm_jax`; "pkg.*" stands for a sub-package and all its modules.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("base", ("errors", "paths", "faults", "chat", "profiler")),
-    ("core", ("target", "tpu", "roofline", "model", "attention", "lora", "sharding", "batch", "optim", "metrics",
-              "steps", "sampling", "dryrun", "hf.weights")),
+    ("core", ("target", "tpu", "roofline", "model", "attention", "attention_kernels", "lora", "sharding", "batch",
+              "optim", "metrics", "steps", "sampling", "dryrun", "hf.weights")),
     ("data", ("data.*", "tokenizer", "hf.tokenizer")),
     ("io", ("workdir", "checkpoint", "writers")),
     ("run", ("config", "validation", "resume", "loop", "trainer", "evals.*", "sweeps.*", "hf", "hf.files",

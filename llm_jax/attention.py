@@ -1,6 +1,11 @@
 """Attention arithmetic the model composes: RoPE frequencies and rotation, the causal and document mask, and
 softmax(QKᵀ/√K)V over grouped key/value heads, computed in causal query blocks where that is faster (shape legend
-in `llm_jax.model`)."""
+in `llm_jax.model`).
+
+This is XLA's attention. Training and scoring may run a fused kernel instead (`llm_jax.attention_kernels`: splash on
+TPU, cuDNN on GPU); decoding always runs this one over the KV cache: one or a few queries against the cache need no
+flash kernel, and the cache's slots past the current position are masked by position, not by a causal block.
+"""
 
 from __future__ import annotations
 
@@ -79,7 +84,7 @@ def dot_product_attention(q_BxLxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array, 
   if return_probs and (impl != "einsum" or blocks != 1):
     raise ValueError(f"attention probabilities come from the einsum path in one block, not impl={impl!r} with "
                      f"{blocks} blocks")
-  if impl == "jax":
+  if impl == "jax":  # implementation=None: XLA's attention in jax 0.10.2, not cuDNN's
     return jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK,
                                         mask=mask_BxLxS[:, None, :, :])
   b, l, h, k = q_BxLxHxK.shape

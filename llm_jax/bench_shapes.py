@@ -9,17 +9,17 @@ Variants: smoke       2 layers x 64, context 64, batch 8: the bench's own test
           tiny_2k     tiny trained as a run, not timed as a step: 2,000 steps, AdamW 1e-3, 100 warm-up steps,
                       cosine to 1e-4 (tools/compare_torch.py's long run; the shape's loss comparison)
           10m         6 layers x 384, 6 heads, context 256, batch 64 (10.6M parameters)
-          llama_500m  24 layers x 1280, 20 heads sharing 4 KV heads, context 2048, batch 16, bf16, cuDNN
-                      attention: for GPU/TPU
+          llama_500m  24 layers x 1280, 20 heads sharing 4 KV heads, context 2048, batch 16, bf16, attention
+                      'auto' (splash on TPU, cuDNN on GPU): for GPU/TPU
           gpt2_125m   12 layers x 768, 12 heads, context 2048, batch 32, vocabulary 50,304 (GPT-2 small)
           gpt2_350m   24 layers x 1024, 16 heads, context 2048, batch 16, vocabulary 50,304 (GPT-2 medium)
           llama_1b    16 layers x 2048, 32 heads sharing 8 KV heads, MLP 8192, context 2048, batch 8,
                       vocabulary 32,000, tied (1.04B parameters, the Llama-3.2-1B body)
-                      These three are tools/gpu_bench.sh's shapes: bf16 compute, cuDNN attention
-                      (attention_impl 'jax'), remat 'dots'; the batches are starting points for one GPU of
-                      about 80 GB, which `--fit_batch` rescales to the memory the device reports. Their
-                      tokenizer has 8,192 pieces (what the built-in corpus can train) inside the larger
-                      embedding, so the real-data runs and the torch comparison work too.
+                      These three are tools/gpu_bench.sh's shapes: bf16 compute, attention_impl 'auto'
+                      (cuDNN's fused kernel on GPU, splash on TPU), remat 'dots'; the batches are starting
+                      points for one GPU of about 80 GB, which `--fit_batch` rescales to the memory the
+                      device reports. Their tokenizer has 8,192 pieces (what the built-in corpus can train)
+                      inside the larger embedding, so the real-data runs and the torch comparison work too.
 Hardware and results: BENCHMARKS.md (2026-11-28: tiny 49.9 ms/step, 10m 10.35 s/step on 2 CPU cores).
 Every variant but tiny_2k: AdamW at a constant learning rate (no warm-up), vocabulary 512 (llama_500m: 32,000).
 The CPU shapes keep the default remat policy 'auto', which on XLA:CPU recomputes the dots in the backward pass
@@ -63,9 +63,9 @@ def get_config(variant: str = "tiny"):
     c.num_train_steps = 2000
     c.optim.update({"learning_rate": 1e-3, "schedule": "cosine", "warmup_steps": 100, "min_lr_ratio": 0.1})
   if variant == "llama_500m":
-    c.model.update({"family": "llama", "compute_dtype": "bfloat16", "attention_impl": "jax", "remat_policy": "dots"})
+    c.model.update({"family": "llama", "compute_dtype": "bfloat16", "attention_impl": "auto", "remat_policy": "dots"})
   if variant in _GPU:
     c.model.update({"family": "llama" if variant.startswith("llama") else "gpt2", "compute_dtype": "bfloat16",
-                    "attention_impl": "jax", "remat_policy": "dots", "d_ff": 8192 if variant == "llama_1b" else 0})
+                    "attention_impl": "auto", "remat_policy": "dots", "d_ff": 8192 if variant == "llama_1b" else 0})
     c.tokenizer.vocab_size = 8192
   return c

@@ -51,7 +51,11 @@ def _model_defaults() -> ml_collections.ConfigDict:
   # 'auto', 'none', 'full', 'dots', 'dots_saveable'. 'auto' is 'dots' on CPU (recomputing beats saving there:
   # fwd+bwd 48 vs 69 ms at tiny, 10.2 vs 12.9 s at 10m, BENCHMARKS.md) and 'none' elsewhere (model.AUTO_REMAT).
   s.remat_policy = "auto"
-  s.attention_impl = "einsum"  # 'einsum' or 'jax' (jax.nn.dot_product_attention; cuDNN on GPU).
+  # 'auto' (splash on TPU, cuDNN on GPU, einsum elsewhere: attention_kernels.AUTO_ATTENTION), 'einsum' or 'jax' (XLA's
+  # attention, by our einsums or by jax.nn.dot_product_attention, which is XLA's too in jax 0.10.2), 'splash' (the
+  # Pallas TPU kernel; interpreted on CPU, for checks only) or 'cudnn' (GPU: bf16/fp16, head dim a multiple of 8).
+  # Decoding runs XLA's attention over the KV cache whatever this says.
+  s.attention_impl = "auto"
   s.lora_rank = 0  # LoRA adapter rank; 0 trains every weight. > 0 trains only adapters (needs init_params_from).
   s.lora_alpha = 16.0  # LoRA scale numerator: an adapter adds (x·A)·B·lora_alpha/lora_rank.
   s.lora_targets = "q,v"  # Comma-separated projections to adapt: q, k, v, o (attention), mlp_in, mlp_out.

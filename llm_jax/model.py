@@ -32,6 +32,9 @@ from llm_jax.attention import attention_mask
 from llm_jax.attention import causal_blocks
 from llm_jax.attention import dot_product_attention
 from llm_jax.attention import rope_inverse_frequencies
+from llm_jax.attention_kernels import FUSED_IMPLS
+from llm_jax.attention_kernels import fused_attention
+from llm_jax.attention_kernels import resolve_attention_impl
 
 Array = jax.Array
 Cache = dict[str, Array]
@@ -43,7 +46,9 @@ REMAT_POLICIES = ("auto", "none", "full", "dots", "dots_saveable")
 # saved activations are re-laid-out by copy kernels for the weight gradients. Other backends are unmeasured here and
 # save every activation ('none'), which needs no recomputation when memory allows.
 AUTO_REMAT = {"cpu": "dots"}
-ATTENTION_IMPLS = ("einsum", "jax")
+# 'auto' resolves per backend (attention_kernels.AUTO_ATTENTION: splash on TPU, cuDNN on GPU, einsum elsewhere);
+# 'einsum' and 'jax' (jax.nn.dot_product_attention, which in jax 0.10.2 runs XLA's attention) are XLA's.
+ATTENTION_IMPLS = ("auto", "einsum", "jax") + FUSED_IMPLS
 MLP_ACTIVATIONS = ("default", "relu2")
 
 
@@ -79,7 +84,7 @@ class ModelConfig:
   compute_dtype: str = "float32"
   scan_layers: bool = True
   remat_policy: str = "auto"  # 'auto': resolve_remat_policy picks per backend (AUTO_REMAT).
-  attention_impl: str = "einsum"
+  attention_impl: str = "auto"  # resolved per backend at trace time (resolve_attention_impl), like remat_policy
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: str = "q,v"
@@ -202,15 +207,20 @@ class Attention(nn.Module):
       q_seg_BxL = k_seg_BxS = None  # one sequence per row while decoding
       q_pos_BxL = start + jnp.broadcast_to(jnp.arange(l, dtype=positions_BxL.dtype), (b, l))
 
-    mask_BxLxS = attention_mask(q_pos_BxL, k_pos_BxS, q_seg_BxL, k_seg_BxS)
-    # Without a cache the mask is causal by slot over the same slots, which query blocks may skip above.
-    blocks = causal_blocks(target.platform()) if cache is None else 1
+    impl = resolve_attention_impl(cfg.attention_impl, target.platform())
     if self.is_mutable_collection("intermediates"):  # inspection (llm_jax.interp) keeps the probabilities
+      mask_BxLxS = attention_mask(q_pos_BxL, k_pos_BxS, q_seg_BxL, k_seg_BxS)
       out_BxLxHxK, probs_BxHxLxS = dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, "einsum", 1,
                                                          return_probs=True)
       self.sow("intermediates", "probs", probs_BxHxLxS)
-    else:
-      out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, cfg.attention_impl, blocks)
+    elif cache is None and impl in FUSED_IMPLS:
+      out_BxLxHxK = fused_attention(impl, q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxL)
+    else:  # decoding keeps XLA's attention over the cache, whatever the impl (llm_jax.attention)
+      mask_BxLxS = attention_mask(q_pos_BxL, k_pos_BxS, q_seg_BxL, k_seg_BxS)
+      # Without a cache the mask is causal by slot over the same slots, which query blocks may skip above.
+      blocks = causal_blocks(target.platform()) if cache is None else 1
+      out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS,
+                                          "jax" if impl == "jax" else "einsum", blocks)
     w_HxKxD = param_with_axes(self, "out", init_normal(0.02 / (2 * cfg.num_layers) ** 0.5),
                               (cfg.num_heads, cfg.head_dim, cfg.d_model), ("heads", "head_dim", "embed"))
     y_BxLxD = lora.adapt(cfg, self, "out", jnp.einsum("BLHK,HKD->BLD", out_BxLxHxK, w_HxKxD.astype(cfg.dtype)),

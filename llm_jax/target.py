@@ -16,8 +16,12 @@ _OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("llm_jax_
 
 
 def platform() -> str:
-  """'cpu', 'gpu' or 'tpu': the platform being compiled for."""
-  return _OVERRIDE.get() or jax.default_backend()
+  """'cpu', 'gpu' or 'tpu': the platform being compiled for. In order: the one `compiling_for` names, the devices of
+  the mesh being traced under ('tpu' for a mesh over a TPU topology's devices, on any host), the default backend."""
+  if _OVERRIDE.get():
+    return _OVERRIDE.get()
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
 
 
 @contextlib.contextmanager

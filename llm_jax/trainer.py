@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Collection
@@ -30,6 +31,7 @@ from llm_jax import tpu
 from llm_jax import validation
 from llm_jax import workdir as workdir_lib
 from llm_jax import writers
+from llm_jax.attention_kernels import resolve_attention_impl
 from llm_jax.data import pipeline
 from llm_jax.evals import documents as doc_eval
 from llm_jax.evals import harness
@@ -213,7 +215,7 @@ def _resolved(config: ml_collections.ConfigDict,
 def _mesh(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
   """The configured mesh over `devices` (default: all present), its data axis across `num_slices` slices."""
   mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor), devices, config.num_slices)
-  validation.validate_for_devices(config, dict(mesh.shape))
+  validation.validate_for_devices(config, dict(mesh.shape), mesh.devices.flat[0].platform)
   return mesh
 
 
@@ -275,6 +277,21 @@ def _check_prompt_fits(config: ml_collections.ConfigDict, cfg: ModelConfig, toke
                      prefix="--config.sample.")
 
 
+def resolved_choices(cfg: ModelConfig, accum: int) -> dict[str, Any]:
+  """What the settings chosen per backend ('auto' attention and remat, grad_accum_steps 0) run as here: printed at
+  start-up and written into config.json under 'resolved', beside the settings as given."""
+  backend = target.platform()
+  return {"backend": backend, "attention_impl": resolve_attention_impl(cfg.attention_impl, backend),
+          "remat_policy": resolve_remat_policy(cfg.remat_policy, backend), "grad_accum_steps": accum}
+
+
+def _attention_line(cfg: ModelConfig) -> str:
+  """The attention the step runs with, and why when 'auto' chose it."""
+  backend = target.platform()
+  resolved = resolve_attention_impl(cfg.attention_impl, backend)
+  return f"{resolved} (auto on {backend})" if cfg.attention_impl == "auto" else resolved
+
+
 def _remat_line(cfg: ModelConfig) -> str:
   """The remat policy the step runs with, and why when 'auto' chose it."""
   backend = target.platform()
@@ -289,13 +306,14 @@ def _accum_line(fns: Any, accum_given: int) -> str:
 
 def _announce_model(cfg: ModelConfig, fns: Any, state: Any, flops: dict[str, float], mesh: jax.sharding.Mesh,
                     peak: tuple[float, str], start_step: int, accum_given: int) -> None:
-  """The start-up line: parameters (and LoRA's trained share), FLOPs per token, remat, micro-batches, mesh, peak,
-  resume point."""
+  """The start-up line: parameters (and LoRA's trained share), FLOPs per token, attention, remat, micro-batches, mesh,
+  peak, resume point."""
   writers.console(
       f"model {cfg.family}: {count_params(fns.full_params(state.params)):,} parameters "
       f"{f'({count_params(state.params):,} trained: LoRA adapters) ' if fns.lora else ''}"
       f"({int(flops['non_embedding_params']):,} non-embedding), {flops['causal'] / 1e6:.2f} MFLOPs/token; "
-      f"remat {_remat_line(cfg)}; micro-batches {_accum_line(fns, accum_given)}; mesh {dict(mesh.shape)}; "
+      f"attention {_attention_line(cfg)}; remat {_remat_line(cfg)}; micro-batches {_accum_line(fns, accum_given)}; "
+      f"mesh {dict(mesh.shape)}; "
       f"peak {peak[0] / 1e9:.0f} GFLOP/s ({peak[1]}); "
       f"{'resuming from step ' + str(start_step) if start_step else 'starting from scratch'}")
 
@@ -330,7 +348,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
         data, batch_size=config.eval_batch_size, max_batches=config.eval_batches,
         process_index=jax.process_index(), process_count=jax.process_count())
     if jax.process_index() == 0:
-      workdir_lib.write_run_config(workdir, config.to_json_best_effort(indent=2))
+      record = {**json.loads(config.to_json_best_effort()), "resolved": resolved_choices(cfg, fns.accum)}
+      workdir_lib.write_run_config(workdir, json.dumps(record, indent=2))
       workdir_lib.write_model_card(workdir, cfg, data.tokenizer.path, lora_base.get("lora_base"))
     writer = writers.MetricWriter(workdir, resume_step=start_step)
     flops = metrics_lib.flops_per_token(cfg, config.data.seq_len)

@@ -11,8 +11,10 @@ import math
 import os
 from collections.abc import Collection
 
+import jax
 import ml_collections
 
+from llm_jax import attention_kernels
 from llm_jax import lora
 from llm_jax import model as model_lib
 from llm_jax import optim
@@ -331,8 +333,20 @@ def _validate_sample(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(str(e)) from None
 
 
-def validate_for_devices(config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
-  """Checks that need the mesh: the batch must split evenly over the data-parallel devices."""
+def validate_for_devices(config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
+                         platform: str | None = None) -> None:
+  """Checks that need the devices: the attention kernel must run on their `platform` (default: this backend; 'tpu'
+  for a mesh over a TPU topology compiled for from another host) with these shapes, and the batch must split evenly
+  over the data-parallel devices."""
+  m = config.model
+  backend = platform or jax.default_backend()
+  capability = getattr(jax.devices()[0], "compute_capability", "9.0") if backend == "gpu" else "9.0"
+  try:
+    attention_kernels.check_attention_impl(m.attention_impl, backend, compute_dtype=m.compute_dtype,
+                                           head_dim=m.head_dim or m.d_model // m.num_heads,
+                                           seq_len=config.data.seq_len, gpu_capability=str(capability))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   data_parallel = sharding.data_parallel_size(mesh_shape)
   accum = max(config.grad_accum_steps, 1)  # 'auto' (0) splits only a batch that divides over the devices
   micro = config.global_batch_size // accum

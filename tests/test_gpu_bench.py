@@ -21,7 +21,7 @@ def test_gpu_variants_have_their_published_sizes(variant, family, millions):
   c = bench.bench_config(variant)
   validation.validate(c)
   cfg = config_lib.model_config(c, c.model.vocab_size)
-  assert (cfg.family, cfg.compute_dtype, cfg.attention_impl, cfg.remat_policy) == (family, "bfloat16", "jax", "dots")
+  assert (cfg.family, cfg.compute_dtype, cfg.attention_impl, cfg.remat_policy) == (family, "bfloat16", "auto", "dots")
   assert c.data.seq_len == 2048 and cfg.max_len == 2048
   assert c.tokenizer.vocab_size <= cfg.vocab_size  # a small tokenizer inside the published embedding
   n = count_params(nn.unbox(abstract_params(cfg)))  # shapes only: nothing is allocated

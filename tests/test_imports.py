@@ -15,8 +15,8 @@ PACKAGE = os.path.join(REPO, "llm_jax")
 ENTRY_POINTS = {"llm_jax.train", "llm_jax.generate", "llm_jax.evaluate", "llm_jax.convert", "llm_jax.sweep",
                 "llm_jax.bench", "llm_jax.inspect", "llm_jax.prepare", "llm_jax.harness", "llm_jax.plan"}
 # The model and its step: no experiment-config types, no flags, no data pipeline, no trainer.
-CORE = {"llm_jax.model", "llm_jax.attention", "llm_jax.steps", "llm_jax.optim", "llm_jax.metrics", "llm_jax.sharding",
-        "llm_jax.batch", "llm_jax.target", "llm_jax.tpu", "llm_jax.roofline"}
+CORE = {"llm_jax.model", "llm_jax.attention", "llm_jax.attention_kernels", "llm_jax.steps", "llm_jax.optim",
+        "llm_jax.metrics", "llm_jax.sharding", "llm_jax.batch", "llm_jax.target", "llm_jax.tpu", "llm_jax.roofline"}
 CORE_MAY_NOT_REACH = ("ml_collections", "absl", "llm_jax.data", "llm_jax.trainer")
 
 

@@ -2,6 +2,7 @@
 
 import glob
 import importlib.util
+import json
 import os
 
 import jax
@@ -81,6 +82,13 @@ def test_smoke_run_matches_golden_losses(tmp_path):
     assert key in records[0]
   for name in ("config.json", "model.json", "metrics.jsonl"):
     assert os.path.exists(tmp_path / name)
+  with open(tmp_path / "config.json", encoding="utf-8") as f:
+    record = json.load(f)
+  # The settings chosen per backend, as given and as run (trainer.resolved_choices).
+  assert record["model"]["attention_impl"] == "auto" and record["model"]["remat_policy"] == "auto"
+  assert record["resolved"] == {"backend": "cpu", "attention_impl": "einsum", "remat_policy": "dots",
+                                "grad_accum_steps": record["resolved"]["grad_accum_steps"]}
+  assert record["resolved"]["grad_accum_steps"] >= 1
   assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
   card = runcard.read(str(tmp_path))
   assert card["status"] == "finished" and card["device_count"] == 8 and card["end_time"]

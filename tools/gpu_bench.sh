@@ -7,7 +7,8 @@
 # Full mode makes a venv (GPU_BENCH_VENV, default /tmp/llm_jax_gpu_venv), installs jax[cuda12] at the version
 # requirements.txt pins, this project (pip install -e .) and torch (PyPI's Linux wheel is the CUDA build), then:
 #   1. python -m llm_jax.bench at gpt2_125m, gpt2_350m, llama_1b (llm_jax/bench_shapes.py: bf16, context 2048,
-#      cuDNN attention, remat 'dots'), each batch fitted to device memory by a dry-run compile (--fit_batch);
+#      attention_impl 'auto', which on GPU is cuDNN's fused kernel (llm_jax/attention_kernels.py; never yet run on a
+#      GPU, see BENCHMARKS.md), remat 'dots'), each batch fitted to device memory by a dry-run compile (--fit_batch);
 #   2. tools/compare_torch.py at gpt2_125m: torch on CUDA under bf16 autocast against our bf16 step,
 #      same init and batches, JAX told not to preallocate so both fit on the GPU;
 # and merges both JSON files into OUT.json (default gpu_bench.json). Each stage has its own time limit.
