@@ -4,6 +4,7 @@ import os
 import shutil
 
 import pytest
+from test_train import losses
 from test_train import smoke_config
 
 from llm_jax import faults
@@ -113,3 +114,12 @@ def test_a_prompt_longer_than_max_length_is_refused_before_a_store_is_built(tmp_
   with pytest.raises(ValueError, match="--config.sample.max_length=20 is not longer than the prompt"):
     trainer.train_and_evaluate(c, str(tmp_path / "run"))
   assert os.listdir(tmp_path / "store") == ["tokenizers"]  # the tokenizer was trained, no store tokenised
+
+
+@pytest.mark.slow
+def test_restart_starts_over_where_the_checkpoints_are_gone(pretrained, tmp_path):
+  run = _copy(pretrained, tmp_path)
+  shutil.rmtree(os.path.join(run, "checkpoints"))
+  trainer.train_and_evaluate(smoke_config(num_train_steps=10, restart=True), run)
+  assert os.listdir(os.path.join(run, "checkpoints")) == ["10"]
+  assert losses(run) == losses(pretrained)  # the same 10 seeded steps again, metrics.jsonl replaced, not appended
