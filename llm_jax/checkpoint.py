@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from llm_jax import errors
 from llm_jax import optim
 from llm_jax import paths
 from llm_jax import sharding
@@ -42,17 +43,13 @@ REMEDY_LAYOUT = ("keep the old optim settings, or start a new --workdir from the
                  "--config.init_params_from=<workdir>")
 
 
-class CheckpointError(RuntimeError):
-  """No usable checkpoint where one was required."""
-
-
 def check_reachable(directory: str) -> None:
   """Refuses a gs:// checkpoint directory when orbax could not write it (it needs google-cloud-storage there), or
   when its name holds glob characters: orbax lists its files by globbing below the directory, and on an object
   store that glob would read them as a pattern (`paths` makes local paths literal)."""
   if not paths.is_local(directory) and any(c in directory for c in "[*?"):
-    raise ValueError(f"checkpoint directory {directory} holds a glob character ([, * or ?), which orbax's listing on "
-                     "an object store would read as a pattern; pick a --workdir without them")
+    raise errors.ConfigError(f"checkpoint directory {directory} holds a glob character ([, * or ?), which orbax's "
+                             "listing on an object store would read as a pattern; pick a --workdir without them")
   if not directory.startswith("gs://"):
     return
   try:
@@ -60,8 +57,8 @@ def check_reachable(directory: str) -> None:
   except ModuleNotFoundError:
     found = False
   if not found:
-    raise ValueError(f"checkpoints in {directory} need the google-cloud-storage package (orbax reaches gs:// "
-                     "through it); pip install google-cloud-storage on every host")
+    raise errors.ConfigError(f"checkpoints in {directory} need the google-cloud-storage package (orbax reaches gs:// "
+                             "through it); pip install google-cloud-storage on every host")
 
 
 def _schedule_free_tx(meta: dict[str, Any]) -> Any:
@@ -76,7 +73,7 @@ def _schedule_free_tx(meta: dict[str, Any]) -> Any:
 def unusable_dir(directory: str) -> str:
   """Where checkpoints of `directory` that fail to load are moved: beside it, as unusable_<its name>."""
   return os.path.join(os.path.dirname(directory), "unusable_" + os.path.basename(directory))
-class LayoutMismatch(CheckpointError):
+class LayoutMismatch(errors.CheckpointError):
   """The saved train state is intact but has another tree structure, shapes or dtypes than the run's."""
 
 
@@ -186,9 +183,9 @@ class Checkpointer:
     need = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state)) + _SPACE_MARGIN
     free = shutil.disk_usage(self.directory).free
     if free < need:
-      raise CheckpointError(f"no room for checkpoint {step} in {self.directory}: {free / 1e6:,.0f} MB free, it needs "
-                            f"about {need / 1e6:,.0f} MB; free space, then rerun the same command (it resumes from "
-                            f"checkpoint {self.latest()})")
+      raise errors.CheckpointError(f"no room for checkpoint {step} in {self.directory}: {free / 1e6:,.0f} MB free, it "
+                                   f"needs about {need / 1e6:,.0f} MB; free space, then rerun the same command (it "
+                                   f"resumes from checkpoint {self.latest()})")
 
   @contextlib.contextmanager
   def _storage_errors(self) -> Iterator[None]:
@@ -200,9 +197,9 @@ class Checkpointer:
       if not (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) and not any(
           sign in text for sign in ("RESOURCE_EXHAUSTED", "No space left", "Disk quota exceeded")):
         raise
-      raise CheckpointError(f"the disk holding {self.directory} is full: writing a checkpoint failed ({text[:160]}); "
-                            "free space, then rerun the same command (it resumes from the newest complete "
-                            "checkpoint)") from None
+      raise errors.CheckpointError(f"the disk holding {self.directory} is full: writing a checkpoint failed "
+                                   f"({text[:160]}); free space, then rerun the same command (it resumes "
+                                   "from the newest complete checkpoint)") from None
 
   def check_for_errors(self) -> None:
     """Raises now what a finished background save failed with (a full disk in one line), rather than at the next
@@ -221,7 +218,7 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def read_meta(self, step: int) -> dict[str, Any]:
-    """`restore_meta`, retried through storage hiccups like a restore (then refused with CheckpointError); damage
+    """`restore_meta`, retried through storage hiccups like a restore (then refused with errors.CheckpointError); damage
     raises as it is."""
     return self._retrying(step, lambda: self.restore_meta(step))
 
@@ -232,7 +229,7 @@ class Checkpointer:
 
     Three kinds of failure, told apart before anything is moved:
     - another layout (`check_meta` refusing config drift, or the saved tree structure, shapes or dtypes
-      differing from `abstract_state`): the checkpoint is fine, the run is not; refused with `CheckpointError`
+      differing from `abstract_state`): the checkpoint is fine, the run is not; refused with `errors.CheckpointError`
       (or `check_meta`'s own error), nothing moved. Checked on metadata only, before any array is read.
     - a storage error (EIO, timeouts): retried with backoff, then refused; nothing moved.
     - damage (truncated, undecodable or missing files from a killed writer): the checkpoint is reported and
@@ -242,14 +239,15 @@ class Checkpointer:
     """
     available = self.steps()
     if step is not None and step not in available:
-      raise CheckpointError(f"no checkpoint at step {step} in {self.directory}; available: {available or 'none'}")
+      raise errors.CheckpointError(f"no checkpoint at step {step} in {self.directory}; available: "
+                                   f"{available or 'none'}")
     candidates = [step] if step is not None else sorted(available, reverse=True)
     target = sharding.with_shardings(abstract_state, shardings)
     failures = []
     for candidate in candidates:
       try:
         meta = self._retrying(candidate, lambda c=candidate: self.restore_meta(c))
-      except CheckpointError:
+      except errors.CheckpointError:
         raise
       except Exception:  # pylint: disable=broad-except  # unreadable metadata: damage, handled below
         meta = None
@@ -263,12 +261,12 @@ class Checkpointer:
                                f"{difference}; {REMEDY_LAYOUT}")
         restored = self._retrying(candidate, lambda c=candidate: self.manager.restore(c, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())))
-      except CheckpointError:
+      except errors.CheckpointError:
         raise
       except Exception as e:  # pylint: disable=broad-except  # anything else unreadable is damage
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         if step is not None:
-          raise CheckpointError(f"checkpoint at step {step} in {self.directory} is unusable ({reason})") from e
+          raise errors.CheckpointError(f"checkpoint at step {step} in {self.directory} is unusable ({reason})") from e
         moved = self._quarantine(candidate)
         failures.append(candidate)
         print(f"checkpoint at step {candidate} is unusable ({reason}); moved it to {moved}"
@@ -276,9 +274,9 @@ class Checkpointer:
         continue
       return candidate, restored["state"], restored["data"], restored["meta"]
     if failures:
-      raise CheckpointError(f"no checkpoint in {self.directory} could be restored (tried steps {failures}, all "
-                            f"damaged); moved them to {self.unusable_directory}; nothing was overwritten: restore "
-                            "one from a backup, or start over with a new --workdir")
+      raise errors.CheckpointError(f"no checkpoint in {self.directory} could be restored (tried steps {failures}, all "
+                                   f"damaged); moved them to {self.unusable_directory}; nothing was overwritten: "
+                                   "restore one from a backup, or start over with a new --workdir")
     return None
 
   @property
@@ -310,9 +308,9 @@ class Checkpointer:
           raise
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         if attempt == RESTORE_ATTEMPTS:
-          raise CheckpointError(f"storage error reading the checkpoint at step {step} in {self.directory} "
-                                f"({reason}), {RESTORE_ATTEMPTS} attempts; it was left in place: check the "
-                                "filesystem and run again") from e
+          raise errors.CheckpointError(f"storage error reading the checkpoint at step {step} in "
+                                       f"{self.directory} ({reason}), {RESTORE_ATTEMPTS} attempts; it was left "
+                                       "in place: check the filesystem and run again") from e
         print(f"storage error reading the checkpoint at step {step} ({reason}); retrying in {delay:g} s",
               flush=True)
         time.sleep(delay)
@@ -324,11 +322,11 @@ class Checkpointer:
     or for a schedule-free run the averaged ones (`optim.eval_params`), read with the optimizer state."""
     steps = self.steps()
     if not steps:
-      raise CheckpointError(f"no checkpoint in {self.directory}; train first with python -m "
-                            "llm_jax.train --workdir=... or convert weights with python -m llm_jax.convert")
+      raise errors.CheckpointError(f"no checkpoint in {self.directory}; train first with python -m llm_jax.train "
+                                   "--workdir=... or convert weights with python -m llm_jax.convert")
     step = steps[-1] if step is None else step
     if step not in steps:
-      raise CheckpointError(f"no checkpoint at step {step} in {self.directory}; available: {steps}")
+      raise errors.CheckpointError(f"no checkpoint at step {step} in {self.directory}; available: {steps}")
     target = {"params": sharding.with_shardings(abstract_params, shardings)}
     tx = _schedule_free_tx(self.restore_meta(step))
     if tx is not None:  # its params are the gradient point y; evaluation wants x, computed from y and z

@@ -18,14 +18,11 @@ from typing import Iterator
 import jax
 from jax.experimental import multihost_utils
 
+from llm_jax import errors
 from llm_jax import paths
 
 
-class RunError(RuntimeError):
-  """A run that must stop; the message says why and what to do."""
-
-
-class Interrupted(RunError):
+class Interrupted(errors.RunError):
   """SIGTERM or SIGINT before there was anything to checkpoint; `exit_code` is the shell's 128 + signal."""
 
   def __init__(self, message: str, signum: int):
@@ -44,8 +41,8 @@ def check_not_importing_main(what: str) -> None:
   # the worker's own; once the worker is up both name one module.
   importing = sys.modules.get("__mp_main__")
   if importing is not None and importing is not sys.modules.get("__main__"):
-    raise RunError(f"{what} was called while a worker process imported your script: put the call under "
-                   "`if __name__ == '__main__':`")
+    raise errors.RunError(f"{what} was called while a worker process imported your script: put the call under `if "
+                          "__name__ == '__main__':`")
 
 
 @contextlib.contextmanager
@@ -95,8 +92,8 @@ class WorkdirLock:
     except BlockingIOError:
       holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
       os.close(fd)
-      raise RunError(f"workdir {os.path.dirname(self.path)} is in use by a running job (pid {holder}); "
-                     "wait for it to finish or use another --workdir") from None
+      raise errors.RunError(f"workdir {os.path.dirname(self.path)} is in use by a running job (pid "
+                            f"{holder}); wait for it to finish or use another --workdir") from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     self._fd = fd

@@ -15,6 +15,7 @@ from absl import app
 from absl import flags
 
 from llm_jax import chat
+from llm_jax import errors
 from llm_jax import launch
 from llm_jax import sampling
 from llm_jax import workdir as workdir_lib
@@ -66,8 +67,8 @@ def _stdin_turns() -> Iterator[str]:
     try:
       yield line.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as e:
-      raise ValueError(f"line {number} of stdin is not UTF-8 text (byte {line[e.start]:#04x} at offset {e.start}); "
-                       "send UTF-8 (e.g. through iconv -t UTF-8)") from None
+      raise errors.DataError(f"line {number} of stdin is not UTF-8 text (byte {line[e.start]:#04x} at "
+                             f"offset {e.start}); send UTF-8 (e.g. through iconv -t UTF-8)") from None
 
 
 def _chat(loaded: workdir_lib.LoadedModel, num_return_sequences: int) -> None:

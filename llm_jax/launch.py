@@ -15,11 +15,11 @@ import jax
 from absl import flags
 from absl import logging
 
-from llm_jax import checkpoint as checkpoint_lib
+from llm_jax import errors
 from llm_jax import faults
 
 # Errors a user can fix from the command line: shown as one line, never as a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, checkpoint_lib.CheckpointError, faults.RunError)
+USER_ERRORS = (ValueError, FileNotFoundError, errors.CheckpointError, errors.RunError)
 
 
 class DistributedFlags:

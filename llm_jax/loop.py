@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from llm_jax import checkpoint as checkpoint_lib
+from llm_jax import errors
 from llm_jax import faults
 from llm_jax import metrics as metrics_lib
 from llm_jax import optim
@@ -232,9 +233,9 @@ class Loop:
     flags = jax.device_get([m["nonfinite"] for _, m in pending])
     bad = [s for (s, _), flag in zip(pending, flags) if flag]
     if bad and self.plan.on_nonfinite == "stop":
-      raise faults.RunError(f"non-finite loss or gradient norm at step {bad[0]}; stopped without saving it "
-                            f"(newest good checkpoint: step {self.ckpt.latest()}); lower optim.learning_rate "
-                            "or pass --config.on_nonfinite=skip")
+      raise errors.RunError(f"non-finite loss or gradient norm at step {bad[0]}; stopped without saving it (newest "
+                            f"good checkpoint: step {self.ckpt.latest()}); lower optim.learning_rate or pass "
+                            "--config.on_nonfinite=skip")
     return bad
 
   def _log(self, step: int, pending: list[tuple[int, dict[str, jax.Array]]]) -> None:
@@ -264,7 +265,7 @@ class Loop:
     for m in fetched:
       self.skipped_in_a_row = self.skipped_in_a_row + 1 if m["nonfinite"] else 0
     if self.plan.on_nonfinite == "skip" and self.skipped_in_a_row >= self.plan.max_skipped_steps:
-      raise faults.RunError(f"the last {self.skipped_in_a_row} updates up to step {step} were all non-finite "
+      raise errors.RunError(f"the last {self.skipped_in_a_row} updates up to step {step} were all non-finite "
                             f"(on_nonfinite='skip', max_skipped_steps={self.plan.max_skipped_steps}): the run "
                             f"diverged; checkpoint {self.ckpt.latest()} holds its last finite update: lower "
                             "optim.learning_rate, or raise --config.max_skipped_steps")

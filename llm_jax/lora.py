@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_jax import errors
+
 # Target names in model.lora_targets → the weights they adapt (GPT-2 and Llama names).
 TARGETS = {"q": ("query",), "k": ("key",), "v": ("value",), "o": ("out",), "mlp_in": ("fc", "gate", "up"),
            "mlp_out": ("proj", "down")}
@@ -25,12 +27,12 @@ def parse_targets(targets: str) -> tuple[str, ...]:
   names = [t.strip() for t in targets.split(",") if t.strip()]
   unknown = [t for t in names if t not in TARGETS]
   if unknown or not names:
-    raise ValueError(f"model.lora_targets={targets!r}: {', '.join(unknown) or 'nothing'} matches no projection; "
-                     f"use comma-separated names from {', '.join(TARGETS)}")
+    raise errors.ConfigError(f"model.lora_targets={targets!r}: {', '.join(unknown) or 'nothing'} matches no "
+                             f"projection; use comma-separated names from {', '.join(TARGETS)}")
   repeated = sorted({t for t in names if names.count(t) > 1})
   if repeated:  # one adapter per weight: a repeat is a typo, not a second adapter
-    raise ValueError(f"model.lora_targets={targets!r} names {', '.join(repeated)} more than once; name each "
-                     "projection once")
+    raise errors.ConfigError(f"model.lora_targets={targets!r} names {', '.join(repeated)} more than once; name each "
+                             "projection once")
   return tuple(w for t in names for w in TARGETS[t])
 
 

@@ -20,6 +20,8 @@ from etils import epath
 from etils.epath import backend as epath_backend
 from etils.epath import gpath as epath_gpath
 
+from llm_jax import errors
+
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _WILDCARD = re.compile(r"[*?\[]")
 
@@ -118,8 +120,8 @@ def glob_files(pattern: str) -> list[str]:
   if is_local(pattern):
     return [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
   if "**" in pattern:
-    raise ValueError(f"{pattern!r}: a recursive ** is not supported on an object store (epath refuses it, as it "
-                     "can take thousands of listing requests); name each level with *")
+    raise errors.ConfigError(f"{pattern!r}: a recursive ** is not supported on an object store (epath refuses it, as "
+                             "it can take thousands of listing requests); name each level with *")
   parts = pattern.split("/")
   first = next((i for i, part in enumerate(parts) if _WILDCARD.search(part)), len(parts))
   root = as_path("/".join(parts[:first]))
@@ -133,8 +135,8 @@ def check_local(location: str, what: str) -> None:
   go through libraries or subprocesses that would quietly make a local folder named 'gs:'."""
   match = _URL_SCHEME.match(location or "")
   if match:
-    raise ValueError(f"{what}={location} is not a local path, and {what} takes only local ones; pass a local "
-                     "directory or a mounted bucket (e.g. gcsfuse) instead")
+    raise errors.ConfigError(f"{what}={location} is not a local path, and {what} takes only local ones; pass a local "
+                             "directory or a mounted bucket (e.g. gcsfuse) instead")
 
 
 # The fsspec protocol epath uses for each URL scheme when TensorFlow is absent, and the package that provides it.
@@ -149,14 +151,15 @@ def check_reachable(location: str, what: str) -> None:
   URL missing a slash (gs:/bucket), which would otherwise become a local folder named 'gs:'."""
   one_slash = _ONE_SLASH_URL.match(location or "")
   if one_slash:
-    raise ValueError(f"{what}={location} is a URL with one slash after {one_slash.group(1)}:, which would make a local "
-                     f"folder named '{one_slash.group(1)}:'; write {one_slash.group(1)}://{location[len(one_slash.group(0)):]}")
+    raise errors.ConfigError(f"{what}={location} is a URL with one slash after {one_slash.group(1)}:, which would "
+                             f"make a local folder named '{one_slash.group(1)}:'; write "
+                             f"{one_slash.group(1)}://{location[len(one_slash.group(0)):]}")
   match = _URL_SCHEME.match(location or "")
   if not match:
     return
   scheme = match.group(1)
   if scheme not in _FSSPEC:
-    raise ValueError(f"{what}={location}: {scheme}:// is not supported; use a local path, gs:// or s3://")
+    raise errors.ConfigError(f"{what}={location}: {scheme}:// is not supported; use a local path, gs:// or s3://")
   if importlib.util.find_spec("tensorflow") is not None:
     return  # epath then goes through tf.io.gfile
   import fsspec  # pylint: disable=import-outside-toplevel  (etils' epath depends on it; only URLs need it here)
@@ -165,5 +168,5 @@ def check_reachable(location: str, what: str) -> None:
   try:
     fsspec.get_filesystem_class(protocol)
   except ImportError:
-    raise ValueError(f"{what}={location} needs the {package} package to reach {scheme}:// (or TensorFlow); "
-                     f"pip install {package} on every host") from None
+    raise errors.ConfigError(f"{what}={location} needs the {package} package to reach {scheme}:// (or "
+                             f"TensorFlow); pip install {package} on every host") from None

@@ -13,7 +13,7 @@ import ml_collections
 
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
-from llm_jax import faults
+from llm_jax import errors
 from llm_jax import paths
 from llm_jax import workdir as workdir_lib
 from llm_jax.data import corpus
@@ -49,12 +49,11 @@ def check_history(config: ml_collections.ConfigDict, workdir: str, directory: st
   (earlier runs moved every checkpoint aside) the trainer's restore refuses, naming them.
   """
   if steps and steps[-1] > config.num_train_steps:
-    raise faults.RunError(f"the workdir already holds checkpoint {steps[-1]}, past num_train_steps="
-                          f"{config.num_train_steps}; raise num_train_steps or use another --workdir")
+    raise errors.RunError(f"the workdir already holds checkpoint {steps[-1]}, past "
+                          f"num_train_steps={config.num_train_steps}; raise num_train_steps or use another --workdir")
   if steps and config.restart:
-    raise faults.RunError(f"restart=True but {directory} holds checkpoints {steps}, which the run would resume "
-                          "rather than restart; drop --config.restart to resume, or move that folder away to start "
-                          "over")
+    raise errors.RunError(f"restart=True but {directory} holds checkpoints {steps}, which the run would resume rather "
+                          "than restart; drop --config.restart to resume, or move that folder away to start over")
   if steps or config.restart or quarantined:
     return
   card = runcard.read(workdir) or {}
@@ -63,7 +62,7 @@ def check_history(config: ml_collections.ConfigDict, workdir: str, directory: st
   if card.get("status") in ("finished", "stopped") or (not existed and (card or has_metrics)):
     what = f"{workdir_lib.RUN_FILE} says {card['status']!r}" if card.get("status") else (
         f"it has {workdir_lib.RUN_FILE if card else workdir_lib.METRICS_FILE}")
-    raise faults.RunError(f"--workdir={workdir} holds an earlier run ({what}) but no checkpoint in {directory}; "
+    raise errors.RunError(f"--workdir={workdir} holds an earlier run ({what}) but no checkpoint in {directory}; "
                           "starting from scratch would replace its metrics: restore the checkpoints, or pass "
                           "--config.restart=True to start over here, or use a new --workdir")
 
@@ -85,7 +84,7 @@ def newest_meta(ckpt: checkpoint_lib.Checkpointer) -> dict[str, Any] | None:
   for step in reversed(ckpt.steps()):
     try:
       return ckpt.read_meta(step)
-    except checkpoint_lib.CheckpointError:
+    except errors.CheckpointError:
       raise
     except Exception:  # pylint: disable=broad-except  # damage: the restore reports it and tries an older one
       continue

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax import chat
+from llm_jax import errors
 from llm_jax.model import ModelConfig
 from llm_jax.model import Transformer
 from llm_jax.model import init_cache
@@ -69,19 +70,19 @@ def check_settings(*, max_length: int, num_return_sequences: int, temperature: f
   `prefix` is '--' for generate's flags and '--config.sample.' for the trainer's end-of-run samples.
   """
   if max_length < 2:
-    raise ValueError(f"{prefix}max_length={max_length} leaves no room to generate; it counts the prompt, so "
-                     f"raise {prefix}max_length above the prompt's length in tokens")
+    raise errors.ConfigError(f"{prefix}max_length={max_length} leaves no room to generate; it counts the prompt, so "
+                             f"raise {prefix}max_length above the prompt's length in tokens")
   if num_return_sequences < 1:
-    raise ValueError(f"{prefix}num_return_sequences={num_return_sequences} must be at least 1")
+    raise errors.ConfigError(f"{prefix}num_return_sequences={num_return_sequences} must be at least 1")
   if not math.isfinite(temperature):
-    raise ValueError(f"{prefix}temperature={temperature} is not a finite number; use 0 for greedy or a positive "
-                     "value")
+    raise errors.ConfigError(f"{prefix}temperature={temperature} is not a finite number; use 0 for greedy or a "
+                             "positive value")
   if temperature < 0:
-    raise ValueError(f"{prefix}temperature={temperature} is negative; use 0 for greedy or a positive value")
+    raise errors.ConfigError(f"{prefix}temperature={temperature} is negative; use 0 for greedy or a positive value")
   if not 0 < top_p <= 1:  # also refuses nan
-    raise ValueError(f"{prefix}top_p={top_p} is outside (0, 1]; use 1.0 to turn nucleus filtering off")
+    raise errors.ConfigError(f"{prefix}top_p={top_p} is outside (0, 1]; use 1.0 to turn nucleus filtering off")
   if top_k < 0:
-    raise ValueError(f"{prefix}top_k={top_k} is negative; use 0 to turn top-k filtering off")
+    raise errors.ConfigError(f"{prefix}top_k={top_k} is negative; use 0 to turn top-k filtering off")
 
 
 def sequences_to_decode(*, temperature: float, num_return_sequences: int, given: Collection[str],
@@ -96,11 +97,11 @@ def sequences_to_decode(*, temperature: float, num_return_sequences: int, given:
   greedy = f"greedy decoding ({prefix}temperature={temperature:g})"
   for name in ("top_k", "top_p", "seed"):
     if name in given:
-      raise ValueError(f"{prefix}{name} is set but {greedy} ignores it; drop it, or sample with a positive "
-                       f"{prefix}temperature")
+      raise errors.ConfigError(f"{prefix}{name} is set but {greedy} ignores it; drop it, or sample with a positive "
+                               f"{prefix}temperature")
   if "num_return_sequences" in given and num_return_sequences > 1:
-    raise ValueError(f"{prefix}num_return_sequences={num_return_sequences} would repeat the one continuation of "
-                     f"{greedy}; drop it, or sample with a positive {prefix}temperature")
+    raise errors.ConfigError(f"{prefix}num_return_sequences={num_return_sequences} would repeat the one continuation "
+                             f"of {greedy}; drop it, or sample with a positive {prefix}temperature")
   return 1
 
 
@@ -109,44 +110,45 @@ def check_prompt(prompt: str, prefix: str = "--") -> None:
   try:
     prompt.encode("utf-8")
   except UnicodeEncodeError as e:
-    raise ValueError(f"{prefix}prompt is not valid UTF-8 (byte {e.start}); pass UTF-8 text") from None
+    raise errors.ConfigError(f"{prefix}prompt is not valid UTF-8 (byte {e.start}); pass UTF-8 text") from None
 
 
 def check_fits(cfg: ModelConfig, max_length: int, num_return_sequences: int, prefix: str = "--") -> None:
   """Refuses a max_length past the model's learned positions (gpt2) or a KV cache over MAX_CACHE_BYTES."""
   if cfg.position_limit and max_length > cfg.position_limit:
-    raise ValueError(f"{prefix}max_length={max_length} exceeds the {cfg.position_limit} learned positions of this "
-                     f"{cfg.family} model; lower {prefix}max_length to at most {cfg.position_limit}")
+    raise errors.ConfigError(f"{prefix}max_length={max_length} exceeds the {cfg.position_limit} learned positions of "
+                             f"this {cfg.family} model; lower {prefix}max_length to at most {cfg.position_limit}")
   cache_bytes = (2 * cfg.num_layers * num_return_sequences * max_length * cfg.num_kv_heads * cfg.head_dim
                  * cfg.dtype.itemsize)
   if cache_bytes > MAX_CACHE_BYTES:
-    raise ValueError(f"{prefix}max_length={max_length} x {prefix}num_return_sequences={num_return_sequences} "
-                     f"needs a {cache_bytes / 2**30:.0f} GiB KV cache, over the {MAX_CACHE_BYTES >> 30} GiB bound; "
-                     "lower them")
+    raise errors.ConfigError(f"{prefix}max_length={max_length} x {prefix}num_return_sequences={num_return_sequences} "
+                             f"needs a {cache_bytes / 2**30:.0f} GiB KV cache, over the {MAX_CACHE_BYTES >> 30} GiB "
+                             "bound; lower them")
 
 
 def _validate(cfg: ModelConfig, prompt_len: int, max_length: int, num_return_sequences: int,
               temperature: float, top_k: int, top_p: float, prefix: str = "--") -> None:
   """Every check of a sampling request; `prefix` as in `check_settings`."""
   if prompt_len == 0:
-    raise ValueError("the prompt is empty; give at least one token (e.g. a BOS id) to condition on")
+    raise errors.ConfigError("the prompt is empty; give at least one token (e.g. a BOS id) to condition on")
   check_settings(max_length=max_length, num_return_sequences=num_return_sequences, temperature=temperature,
                  top_k=top_k, top_p=top_p, prefix=prefix)
   limit = cfg.position_limit
   if limit and prompt_len >= limit:  # no max_length can help: the advice to raise it would loop
-    raise ValueError(f"the prompt ({prompt_len} tokens, a chat's whole conversation) fills all {limit} positions "
-                     "of this model; shorten it (in a chat, start a new conversation)")
+    raise errors.ConfigError(f"the prompt ({prompt_len} tokens, a chat's whole conversation) fills all {limit} "
+                             "positions of this model; shorten it (in a chat, start a new conversation)")
   if max_length <= prompt_len:
-    raise ValueError(f"{prefix}max_length={max_length} is not longer than the prompt ({prompt_len} tokens); "
-                     f"raise {prefix}max_length" + (f" (up to {limit}, this model's positions)" if limit else ""))
+    raise errors.ConfigError(f"{prefix}max_length={max_length} is not longer than the prompt ({prompt_len} tokens); "
+                             f"raise {prefix}max_length"
+                             + (f" (up to {limit}, this model's positions)" if limit else ""))
   check_fits(cfg, max_length, num_return_sequences, prefix)
 
 
 def _check_ids(name: str, ids: np.ndarray, vocab_size: int) -> None:
   # Out-of-range ids would be silently read as NaN embeddings by `jnp.take`, so refuse them here.
   if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-    raise ValueError(f"{name} has ids outside [0, {vocab_size}) (min {ids.min()}, max {ids.max()}); "
-                     "encode with the tokenizer this model was trained with")
+    raise errors.DataError(f"{name} has ids outside [0, {vocab_size}) (min {ids.min()}, max {ids.max()}); encode with "
+                           "the tokenizer this model was trained with")
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_sequences", "max_length", "greedy", "top_k"))

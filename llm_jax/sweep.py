@@ -14,6 +14,7 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
+from llm_jax import errors
 from llm_jax import launch
 from llm_jax import paths
 from llm_jax.sweeps import plan
@@ -29,7 +30,7 @@ _DISTRIBUTED = launch.DistributedFlags()
 
 def _report() -> None:
   if not os.path.isdir(_ROOT.value):
-    raise FileNotFoundError(f"--root={_ROOT.value} does not exist; pass the --root the sweep ran in")
+    raise errors.MissingFileError(f"--root={_ROOT.value} does not exist; pass the --root the sweep ran in")
   sweep = plan.load_sweep(_SWEEP.value) if _SWEEP.value else plan.read_manifest(_ROOT.value)
   result = report.write_report(sweep, _ROOT.value)
   print(result.table, end="")
@@ -40,7 +41,8 @@ def _report() -> None:
 
 def _sweep() -> None:
   if not _SWEEP.value:
-    raise ValueError("--sweep is missing; pass --sweep=experiments/<sweep>.py (or --report to summarise a root)")
+    raise errors.ConfigError("--sweep is missing; pass --sweep=experiments/<sweep>.py (or --report to summarise a "
+                             "root)")
   sweep = plan.load_sweep(_SWEEP.value)
   extra = _DISTRIBUTED.args()
   runs = plan.expand(sweep, _ROOT.value, extra)
@@ -59,8 +61,8 @@ def _sweep() -> None:
     launch.fail("llm_jax.sweep", RuntimeError("interrupted; rerun the same command to resume"))
   failed = [name for name, result in outcome.items() if result.startswith("failed")]
   if failed:
-    raise ValueError(f"{len(failed)} of {len(runs)} runs failed ({', '.join(failed)}); see their train.log, "
-                     "then rerun the same command to retry them")
+    raise errors.RunError(f"{len(failed)} of {len(runs)} runs failed ({', '.join(failed)}); see their train.log, then "
+                          "rerun the same command to retry them")
   print(f"all {len(runs)} runs finished; summarise them with: python -m llm_jax.sweep --report "
         f"--root={shlex.quote(_ROOT.value)}")
 

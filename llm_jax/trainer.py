@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
 from llm_jax import dryrun
+from llm_jax import errors
 from llm_jax import faults
 from llm_jax import loop as loop_lib
 from llm_jax import metrics as metrics_lib
@@ -62,10 +63,10 @@ def _restore_or_init(ckpt: checkpoint_lib.Checkpointer, fns: steps_lib.StepFns, 
   restored = ckpt.restore(fns.abstract_state, fns.state_shardings, check_meta=check)
   if restored is None:
     if ckpt.quarantined() and not restart:
-      raise checkpoint_lib.CheckpointError(
+      raise errors.CheckpointError(
           f"no usable checkpoint in {ckpt.directory}, and earlier runs moved unusable ones to "
-          f"{ckpt.unusable_directory} ({', '.join(ckpt.quarantined())}); starting over would overwrite this "
-          "workdir's metrics: restore one, or pass --config.restart=True to start over here, or use a new --workdir")
+          f"{ckpt.unusable_directory} ({', '.join(ckpt.quarantined())}); starting over would overwrite this workdir's "
+          "metrics: restore one, or pass --config.restart=True to start over here, or use a new --workdir")
     state = fns.init()
     if init_params_from and not fns.lora:
       source = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(init_params_from), async_save=False)
@@ -372,7 +373,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
     _print_samples(config, *workdir_lib.merge_adapters(cfg, params), data.tokenizer)
   except ValueError as e:
     # The training itself ended well (run.json says so); the exit status must still say sampling did not.
-    raise faults.RunError(f"training {status} (checkpoint {int(state.step)}); sampling failed: {e}") from None
+    raise errors.RunError(f"training {status} (checkpoint {int(state.step)}); sampling failed: {e}") from None
   return loop.final_metrics
 
 

@@ -31,7 +31,7 @@ import jax
 import ml_collections
 
 from llm_jax import checkpoint as checkpoint_lib
-from llm_jax import faults
+from llm_jax import errors
 from llm_jax import lora
 from llm_jax import paths
 from llm_jax import sharding
@@ -83,8 +83,8 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config a training run (or a conversion) wrote into `workdir`."""
   config_path = path(workdir, RUN_CONFIG_FILE)
   if not paths.as_path(config_path).is_file():
-    raise FileNotFoundError(f"{config_path} is missing; --workdir must be a directory written by llm_jax.train "
-                            "or llm_jax.convert")
+    raise errors.MissingFileError(f"{config_path} is missing; --workdir must be a directory written by llm_jax.train "
+                                  "or llm_jax.convert")
   return ml_collections.ConfigDict(json.loads(paths.as_path(config_path).read_text(encoding="utf-8")))
 
 
@@ -108,10 +108,10 @@ def read_model_card(workdir: str, flag: str = "--workdir") -> tuple[ModelConfig,
   """(model config, tokenizer path) from the workdir's model.json; errors name `flag`, where the path came from."""
   card_path = path(workdir, MODEL_FILE)
   if not paths.as_path(workdir).is_dir():
-    raise FileNotFoundError(f"{flag}={workdir} does not exist; pass the directory a training run wrote")
+    raise errors.MissingFileError(f"{flag}={workdir} does not exist; pass the directory a training run wrote")
   if not paths.as_path(card_path).exists():
-    raise FileNotFoundError(f"{card_path} is missing; {flag} must be a directory written by llm_jax.train "
-                            "or llm_jax.convert")
+    raise errors.MissingFileError(f"{card_path} is missing; {flag} must be a directory written by llm_jax.train or "
+                                  "llm_jax.convert")
   card = json.loads(paths.as_path(card_path).read_text(encoding="utf-8"))
   return ModelConfig(**card["model"]), os.path.join(workdir, card["tokenizer"])
 
@@ -149,9 +149,9 @@ def check_lora_base(saved: dict[str, Any] | None, given: dict[str, Any], where: 
   """Refuses adapters trained on another base model than `given` (a `lora_base_reference`)."""
   if saved is not None and saved != given:
     differing = ", ".join(f"{k}: {saved.get(k)!r} vs {given.get(k)!r}" for k in given if saved.get(k) != given[k])
-    raise faults.RunError(f"the LoRA adapters of {where} were trained on another base model than the one given "
-                          f"({differing}); pass --config.init_params_from={saved.get('workdir')} (that base, at "
-                          f"step {saved.get('step')}) or use a new --workdir")
+    raise errors.RunError(f"the LoRA adapters of {where} were trained on another base model than the one given "
+                          f"({differing}); pass --config.init_params_from={saved.get('workdir')} (that base, at step "
+                          f"{saved.get('step')}) or use a new --workdir")
 
 
 def check_base_step(base_workdir: str, step: int, workdir: str) -> None:
@@ -162,7 +162,7 @@ def check_base_step(base_workdir: str, step: int, workdir: str) -> None:
   finally:
     ckpt.close()
   if step not in steps:
-    raise checkpoint_lib.CheckpointError(
+    raise errors.CheckpointError(
         f"checkpoint {step} of {base_workdir}, the base model the LoRA adapters of {workdir} were trained on, is gone "
         f"(it holds {steps or 'none'}); restore it there, or train the adapters again on a checkpoint it holds")
 
@@ -187,7 +187,7 @@ def check_tokenizer(saved_meta: dict[str, Any], tokenizer_sha256: str, tokenizer
   saved_sha = saved_meta.get("tokenizer_sha256")
   if saved_sha and saved_sha != tokenizer_sha256:
     which = "checkpoint" if step is None else f"checkpoint {step}"
-    raise faults.RunError(f"tokenizer {tokenizer_path} is not the one {which} was trained with (sha256 differs); "
+    raise errors.RunError(f"tokenizer {tokenizer_path} is not the one {which} was trained with (sha256 differs); "
                           "restore the workdir's original tokenizer (file and settings) or use a new --workdir")
 
 
@@ -209,7 +209,7 @@ def check_model_dims(saved_meta: dict[str, Any], model: dict[str, Any]) -> None:
   if differing:
     detail = ", ".join(f"model.{k}: checkpoint {saved_model.get(k)!r} vs config {model.get(k)!r}"
                        for k in differing)
-    raise faults.RunError(f"config does not match the checkpoint ({detail}); restore those values or use a new "
+    raise errors.RunError(f"config does not match the checkpoint ({detail}); restore those values or use a new "
                           "--workdir")
 
 
@@ -217,7 +217,7 @@ def check_seed(saved_meta: dict[str, Any], seed: int | None) -> None:
   """Refuses another seed (checkpoints written before the seed was recorded carry none: accepted)."""
   saved_seed = saved_meta.get("seed")
   if saved_seed is not None and seed is not None and saved_seed != seed:
-    raise faults.RunError(f"seed={seed} differs from the checkpoint's seed={saved_seed}; the data order and dropout "
+    raise errors.RunError(f"seed={seed} differs from the checkpoint's seed={saved_seed}; the data order and dropout "
                           f"would change; pass --config.seed={saved_seed} or use another --workdir")
 
 
@@ -258,7 +258,7 @@ def check_data_stream(saved_meta: dict[str, Any], stream: dict[str, Any] | None)
     return
   differing = _stream_differences(saved, stream)
   if differing:
-    raise faults.RunError(f"the training data or validation set would change on resume ({'; '.join(differing)}); "
+    raise errors.RunError(f"the training data or validation set would change on resume ({'; '.join(differing)}); "
                           "restore the checkpoint's values (and files), or use a new --workdir")
 
 
@@ -266,7 +266,7 @@ def check_optim_name(saved_meta: dict[str, Any], name: str) -> None:
   """Refuses another optimizer (its state has another layout), from the metadata alone."""
   saved_name = (saved_meta.get("optim") or {}).get("name")
   if saved_name is not None and saved_name != name:
-    raise faults.RunError(f"the optimizer state layout differs from the checkpoint's (optim.name: checkpoint "
+    raise errors.RunError("the optimizer state layout differs from the checkpoint's (optim.name: checkpoint "
                           f"{saved_name!r} vs config {name!r}); {checkpoint_lib.REMEDY_LAYOUT}")
 
 
@@ -283,8 +283,8 @@ def check_optim_drift(saved_meta: dict[str, Any], optim: dict[str, Any], opt_sta
   differing = sorted(k for k in set(saved_optim) | set(optim) if saved_optim.get(k) != optim.get(k))
   if differing:
     detail = ", ".join(f"optim.{k}: checkpoint {saved_optim.get(k)!r} vs config {optim.get(k)!r}" for k in differing)
-    raise faults.RunError(f"the optimizer state layout differs from the checkpoint's ({detail}); "
-                   f"{checkpoint_lib.REMEDY_LAYOUT}")
+    raise errors.RunError(f"the optimizer state layout differs from the checkpoint's ({detail}); "
+                          f"{checkpoint_lib.REMEDY_LAYOUT}")
 
 
 def check_model_card(cfg: ModelConfig, saved_meta: dict[str, Any], workdir: str, step: int) -> None:
@@ -293,8 +293,8 @@ def check_model_card(cfg: ModelConfig, saved_meta: dict[str, Any], workdir: str,
   differing = sorted(k for k in saved_model if k not in ModelConfig.RUNTIME_FIELDS and saved_model[k] != model.get(k))
   if differing:
     detail = ", ".join(f"{k}: {MODEL_FILE} {model.get(k)!r} vs checkpoint {saved_model[k]!r}" for k in differing)
-    raise faults.RunError(f"{path(workdir, MODEL_FILE)} does not describe checkpoint {step} ({detail}); put back "
-                          f"the values the checkpoint was saved with")
+    raise errors.RunError(f"{path(workdir, MODEL_FILE)} does not describe checkpoint {step} ({detail}); put back the "
+                          "values the checkpoint was saved with")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,13 +315,13 @@ def load_model(workdir: str, step: int | None = None) -> LoadedModel:
   if cfg.lora_rank > 0:
     reference = read_lora_base(workdir) or {}
     if not reference.get("workdir") or not paths.as_path(reference["workdir"]).is_dir():
-      raise FileNotFoundError(f"the base model {reference.get('workdir')!r} of LoRA workdir {workdir} (named in "
-                              f"{MODEL_FILE}) is missing; restore it there")
+      raise errors.MissingFileError(f"the base model {reference.get('workdir')!r} of LoRA workdir {workdir} (named in "
+                                    f"{MODEL_FILE}) is missing; restore it there")
     check_lora_base(reference, lora_base_reference(reference["workdir"], reference["step"]), workdir)
     check_base_step(reference["workdir"], reference["step"], workdir)
     base = load_model(reference["workdir"], reference["step"])
   if not paths.as_path(tokenizer_path).exists():
-    raise FileNotFoundError(f"tokenizer {tokenizer_path} named in {MODEL_FILE} is missing")
+    raise errors.MissingFileError(f"tokenizer {tokenizer_path} named in {MODEL_FILE} is missing")
   tokenizer = load_tokenizer(tokenizer_path)
   check_vocab_fits(cfg.vocab_size, tokenizer.vocab_size,
                    f"the model only {cfg.vocab_size}: {tokenizer_path} does not belong to this checkpoint")

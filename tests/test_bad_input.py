@@ -9,7 +9,7 @@ from conftest import run_module
 from test_train import smoke_config
 
 from llm_jax import config as config_lib
-from llm_jax import faults
+from llm_jax import errors
 from llm_jax import sampling
 from llm_jax import trainer
 from llm_jax import validation
@@ -339,7 +339,7 @@ def test_train_refuses_to_resume_a_checkpoint_it_would_misuse(name, args, fragme
 def test_resume_accepts_checkpoints_written_before_the_seed_was_recorded():
   meta = {"model": {"d_model": 64}, "tokenizer_sha256": "abc", "seed": 3}
   workdir_lib.check_resumable({"model": {"d_model": 64}, "tokenizer_sha256": "abc"}, meta, "tok.model")
-  with pytest.raises(faults.RunError, match="seed=3 differs from the checkpoint's seed=0"):
+  with pytest.raises(errors.RunError, match="seed=3 differs from the checkpoint's seed=0"):
     workdir_lib.check_resumable({"model": {"d_model": 64}, "tokenizer_sha256": "abc", "seed": 0}, meta, "tok.model")
 
 
@@ -350,7 +350,7 @@ def test_sampling_failure_after_training_says_both(trained, tmp_path, monkeypatc
     raise ValueError("no room")
 
   monkeypatch.setattr(sampling, "generate", fail)
-  with pytest.raises(faults.RunError, match=r"^training finished \(checkpoint 10\); sampling failed: no room$"):
+  with pytest.raises(errors.RunError, match=r"^training finished \(checkpoint 10\); sampling failed: no room$"):
     trainer.train_and_evaluate(smoke_config(num_train_steps=10), str(copy))
   with open(copy / "run.json", encoding="utf-8") as f:
     assert json.load(f)["status"] == "finished"

@@ -10,7 +10,7 @@ import pytest
 from test_train import smoke_config
 
 from llm_jax import checkpoint as checkpoint_lib
-from llm_jax import faults
+from llm_jax import errors
 from llm_jax import trainer
 from llm_jax import workdir as workdir_lib
 
@@ -49,7 +49,7 @@ def test_resume_with_another_optimizer_layout_is_refused_by_name(trained, tmp_pa
   metrics = _read(os.path.join(workdir, "metrics.jsonl"))
   changed = smoke_config(num_train_steps=30)
   changed.optim.update(override)
-  with pytest.raises(faults.RunError, match="optimizer state layout differs") as raised:
+  with pytest.raises(errors.RunError, match="optimizer state layout differs") as raised:
     trainer.train_and_evaluate(changed, workdir)
   assert named in str(raised.value) and "--config.init_params_from=" in str(raised.value)
   assert _steps(workdir) == [10, 20]
@@ -99,13 +99,13 @@ def test_all_checkpoints_damaged_stops_and_keeps_the_metrics(trained, tmp_path, 
   metrics = _read(os.path.join(workdir, "metrics.jsonl"))
   _damage(workdir, 10)
   _damage(workdir, 20)
-  with pytest.raises(checkpoint_lib.CheckpointError, match=r"could be restored \(tried steps \[20, 10\]"):
+  with pytest.raises(errors.CheckpointError, match=r"could be restored \(tried steps \[20, 10\]"):
     trainer.train_and_evaluate(smoke_config(num_train_steps=30), workdir)
   assert "checkpoint at step 20 is unusable" in capsys.readouterr().out
   assert sorted(os.listdir(os.path.join(workdir, "unusable_checkpoints"))) == ["10", "20"]
   assert _read(os.path.join(workdir, "metrics.jsonl")) == metrics
   # The next invocation does not start over either.
-  with pytest.raises(checkpoint_lib.CheckpointError, match="earlier runs moved unusable ones"):
+  with pytest.raises(errors.CheckpointError, match="earlier runs moved unusable ones"):
     trainer.train_and_evaluate(smoke_config(num_train_steps=30), workdir)
   assert _read(os.path.join(workdir, "metrics.jsonl")) == metrics
 
@@ -146,7 +146,7 @@ def test_persistent_storage_error_refuses_and_moves_nothing(trained, tmp_path, f
   workdir = _copy(trained, tmp_path)
   metrics = _read(os.path.join(workdir, "metrics.jsonl"))
   flaky_storage["left"] = 1000
-  with pytest.raises(checkpoint_lib.CheckpointError, match=r"storage error reading the checkpoint at step 20 .*"
+  with pytest.raises(errors.CheckpointError, match=r"storage error reading the checkpoint at step 20 .*"
                      r"4 attempts; it was left in place"):
     trainer.train_and_evaluate(smoke_config(num_train_steps=30), workdir)
   assert flaky_storage["count"] == checkpoint_lib.RESTORE_ATTEMPTS

@@ -20,6 +20,7 @@ from test_train import smoke_config
 
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
+from llm_jax import errors
 from llm_jax import faults
 from llm_jax import loop as loop_lib
 from llm_jax import optim
@@ -215,7 +216,7 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path, poison_step):
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, poison_step):
   poison_step(15)
-  with pytest.raises(faults.RunError, match="non-finite loss or gradient norm at step 15"):
+  with pytest.raises(errors.RunError, match="non-finite loss or gradient norm at step 15"):
     trainer.train_and_evaluate(smoke_config(num_train_steps=20), str(tmp_path))
   reader = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(str(tmp_path)), keep=100)
   assert reader.steps() == [10]
@@ -228,7 +229,7 @@ def test_resuming_with_other_model_dimensions_names_the_keys(tmp_path, pretraine
   changed = smoke_config(num_train_steps=20)
   changed.model.d_model = 96
   changed.model.num_heads = 4
-  with pytest.raises(faults.RunError, match=r"model.d_model: checkpoint 64 vs config 96"):
+  with pytest.raises(errors.RunError, match=r"model.d_model: checkpoint 64 vs config 96"):
     trainer.train_and_evaluate(changed, str(tmp_path))
   # Harmless changes are allowed: more steps, other logging and eval intervals.
   trainer.train_and_evaluate(smoke_config(num_train_steps=20, log_every=5, eval_every=5), str(tmp_path))
@@ -394,7 +395,7 @@ def test_skipping_non_finite_updates_stops_after_max_skipped_steps_in_a_row():
   loop._check_skip_bound(10, [{"nonfinite": 1.0}, {"nonfinite": 1.0}, {"nonfinite": 0.0}])  # a finite one resets
   loop._check_skip_bound(20, [{"nonfinite": 1.0}, {"nonfinite": 1.0}])
   assert loop.skipped_in_a_row == 2
-  with pytest.raises(faults.RunError, match=r"the last 3 updates up to step 30 were all non-finite "
+  with pytest.raises(errors.RunError, match=r"the last 3 updates up to step 30 were all non-finite "
                      r".*max_skipped_steps=3.*checkpoint 20 holds its last finite update"):
     loop._check_skip_bound(30, [{"nonfinite": 1.0}])
 
@@ -403,7 +404,7 @@ def test_skipping_non_finite_updates_stops_after_max_skipped_steps_in_a_row():
 def test_a_diverged_run_under_skip_gives_up(tmp_path):
   c = smoke_config(num_train_steps=30, on_nonfinite="skip", max_skipped_steps=5)
   c.optim.learning_rate = 1e30
-  with pytest.raises(faults.RunError, match="updates up to step 10 were all non-finite"):
+  with pytest.raises(errors.RunError, match="updates up to step 10 were all non-finite"):
     trainer.train_and_evaluate(c, str(tmp_path))
   with open(os.path.join(tmp_path, "run.json"), encoding="utf-8") as f:
     assert '"status": "failed"' in f.read()
@@ -450,7 +451,7 @@ def test_lora_adapters_survive_the_base_training_on_and_name_a_lost_base(pretrai
   assert sorted(os.listdir(os.path.join(base, "checkpoints"))) == ["10", "30"]
   assert workdir_lib.load_model(lora).step == 2
   shutil.rmtree(os.path.join(base, "checkpoints", "10"))
-  with pytest.raises(checkpoint_lib.CheckpointError, match=f"checkpoint 10 of {base}, the base model the LoRA "
+  with pytest.raises(errors.CheckpointError, match=f"checkpoint 10 of {base}, the base model the LoRA "
                      r"adapters of .* were trained on, is gone \(it holds \[30\]\)"):
     workdir_lib.load_model(lora)
 
@@ -526,7 +527,7 @@ def test_a_full_disk_refuses_the_save_in_one_line(tmp_path, monkeypatch):
   saver.save(1, state, {}, {})
   usage = shutil.disk_usage(directory)
   monkeypatch.setattr(checkpoint_lib.shutil, "disk_usage", lambda path: usage._replace(free=5 << 20))
-  with pytest.raises(checkpoint_lib.CheckpointError, match=r"^[^\n]*$") as error:
+  with pytest.raises(errors.CheckpointError, match=r"^[^\n]*$") as error:
     saver.save(2, state, {}, {})
   assert f"no room for checkpoint 2 in {directory}: 5 MB free, it needs about 17 MB" in str(error.value)
   assert "resumes from checkpoint 1" in str(error.value)
@@ -536,7 +537,7 @@ def test_a_full_disk_refuses_the_save_in_one_line(tmp_path, monkeypatch):
     raise ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/x/d/123\": No space left on device [source "
                      "locations='tensorstore/kvstore/file/file_key_value_store.cc:123']\nmore lines")
   monkeypatch.setattr(saver.manager, "wait_until_finished", fail)
-  with pytest.raises(checkpoint_lib.CheckpointError, match=r"^the disk holding .* is full: writing a checkpoint "
+  with pytest.raises(errors.CheckpointError, match=r"^the disk holding .* is full: writing a checkpoint "
                      r"failed \(RESOURCE_EXHAUSTED[^\n]*$"):
     saver.close()
   assert sorted(os.listdir(directory)) == ["1"]

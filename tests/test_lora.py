@@ -17,7 +17,7 @@ from test_sft import sft_rows_fixture  # noqa: F401  pylint: disable=unused-impo
 
 from llm_jax import batch as batch_lib
 from llm_jax import checkpoint as checkpoint_lib
-from llm_jax import faults
+from llm_jax import errors
 from llm_jax import lora
 from llm_jax import sharding
 from llm_jax import steps as steps_lib
@@ -132,7 +132,7 @@ def test_lora_fine_tune_checkpoints_adapters_and_loads_merged(pretrained, sft_ro
 
   other = tmp_path / "other_base"
   shutil.copytree(pretrained, other, ignore=shutil.ignore_patterns(".lock"))
-  with pytest.raises(faults.RunError, match="trained on another base model than the one given"):
+  with pytest.raises(errors.RunError, match="trained on another base model than the one given"):
     trainer.train_and_evaluate(sft_config(str(other), sft_rows, **{"model.lora_rank": 4, "num_train_steps": 8}),
                                workdir)
   # The base named in the model card changed since the adapters were trained on it.
@@ -140,5 +140,5 @@ def test_lora_fine_tune_checkpoints_adapters_and_loads_merged(pretrained, sft_ro
   card["lora_base"]["workdir"] = str(other)
   (tmp_path / "lora" / "model.json").write_text(json.dumps(card))
   (other / "model.json").write_text((other / "model.json").read_text() + "\n")
-  with pytest.raises(faults.RunError, match="trained on another base model"):
+  with pytest.raises(errors.RunError, match="trained on another base model"):
     workdir_lib.load_model(workdir)

@@ -7,7 +7,7 @@ import pytest
 from test_train import losses
 from test_train import smoke_config
 
-from llm_jax import faults
+from llm_jax import errors
 from llm_jax import resume
 from llm_jax import trainer
 from llm_jax import workdir as workdir_lib
@@ -33,7 +33,7 @@ def test_a_finished_workdir_without_its_checkpoints_is_not_restarted(pretrained,
   shutil.rmtree(os.path.join(run, "checkpoints"))
   with open(os.path.join(run, "metrics.jsonl"), encoding="utf-8") as f:
     metrics = f.read()
-  with pytest.raises(faults.RunError, match=r"holds an earlier run \(run.json says 'finished'\).*restart=True"):
+  with pytest.raises(errors.RunError, match=r"holds an earlier run \(run.json says 'finished'\).*restart=True"):
     trainer.train_and_evaluate(smoke_config(num_train_steps=20), run)
   with open(os.path.join(run, "metrics.jsonl"), encoding="utf-8") as f:
     assert f.read() == metrics
@@ -43,13 +43,13 @@ def test_metrics_without_a_checkpoint_folder_are_an_earlier_run(pretrained, tmp_
   run = _copy(pretrained, tmp_path)
   shutil.rmtree(os.path.join(run, "checkpoints"))
   os.remove(os.path.join(run, "run.json"))
-  with pytest.raises(faults.RunError, match="holds an earlier run .it has metrics.jsonl"):
+  with pytest.raises(errors.RunError, match="holds an earlier run .it has metrics.jsonl"):
     trainer.train_and_evaluate(smoke_config(num_train_steps=20), run)
 
 
 def test_restart_beside_checkpoints_is_refused(pretrained, tmp_path):
   run = _copy(pretrained, tmp_path)
-  with pytest.raises(faults.RunError, match=r"restart=True but .* holds checkpoints \[10\]"):
+  with pytest.raises(errors.RunError, match=r"restart=True but .* holds checkpoints \[10\]"):
     trainer.train_and_evaluate(smoke_config(num_train_steps=20, restart=True), run)
 
 
@@ -75,7 +75,7 @@ def test_a_resume_that_changes_the_data_stream_is_refused(tmp_path, change, frag
     (changed[section] if section else changed)[name] = value
   meta = {"data_stream": resume.stream_record(saved)}
   workdir_lib.check_data_stream(meta, resume.stream_record(saved))  # the same settings resume
-  with pytest.raises(faults.RunError, match="would change on resume") as error:
+  with pytest.raises(errors.RunError, match="would change on resume") as error:
     workdir_lib.check_data_stream(meta, resume.stream_record(changed))
   assert fragment in str(error.value) and "\n" not in str(error.value)
 
@@ -84,7 +84,7 @@ def test_a_new_corpus_file_is_refused_on_resume(tmp_path):
   c = _text_files_config(tmp_path)
   meta = {"data_stream": resume.stream_record(c)}
   (tmp_path / "doc9.txt").write_text("a new document " * 50)
-  with pytest.raises(faults.RunError, match=r"the files data.text_files matches differ \(6 at the checkpoint, 7 now"):
+  with pytest.raises(errors.RunError, match=r"the files data.text_files matches differ \(6 at the checkpoint, 7 now"):
     workdir_lib.check_data_stream(meta, resume.stream_record(c))
 
 
@@ -100,7 +100,7 @@ def test_resume_checks_come_before_any_tokenising(pretrained, tmp_path):
       c.optim.name, c.optim.learning_rate, c.optim.b2 = "lion", 3e-4, 0.99
     else:
       c[key] = value
-    with pytest.raises(faults.RunError, match=fragment):
+    with pytest.raises(errors.RunError, match=fragment):
       trainer.train_and_evaluate(c, run)
     assert not store_dir.exists(), key  # refused before the tokenizer or a store was made
   with open(os.path.join(run, "data_store.json"), encoding="utf-8") as f:

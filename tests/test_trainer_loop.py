@@ -11,6 +11,7 @@ from conftest import run_module
 from test_train import smoke_config
 
 from llm_jax import checkpoint as checkpoint_lib
+from llm_jax import errors
 from llm_jax import faults
 from llm_jax import launch
 from llm_jax import trainer
@@ -149,7 +150,7 @@ def test_a_corrupt_run_card_is_one_line_before_training(tmp_path, pretrained):
   run_json = os.path.join(str(tmp_path), "run.json")
   with open(run_json, "w", encoding="utf-8") as f:
     f.write('{"status": "finished", "config": {')
-  with pytest.raises(ValueError, match=r"run.json is not valid JSON .* at line 1\); it is the run card"):
+  with pytest.raises(errors.RunError, match=r"run.json is not valid JSON .* at line 1\); it is the run card"):
     trainer.train_and_evaluate(smoke_config(num_train_steps=20), str(tmp_path))
   with open(run_json, encoding="utf-8") as f:
     assert f.read() == '{"status": "finished", "config": {'  # left as it was, for the user to look at

@@ -13,6 +13,7 @@ import math
 import os
 from typing import Any
 
+from llm_jax import errors
 from llm_jax import paths
 from llm_jax.data import sources
 from llm_jax.data.mixture import CYCLE
@@ -75,31 +76,31 @@ def mixture_components(base: DataConfig, mixture: dict[str, dict[str, Any]]) -> 
   weights normalised to shares; one-line ValueErrors for what cannot work or would be ignored."""
   example = "data.mixture = {'sotu': {'corpus': 'sotu', 'weight': 0.7}, 'web': {'corpus': 'text_files', ...}}"
   if not mixture:
-    raise ValueError(f"data.corpus='mixture' needs components; set e.g. {example} in the experiment file")
+    raise errors.ConfigError(f"data.corpus='mixture' needs components; set e.g. {example} in the experiment file")
   defaults = DataConfig()
   parts = []
   for name in sorted(mixture):
     entry, key = dict(mixture[name]), f"data.mixture.{name}"
     unknown = sorted(set(entry) - set(COMPONENT_FIELDS) - {"weight"})
     if unknown:
-      raise ValueError(f"{key} has unknown setting(s) {', '.join(unknown)}; a component takes weight and "
-                       f"{', '.join(COMPONENT_FIELDS)}")
+      raise errors.ConfigError(f"{key} has unknown setting(s) {', '.join(unknown)}; a component takes weight and "
+                               f"{', '.join(COMPONENT_FIELDS)}")
     weight = entry.pop("weight", None)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
-      raise ValueError(f"{key}.weight={weight!r} must be a positive number (its share of training tokens)")
+      raise errors.ConfigError(f"{key}.weight={weight!r} must be a positive number (its share of training tokens)")
     kind = entry.get("corpus")
     if kind not in _READS:
-      raise ValueError(f"{key}.corpus={kind!r} is not one of {', '.join(_READS)}; set {key}.corpus")
+      raise errors.ConfigError(f"{key}.corpus={kind!r} is not one of {', '.join(_READS)}; set {key}.corpus")
     for field in sorted(set(entry) - {"corpus"} - set(_READS[kind])):
       if entry[field] != getattr(defaults, field):
-        raise ValueError(f"{key}.{field} is set but {key}.corpus={kind!r} ignores it; remove it")
+        raise errors.ConfigError(f"{key}.{field} is set but {key}.corpus={kind!r} ignores it; remove it")
     data = dataclasses.replace(base, mixture=(), **{**{f: getattr(defaults, f) for f in COMPONENT_FIELDS}, **entry})
     _check_component(data, key)
     parts.append((name, float(weight), data))
   total = sum(weight for _, weight, _ in parts)
   if min(weight for _, weight, _ in parts) / total < 1 / CYCLE:
-    raise ValueError(f"data.mixture weights {[w for _, w, _ in parts]} give a component under 1/{CYCLE} of the "
-                     "training rows; raise its weight or drop it")
+    raise errors.ConfigError(f"data.mixture weights {[w for _, w, _ in parts]} give a component under 1/{CYCLE} of "
+                             "the training rows; raise its weight or drop it")
   return tuple(Component(name, weight / total, data) for name, weight, data in parts)
 
 
@@ -126,16 +127,16 @@ def stream_identity(data_cfg: DataConfig) -> list[dict[str, Any]]:
 
 def _check_component(data: DataConfig, key: str) -> None:
   if not 0.0 < data.validation_fraction < 1.0:
-    raise ValueError(f"{key}.validation_fraction={data.validation_fraction} must be in (0, 1)")
+    raise errors.ConfigError(f"{key}.validation_fraction={data.validation_fraction} must be in (0, 1)")
   if data.corpus == "text_files":
     if not data.text_files:
-      raise ValueError(f"{key} has corpus='text_files' but no text_files; set {key}.text_files=<glob>")
+      raise errors.ConfigError(f"{key} has corpus='text_files' but no text_files; set {key}.text_files=<glob>")
     for pattern in filter(None, (p.strip() for p in data.text_files.split(","))):
       paths.check_reachable(pattern, f"{key}.text_files")
       if not paths.glob_files(pattern):
-        raise ValueError(f"{key}.text_files={pattern!r} matches no files; pass an existing glob")
+        raise errors.ConfigError(f"{key}.text_files={pattern!r} matches no files; pass an existing glob")
   if data.corpus == "tfds" and not data.tfds_name:
-    raise ValueError(f"{key} has corpus='tfds' but no tfds_name; set {key}.tfds_name=<catalog name>")
+    raise errors.ConfigError(f"{key} has corpus='tfds' but no tfds_name; set {key}.tfds_name=<catalog name>")
 
 
 def data_dir(data_cfg: DataConfig) -> str:
@@ -165,11 +166,11 @@ def make_source(data_cfg: DataConfig, key: str = "data") -> sources.Source:
     splits = {"train": data_cfg.tfds_train_split, "validation": data_cfg.tfds_validation_split}
     return sources.TfdsSplits(data_cfg.tfds_name, data_dir(data_cfg), splits, data_cfg.tfds_text_key)
   if data_cfg.corpus == "sft":
-    raise ValueError("data.corpus='sft' holds fine-tuning rows, not documents: they are read into memory for "
-                     "training (pipeline.prepare_sft), with no token store to prepare and no document split to "
-                     "score; evaluate with --text_files=<glob> or --zero_shot=<file>")
-  raise ValueError(f"data.corpus={data_cfg.corpus!r} is not one of {', '.join(CORPORA)}; "
-                   "pass e.g. --config.data.corpus=sotu")
+    raise errors.ConfigError("data.corpus='sft' holds fine-tuning rows, not documents: they are read into memory for "
+                             "training (pipeline.prepare_sft), with no token store to prepare and no document split "
+                             "to score; evaluate with --text_files=<glob> or --zero_shot=<file>")
+  raise errors.ConfigError(f"data.corpus={data_cfg.corpus!r} is not one of {', '.join(CORPORA)}; pass e.g. "
+                           "--config.data.corpus=sotu")
 
 
 def load_documents(data_cfg: DataConfig, split: str) -> list[str]:
@@ -181,6 +182,6 @@ def load_documents(data_cfg: DataConfig, split: str) -> list[str]:
                for _, text in make_source(component.data).documents(split)]
   if not documents and data_cfg.corpus == "tfds":
     split_name = data_cfg.tfds_train_split if split == "train" else data_cfg.tfds_validation_split
-    raise ValueError(f"split {split_name!r} of TFDS dataset {data_cfg.tfds_name!r} has no text in feature "
-                     f"{data_cfg.tfds_text_key!r} after cleaning; check --config.data.tfds_text_key")
+    raise errors.DataError(f"split {split_name!r} of TFDS dataset {data_cfg.tfds_name!r} has no text in feature "
+                           f"{data_cfg.tfds_text_key!r} after cleaning; check --config.data.tfds_text_key")
   return documents

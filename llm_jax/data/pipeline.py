@@ -22,6 +22,7 @@ import grain
 import numpy as np
 
 from llm_jax import chat
+from llm_jax import errors
 from llm_jax import paths
 from llm_jax.data import mixture
 from llm_jax.data import sft as sft_lib
@@ -156,7 +157,7 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer_di
   faults.check_not_importing_main("pipeline.prepare_data")  # else such a worker waits on this process's store lock
   seq_len = data_cfg.seq_len
   if seq_len < 1:  # Checked before anything is read: the store itself does not depend on seq_len.
-    raise ValueError(f"data.seq_len={seq_len} must be at least 1; pass e.g. --config.data.seq_len=128")
+    raise errors.ConfigError(f"data.seq_len={seq_len} must be at least 1; pass e.g. --config.data.seq_len=128")
   root = store_dir or default_store_dir(data_cfg)
   parts = components(data_cfg)
   # Every source is checked before any text is read.
@@ -173,7 +174,7 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, tokenizer_di
   counts = {split: [store.counts(split) for store in stores] for split in ("train", "validation")}
   for part, val in zip(parts, counts["validation"]):
     if val["documents"] == 0:
-      raise ValueError(f"the validation split of data.corpus={part.data.corpus!r}"
+      raise errors.ConfigError(f"the validation split of data.corpus={part.data.corpus!r}"
                        + (f" (mixture component {part.name!r})" if part.name else "")
                        + " is empty; raise --config.data.validation_fraction or add documents")
   if len(stores) == 1:
@@ -271,8 +272,8 @@ def prepare_sft(data_cfg: DataConfig, tok_cfg: TokenizerConfig) -> PreparedData:
 
 def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
   if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(f"global batch size {global_batch_size} must be a positive multiple of the process count "
-                     f"{process_count}; change the batch size in the config")
+    raise errors.ConfigError(f"global batch size {global_batch_size} must be a positive multiple of the process count "
+                             f"{process_count}; change the batch size in the config")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} is outside [0, {process_count}); pass jax.process_index()")
   return global_batch_size // process_count
@@ -301,9 +302,9 @@ def make_train_iterator(prepared: PreparedData, *, global_batch_size: int, seed:
   local = _local_batch_size(global_batch_size, process_index, process_count)
   num_rows = prepared.train.num_rows
   if num_rows < global_batch_size:
-    raise ValueError(f"the train split packs to {num_rows} rows of data.seq_len={prepared.seq_len}, fewer than one "
-                     f"global batch of {global_batch_size}; lower the batch size or --config.data.seq_len, or use "
-                     "a larger corpus")
+    raise errors.DataError(f"the train split packs to {num_rows} rows of data.seq_len={prepared.seq_len}, fewer than "
+                           f"one global batch of {global_batch_size}; lower the batch size or --config.data.seq_len, "
+                           "or use a larger corpus")
   if isinstance(prepared.train, mixture.MixtureRows):
     rows = prepared.train.order(seed)
   else:
@@ -325,7 +326,7 @@ def make_eval_batches(prepared: PreparedData, *, batch_size: int, max_batches: i
   local = _local_batch_size(batch_size, process_index, process_count)
   num_rows = prepared.val.num_rows
   if num_rows == 0:
-    raise ValueError("the validation split packs to zero rows; raise --config.data.validation_fraction")
+    raise errors.DataError("the validation split packs to zero rows; raise --config.data.validation_fraction")
   num_batches = -(-num_rows // batch_size)
   if max_batches > 0:
     num_batches = min(num_batches, max_batches)

@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from llm_jax import chat
+from llm_jax import errors
 from llm_jax.data.split import validation_keys
 
 PAD_ID = 0  # as packing.PAD_ID; padding has segment 0 and weight 0
@@ -47,10 +48,11 @@ def sft_paths(pattern: str) -> list[str]:
   for part in filter(None, (p.strip() for p in pattern.split(","))):
     matched = sorted(glob.glob(os.path.expanduser(part)))
     if not matched:
-      raise ValueError(f"data.sft_files={part!r} matches no files; pass an existing glob of .jsonl or .parquet files")
+      raise errors.DataError(f"data.sft_files={part!r} matches no files; pass an existing glob of .jsonl or .parquet "
+                             "files")
     for path in matched:
       if not path.endswith((".jsonl", ".jsonl.gz", ".parquet")):
-        raise ValueError(f"data.sft_files matches {path}, which is not .jsonl, .jsonl.gz or .parquet")
+        raise errors.DataError(f"data.sft_files matches {path}, which is not .jsonl, .jsonl.gz or .parquet")
     paths.extend(matched)
   return paths
 
@@ -69,7 +71,7 @@ def read_rows(path: str) -> Iterator[tuple[str, Any]]:
         try:
           yield f"{path} line {number}", json.loads(line)
         except json.JSONDecodeError as e:
-          raise ValueError(f"{path} line {number} is not JSON ({e.msg}); fix the file") from None
+          raise errors.DataError(f"{path} line {number} is not JSON ({e.msg}); fix the file") from None
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -100,25 +102,25 @@ def tokens_and_weights(text: str, spans: Sequence[tuple[int, int]], tokenizer: A
 def render_row(row: Any, where: str, template: chat.ChatTemplate) -> tuple[str, list[tuple[int, int]], bool]:
   """(text, weighted spans, whether eos follows) of one row; one-line ValueErrors naming `where`."""
   if isinstance(row, dict) and row.get("messages") is not None and ("completion" in row or "prompt" in row):
-    raise ValueError(f"{where} has both 'messages' and 'prompt'/'completion', which would be one of them ignored; "
-                     "give each row one form")
+    raise errors.DataError(f"{where} has both 'messages' and 'prompt'/'completion', which would be one of them "
+                           "ignored; give each row one form")
   if isinstance(row, dict) and "completion" in row and not isinstance(row["completion"], str):
-    raise ValueError(f"{where}: 'completion' must be a string, not {type(row['completion']).__name__}")
+    raise errors.DataError(f"{where}: 'completion' must be a string, not {type(row['completion']).__name__}")
   if isinstance(row, dict) and row.get("messages") is not None:
     try:
       chat.check_messages(row["messages"])
       text, spans = template.assistant_spans(row["messages"])
     except chat.TemplateError as e:
-      raise ValueError(f"{where}: {e}") from None
+      raise errors.DataError(f"{where}: {e}") from None
     return text, spans, False
   if isinstance(row, dict) and isinstance(row.get("completion"), str):
     prompt = row.get("prompt") or ""
     if not isinstance(prompt, str):
-      raise ValueError(f"{where}: 'prompt' must be a string")
+      raise errors.DataError(f"{where}: 'prompt' must be a string")
     return prompt + row["completion"], [(len(prompt), len(prompt) + len(row["completion"]))], True
   names = sorted(row) if isinstance(row, dict) else type(row).__name__
-  raise ValueError(f"{where} has neither 'completion' nor 'messages' (it has {names}); give each row "
-                   "{\"prompt\", \"completion\"} or {\"messages\": [...]}")
+  raise errors.DataError(f"{where} has neither 'completion' nor 'messages' (it has {names}); give each row "
+                         "{\"prompt\", \"completion\"} or {\"messages\": [...]}")
 
 
 def make_example(row: Any, where: str, tokenizer: Any, template: chat.ChatTemplate, *, train_on_prompt: bool,
@@ -135,9 +137,9 @@ def make_example(row: Any, where: str, tokenizer: Any, template: chat.ChatTempla
   tokens = np.asarray(ids[:seq_len + 1], np.int32)
   weights = np.asarray(weights[:seq_len + 1], np.float32)
   if not weights[1:].any():  # the first token is never a target
-    raise ValueError(f"{where}: every token that would count lies past data.seq_len={seq_len} (the row has "
-                     f"{len(ids)} tokens), so a batch of it would have no token to learn from; raise "
-                     "--config.data.seq_len or shorten the prompt")
+    raise errors.DataError(f"{where}: every token that would count lies past data.seq_len={seq_len} (the row has "
+                           f"{len(ids)} tokens), so a batch of it would have no token to learn from; raise "
+                           "--config.data.seq_len or shorten the prompt")
   return Example(tokens, weights, where, key)
 
 
@@ -175,7 +177,8 @@ def load_examples(pattern: str, tokenizer: Any, template: chat.ChatTemplate, *, 
                            key=f"{os.path.basename(path)}:{index}")
               for path in sft_paths(pattern) for index, (where, row) in enumerate(read_rows(path))]
   if len(examples) < 2:
-    raise ValueError(f"data.sft_files={pattern!r} holds {len(examples)} row(s); train and validation need at least 2")
+    raise errors.DataError(f"data.sft_files={pattern!r} holds {len(examples)} row(s); train and validation need at "
+                           "least 2")
   return examples
 
 

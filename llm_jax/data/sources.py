@@ -16,6 +16,7 @@ from typing import Any
 from typing import Callable
 from typing import Iterator
 
+from llm_jax import errors
 from llm_jax import paths
 from llm_jax.data.split import is_validation
 from llm_jax.data.split import validation_keys
@@ -40,8 +41,8 @@ def _decode(data: bytes, where: str) -> str:
   try:
     return data.decode("utf-8").removeprefix("\ufeff")  # A byte-order mark is not text.
   except UnicodeDecodeError as e:
-    raise ValueError(f"{where} is not valid UTF-8 (byte {data[e.start]:#04x} at byte offset {e.start}); "
-                     f"convert it with `iconv -t UTF-8` or drop it from data.text_files") from None
+    raise errors.DataError(f"{where} is not valid UTF-8 (byte {data[e.start]:#04x} at byte offset "
+                           f"{e.start}); convert it with `iconv -t UTF-8` or drop it from data.text_files") from None
 
 
 def read_text_file(path: str) -> str:
@@ -50,7 +51,7 @@ def read_text_file(path: str) -> str:
     with _open_binary(path) as f:
       data = f.read()
   except (OSError, EOFError) as e:
-    raise ValueError(f"{path} cannot be read ({e}); fix or drop it from data.text_files") from None
+    raise errors.DataError(f"{path} cannot be read ({e}); fix or drop it from data.text_files") from None
   return _decode(data, path)
 
 
@@ -75,16 +76,16 @@ def _texts_of_records(path: str, field: str, key: str = "data") -> Iterator[Any]
     try:
       parquet = pq.ParquetFile(path if paths.is_local(path) else paths.as_path(path).open("rb"))
     except (pa.ArrowException, OSError) as e:
-      raise ValueError(f"{path} is not a readable Parquet file ({' '.join(str(e).split())[:120]}); fix it or drop it "
-                       "from the data files") from None
+      raise errors.DataError(f"{path} is not a readable Parquet file ({' '.join(str(e).split())[:120]}); "
+                             "fix it or drop it from the data files") from None
     if field not in parquet.schema_arrow.names:
-      raise ValueError(f"{key}.text_field={field!r} is not a column of {path} (it has "
-                       f"{parquet.schema_arrow.names}); pass --config.{key}.text_field=...")
+      raise errors.DataError(f"{key}.text_field={field!r} is not a column of {path} (it has "
+                             f"{parquet.schema_arrow.names}); pass --config.{key}.text_field=...")
     kind = parquet.schema_arrow.field(field).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
             or pa.types.is_large_binary(kind)):
-      raise ValueError(f"{key}.text_field={field!r} of {path} is a {kind} column, not text; point "
-                       f"--config.{key}.text_field at a string column")
+      raise errors.DataError(f"{key}.text_field={field!r} of {path} is a {kind} column, not text; point "
+                             f"--config.{key}.text_field at a string column")
     row = 0
     for batch in parquet.iter_batches(columns=[field], batch_size=1024):
       for value in batch.column(0).to_pylist():
@@ -98,12 +99,12 @@ def _texts_of_records(path: str, field: str, key: str = "data") -> Iterator[Any]
       try:
         record = json.loads(_decode(line, f"{path} line {number}"))
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path} line {number} is not JSON ({e.msg}); fix the file or drop it from "
-                         "data.text_files") from None
+        raise errors.DataError(f"{path} line {number} is not JSON ({e.msg}); fix the file or drop it from "
+                               "data.text_files") from None
       if not isinstance(record, dict) or field not in record:
         names = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{key}.text_field={field!r} is not a field of {path} line {number} (it has {names}); "
-                         f"pass --config.{key}.text_field=...")
+        raise errors.DataError(f"{key}.text_field={field!r} is not a field of {path} line {number} (it has {names}); "
+                               f"pass --config.{key}.text_field=...")
       yield _text_value(record[field], f"{path} line {number}", f"{key}.text_field={field!r}")
 
 
@@ -113,8 +114,8 @@ def _text_value(value: Any, where: str, setting: str) -> str | bytes:
   if isinstance(value, (str, bytes)):
     return value
   kind = "null" if value is None else f"{type(value).__name__} {json.dumps(value, default=str)[:40]}"
-  raise ValueError(f"{where}: {setting} is {kind}, not text; fix or drop that record, or point "
-                   f"--config.{setting.split('=')[0]} at the text")
+  raise errors.DataError(f"{where}: {setting} is {kind}, not text; fix or drop that record, or point "
+                         f"--config.{setting.split('=')[0]} at the text")
 
 
 def _as_text(value: Any) -> str:
@@ -164,8 +165,8 @@ class TextFiles(Source):
     self._identity: dict[str, Any] | None = None
     records = [p.endswith(_RECORD_ENDINGS) for p in self.paths]
     if any(records) and not all(records):
-      raise ValueError(f"data.text_files={pattern!r} mixes record files ({'/'.join(_RECORD_ENDINGS)}) with plain "
-                       "text; point it at one kind")
+      raise errors.DataError(f"data.text_files={pattern!r} mixes record files ({'/'.join(_RECORD_ENDINGS)}) with "
+                             "plain text; point it at one kind")
     self.records = all(records)
     self._few: dict[str, list[str]] | None = None
     self._by_record = self.records and len(self.paths) <= _FEW_FILES
@@ -184,15 +185,16 @@ class TextFiles(Source):
     for path in self.paths:
       for _ in _texts_of_records(path, self.field, self.key):
         return
-    raise ValueError(f"data.text_files={self.pattern!r} holds no records; point it at non-empty JSONL/Parquet files")
+    raise errors.DataError(f"data.text_files={self.pattern!r} holds no records; point it at non-empty JSONL/Parquet "
+                           "files")
 
   def _split_few_files(self) -> set[str]:
     """Today's rules for a handful of files: split the non-empty ones by path, or by paragraph below 3."""
     texts = {p: clean_text(read_text_file(p)) for p in self.paths}
     texts = {p: t for p, t in texts.items() if t}
     if not texts:
-      raise ValueError(f"data.text_files={self.pattern!r} has no text left after cleaning (empty files or only "
-                       "[bracketed] notes); point --config.data.text_files at files with text")
+      raise errors.DataError(f"data.text_files={self.pattern!r} has no text left after cleaning (empty files or only "
+                             "[bracketed] notes); point --config.data.text_files at files with text")
     if len(texts) >= 3:
       return validation_keys(list(texts), self.fraction)
     self._few = {}
@@ -201,8 +203,9 @@ class TextFiles(Source):
       if len(paragraphs) >= 2:
         self._few[path] = paragraphs
     if not self._few:
-      raise ValueError(f"data.text_files={self.pattern!r} has {len(texts)} file(s) of one paragraph each, too little "
-                       "to split into train and validation; add files or paragraphs (lines) to data.text_files")
+      raise errors.DataError(f"data.text_files={self.pattern!r} has {len(texts)} file(s) of one paragraph each, too "
+                             "little to split into train and validation; add files or paragraphs (lines) to "
+                             "data.text_files")
     return set()
 
   def identity(self) -> dict[str, Any]:
@@ -276,25 +279,26 @@ class TfdsSplits(Source):
                     f"internet run `tfds build {name} --file_format=array_record --data_dir={directory}` and "
                     "copy that directory here (or set --config.data.data_dir)")
     if not name:
-      raise ValueError("data.corpus='tfds' needs a dataset name; pass --config.data.tfds_name=NAME")
+      raise errors.ConfigError("data.corpus='tfds' needs a dataset name; pass --config.data.tfds_name=NAME")
     try:
       builder = tfds.builder(name, data_dir=directory)
     except tfds.core.DatasetNotFoundError:
-      raise ValueError(not_prepared) from None
+      raise errors.DataError(not_prepared) from None
     if not builder.is_prepared():
-      raise ValueError(not_prepared)
+      raise errors.DataError(not_prepared)
     file_format = builder.info.file_format
     if file_format is None or file_format.name not in ("ARRAY_RECORD", "PARQUET"):
-      raise ValueError(f"TFDS dataset {name!r} under {directory!r} is stored as {file_format}, which needs "
-                       f"TensorFlow; rebuild it with `tfds build {name} --file_format=array_record --data_dir=...`")
+      raise errors.DataError(f"TFDS dataset {name!r} under {directory!r} is stored as {file_format}, which needs "
+                             f"TensorFlow; rebuild it with `tfds build {name} --file_format=array_record "
+                             "--data_dir=...`")
     for split, split_name in split_names.items():
       key = "tfds_train_split" if split == "train" else "tfds_validation_split"
       if split_name.split("[")[0] not in builder.info.splits:
-        raise ValueError(f"data.{key}={split_name!r} is not a split of {name!r} (it has "
-                         f"{sorted(builder.info.splits)}); pass --config.data.{key}=...")
+        raise errors.DataError(f"data.{key}={split_name!r} is not a split of {name!r} (it has "
+                               f"{sorted(builder.info.splits)}); pass --config.data.{key}=...")
     if text_key not in builder.info.features:
-      raise ValueError(f"data.tfds_text_key={text_key!r} is not a feature of {name!r} (it has "
-                       f"{sorted(builder.info.features)}); pass --config.data.tfds_text_key=...")
+      raise errors.DataError(f"data.tfds_text_key={text_key!r} is not a feature of {name!r} (it has "
+                             f"{sorted(builder.info.features)}); pass --config.data.tfds_text_key=...")
     self._version = str(builder.info.version)
     self._sizes = {s: builder.info.splits[n.split("[")[0]].num_bytes for s, n in split_names.items()}
     self._sources: dict[str, Any] = {}

@@ -27,6 +27,7 @@ from typing import Iterable
 
 import numpy as np
 
+from llm_jax import errors
 from llm_jax import paths
 from llm_jax.data import workers as workers_lib
 from llm_jax.data.packing import PAD_ID
@@ -159,9 +160,9 @@ def _read_json(path: str, fix: str) -> dict[str, Any]:
   try:
     record = json.loads(paths.as_path(path).read_text(encoding="utf-8"))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"token store file {path} is not valid JSON ({str(e).splitlines()[0]}); {fix}") from None
+    raise errors.DataError(f"token store file {path} is not valid JSON ({str(e).splitlines()[0]}); {fix}") from None
   if not isinstance(record, dict):
-    raise ValueError(f"token store file {path} holds a JSON {type(record).__name__}, not an object; {fix}")
+    raise errors.DataError(f"token store file {path} holds a JSON {type(record).__name__}, not an object; {fix}")
   return record
 
 
@@ -178,14 +179,14 @@ def _check_manifest(manifest: dict[str, Any], manifest_path: str) -> None:
   """Refuses a manifest that lacks what reading needs (an edited or foreign file), naming it and the fix."""
   fix = _manifest_fix(manifest_path)
   if manifest.get("format") != FORMAT_VERSION:
-    raise ValueError(f"token store manifest {manifest_path} has format {manifest.get('format')!r}, not "
-                     f"{FORMAT_VERSION}; {fix}")
+    raise errors.DataError(f"token store manifest {manifest_path} has format {manifest.get('format')!r}, not "
+                           f"{FORMAT_VERSION}; {fix}")
   splits = manifest.get("splits")
   missing = [k for k in ("dtype", "vocab_size", "splits") if k not in manifest]
   missing += [] if not isinstance(splits, dict) else [f"splits.{s}" for s in SPLITS if not isinstance(
       splits.get(s), dict) or not isinstance(splits[s].get("shards"), list)]
   if missing:
-    raise ValueError(f"token store manifest {manifest_path} lacks {', '.join(missing)}; {fix}")
+    raise errors.DataError(f"token store manifest {manifest_path} lacks {', '.join(missing)}; {fix}")
 
 
 def check_shard_sizes(path: str, split: str, index: int, meta: dict[str, Any]) -> None:
@@ -195,8 +196,8 @@ def check_shard_sizes(path: str, split: str, index: int, meta: dict[str, Any]) -
     name = f"{prefix}.{kind}"
     size = paths.size(name) if paths.as_path(name).exists() else -1
     if size != meta[f"{kind}_bytes"]:
-      raise ValueError(f"token store shard {name} is {size} bytes, not the {meta[f'{kind}_bytes']} recorded "
-                       f"(truncated or missing); {_rebuild_hint(prefix, path)}")
+      raise errors.DataError(f"token store shard {name} is {size} bytes, not the {meta[f'{kind}_bytes']} recorded "
+                             f"(truncated or missing); {_rebuild_hint(prefix, path)}")
 
 
 def verify_shard(path: str, split: str, index: int, meta: dict[str, Any]) -> None:
@@ -206,8 +207,8 @@ def verify_shard(path: str, split: str, index: int, meta: dict[str, Any]) -> Non
   for kind in ("tokens", "offsets"):
     name = f"{prefix}.{kind}"
     if _file_sha256(name) != meta[f"{kind}_sha256"]:
-      raise ValueError(f"token store shard {name} does not match its recorded sha256 (corrupted); "
-                       f"{_rebuild_hint(prefix, path)}")
+      raise errors.DataError(f"token store shard {name} does not match its recorded sha256 (corrupted); "
+                             f"{_rebuild_hint(prefix, path)}")
 
 
 def shard_owner(index: int, process_count: int) -> int:
@@ -256,13 +257,12 @@ def _write_in_workers(jobs: list[tuple[Source, str, Any, str, int]], workers: in
     for future in concurrent.futures.as_completed([pool.submit(_shard_job, job) for job in jobs]):
       progress.add(*future.result())
   except concurrent.futures.process.BrokenProcessPool:
-    from llm_jax import faults  # pylint: disable=import-outside-toplevel  # JAX stays out of the workers
     written = sum(paths.as_path(job[3] + ".json").exists() for job in jobs)
-    raise faults.RunError(
-        f"a worker process preparing the token store {path} died (killed, often by the out-of-memory killer, "
-        f"or it could not start: a script that trains or prepares data at its top level needs an "
+    raise errors.RunError(
+        f"a worker process preparing the token store {path} died (killed, often by the out-of-memory "
+        "killer, or it could not start: a script that trains or prepares data at its top level needs an "
         f"`if __name__ == '__main__':` guard); the {kept + written} whole shard(s) are kept: run the same "
-        f"command again to resume") from None
+        "command again to resume") from None
   except BaseException:
     workers_lib.stop_pool(pool)  # a signal (Interrupted) or another error: stop them now, not after their shards
     raise
@@ -290,8 +290,9 @@ def write_manifest(source: Source, tokenizer: Any, path: str, *, docs_per_shard:
     for index in range(len(source.shards(split, docs_per_shard))):
       meta_path = _shard_prefix(path, split, index) + ".json"
       if not paths.as_path(meta_path).exists():
-        raise ValueError(f"token store shard {meta_path} is missing (a worker did not finish, or data.store_dir is "
-                         "not one file system shared by every process); rerun the preparation on a shared store_dir")
+        raise errors.DataError(f"token store shard {meta_path} is missing (a worker did not finish, or data.store_dir "
+                               "is not one file system shared by every process); rerun the preparation on a shared "
+                               "store_dir")
       shards.append(_read_shard_record(_shard_prefix(path, split, index), path))
     totals = {k: sum(s[k] for s in shards) for k in ("documents", "num_tokens", "bytes", "stream_tokens")}
     splits[split] = {**totals, "shards": shards}
@@ -365,8 +366,8 @@ class SplitStore:
     model would otherwise turn into a non-finite loss blamed on the learning rate."""
     if self.vocab_size and len(ids) and int(ids.max()) >= self.vocab_size:
       prefix = _shard_prefix(self.path, self.split, shard)
-      raise ValueError(f"token store shard {prefix}.tokens holds id {int(ids.max())}, past the vocabulary of "
-                       f"{self.vocab_size} (the file is damaged); {_rebuild_hint(prefix, self.path)}")
+      raise errors.DataError(f"token store shard {prefix}.tokens holds id {int(ids.max())}, past the vocabulary of "
+                             f"{self.vocab_size} (the file is damaged); {_rebuild_hint(prefix, self.path)}")
     return ids
 
   def rows(self, indices_B: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -409,7 +410,7 @@ class TokenStore:
     so there each shard is checked when a process first reads it instead, and start-up reads only the manifest."""
     manifest_path = os.path.join(path, MANIFEST)
     if not paths.as_path(manifest_path).exists():
-      raise ValueError(f"no token store at {path} (no {MANIFEST}); run python -m llm_jax.prepare --config=...")
+      raise errors.DataError(f"no token store at {path} (no {MANIFEST}); run python -m llm_jax.prepare --config=...")
     manifest = _read_json(manifest_path, _manifest_fix(manifest_path))
     _check_manifest(manifest, manifest_path)
     for split, entry in manifest["splits"].items():

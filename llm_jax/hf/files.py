@@ -26,6 +26,7 @@ import safetensors.numpy
 
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
+from llm_jax import errors
 from llm_jax import paths
 from llm_jax import validation
 from llm_jax import workdir as workdir_lib
@@ -46,19 +47,20 @@ MAX_EVAL_SEQ_LEN = 1024
 
 def read_hf_config(hf_dir: str) -> dict[str, Any]:
   if not os.path.isdir(hf_dir):
-    raise FileNotFoundError(f"--from_hf={hf_dir} is not a directory; pass a local Hugging Face checkpoint directory")
+    raise errors.MissingFileError(f"--from_hf={hf_dir} is not a directory; pass a local Hugging Face checkpoint "
+                                  "directory")
   path = os.path.join(hf_dir, HF_CONFIG_FILE)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} is missing; a Hugging Face checkpoint directory has config.json")
+    raise errors.MissingFileError(f"{path} is missing; a Hugging Face checkpoint directory has config.json")
   try:
     with open(path, encoding="utf-8") as f:
       config = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path} is not valid JSON ({str(e).splitlines()[0][:120]}); restore the checkpoint's "
-                     "config.json") from None
+    raise errors.DataError(f"{path} is not valid JSON ({str(e).splitlines()[0][:120]}); restore the "
+                           "checkpoint's config.json") from None
   if not isinstance(config, dict):
-    raise ValueError(f"{path} holds a JSON {type(config).__name__}, not the model's settings; restore the "
-                     "checkpoint's config.json")
+    raise errors.DataError(f"{path} holds a JSON {type(config).__name__}, not the model's settings; restore the "
+                           "checkpoint's config.json")
   return config
 
 
@@ -66,8 +68,8 @@ def read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
   """Every tensor of every *.safetensors file in `hf_dir`, as float32 numpy (bfloat16 included)."""
   weight_files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
   if not weight_files:
-    raise FileNotFoundError(f"{hf_dir} has no *.safetensors weights (pytorch_model.bin is not read: re-save "
-                            "with save_pretrained(..., safe_serialization=True))")
+    raise errors.MissingFileError(f"{hf_dir} has no *.safetensors weights (pytorch_model.bin is not read: re-save "
+                                  "with save_pretrained(..., safe_serialization=True))")
   tensors = {}
   # The flax reader understands bfloat16, which numpy does not; read on the host, then free each copy.
   with jax.default_device(jax.local_devices(backend="cpu")[0]):
@@ -78,7 +80,8 @@ def read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
             tensors[name] = np.asarray(f.get_tensor(name).astype(jnp.float32))
       except (safetensors.SafetensorError, OSError, ValueError) as e:
         reason = " ".join(str(e).split())[:160]
-        raise ValueError(f"{path} is not a readable safetensors file ({reason}); download or save it again") from None
+        raise errors.DataError(f"{path} is not a readable safetensors file ({reason}); download or save it "
+                               "again") from None
   return tensors
 
 
@@ -113,8 +116,8 @@ def import_tokenizer(hf_dir: str, workdir: str, hf: dict[str, Any]) -> str:
     shutil.copyfile(os.path.join(hf_dir, SENTENCEPIECE_MODEL), target)
     return target
   else:
-    raise FileNotFoundError(f"{hf_dir} has no tokenizer: expected tokenizer.json, vocab.json + merges.txt, "
-                            "or tokenizer.model")
+    raise errors.MissingFileError(f"{hf_dir} has no tokenizer: expected tokenizer.json, vocab.json + merges.txt, or "
+                                  "tokenizer.model")
   specials = _resolve_specials(specials, hf, tokenizer.id_to_token)
   with open(os.path.join(workdir, hf_tokenizer.CONFIG_FILE), "w", encoding="utf-8") as f:
     json.dump(specials, f, indent=2, ensure_ascii=False)
@@ -132,7 +135,7 @@ def write_workdir_config(workdir: str, cfg: ModelConfig, tokenizer_path: str) ->
 def _check_empty(workdir: str) -> None:
   directory = workdir_lib.checkpoint_dir(workdir)
   if os.path.isdir(directory) and os.listdir(directory):
-    raise ValueError(f"--workdir={workdir} already holds checkpoints; convert into a new or empty directory")
+    raise errors.ConfigError(f"--workdir={workdir} already holds checkpoints; convert into a new or empty directory")
 
 
 def import_hf(hf_dir: str, workdir: str) -> tuple[ModelConfig, int]:
@@ -168,7 +171,7 @@ def import_hf(hf_dir: str, workdir: str) -> tuple[ModelConfig, int]:
 
 def _check_directory(location: str, flag: str) -> None:
   if os.path.exists(location) and not os.path.isdir(location):
-    raise ValueError(f"{flag}={location} is a file, not a directory; pass a new or empty directory")
+    raise errors.ConfigError(f"{flag}={location} is a file, not a directory; pass a new or empty directory")
 
 
 @contextlib.contextmanager
@@ -213,7 +216,7 @@ def export_hf(workdir: str, hf_dir: str, step: int | None = None) -> tuple[Model
   paths.check_local(hf_dir, "--to_hf")
   _check_directory(hf_dir, "--to_hf")
   if os.path.isfile(os.path.join(hf_dir, HF_CONFIG_FILE)):
-    raise ValueError(f"--to_hf={hf_dir} already holds a model (config.json); pass a new or empty directory")
+    raise errors.ConfigError(f"--to_hf={hf_dir} already holds a model (config.json); pass a new or empty directory")
   loaded = workdir_lib.load_model(workdir, step)
   cfg, tokenizer = loaded.cfg, loaded.tokenizer
   hf_config = weights.hf_config_from_model(cfg, tokenizer.bos_id, tokenizer.eos_id)

@@ -42,6 +42,7 @@ from typing import Callable
 import ml_collections
 
 from llm_jax import config as config_lib
+from llm_jax import errors
 from llm_jax import validation
 from llm_jax.sweeps import runcard
 
@@ -80,10 +81,10 @@ class Run:
 
 def _as_lists(path: str, name: str, table: Any) -> dict[str, list[Any]]:
   if not isinstance(table, dict):
-    raise ValueError(f"{name} in {path} must be a dict of config key -> list of values")
+    raise errors.ConfigError(f"{name} in {path} must be a dict of config key -> list of values")
   for key, values in table.items():
     if not isinstance(values, (list, tuple)) or not values:
-      raise ValueError(f"{name}[{key!r}] in {path} must be a non-empty list of values, got {values!r}")
+      raise errors.ConfigError(f"{name}[{key!r}] in {path} must be a non-empty list of values, got {values!r}")
   return {key: list(values) for key, values in table.items()}
 
 
@@ -96,17 +97,17 @@ def load_sweep(path: str) -> Sweep:
   module = config_lib.load_python_file(path, "sweep file", "--sweep=experiments/ablation_family.py")
   unknown = sorted(name for name in vars(module) if name.isupper() and name not in SWEEP_NAMES)
   if unknown:
-    raise ValueError(f"sweep file {path} sets {', '.join(unknown)}, which a sweep does not read; it reads "
-                     f"{', '.join(SWEEP_NAMES)} (check the spelling)")
+    raise errors.ConfigError(f"sweep file {path} sets {', '.join(unknown)}, which a sweep does not read; it reads "
+                             f"{', '.join(SWEEP_NAMES)} (check the spelling)")
   if not isinstance(getattr(module, "BASE", None), str):
-    raise ValueError(f"sweep file {path} has no BASE (the config file every run starts from); add "
-                     "BASE = \"experiments/<config>.py\"")
+    raise errors.ConfigError(f"sweep file {path} has no BASE (the config file every run starts from); add BASE = "
+                             "\"experiments/<config>.py\"")
   seeds = getattr(module, "SEEDS", (0,))
   if not isinstance(seeds, (list, tuple)) or not seeds or not all(isinstance(s, int) for s in seeds):
-    raise ValueError(f"SEEDS in {path} must be a non-empty tuple of integers, got {seeds!r}")
+    raise errors.ConfigError(f"SEEDS in {path} must be a non-empty tuple of integers, got {seeds!r}")
   overrides = getattr(module, "OVERRIDES", {})
   if not isinstance(overrides, dict):
-    raise ValueError(f"OVERRIDES in {path} must be a dict of config key -> value")
+    raise errors.ConfigError(f"OVERRIDES in {path} must be a dict of config key -> value")
   sweep = Sweep(path=path, base=module.BASE, seeds=tuple(seeds),
                 grid=_as_lists(path, "GRID", getattr(module, "GRID", {})),
                 zipped=_as_lists(path, "ZIP", getattr(module, "ZIP", {})), overrides=dict(overrides))
@@ -119,7 +120,7 @@ def base_config(base: str) -> ml_collections.ConfigDict:
   try:
     return config_lib.from_file(base)
   except (ValueError, FileNotFoundError) as e:
-    raise ValueError(f"BASE={base!r} (relative to where you run) does not give a config: {e}") from e
+    raise errors.ConfigError(f"BASE={base!r} (relative to where you run) does not give a config: {e}") from e
 
 
 def flat_keys(c: Any, prefix: str = "") -> list[str]:
@@ -133,21 +134,22 @@ def validate(sweep: Sweep) -> None:
   """Raises ValueError (one line) unless every run of the sweep has a config the trainer accepts."""
   lengths = {len(v) for v in sweep.zipped.values()}
   if len(lengths) > 1:
-    raise ValueError(f"ZIP lists in {sweep.path} have different lengths {sorted(lengths)}; make them equal")
+    raise errors.ConfigError(f"ZIP lists in {sweep.path} have different lengths {sorted(lengths)}; make them equal")
   tables = {"GRID": sweep.grid, "ZIP": sweep.zipped, "OVERRIDES": sweep.overrides}
   known = set(flat_keys(config_lib.get_config()))
   seen: dict[str, str] = {}
   for table, keys in tables.items():
     for key in keys:
       if key == "seed":
-        raise ValueError(f"{table} in {sweep.path} sets 'seed'; list the seeds in SEEDS instead")
+        raise errors.ConfigError(f"{table} in {sweep.path} sets 'seed'; list the seeds in SEEDS instead")
       if key not in known:
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ValueError(f"sweep {sweep.path} sets unknown config key {key!r} in {table}{hint}; check its "
-                         "spelling against llm_jax/config.py")
+        raise errors.ConfigError(f"sweep {sweep.path} sets unknown config key {key!r} in {table}{hint}; check its "
+                                 "spelling against llm_jax/config.py")
       if key in seen:
-        raise ValueError(f"config key {key!r} is in both {seen[key]} and {table} of {sweep.path}; keep it in one")
+        raise errors.ConfigError(f"config key {key!r} is in both {seen[key]} and {table} of {sweep.path}; keep it in "
+                                 "one")
       seen[key] = table
   base = base_config(sweep.base)
   for point in points(sweep):
@@ -166,13 +168,13 @@ def resolved_config(base: ml_collections.ConfigDict, settings: dict[str, Any],
     try:
       node[leaf] = value
     except (TypeError, ValueError, KeyError) as e:
-      raise ValueError(f"{key}={value!r} in {where} does not fit the config ({e}); give a value of the "
-                       "default's type") from e
+      raise errors.ConfigError(f"{key}={value!r} in {where} does not fit the config ({e}); give a value of the "
+                               "default's type") from e
   try:
     validation.validate(c)
   except config_lib.ConfigError as e:
     point = ", ".join(f"{k}={v!r}" for k, v in settings.items())
-    raise ValueError(f"{where}: the run with {point} is invalid: {e}") from e
+    raise errors.ConfigError(f"{where}: the run with {point} is invalid: {e}") from e
   return c
 
 
@@ -217,8 +219,8 @@ def expand(sweep: Sweep, root: str, extra_args: tuple[str, ...] = ()) -> list[Ru
   names = [r.name for r in runs]
   clash = next((n for n in names if names.count(n) > 1), None)
   if clash:
-    raise ValueError(f"two runs of {sweep.path} map to the same workdir {clash!r} (values that differ only "
-                     "in characters a file name cannot hold, or repeated SEEDS); make them distinct")
+    raise errors.ConfigError(f"two runs of {sweep.path} map to the same workdir {clash!r} (values that differ only in "
+                             "characters a file name cannot hold, or repeated SEEDS); make them distinct")
   return runs
 
 
@@ -257,7 +259,7 @@ def check_not_stale(runs: list[Run]) -> None:
     stale = stale_settings(run)
     if stale:
       diffs = ", ".join(f"{k}={old!r} (sweep: {new!r})" for k, (old, new) in stale.items())
-      raise ValueError(f"workdir {run.workdir} was run with {diffs}; delete it or pass another --root")
+      raise errors.ConfigError(f"workdir {run.workdir} was run with {diffs}; delete it or pass another --root")
 
 
 def write_manifest(sweep: Sweep, runs: list[Run], root: str) -> None:
@@ -276,8 +278,8 @@ def read_manifest(root: str) -> Sweep:
   """The sweep that last ran under `root`."""
   path = os.path.join(root, MANIFEST)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{root} has no {MANIFEST} (a sweep writes it when it runs); pass the sweep's "
-                            "--root, or --sweep=FILE as well")
+    raise errors.MissingFileError(f"{root} has no {MANIFEST} (a sweep writes it when it runs); pass the sweep's "
+                                  "--root, or --sweep=FILE as well")
   with open(path, encoding="utf-8") as f:
     spec = json.load(f)["sweep"]
   return Sweep(path=spec["path"], base=spec["base"], seeds=tuple(spec["seeds"]), grid=spec["grid"],
