@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
+from llm_jax import errors
 from llm_jax import target
 
 Array = jax.Array
@@ -64,23 +65,23 @@ def check_attention_impl(impl: str, backend: str, *, compute_dtype: str, head_di
   key = f"model.attention_impl={impl!r}" + (f" (on {backend}: {resolved!r})" if impl == "auto" else "")
   fix = "or pass --config.model.attention_impl=einsum"
   if resolved == "splash" and backend == "gpu":
-    raise ValueError(f"{key}: splash attention is a TPU kernel (interpreted on CPU) and does not run on GPU; "
-                     "pass --config.model.attention_impl=cudnn or einsum")
+    raise errors.ConfigError(f"{key}: splash attention is a TPU kernel (interpreted on CPU) and does not run on GPU; "
+                             "pass --config.model.attention_impl=cudnn or einsum")
   if resolved != "cudnn":
     return
   if backend != "gpu":
-    raise ValueError(f"{key}: cuDNN's kernel runs on GPU only and this backend is {backend}; pass "
-                     "--config.model.attention_impl=auto (splash on TPU, einsum on CPU) or einsum")
+    raise errors.ConfigError(f"{key}: cuDNN's kernel runs on GPU only and this backend is {backend}; pass "
+                             "--config.model.attention_impl=auto (splash on TPU, einsum on CPU) or einsum")
   if compute_dtype not in CUDNN_DTYPES:
-    raise ValueError(f"{key} needs model.compute_dtype bfloat16 or float16, got {compute_dtype}; pass "
-                     f"--config.model.compute_dtype=bfloat16 {fix}")
+    raise errors.ConfigError(f"{key} needs model.compute_dtype bfloat16 or float16, got {compute_dtype}; pass "
+                             f"--config.model.compute_dtype=bfloat16 {fix}")
   max_head_dim = 256 if float(gpu_capability) >= 9.0 else 128
   if head_dim % 8 or head_dim > max_head_dim:
-    raise ValueError(f"{key} needs a head dim that is a multiple of 8 and at most {max_head_dim} on compute "
-                     f"capability {gpu_capability}, got model.head_dim={head_dim}; change model.head_dim {fix}")
+    raise errors.ConfigError(f"{key} needs a head dim that is a multiple of 8 and at most {max_head_dim} on compute "
+                             f"capability {gpu_capability}, got model.head_dim={head_dim}; change model.head_dim {fix}")
   if seq_len % 2:
-    raise ValueError(f"{key} needs an even data.seq_len with the document mask, got {seq_len}; change "
-                     f"data.seq_len {fix}")
+    raise errors.ConfigError(f"{key} needs an even data.seq_len with the document mask, got {seq_len}; change "
+                             f"data.seq_len {fix}")
 
 
 def _pad_length(x: Array, pad: int, value: int = 0) -> Array:

@@ -16,6 +16,7 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
+from llm_jax import errors
 from llm_jax import launch
 from llm_jax import paths
 from llm_jax import workdir as workdir_lib
@@ -45,12 +46,12 @@ flags.mark_flags_as_required(["workdir", "out"])
 def _read_text() -> str:
   """The text, cleaned as training corpora and `llm_jax.evaluate --text_files` clean it."""
   if bool(_TEXT.value) == bool(_TEXT_FILE.value):
-    raise ValueError("pass the text with exactly one of --text and --text_file")
+    raise errors.ConfigError("pass the text with exactly one of --text and --text_file")
   if _TEXT_FILE.value and not paths.as_path(_TEXT_FILE.value).is_file():
-    raise FileNotFoundError(f"--text_file={_TEXT_FILE.value} does not exist; pass an existing UTF-8 file")
+    raise errors.MissingFileError(f"--text_file={_TEXT_FILE.value} does not exist; pass an existing UTF-8 file")
   text = clean_text(read_utf8(_TEXT_FILE.value) if _TEXT_FILE.value else _TEXT.value)
   if not text:
-    raise ValueError("the text is empty (after cleaning); pass some text with --text or --text_file")
+    raise errors.DataError("the text is empty (after cleaning); pass some text with --text or --text_file")
   return text
 
 
@@ -58,20 +59,21 @@ def _check_inputs(text: str) -> int:
   """One-line errors before any checkpoint is restored or program compiled; returns the window length."""
   for name, flag in (("seq_len", _SEQ_LEN), ("stride", _STRIDE)):
     if flag.value < 0:
-      raise ValueError(f"--{name}={flag.value} must be >= 0 (0: the default)")
+      raise errors.ConfigError(f"--{name}={flag.value} must be >= 0 (0: the default)")
   if _TOP.value < 1:
-    raise ValueError(f"--top={_TOP.value} must be at least 1")
+    raise errors.ConfigError(f"--top={_TOP.value} must be at least 1")
   cfg, tokenizer_path = workdir_lib.read_model_card(_WORKDIR.value)
   seq_len = _SEQ_LEN.value or doc_eval.default_seq_len(_WORKDIR.value, cfg)
   doc_eval.check_seq_len(cfg, seq_len)
   analysis.check_text(text, len(load_tokenizer(tokenizer_path).encode(text)), seq_len, _STRIDE.value)
   if _COMPARE_STEP.value is not None and not _COMPARE.value:
-    raise ValueError("--compare_step is set but --compare is not; pass --compare=DIR or drop --compare_step")
+    raise errors.ConfigError("--compare_step is set but --compare is not; pass --compare=DIR or drop --compare_step")
   if _COMPARE.value:
     other_cfg, other_path = workdir_lib.read_model_card(_COMPARE.value, "--compare")
     if file_sha256(other_path) != file_sha256(tokenizer_path):
-      raise ValueError(f"--compare={_COMPARE.value} has another tokenizer ({other_path}) than --workdir "
-                       f"({tokenizer_path}), so their tokens do not line up; compare models that share a tokenizer")
+      raise errors.ConfigError(f"--compare={_COMPARE.value} has another tokenizer ({other_path}) than --workdir "
+                               f"({tokenizer_path}), so their tokens do not line up; compare models that share a "
+                               "tokenizer")
     doc_eval.check_seq_len(other_cfg, seq_len)
   return seq_len
 

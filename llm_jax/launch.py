@@ -55,23 +55,23 @@ class DistributedFlags:
     names = ("coordinator_address", "num_processes", "process_id", "distributed", "peer_timeout_s")
     given = [f"--{name}" for name in names if self._flag_values[name].present]
     if ignored_by and given:
-      raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} ignored by {ignored_by}, which "
-                       f"starts no process; drop {'it' if len(given) == 1 else 'them'}")
+      raise errors.ConfigError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} ignored by {ignored_by}, "
+                               f"which starts no process; drop {'it' if len(given) == 1 else 'them'}")
     if self._multi_process():
       if self._peer_timeout.value <= 2 * faults.PeerWatchdog.INTERVAL_S:
-        raise ValueError(f"--peer_timeout_s={self._peer_timeout.value:g} is not longer than two heartbeats "
-                         f"({faults.PeerWatchdog.INTERVAL_S:g} s apart), so a busy peer would be taken for a lost "
-                         f"one; pass more than {2 * faults.PeerWatchdog.INTERVAL_S:g}")
+        raise errors.ConfigError(f"--peer_timeout_s={self._peer_timeout.value:g} is not longer than two heartbeats "
+                                 f"({faults.PeerWatchdog.INTERVAL_S:g} s apart), so a busy peer would be taken for a "
+                                 f"lost one; pass more than {2 * faults.PeerWatchdog.INTERVAL_S:g}")
       return
     for name, env_name, value in (("num_processes", "LLM_JAX_NUM_PROCESSES", self._num_processes.value),
                                   ("process_id", "LLM_JAX_PROCESS_ID", self._process_id.value)):
       if value is not None:
         source = f"--{name}" if self._flag_values[name].present else f"{env_name}={value} (environment)"
-        raise ValueError(f"{source} is set but no multi-process run is asked for; add --coordinator_address="
-                         "host:port (or --distributed to detect the rest), or drop it")
+        raise errors.ConfigError(f"{source} is set but no multi-process run is asked for; add "
+                                 "--coordinator_address=host:port (or --distributed to detect the rest), or drop it")
     if self._flag_values["peer_timeout_s"].present:
-      raise ValueError("--peer_timeout_s is read only by a multi-process run; add --coordinator_address=host:port "
-                       "(or --distributed), or drop it")
+      raise errors.ConfigError("--peer_timeout_s is read only by a multi-process run; add "
+                               "--coordinator_address=host:port (or --distributed), or drop it")
 
   def initialize(self, program: str) -> None:
     """Joins the multi-controller runtime when asked to; a single process needs nothing. Errors are one line."""

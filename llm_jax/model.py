@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_jax import errors
 from llm_jax import lora
 from llm_jax import target
 from llm_jax.attention import apply_rope
@@ -110,7 +111,7 @@ def check_vocab_fits(cfg_vocab_size: int, tokenizer_vocab_size: int, where: str)
   """Refuses a tokenizer with ids the embedding has no row for; `where` ends the message with the model's side
   and the fix."""
   if tokenizer_vocab_size > cfg_vocab_size:
-    raise ValueError(f"the tokenizer has {tokenizer_vocab_size} ids but {where}")
+    raise errors.DataError(f"the tokenizer has {tokenizer_vocab_size} ids but {where}")
 
 
 def init_normal(stddev: float) -> nn.initializers.Initializer:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm_jax import errors
 from llm_jax.evals import documents as doc_eval
 from llm_jax.evals import scoring
 from llm_jax.model import ModelConfig
@@ -163,13 +164,13 @@ def token_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
 def check_text(text: str, num_ids: int, seq_len: int, stride: int) -> None:
   """One-line errors for text the model cannot read as asked."""
   if not text.strip() or num_ids == 0:
-    raise ValueError("the text is empty (after cleaning); pass some text with --text or --text_file")
+    raise errors.DataError("the text is empty (after cleaning); pass some text with --text or --text_file")
   if not 0 <= stride <= seq_len:
-    raise ValueError(f"--stride={stride} must be between 1 and the window --seq_len={seq_len} (0: one window)")
+    raise errors.ConfigError(f"--stride={stride} must be between 1 and the window --seq_len={seq_len} (0: one window)")
   if stride == 0 and num_ids > seq_len:
-    raise ValueError(f"the text has {num_ids} tokens, more than the model's window of --seq_len={seq_len}; pass "
-                     f"--stride (e.g. --stride={max(seq_len // 2, 1)}) to read it in overlapping windows, or shorten "
-                     "it")
+    raise errors.ConfigError(f"the text has {num_ids} tokens, more than the model's window of --seq_len={seq_len}; "
+                             f"pass --stride (e.g. --stride={max(seq_len // 2, 1)}) to read it in overlapping "
+                             "windows, or shorten it")
 
 
 def inspect_text(params: Any, cfg: ModelConfig, tokenizer: Any, text: str, *, seq_len: int,
