@@ -16,10 +16,22 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/llm_jax/jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import socket  # noqa: E402
+import struct  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from pydoc_data.topics import topics  # noqa: E402
 
 import pytest  # noqa: E402
+from tensorboardX.proto import event_pb2  # noqa: E402
+
+from llm_jax import checkpoint as checkpoint_lib  # noqa: E402
+from llm_jax import config as config_lib  # noqa: E402
+from llm_jax import workdir as workdir_lib  # noqa: E402
+from llm_jax import writers  # noqa: E402
+from llm_jax.data.text import clean_text  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,10 +72,96 @@ def smoke_20_fixture(tmp_path_factory):
 
   Shared by tests/test_train.py, test_trainer_loop.py and test_distributed.py; tests read it and never write to it.
   """
-  from test_train import smoke_config  # pylint: disable=import-outside-toplevel
-
   from llm_jax import trainer  # pylint: disable=import-outside-toplevel
 
   workdir = str(tmp_path_factory.mktemp("smoke_20"))
   trainer.train_and_evaluate(smoke_config(num_train_steps=20), workdir)
   return workdir
+
+
+# Helpers the test files share (one place, so that no test file imports another).
+
+def load_experiment(path: str, variant: str | None = None):
+  spec = importlib.util.spec_from_file_location("experiment", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def smoke_config(**overrides):
+  c = load_experiment(os.path.join(REPO, "experiments", "smoke.py"))
+  c.sample.max_length = 20
+  c.update(overrides)
+  return c
+
+
+def restored_params(workdir: str, step: int):
+  ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir), keep=100, async_save=False)
+  try:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _abstract_state(workdir))
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
+    _, params = ckpt.restore_params(abstract, shardings, step)
+    return jax.device_get(params)
+  finally:
+    ckpt.close()
+
+
+def _abstract_state(workdir: str):
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  from llm_jax.model import abstract_params  # pylint: disable=import-outside-toplevel
+  cfg, _ = workdir_lib.read_model_card(workdir)
+  return nn.unbox(abstract_params(cfg))
+
+
+def losses(workdir: str) -> list[tuple[int, float]]:
+  return [(r["step"], r["loss"]) for r in writers.read_metrics(workdir) if "loss" in r]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def tensorboard_events(path: str):
+  """The Event protos of one event file (TFRecord framing: 8-byte length, 4-byte crc, data, 4-byte crc)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  offset = 0
+  while offset + 12 <= len(data):
+    (length,) = struct.unpack("<Q", data[offset:offset + 8])
+    payload = data[offset + 12:offset + 12 + length]
+    if len(payload) < length:
+      break  # a record cut short by a kill
+    offset += 12 + length + 4
+    event = event_pb2.Event()
+    event.ParseFromString(payload)
+    yield event
+
+
+def sft_config(pretrained, sft_files, **overrides):
+  c = config_lib.from_file(os.path.join(REPO, "experiments", "smoke.py"))
+  c.data.corpus, c.data.sft_files, c.data.validation_fraction = "sft", sft_files, 0.2
+  c.init_params_from, c.num_train_steps, c.eval_every, c.checkpoint_every = pretrained, 12, 12, 12
+  c.optim.warmup_steps, c.sample.max_length, c.sample.num_return_sequences = 2, 20, 1
+  for key, value in overrides.items():
+    section, _, name = key.rpartition(".")
+    (c[section] if section else c)[name] = value
+  return c
+
+
+@pytest.fixture(name="sft_rows", scope="session")
+def sft_rows_fixture(tmp_path_factory):
+  path = tmp_path_factory.mktemp("sft") / "rows.jsonl"
+  path.write_text("".join(json.dumps(row) + "\n" for row in SFT_ROWS * 20))
+  return str(path)
+
+
+# SFT rows short enough for the tiny model's 64 positions.
+SFT_ROWS = [{"prompt": "Which year was it given? ", "completion": "1790"},
+        {"messages": [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "Adams"}]},
+        {"prompt": "Say: ", "completion": "the state of the union is strong"}]
+
+TOPICS = [clean_text(text) for _, text in sorted(topics.items())]
+TOPICS = [t for t in TOPICS if t]

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 from conftest import run_module
-from test_train import smoke_config
+from conftest import smoke_config
 
 from llm_jax import config as config_lib
 from llm_jax import errors

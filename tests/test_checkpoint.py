@@ -7,7 +7,7 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 import pytest
-from test_train import smoke_config
+from conftest import smoke_config
 
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import errors

@@ -2,23 +2,17 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+from conftest import free_port
 
 from llm_jax import writers
 
 SMOKE = "--config=experiments/smoke.py"
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _spawn(process_id: int, port: int, workdir: str, repo: str, steps: int = 20, *extra: str) -> subprocess.Popen:
@@ -33,7 +27,7 @@ def test_two_processes_reach_the_losses_of_one(tmp_path, smoke_20):
   from conftest import REPO  # pylint: disable=import-outside-toplevel
   single = smoke_20
   multi = str(tmp_path / "multi")
-  port = _free_port()
+  port = free_port()
   procs = [_spawn(i, port, multi, REPO) for i in range(2)]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
@@ -87,7 +81,7 @@ def test_replicated_parameters_past_the_tolerance_are_refused(cli, tmp_path):
 @pytest.mark.slow
 def test_a_killed_peer_is_named_by_the_survivor(tmp_path):
   from conftest import REPO  # pylint: disable=import-outside-toplevel
-  port = _free_port()
+  port = free_port()
   workdir = str(tmp_path / "multi")
   procs = [_spawn(i, port, workdir, REPO, 100_000, "--peer_timeout_s=10") for i in range(2)]
   # Kill process 1 once both are training (process 0 has written its first checkpoint).
@@ -128,7 +122,7 @@ else:
 
 def _watched_exit(tmp_path, ending: str) -> tuple[list[int], list[str], float]:
   from conftest import REPO  # pylint: disable=import-outside-toplevel
-  port = str(_free_port())
+  port = str(free_port())
   env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   started = time.time()
   procs = [subprocess.Popen([sys.executable, "-c", _WATCHED_EXIT, str(p), port, ending], cwd=tmp_path, env=env,

@@ -14,9 +14,11 @@ import jax
 import numpy as np
 import pytest
 from conftest import REPO
-from test_train import losses
-from test_train import restored_params
-from test_train import smoke_config
+from conftest import SFT_ROWS
+from conftest import losses
+from conftest import restored_params
+from conftest import sft_config
+from conftest import smoke_config
 
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
@@ -438,13 +440,11 @@ def test_rotation_keeps_the_checkpoints_other_runs_pinned_even_when_pinned_late(
 
 @pytest.mark.slow
 def test_lora_adapters_survive_the_base_training_on_and_name_a_lost_base(pretrained, tmp_path):
-  from test_sft import ROWS  # pylint: disable=import-outside-toplevel
-  from test_sft import sft_config  # pylint: disable=import-outside-toplevel
 
   base, lora = str(tmp_path / "base"), str(tmp_path / "lora")
   shutil.copytree(pretrained, base, ignore=shutil.ignore_patterns(".lock", workdir_lib.PINS_FILE))  # step 10
   rows = tmp_path / "rows.jsonl"
-  rows.write_text("".join(json.dumps(row) + "\n" for row in ROWS * 20))
+  rows.write_text("".join(json.dumps(row) + "\n" for row in SFT_ROWS * 20))
   trainer.train_and_evaluate(sft_config(base, str(rows), **{"model.lora_rank": 4, "num_train_steps": 2,
                                                             "eval_every": 2, "checkpoint_every": 2}), lora)
   trainer.train_and_evaluate(smoke_config(num_train_steps=30, keep_checkpoints=1), base)  # rotates 20 away, not 10

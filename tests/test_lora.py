@@ -12,8 +12,7 @@ import numpy as np
 import optax
 import pytest
 import safetensors.numpy
-from test_sft import sft_config
-from test_sft import sft_rows_fixture  # noqa: F401  pylint: disable=unused-import  (a shared fixture)
+from conftest import sft_config
 
 from llm_jax import batch as batch_lib
 from llm_jax import checkpoint as checkpoint_lib

@@ -20,12 +20,12 @@ import os
 import numpy as np
 import pytest
 from conftest import REPO
+from conftest import TOPICS
+from conftest import smoke_config
+from conftest import tensorboard_events
 from etils import epath
 from etils.epath import backend as epath_backend
 from fsspec.implementations.memory import MemoryFileSystem
-from test_store import TOPICS
-from test_train import smoke_config
-from test_writers import _events
 
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import paths
@@ -163,7 +163,7 @@ def test_a_gs_workdir_and_store_train_and_resume_in_the_bucket(bucket, tmp_path,
   shown = set()
   for name in sorted(set(event_files)):
     local_copy.write_bytes(bucket["bucket/run/" + name].getvalue())
-    shown |= {e.step for e in _events(str(local_copy)) if e.HasField("summary")}
+    shown |= {e.step for e in tensorboard_events(str(local_copy)) if e.HasField("summary")}
   assert {10, 20} <= shown
   _no_local_gs_folder(os.getcwd(), REPO, str(tmp_path))
 

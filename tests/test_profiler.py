@@ -4,7 +4,7 @@ import glob
 import os
 
 import pytest
-from test_train import smoke_config
+from conftest import smoke_config
 
 from llm_jax import config as config_lib
 from llm_jax import profiler

@@ -4,8 +4,8 @@ import os
 import shutil
 
 import pytest
-from test_train import losses
-from test_train import smoke_config
+from conftest import losses
+from conftest import smoke_config
 
 from llm_jax import errors
 from llm_jax import resume

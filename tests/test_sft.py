@@ -1,15 +1,14 @@
 """Supervised fine-tuning: templates, per-token loss weights, packing, one-line errors, and a tiny end-to-end run."""
 
 import json
-import os
 
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import SFT_ROWS
+from conftest import sft_config
 
 from llm_jax import chat
-from llm_jax import config as config_lib
 from llm_jax import sampling
 from llm_jax import steps as steps_lib
 from llm_jax import trainer
@@ -26,10 +25,6 @@ CONVERSATION = [{"role": "system", "content": "Answer with a name."},
                 {"role": "assistant", "content": "George Washington"},
                 {"role": "user", "content": "And in 1801?"},
                 {"role": "assistant", "content": "Thomas Jefferson"}]
-# Short enough for the tiny model's 64 positions.
-ROWS = [{"prompt": "Which year was it given? ", "completion": "1790"},
-        {"messages": [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "Adams"}]},
-        {"prompt": "Say: ", "completion": "the state of the union is strong"}]
 
 
 @pytest.fixture(name="tok", scope="module")
@@ -37,7 +32,7 @@ def tok_fixture(pretrained):
   return workdir_lib.load_model(pretrained).tokenizer
 
 
-def _examples(tok, rows=ROWS, seq_len=200, train_on_prompt=False):
+def _examples(tok, rows=SFT_ROWS, seq_len=200, train_on_prompt=False):
   return [sft.make_example(row, f"row {i}", tok, chat.ChatTemplate(), train_on_prompt=train_on_prompt,
                            seq_len=seq_len) for i, row in enumerate(rows)]
 
@@ -52,7 +47,7 @@ def test_rendered_prompt_tokens_are_a_prefix_of_the_rendered_conversation(tok):
 
 
 def test_only_completion_and_assistant_tokens_count(tok):
-  completion, conversation = _examples(tok, [ROWS[0], {"messages": CONVERSATION}])
+  completion, conversation = _examples(tok, [SFT_ROWS[0], {"messages": CONVERSATION}])
   assert tok.decode(completion.tokens[completion.weights > 0]) == "1790"  # and eos, which decodes to nothing
   assert completion.tokens[-1] == tok.eos_id and completion.weights[-1] == 1
   end = chat.END_OF_TURN + "\n"
@@ -62,7 +57,7 @@ def test_only_completion_and_assistant_tokens_count(tok):
 
 
 def test_packing_keeps_weights_aligned_with_their_tokens(tok):
-  examples = _examples(tok, [*ROWS, {"messages": CONVERSATION}] * 3, seq_len=150)
+  examples = _examples(tok, [*SFT_ROWS, {"messages": CONVERSATION}] * 3, seq_len=150)
   tokens, segments, weights = sft.pack_examples(examples, 150)
   found = []
   for r in range(len(tokens)):
@@ -138,24 +133,6 @@ def _completion_loss(workdir, data):
   out = steps_lib.eval_step(loaded.params, jax.tree.map(np.asarray, packing.make_example(*data.train.rows(
       np.arange(data.train.num_rows)))), model=Transformer(loaded.cfg))
   return float(out["nll_sum"]) / float(out["tokens"])
-
-
-def sft_config(pretrained, sft_files, **overrides):
-  c = config_lib.from_file(os.path.join(REPO, "experiments", "smoke.py"))
-  c.data.corpus, c.data.sft_files, c.data.validation_fraction = "sft", sft_files, 0.2
-  c.init_params_from, c.num_train_steps, c.eval_every, c.checkpoint_every = pretrained, 12, 12, 12
-  c.optim.warmup_steps, c.sample.max_length, c.sample.num_return_sequences = 2, 20, 1
-  for key, value in overrides.items():
-    section, _, name = key.rpartition(".")
-    (c[section] if section else c)[name] = value
-  return c
-
-
-@pytest.fixture(name="sft_rows", scope="session")
-def sft_rows_fixture(tmp_path_factory):
-  path = tmp_path_factory.mktemp("sft") / "rows.jsonl"
-  path.write_text("".join(json.dumps(row) + "\n" for row in ROWS * 20))
-  return str(path)
 
 
 def test_a_tiny_sft_fine_tune_lowers_the_completion_loss(pretrained, sft_rows, tmp_path, cli):

@@ -8,22 +8,20 @@ import shutil
 import signal
 import subprocess
 import sys
-from pydoc_data.topics import topics
 
 import numpy as np
 import pytest
+from conftest import TOPICS
+from conftest import free_port
 
 from llm_jax.data import sources
 from llm_jax.data import store as store_lib
 from llm_jax.data.corpus import DataConfig
 from llm_jax.data.corpus import make_source
 from llm_jax.data.packing import pack_documents
-from llm_jax.data.text import clean_text
 from llm_jax.tokenizer import train_tokenizer
 
 ONE_LINE = "^[^\n]*$"
-TOPICS = [clean_text(text) for _, text in sorted(topics.items())]
-TOPICS = [t for t in TOPICS if t]
 
 
 @pytest.fixture(scope="module")
@@ -350,7 +348,6 @@ def test_many_record_files_split_by_file_and_are_read_once(tmp_path, monkeypatch
 
 def test_two_processes_prepare_the_store_one_process_prepares(tmp_path):
   from conftest import REPO  # pylint: disable=import-outside-toplevel
-  from test_distributed import _free_port  # pylint: disable=import-outside-toplevel
   corpus = tmp_path / "corpus"
   corpus.mkdir()
   for i in range(20):  # Above 16 record files: one shard per file, so both processes have shards to write.
@@ -363,7 +360,7 @@ def test_two_processes_prepare_the_store_one_process_prepares(tmp_path):
             f"--config.data.text_files={corpus}/*.jsonl", f"--config.data.store_dir={tmp_path / stores}", *extra]
   one = subprocess.run(command("one"), cwd=REPO, env=env, capture_output=True, text=True, check=False)
   assert one.returncode == 0, one.stderr
-  port = _free_port()
+  port = free_port()
   procs = [subprocess.Popen(command("two", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                                     f"--process_id={p}", "--verify"), cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for p in range(2)]

@@ -8,8 +8,10 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import losses
+from conftest import restored_params
+from conftest import smoke_config
 
-from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import config as config_lib
 from llm_jax import trainer
 from llm_jax import validation
@@ -20,43 +22,6 @@ from llm_jax.evals import documents as doc_eval
 from llm_jax.sweeps import runcard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_experiment(path: str, variant: str | None = None):
-  spec = importlib.util.spec_from_file_location("experiment", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
-
-
-def smoke_config(**overrides):
-  c = load_experiment(os.path.join(REPO, "experiments", "smoke.py"))
-  c.sample.max_length = 20
-  c.update(overrides)
-  return c
-
-
-def restored_params(workdir: str, step: int):
-  ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir), keep=100, async_save=False)
-  try:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _abstract_state(workdir))
-    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
-    _, params = ckpt.restore_params(abstract, shardings, step)
-    return jax.device_get(params)
-  finally:
-    ckpt.close()
-
-
-def _abstract_state(workdir: str):
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-
-  from llm_jax.model import abstract_params  # pylint: disable=import-outside-toplevel
-  cfg, _ = workdir_lib.read_model_card(workdir)
-  return nn.unbox(abstract_params(cfg))
-
-
-def losses(workdir: str) -> list[tuple[int, float]]:
-  return [(r["step"], r["loss"]) for r in writers.read_metrics(workdir) if "loss" in r]
 
 
 # Recorded from `experiments/smoke.py` on 8 simulated CPU devices (mesh data=8) on 2026-11-28.

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 from conftest import run_module
-from test_train import smoke_config
+from conftest import smoke_config
 
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import errors

@@ -3,37 +3,21 @@
 import glob
 import json
 import os
-import struct
 import subprocess
 import sys
 
 from conftest import REPO
+from conftest import tensorboard_events
 from tensorboardX.proto import event_pb2
 
 from llm_jax import writers
-
-
-def _events(path: str):
-  """The Event protos of one event file (TFRecord framing: 8-byte length, 4-byte crc, data, 4-byte crc)."""
-  with open(path, "rb") as f:
-    data = f.read()
-  offset = 0
-  while offset + 12 <= len(data):
-    (length,) = struct.unpack("<Q", data[offset:offset + 8])
-    payload = data[offset + 12:offset + 12 + length]
-    if len(payload) < length:
-      break  # a record cut short by a kill
-    offset += 12 + length + 4
-    event = event_pb2.Event()
-    event.ParseFromString(payload)
-    yield event
 
 
 def tensorboard_scalars(workdir: str, tag: str) -> dict[int, float]:
   """What TensorBoard shows for `tag`: event files in order, a session START at step s purging older steps >= s."""
   shown: dict[int, float] = {}
   for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))):
-    for event in _events(path):
+    for event in tensorboard_events(path):
       if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
         shown = {s: v for s, v in shown.items() if s < event.step}
       if event.HasField("summary"):
