@@ -25,7 +25,6 @@ from llm_jax.data.text import read_utf8
 from llm_jax.evals import documents as doc_eval
 from llm_jax.interp import analysis
 from llm_jax.interp import report
-from llm_jax.tokenizer import file_sha256
 from llm_jax.tokenizer import load_tokenizer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A directory written by llm_jax.train or llm_jax.convert.")
@@ -70,7 +69,7 @@ def _check_inputs(text: str) -> int:
     raise errors.ConfigError("--compare_step is set but --compare is not; pass --compare=DIR or drop --compare_step")
   if _COMPARE.value:
     other_cfg, other_path = workdir_lib.read_model_card(_COMPARE.value, "--compare")
-    if file_sha256(other_path) != file_sha256(tokenizer_path):
+    if paths.file_sha256(other_path) != paths.file_sha256(tokenizer_path):
       raise errors.ConfigError(f"--compare={_COMPARE.value} has another tokenizer ({other_path}) than --workdir "
                                f"({tokenizer_path}), so their tokens do not line up; compare models that share a "
                                "tokenizer")

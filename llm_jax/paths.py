@@ -10,6 +10,7 @@ installed on the machine); orbax reaches it through tensorstore and google-cloud
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.util
 import os
 import re
@@ -170,3 +171,13 @@ def check_reachable(location: str, what: str) -> None:
   except ImportError:
     raise errors.ConfigError(f"{what}={location} needs the {package} package to reach {scheme}:// (or "
                              f"TensorFlow); pip install {package} on every host") from None
+
+
+def file_sha256(path: str) -> str:
+  """The sha256 of a file's bytes, read in 16 MiB blocks: the identity of a tokenizer, a model card or a store shard
+  (checkpoints, the token store and its cache key record it)."""
+  digest = hashlib.sha256()
+  with as_path(path).open("rb") as f:
+    for block in iter(lambda: f.read(1 << 24), b""):
+      digest.update(block)
+  return digest.hexdigest()

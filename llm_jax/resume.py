@@ -18,7 +18,6 @@ from llm_jax import paths
 from llm_jax import workdir as workdir_lib
 from llm_jax.data import corpus
 from llm_jax.sweeps import runcard
-from llm_jax.tokenizer import file_sha256
 
 
 def read_history(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
@@ -104,4 +103,4 @@ def check_against_checkpoint(config: ml_collections.ConfigDict, saved: dict[str,
   workdir_lib.check_model_dims(saved, dataclasses.asdict(config_lib.model_config(config, saved_vocab)))
   if config.tokenizer.path:
     path = config.tokenizer.path
-    workdir_lib.check_tokenizer(saved, file_sha256(path), path)
+    workdir_lib.check_tokenizer(saved, paths.file_sha256(path), path)

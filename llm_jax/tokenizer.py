@@ -182,11 +182,6 @@ def _train_on_lines(lines: list[str], model_prefix: str, *, model_type: str, voc
   return Tokenizer.load(path)
 
 
-def file_sha256(path: str) -> str:
-  """Identity of a tokenizer (or any) file: checkpoints and the packed-data cache are keyed by it."""
-  return hashlib.sha256(paths.as_path(path).read_bytes()).hexdigest()
-
-
 def corpus_fingerprint(documents: Sequence[str]) -> str:
   """Returns a SHA-256 hex digest of the documents, their order and boundaries."""
   digest = hashlib.sha256()

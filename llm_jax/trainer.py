@@ -41,7 +41,6 @@ from llm_jax.model import check_vocab_fits
 from llm_jax.model import count_params
 from llm_jax.model import resolve_remat_policy
 from llm_jax.sweeps import runcard
-from llm_jax.tokenizer import file_sha256
 
 
 def _restore_or_init(ckpt: checkpoint_lib.Checkpointer, fns: steps_lib.StepFns, train_iter: Any,
@@ -266,7 +265,7 @@ def _check_tokenizer(config: ml_collections.ConfigDict, tokenizer: Any, saved: d
                      f"model.vocab_size={config.model.vocab_size}; raise model.vocab_size or set it to 0")
   _check_prompt_fits(config, config_lib.model_config(config, tokenizer.vocab_size), tokenizer)
   if saved is not None:
-    workdir_lib.check_tokenizer(saved, file_sha256(tokenizer.path), tokenizer.path)
+    workdir_lib.check_tokenizer(saved, paths.file_sha256(tokenizer.path), tokenizer.path)
 
 
 def _check_prompt_fits(config: ml_collections.ConfigDict, cfg: ModelConfig, tokenizer: Any) -> None:

@@ -40,7 +40,6 @@ from llm_jax.model import ModelConfig
 from llm_jax.model import abstract_params
 from llm_jax.model import check_vocab_fits
 from llm_jax.tokenizer import Tokenizer
-from llm_jax.tokenizer import file_sha256
 from llm_jax.tokenizer import load_tokenizer
 
 RUN_CONFIG_FILE = "config.json"
@@ -142,7 +141,7 @@ def pin_checkpoint(workdir: str, step: int, by: str) -> None:
 def lora_base_reference(base_workdir: str, step: int) -> dict[str, Any]:
   """What names a LoRA run's base model: its workdir, checkpoint step and the sha256 of its model card."""
   return {"workdir": os.path.abspath(base_workdir), "step": int(step),
-          "model_sha256": file_sha256(path(base_workdir, MODEL_FILE))}
+          "model_sha256": paths.file_sha256(path(base_workdir, MODEL_FILE))}
 
 
 def check_lora_base(saved: dict[str, Any] | None, given: dict[str, Any], where: str) -> None:
@@ -178,7 +177,7 @@ def merge_adapters(cfg: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
 
 def checkpoint_meta(cfg: ModelConfig, tokenizer_path: str, **extra: Any) -> dict[str, Any]:
   """The metadata saved with every checkpoint: the model, the tokenizer file's hash, and `extra`."""
-  return {"model": dataclasses.asdict(cfg), "tokenizer_sha256": file_sha256(tokenizer_path), **extra}
+  return {"model": dataclasses.asdict(cfg), "tokenizer_sha256": paths.file_sha256(tokenizer_path), **extra}
 
 
 def check_tokenizer(saved_meta: dict[str, Any], tokenizer_sha256: str, tokenizer_path: str,
@@ -340,7 +339,7 @@ def load_model(workdir: str, step: int | None = None) -> LoadedModel:
     saved_meta = ckpt.restore_meta(restored_step)
   finally:
     ckpt.close()
-  check_tokenizer(saved_meta, file_sha256(tokenizer_path), tokenizer_path, restored_step)
+  check_tokenizer(saved_meta, paths.file_sha256(tokenizer_path), tokenizer_path, restored_step)
   if base is not None:
     check_lora_base(saved_meta.get("lora_base"), read_lora_base(workdir), f"checkpoint {restored_step}")
     cfg, params = merge_adapters(cfg, lora.combine(base.params, params))

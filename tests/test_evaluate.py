@@ -15,7 +15,7 @@ import pytest
 import tiny_hf
 
 from llm_jax import config as config_lib
-from llm_jax import tokenizer
+from llm_jax import paths
 from llm_jax import workdir as workdir_lib
 from llm_jax.checkpoint import Checkpointer
 from llm_jax.data import corpus
@@ -42,7 +42,7 @@ def run(tmp_path_factory):
   params = nn.unbox(Transformer(CFG).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   params = jax.tree.map(lambda x: x * 5, params)  # sharper than initialisation, so losses differ from ln V
   ckpt = Checkpointer(workdir_lib.checkpoint_dir(workdir), keep=1, async_save=False)
-  ckpt.save_params(0, params, {"model": dataclasses.asdict(CFG), "tokenizer_sha256": tokenizer.file_sha256(tok.path)})
+  ckpt.save_params(0, params, {"model": dataclasses.asdict(CFG), "tokenizer_sha256": paths.file_sha256(tok.path)})
   ckpt.close()
   workdir_lib.write_model_card(workdir, CFG, tok.path)
   config = config_lib.get_config()

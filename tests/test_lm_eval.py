@@ -16,6 +16,7 @@ import tiny_hf  # noqa: E402
 from conftest import REPO  # noqa: E402
 
 from llm_jax import config as config_lib  # noqa: E402
+from llm_jax import paths
 from llm_jax import sampling  # noqa: E402
 from llm_jax import tokenizer  # noqa: E402
 from llm_jax import trainer  # noqa: E402
@@ -45,7 +46,7 @@ def write_workdir(workdir: str, cfg: ModelConfig = CFG, scale: float = 5.0) -> s
   params = nn.unbox(Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   params = jax.tree.map(lambda x: x * scale, params)
   ckpt = Checkpointer(workdir_lib.checkpoint_dir(workdir), keep=1, async_save=False)
-  ckpt.save_params(3, params, {"model": dataclasses.asdict(cfg), "tokenizer_sha256": tokenizer.file_sha256(tok.path)})
+  ckpt.save_params(3, params, {"model": dataclasses.asdict(cfg), "tokenizer_sha256": paths.file_sha256(tok.path)})
   ckpt.close()
   workdir_lib.write_model_card(workdir, cfg, tok.path)
   return workdir

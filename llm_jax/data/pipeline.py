@@ -37,7 +37,6 @@ from llm_jax.data.sources import Source
 from llm_jax.data.split import is_validation
 from llm_jax.tokenizer import MAX_TRAIN_CHARS
 from llm_jax.tokenizer import TokenizerConfig
-from llm_jax.tokenizer import file_sha256
 from llm_jax.tokenizer import get_or_train_streaming
 from llm_jax.tokenizer import load_tokenizer
 
@@ -237,7 +236,7 @@ def _get_tokenizer(parts: Sequence[Component], sources: Sequence[Source], tok_cf
 def _get_store(source: Source, tokenizer: Any, root: str, what: str, process_index: int, process_count: int,
                barrier: Callable[[str], None], log: Callable[[str], None]) -> store_lib.TokenStore:
   """Opens the token store of (source, tokenizer) under `root`, tokenising it first if it is missing."""
-  path = os.path.join(root, store_lib.fingerprint(source.identity(), file_sha256(tokenizer.path),
+  path = os.path.join(root, store_lib.fingerprint(source.identity(), paths.file_sha256(tokenizer.path),
                                                   store_lib.DOCS_PER_SHARD))
   manifest = os.path.join(path, store_lib.MANIFEST)
   # Runs of a sweep starting together on one machine take turns: the first builds, the others then read.

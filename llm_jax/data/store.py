@@ -66,14 +66,6 @@ def _rebuild_hint(prefix: str, path: str) -> str:
           "config (it rebuilds only missing shards)")
 
 
-def _file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with paths.as_path(path).open("rb") as f:
-    for block in iter(lambda: f.read(1 << 24), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 class Progress:
   """A progress line every `every_s` seconds: documents, tokens, MB of text, MB/s and an ETA when the size is known."""
 
@@ -206,7 +198,7 @@ def verify_shard(path: str, split: str, index: int, meta: dict[str, Any]) -> Non
   prefix = _shard_prefix(path, split, index)
   for kind in ("tokens", "offsets"):
     name = f"{prefix}.{kind}"
-    if _file_sha256(name) != meta[f"{kind}_sha256"]:
+    if paths.file_sha256(name) != meta[f"{kind}_sha256"]:
       raise errors.DataError(f"token store shard {name} does not match its recorded sha256 (corrupted); "
                              f"{_rebuild_hint(prefix, path)}")
 
