@@ -31,7 +31,7 @@ from llm_jax import launch
 from llm_jax import metrics as metrics_lib
 from llm_jax import sampling
 from llm_jax import sharding
-from llm_jax import trainer
+from llm_jax import steps as steps_lib
 from llm_jax.data import pipeline
 from llm_jax.model import Transformer
 
@@ -96,7 +96,7 @@ def fit_batch(c: ml_collections.ConfigDict, fraction: float = 0.85) -> int:
     return b
   mesh = sharding.make_mesh((-1, 1, 1))
   with jax.set_mesh(mesh):
-    _, fns = trainer.make_steps(c, mesh, c.model.vocab_size)
+    fns = steps_lib.build(*config_lib.step_configs(c, c.model.vocab_size), mesh)
     memory = fns.lower_train(b, c.data.seq_len).compile().memory_analysis()
   return batch_that_fits(limit * fraction, memory.argument_size_in_bytes, memory.temp_size_in_bytes, b, num)
 
@@ -127,7 +127,8 @@ def bench_train(name: str, steps: int, repeats: int, warmup: int, real_data: boo
   mesh = sharding.make_mesh((-1, 1, 1))
   b, l = c.global_batch_size, c.data.seq_len
   with jax.set_mesh(mesh):
-    cfg, fns = trainer.make_steps(c, mesh, c.model.vocab_size)
+    cfg, optim_cfg, step_cfg = config_lib.step_configs(c, c.model.vocab_size)
+    fns = steps_lib.build(cfg, optim_cfg, step_cfg, mesh)
     start = time.perf_counter()
     compiled = fns.lower_train(b, l).compile()
     compile_s = time.perf_counter() - start
@@ -181,7 +182,7 @@ def bench_compile_depth(name: str) -> dict:
     c.model.num_layers = layers
     mesh = sharding.make_mesh((-1, 1, 1))
     with jax.set_mesh(mesh):
-      _, fns = trainer.make_steps(c, mesh, c.model.vocab_size)
+      fns = steps_lib.build(*config_lib.step_configs(c, c.model.vocab_size), mesh)
       start = time.perf_counter()
       fns.lower_train(c.global_batch_size, c.data.seq_len).compile()
       out[f"compile_s_{layers}_layers"] = time.perf_counter() - start

@@ -19,6 +19,7 @@ import ml_collections
 from llm_jax import loop as loop_lib
 from llm_jax import model as model_lib
 from llm_jax import optim
+from llm_jax import steps as steps_lib
 from llm_jax import tokenizer as tokenizer_lib
 from llm_jax.data import corpus
 
@@ -212,6 +213,20 @@ def optim_config(config: ml_collections.ConfigDict) -> optim.OptimConfig:
                         f"--config.optim.learning_rate=<peak rate> (the measured ones: {measured})")
     o = dataclasses.replace(o, learning_rate=optim.DEFAULT_LEARNING_RATES[o.name])
   return o
+
+
+def step_config(config: ml_collections.ConfigDict) -> steps_lib.StepConfig:
+  return steps_lib.StepConfig(seed=config.seed, seq_len=config.data.seq_len,
+                              global_batch_size=config.global_batch_size, num_train_steps=config.num_train_steps,
+                              grad_accum_steps=config.grad_accum_steps, z_loss=config.z_loss,
+                              max_replicated_share=config.max_replicated_share)
+
+
+def step_configs(config: ml_collections.ConfigDict,
+                 vocab_size: int) -> tuple[model_lib.ModelConfig, optim.OptimConfig, steps_lib.StepConfig]:
+  """The three frozen records `steps.build` takes, resolved from an experiment config (`vocab_size`: the
+  tokenizer's, for model.vocab_size=0)."""
+  return model_config(config, vocab_size), optim_config(config), step_config(config)
 
 
 def loop_plan(config: ml_collections.ConfigDict) -> loop_lib.LoopPlan:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 from typing import Callable
@@ -18,7 +19,9 @@ from jax.sharding import PartitionSpec as P
 from llm_jax import batch as batch_lib
 from llm_jax import lora
 from llm_jax import metrics as metrics_lib
+from llm_jax import optim
 from llm_jax import sharding
+from llm_jax import target
 from llm_jax.model import ModelConfig
 from llm_jax.model import Transformer
 
@@ -239,3 +242,33 @@ def build_steps(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: op
   return StepFns(init=init, train_jit=train, eval_jit=evaluate, state_shardings=state_sh,
                  abstract_state=abstract_state, batch_sharding=batch_sh, abstract_base=abstract_base,
                  base_shardings=base_sh, accum=accum)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """What the steps need beyond the model and the optimizer; each field is the experiment config's key of that name
+  (`seq_len` is data.seq_len), whose defaults and comments are in llm_jax/config.py."""
+  seed: int
+  seq_len: int
+  global_batch_size: int
+  num_train_steps: int
+  grad_accum_steps: int  # 0: per backend, as AUTO_MICRO_BATCH_TOKENS says
+  z_loss: float
+  max_replicated_share: float
+
+
+def build(cfg: ModelConfig, optim_cfg: optim.OptimConfig, step_cfg: StepConfig, mesh: Mesh) -> StepFns:
+  """The jitted steps of a resolved model, optimizer and step config on `mesh`; call under `jax.set_mesh(mesh)`.
+
+  The one builder: the trainer, the dry run and planner, the benchmark, the tools and the tests call it. Micro-batches
+  'auto' (grad_accum_steps=0) resolve for the platform being compiled for (`target.platform()`), and a step that
+  would replicate more than max_replicated_share of the parameters is refused.
+  """
+  tx, schedule = optim.make_optimizer(optim_cfg, step_cfg.num_train_steps)
+  accum = resolve_grad_accum_steps(step_cfg.grad_accum_steps, step_cfg.global_batch_size, step_cfg.seq_len,
+                                   sharding.data_parallel_size(mesh.shape), target.platform())
+  fns = build_steps(cfg, tx, schedule, mesh, seed=step_cfg.seed, seq_len=step_cfg.seq_len, accum=accum,
+                    z_loss=step_cfg.z_loss)
+  sharding.check_replication(fns.abstract_state.params, fns.state_shardings.params, mesh,
+                             step_cfg.max_replicated_share)
+  return fns

@@ -96,23 +96,6 @@ def _with_lora_base(fns: steps_lib.StepFns, init_params_from: str,
   return fns.with_base(base), workdir_lib.lora_base_reference(init_params_from, step)
 
 
-def make_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-               vocab_size: int) -> tuple[ModelConfig, steps_lib.StepFns]:
-  """The model config and the jitted steps an experiment config asks for; call under `jax.set_mesh(mesh)`.
-
-  The one place that turns a config into steps: training, the dry run and the benchmark all use it.
-  """
-  cfg = config_lib.model_config(config, vocab_size)
-  tx, schedule = optim.make_optimizer(config_lib.optim_config(config), config.num_train_steps)
-  accum = steps_lib.resolve_grad_accum_steps(config.grad_accum_steps, config.global_batch_size, config.data.seq_len,
-                                             sharding.data_parallel_size(mesh.shape), target.platform())
-  fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=config.seed, seq_len=config.data.seq_len,
-                              accum=accum, z_loss=config.z_loss)
-  sharding.check_replication(fns.abstract_state.params, fns.state_shardings.params, mesh,
-                             config.max_replicated_share)
-  return cfg, fns
-
-
 def _prepare_data_once(config: ml_collections.ConfigDict, workdir: str,
                        check_tokenizer: Callable[[Any], None]) -> pipeline.PreparedData:
   """Gets the tokenizer and the shared token store (every process tokenises its shards when the store is
@@ -147,7 +130,8 @@ def compile_report(config: ml_collections.ConfigDict,
   mesh = _mesh(config, tpu.devices(slice_) if slice_ else None)
   platform = "tpu" if slice_ else target.platform()
   with target.compiling_for(platform), jax.set_mesh(mesh):
-    cfg, fns = make_steps(config, mesh, config.model.vocab_size or config.tokenizer.vocab_size)
+    cfg, optim_cfg, step_cfg = config_lib.step_configs(config, config.model.vocab_size or config.tokenizer.vocab_size)
+    fns = steps_lib.build(cfg, optim_cfg, step_cfg, mesh)
     share = sharding.replicated_fraction(fns.abstract_state.params, fns.state_shardings.params)
     result = dryrun.report(cfg, fns, mesh, global_batch_size=config.global_batch_size, seq_len=config.data.seq_len,
                            replicated_share=share, slice_=slice_,
@@ -326,7 +310,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
     data = _prepare_data_once(config, workdir, lambda tokenizer: _check_tokenizer(config, tokenizer, saved))
   peak, peak_source = metrics_lib.peak_flops_total(config.peak_flops_per_device)
   with jax.set_mesh(mesh):
-    cfg, fns = make_steps(config, mesh, data.tokenizer.vocab_size)
+    cfg, optim_cfg, step_cfg = config_lib.step_configs(config, data.tokenizer.vocab_size)
+    fns = steps_lib.build(cfg, optim_cfg, step_cfg, mesh)
     ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir), keep=config.keep_checkpoints,
                                        pins=workdir_lib.path(workdir, workdir_lib.PINS_FILE))
     train_iter = pipeline.make_train_iterator(

@@ -10,7 +10,9 @@ import pytest
 from conftest import smoke_config
 
 from llm_jax import checkpoint as checkpoint_lib
+from llm_jax import config as config_lib
 from llm_jax import errors
+from llm_jax import steps as steps_lib
 from llm_jax import trainer
 from llm_jax import workdir as workdir_lib
 
@@ -66,7 +68,7 @@ def _fns(**optim):
   c = trainer._resolved(c)  # pylint: disable=protected-access
   mesh = trainer._mesh(c)  # pylint: disable=protected-access
   with jax.set_mesh(mesh):
-    _, fns = trainer.make_steps(c, mesh, c.tokenizer.vocab_size)
+    fns = steps_lib.build(*config_lib.step_configs(c, c.tokenizer.vocab_size), mesh)
   return fns
 
 

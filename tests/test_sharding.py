@@ -10,7 +10,6 @@ from llm_jax import config as config_lib
 from llm_jax import optim
 from llm_jax import sharding
 from llm_jax import steps as steps_lib
-from llm_jax import trainer
 
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (1, 1, 1)]
 VOCAB, SEQ, BATCH = 128, 16, 16
@@ -208,5 +207,5 @@ def test_the_trainer_builds_the_step_with_the_resolved_micro_batches(monkeypatch
   for given, runs in ((0, 4), (2, 2), (1, 1)):
     c.grad_accum_steps = given
     with jax.set_mesh(mesh):
-      _, fns = trainer.make_steps(c, mesh, VOCAB)
+      fns = steps_lib.build(*config_lib.step_configs(c, VOCAB), mesh)
     assert fns.accum == runs

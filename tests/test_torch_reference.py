@@ -16,7 +16,7 @@ from llm_jax import config as config_lib
 from llm_jax import loop as loop_lib
 from llm_jax import optim
 from llm_jax import sharding
-from llm_jax import trainer
+from llm_jax import steps as steps_lib
 
 torch = pytest.importorskip("torch")
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -51,7 +51,8 @@ def test_torch_reference_matches_our_losses_through_adamw_steps():
   c = _config()
   mesh = sharding.make_mesh((-1, 1, 1))
   with jax.set_mesh(mesh):
-    cfg, fns = trainer.make_steps(c, mesh, 512)
+    cfg, optim_cfg, step_cfg = config_lib.step_configs(c, 512)
+    fns = steps_lib.build(cfg, optim_cfg, step_cfg, mesh)
     state = fns.init()
     ref = torch_reference.TorchTrainer(cfg, config_lib.optim_config(c), c.num_train_steps, jax.device_get(state.params))
     ours, theirs = [], []

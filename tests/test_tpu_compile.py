@@ -21,6 +21,7 @@ from llm_jax import dryrun
 from llm_jax import planner
 from llm_jax import roofline
 from llm_jax import sharding
+from llm_jax import steps as steps_lib
 from llm_jax import target
 from llm_jax import tpu
 from llm_jax import trainer
@@ -188,7 +189,7 @@ def test_two_v5e_16_slices_join_over_the_data_axis():
   slice_ = tpu.parse_slice(c.topology, c.num_slices)
   mesh = trainer._mesh(c, tpu.devices(slice_))  # pylint: disable=protected-access
   with target.compiling_for("tpu"), jax.set_mesh(mesh):
-    _, fns = trainer.make_steps(c, mesh, 512)
+    fns = steps_lib.build(*config_lib.step_configs(c, 512), mesh)
     compiled = fns.lower_train(64, c.data.seq_len).compile()
   state_sh, batch_sh = compiled.input_shardings[0][:2]
 

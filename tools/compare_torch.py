@@ -37,7 +37,7 @@ from llm_jax import launch
 from llm_jax import loop as loop_lib
 from llm_jax import metrics as metrics_lib
 from llm_jax import sharding
-from llm_jax import trainer
+from llm_jax import steps as steps_lib
 from llm_jax.data import pipeline
 
 FLAGS = flags.FLAGS
@@ -114,7 +114,8 @@ def compare(name: str, block: int, repeats: int, warmup: int, eval_batches: int,
   mesh = sharding.make_mesh((-1, 1, 1))
   b, l = c.global_batch_size, c.data.seq_len
   with jax.set_mesh(mesh):
-    cfg, fns = trainer.make_steps(c, mesh, c.model.vocab_size or data.tokenizer.vocab_size)
+    cfg, optim_cfg, step_cfg = config_lib.step_configs(c, c.model.vocab_size or data.tokenizer.vocab_size)
+    fns = steps_lib.build(cfg, optim_cfg, step_cfg, mesh)
     start = time.perf_counter()
     train = fns.lower_train(b, l).compile()
     compile_s = time.perf_counter() - start

@@ -46,7 +46,7 @@ from llm_jax import config as config_lib
 from llm_jax import launch
 from llm_jax import loop as loop_lib
 from llm_jax import sharding
-from llm_jax import trainer
+from llm_jax import steps as steps_lib
 from llm_jax.data import pipeline
 
 FLAGS = flags.FLAGS
@@ -127,7 +127,8 @@ def compare_model(name: str, settings: Sequence[str], block: int, repeats: int, 
   for c, shape in zip((c_a, c_b), meshes):
     mesh = _mesh(shape)
     with jax.set_mesh(mesh):
-      built.append((mesh, *trainer.make_steps(c, mesh, c.model.vocab_size)))
+      cfg, optim_cfg, step_cfg = config_lib.step_configs(c, c.model.vocab_size)
+      built.append((mesh, cfg, steps_lib.build(cfg, optim_cfg, step_cfg, mesh)))
   with jax.set_mesh(built[0][0]):
     state_a = built[0][2].init()
     # B starts from A's very state (a copy, on B's mesh: steps donate theirs), whatever order B's layers create

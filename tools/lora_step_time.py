@@ -1,7 +1,7 @@
 """`python tools/lora_step_time.py [--rounds=5 --steps=5]`: trainable parameters and train-step time of full
 fine-tuning against LoRA at sotu_small's shape (4 layers, width 256, 16 x 128 tokens, vocabulary 2048).
 
-Both steps are built by `trainer.make_steps` from experiments/sft_sotu.py's two variants (LoRA: rank 8 on q, k, v, o,
+Both steps are built by `steps.build` from experiments/sft_sotu.py's two variants (LoRA: rank 8 on q, k, v, o,
 mlp_in, mlp_out), on synthetic batches, one device, float32. Timing alternates the two (`--steps` steps of one,
 then of the other, `--rounds` times) and reports medians per step, so load from other jobs falls on both alike.
 
@@ -25,10 +25,10 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llm_jax import batch as batch_lib  # noqa: E402  pylint: disable=wrong-import-position
-from llm_jax import config as config_lib  # noqa: E402  pylint: disable=wrong-import-position
+from llm_jax import config as config_lib
 from llm_jax import lora  # noqa: E402  pylint: disable=wrong-import-position
 from llm_jax import sharding  # noqa: E402  pylint: disable=wrong-import-position
-from llm_jax import trainer  # noqa: E402  pylint: disable=wrong-import-position
+from llm_jax import steps as steps_lib
 from llm_jax.model import count_params  # noqa: E402  pylint: disable=wrong-import-position
 
 VOCAB = 2048
@@ -56,8 +56,8 @@ def main() -> None:
   args = parser.parse_args()
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with jax.set_mesh(mesh):
-    _, full = trainer.make_steps(_variant("full"), mesh, VOCAB)
-    _, adapted = trainer.make_steps(_variant("lora"), mesh, VOCAB)
+    full = steps_lib.build(*config_lib.step_configs(_variant("full"), VOCAB), mesh)
+    adapted = steps_lib.build(*config_lib.step_configs(_variant("lora"), VOCAB), mesh)
     full_state = full.init()
     base = jax.device_get(lora.split(full_state.params)[0])  # a copy: the full step donates its state
     adapted = adapted.with_base(jax.device_put(base, adapted.base_shardings))
