@@ -68,6 +68,15 @@ def causal_blocks(backend: str) -> int:
   return CAUSAL_BLOCKS.get(backend, 1)
 
 
+def query_blocks(impl: str, backend: str, length: int) -> int:
+  """The causal query blocks a training step's attention really runs in (`dot_product_attention`'s rule): the
+  backend's count for the einsum path when it divides the length, else one (and none for a fused kernel)."""
+  n = causal_blocks(backend)
+  if impl not in ("einsum", "jax"):
+    return 0
+  return n if impl == "einsum" and n > 1 and length % n == 0 else 1
+
+
 def dot_product_attention(q_BxLxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array, mask_BxLxS: Array,
                           impl: str = "einsum", blocks: int = 1, return_probs: bool = False
                           ) -> Array | tuple[Array, Array]:

@@ -32,6 +32,7 @@ from llm_jax import tpu
 from llm_jax import validation
 from llm_jax import workdir as workdir_lib
 from llm_jax import writers
+from llm_jax.attention import query_blocks
 from llm_jax.attention_kernels import resolve_attention_impl
 from llm_jax.data import pipeline
 from llm_jax.evals import documents as doc_eval
@@ -261,19 +262,22 @@ def _check_prompt_fits(config: ml_collections.ConfigDict, cfg: ModelConfig, toke
                      prefix="--config.sample.")
 
 
-def resolved_choices(cfg: ModelConfig, accum: int) -> dict[str, Any]:
-  """What the settings chosen per backend ('auto' attention and remat, grad_accum_steps 0) run as here: printed at
-  start-up and written into config.json under 'resolved', beside the settings as given."""
+def resolved_choices(cfg: ModelConfig, accum: int, seq_len: int) -> dict[str, Any]:
+  """What the settings chosen per backend ('auto' attention and remat, grad_accum_steps 0, the causal query blocks
+  of attention.CAUSAL_BLOCKS) run as here: written into config.json under 'resolved', beside the settings as given."""
   backend = target.platform()
-  return {"backend": backend, "attention_impl": resolve_attention_impl(cfg.attention_impl, backend),
+  impl = resolve_attention_impl(cfg.attention_impl, backend)
+  return {"backend": backend, "attention_impl": impl, "causal_query_blocks": query_blocks(impl, backend, seq_len),
           "remat_policy": resolve_remat_policy(cfg.remat_policy, backend), "grad_accum_steps": accum}
 
 
-def _attention_line(cfg: ModelConfig) -> str:
-  """The attention the step runs with, and why when 'auto' chose it."""
+def _attention_line(cfg: ModelConfig, seq_len: int) -> str:
+  """The attention the step runs with, why when 'auto' chose it, and its causal query blocks when there are several."""
   backend = target.platform()
   resolved = resolve_attention_impl(cfg.attention_impl, backend)
-  return f"{resolved} (auto on {backend})" if cfg.attention_impl == "auto" else resolved
+  blocks = query_blocks(resolved, backend, seq_len)
+  line = f"{resolved} (auto on {backend})" if cfg.attention_impl == "auto" else resolved
+  return line + (f", {blocks} causal query blocks" if blocks > 1 else "")
 
 
 def _remat_line(cfg: ModelConfig) -> str:
@@ -289,15 +293,15 @@ def _accum_line(fns: Any, accum_given: int) -> str:
 
 
 def _announce_model(cfg: ModelConfig, fns: Any, state: Any, flops: dict[str, float], mesh: jax.sharding.Mesh,
-                    peak: tuple[float, str], start_step: int, accum_given: int) -> None:
+                    peak: tuple[float, str], start_step: int, accum_given: int, seq_len: int) -> None:
   """The start-up line: parameters (and LoRA's trained share), FLOPs per token, attention, remat, micro-batches, mesh,
   peak, resume point."""
   writers.console(
       f"model {cfg.family}: {count_params(fns.full_params(state.params)):,} parameters "
       f"{f'({count_params(state.params):,} trained: LoRA adapters) ' if fns.lora else ''}"
       f"({int(flops['non_embedding_params']):,} non-embedding), {flops['causal'] / 1e6:.2f} MFLOPs/token; "
-      f"attention {_attention_line(cfg)}; remat {_remat_line(cfg)}; micro-batches {_accum_line(fns, accum_given)}; "
-      f"mesh {dict(mesh.shape)}; "
+      f"attention {_attention_line(cfg, seq_len)}; remat {_remat_line(cfg)}; "
+      f"micro-batches {_accum_line(fns, accum_given)}; mesh {dict(mesh.shape)}; "
       f"peak {peak[0] / 1e9:.0f} GFLOP/s ({peak[1]}); "
       f"{'resuming from step ' + str(start_step) if start_step else 'starting from scratch'}")
 
@@ -333,12 +337,14 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sha
         data, batch_size=config.eval_batch_size, max_batches=config.eval_batches,
         process_index=jax.process_index(), process_count=jax.process_count())
     if jax.process_index() == 0:
-      record = {**json.loads(config.to_json_best_effort()), "resolved": resolved_choices(cfg, fns.accum)}
+      record = {**json.loads(config.to_json_best_effort()),
+                "resolved": resolved_choices(cfg, fns.accum, config.data.seq_len)}
       workdir_lib.write_run_config(workdir, json.dumps(record, indent=2))
       workdir_lib.write_model_card(workdir, cfg, data.tokenizer.path, lora_base.get("lora_base"))
     writer = writers.MetricWriter(workdir, resume_step=start_step)
     flops = metrics_lib.flops_per_token(cfg, config.data.seq_len)
-    _announce_model(cfg, fns, state, flops, mesh, (peak, peak_source), start_step, config.grad_accum_steps)
+    _announce_model(cfg, fns, state, flops, mesh, (peak, peak_source), start_step, config.grad_accum_steps,
+                    config.data.seq_len)
     clock = loop_lib.Throughput(config.global_batch_size * config.data.seq_len, flops["causal"], peak,
                                 config.num_train_steps, last_step=start_step)
     loop = loop_lib.Loop(config_lib.loop_plan(config), fns, train_iter, eval_batches, ckpt, writer, meta, clock,

@@ -61,3 +61,12 @@ def test_auto_micro_batches_follow_the_platform_compiled_for():
       assert steps_lib.build(cfg, optim_cfg, step_cfg, mesh).accum == 1
       given = dataclasses.replace(step_cfg, grad_accum_steps=2)
       assert steps_lib.build(cfg, optim_cfg, given, mesh).accum == 2
+
+
+def test_query_blocks_are_the_count_the_attention_runs():
+  from llm_jax.attention import query_blocks  # pylint: disable=import-outside-toplevel
+  assert query_blocks("einsum", "cpu", 64) == 2  # CPU's two blocks divide 64 positions
+  assert query_blocks("einsum", "cpu", 63) == 1  # an odd length runs as one block
+  assert query_blocks("jax", "cpu", 64) == 1  # XLA's attention is one block
+  assert query_blocks("einsum", "tpu", 64) == 1  # unmeasured backends keep one block
+  assert query_blocks("splash", "tpu", 64) == 0  # a fused kernel has no query blocks of ours
