@@ -41,6 +41,11 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+# Where a batch's rows go: the mesh axes the logical rule 'batch' names (one rule; the placement helpers below and the
+# micro-batch constraint in llm_jax.steps read it from here).
+BATCH_AXES: tuple[str, ...] = dict(LOGICAL_RULES)["batch"]
+
+
 class MeshError(ValueError):
   """A mesh that does not fit the devices or the model."""
 
@@ -117,14 +122,19 @@ def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
 
 
 def data_parallel_size(mesh_shape: Mapping[str, int]) -> int:
-  """How many ways a batch splits over a mesh of `mesh_shape` (axis name to size): data x fsdp, as
-  `batch_sharding` places it."""
-  return mesh_shape["data"] * mesh_shape["fsdp"]
+  """How many ways a batch splits over a mesh of `mesh_shape` (axis name to size): the product of BATCH_AXES."""
+  return math.prod(mesh_shape[axis] for axis in BATCH_AXES)
+
+
+def batch_spec(leading: int = 0) -> P:
+  """A batch array's placement: its row dimension, after `leading` unsplit ones (micro-batches), over BATCH_AXES;
+  every other dimension replicated."""
+  return P(*([None] * leading), BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension over (data, fsdp); the rest replicated."""
-  return NamedSharding(mesh, P(("data", "fsdp")))
+  """A host batch's placement on `mesh`: rows over BATCH_AXES (`batch_spec`)."""
+  return NamedSharding(mesh, batch_spec())
 
 
 def global_batch(local_batch: dict[str, np.ndarray], batch_sharding: NamedSharding) -> dict[str, jax.Array]:

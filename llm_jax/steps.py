@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from llm_jax import batch as batch_lib
 from llm_jax import lora
@@ -127,7 +126,7 @@ def _micro_batches(batch: Batch, accum: int) -> Batch:
 
   def split(x):
     x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-    return jax.lax.with_sharding_constraint(x, P(None, ("data", "fsdp")))
+    return jax.lax.with_sharding_constraint(x, sharding.batch_spec(leading=1))
 
   return jax.tree.map(split, batch)
 

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from llm_jax import config as config_lib
@@ -209,3 +210,14 @@ def test_the_trainer_builds_the_step_with_the_resolved_micro_batches(monkeypatch
     with jax.set_mesh(mesh):
       fns = steps_lib.build(*config_lib.step_configs(c, VOCAB), mesh)
     assert fns.accum == runs
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 4, 2), (8, 1, 1), (1, 1, 8)])
+def test_a_batch_splits_as_many_ways_as_data_parallel_size_says(shape):
+  # One rule (the logical 'batch' axis) places host batches, the micro-batch constraint and the split count.
+  mesh = sharding.make_mesh(shape, jax.devices()[:8])
+  rows = 16
+  ways = rows // sharding.batch_sharding(mesh).shard_shape((rows, 4))[0]
+  assert ways == sharding.data_parallel_size(dict(mesh.shape)) == shape[0] * shape[1]
+  micro = NamedSharding(mesh, sharding.batch_spec(leading=1))
+  assert micro.shard_shape((2, rows, 4)) == (2, rows // ways, 4)
