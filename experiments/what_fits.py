@@ -100,7 +100,10 @@ def main() -> None:
     with open(args.out, "a", encoding="utf-8") as f:
       f.write(json.dumps(result) + "\n")
   order = {(s, t): i for i, (s, t) in enumerate([(s, t) for s in SHAPES for t in SLICES] + list(EXTRA))}
-  print(table(sorted(done, key=lambda r: order.get((r["shape"], r["topology"]), len(order)))))
+  first = {}
+  for r in done:  # two runs may have written the same cell: the first one counts
+    first.setdefault((r["shape"], r["topology"]), r)
+  print(table(sorted(first.values(), key=lambda r: order.get((r["shape"], r["topology"]), len(order)))))
 
 
 if __name__ == "__main__":
