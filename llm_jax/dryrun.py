@@ -209,7 +209,7 @@ def format_report(r: dict[str, Any]) -> str:
               f"  ESTIMATE (roofline, not a measurement): step {est.step_s * 1e3:.3g} ms, bound by {est.bound} "
               f"({terms}); {r['estimated_tokens_per_s']:,.0f} tokens/s, MFU {100 * r['estimated_mfu']:.1f}%",
               "    leaves out: imperfect overlap of the terms, kernel efficiency below peak, latency of small "
-              "collectives, host input and step dispatch"]
+              "collectives, host input and step dispatch; its HBM term also counts buffers kept on chip (VMEM)"]
   lines.append("  largest parameters:")
   lines += [f"    {name:<40s} {str(shape):<24s} {spec}" for name, shape, spec in r["largest_params"]]
   return "\n".join(lines)

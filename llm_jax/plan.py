@@ -21,7 +21,7 @@ _MESHES = flags.DEFINE_list("meshes", list(planner.MESHES), "Mesh splits: fsdp (
                             "parallelism), fsdp_tensorN (tensor parallelism of N inside fsdp).")
 _JSON = flags.DEFINE_string("json", None, "Also write every candidate (fitting or not) to this JSON file.")
 _CACHE = flags.DEFINE_string("cache_dir", planner.CACHE_DIR,
-                             "Persistent compilation cache: a rerun of the same candidates reads its compiles here.")
+                             "Where candidates' rows are kept (under plan/): a rerun reads them instead of compiling.")
 flags.mark_flags_as_required(["config"])
 
 

@@ -5,21 +5,25 @@ For each mesh split and remat policy it looks for the largest micro-batch per ch
 it compiles the smallest, scales its temporaries in proportion to guess the largest that fits, compiles that, and
 steps down until one fits. Temporaries have a part that does not grow with the batch, so the guess errs small: a
 larger micro-batch than the one found may fit (ask for it with --micro_batches).
-Compiles go to the persistent compilation cache, so a rerun takes seconds. (`llm_jax.sweeps.plan` is another thing:
+Each candidate's row is kept under ~/.cache/llm_jax/plan/ (keyed by its config and the compiler versions), so a rerun
+reads what it compiled before; JAX's persistent compilation cache cannot serve these compiles (a compile-only TPU
+executable loads only with a TPU client). (`llm_jax.sweeps.plan` is another thing:
 the sweep file format.)
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import importlib.metadata
 import json
 import os
 import re
+import sys
 import time
 from typing import Any
 from typing import Sequence
 
-import jax
 import ml_collections
 
 from llm_jax import dryrun
@@ -30,7 +34,7 @@ from llm_jax import trainer
 MESHES = ("fsdp", "fsdp_tensor2", "data")  # the default search: see mesh_shape
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
 REMATS = ("none", "dots", "full")
-CACHE_DIR = os.path.expanduser("~/.cache/llm_jax/jax_cache")
+CACHE_DIR = os.path.expanduser("~/.cache/llm_jax")  # candidates' rows under plan/
 def mesh_shape(name: str, chips: int, num_slices: int) -> tuple[int, int, int]:
   """(data, fsdp, tensor) of a mesh split name for `chips` chips over `num_slices` slices (data spans the slices)."""
   tensor = int(re.fullmatch(r"fsdp_tensor(\d+)", name)[1]) if re.fullmatch(r"fsdp_tensor(\d+)", name) else 1
@@ -61,12 +65,38 @@ def flags_for(shape: tuple[int, int, int], remat: str, global_batch_size: int) -
           "--config.grad_accum_steps=1")
 
 
+def _cache_path(candidate: ml_collections.ConfigDict, cache_dir: str) -> str:
+  """Where a candidate's row is kept: keyed by the whole config and the versions of the compiler stack."""
+  versions = {name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax", "libtpu")}
+  key = json.dumps([candidate.to_dict(), versions, sys.modules["llm_jax"].__version__], sort_keys=True, default=str)
+  return os.path.join(cache_dir, "plan", hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
+
+
 def _try(config: ml_collections.ConfigDict, shape: tuple[int, int, int], remat: str, micro: int,
-         log: Any) -> dict[str, Any]:
+         log: Any, cache_dir: str | None) -> dict[str, Any]:
+  """One candidate's row: compiled now, or read back from `cache_dir` where the same candidate was compiled before
+  (JAX's persistent cache cannot serve compile-only TPU executables: they load only with a TPU client)."""
+  candidate = _candidate(config, shape, remat, micro)
+  path = _cache_path(candidate, cache_dir) if cache_dir else None
+  if path and os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      row = json.load(f)
+    log(f"  {row['mesh']} remat={remat} micro-batch {micro}: {'fits' if row['fits'] else 'does not fit'} (cached)")
+    return row
+  row = _compile_row(candidate, shape, remat, micro, log)
+  if path:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(row, f)
+  return row
+
+
+def _compile_row(candidate: ml_collections.ConfigDict, shape: tuple[int, int, int], remat: str, micro: int,
+                 log: Any) -> dict[str, Any]:
   start = time.perf_counter()
   row = {"mesh": dict(zip(sharding.MESH_AXES, shape)), "remat": remat, "micro_batch_per_chip": micro}
   try:
-    _, r, _ = trainer.compile_report(_candidate(config, shape, remat, micro))
+    _, r, _ = trainer.compile_report(candidate)
   except dryrun.DoesNotFit as e:
     row.update(fits=False, reason=str(e), compile_s=time.perf_counter() - start)
   else:
@@ -81,10 +111,10 @@ def _try(config: ml_collections.ConfigDict, shape: tuple[int, int, int], remat: 
 
 
 def largest_fitting(config: ml_collections.ConfigDict, shape: tuple[int, int, int], remat: str,
-                    micro_batches: Sequence[int], log: Any) -> list[dict[str, Any]]:
+                    micro_batches: Sequence[int], log: Any, cache_dir: str | None = None) -> list[dict[str, Any]]:
   """Every candidate compiled while looking for the largest micro-batch of `micro_batches` (ascending) that fits: the
   smallest, then the proportional guess and the ones below it until one fits."""
-  tried = [_try(config, shape, remat, micro_batches[0], log)]
+  tried = [_try(config, shape, remat, micro_batches[0], log, cache_dir)]
   if not tried[0]["fits"]:
     return tried
   first = tried[0]
@@ -93,7 +123,7 @@ def largest_fitting(config: ml_collections.ConfigDict, shape: tuple[int, int, in
   room = first["hbm_gib"] * dryrun.GIB - (first["peak_gib"] * dryrun.GIB - first["temp_bytes"])
   guess = max([i for i, m in enumerate(micro_batches) if m * per_row <= room] or [0])
   for i in range(guess, 0, -1):
-    tried.append(_try(config, shape, remat, micro_batches[i], log))
+    tried.append(_try(config, shape, remat, micro_batches[i], log, cache_dir))
     if tried[-1]["fits"]:
       break
   return tried
@@ -101,8 +131,9 @@ def largest_fitting(config: ml_collections.ConfigDict, shape: tuple[int, int, in
 
 def plan(config: ml_collections.ConfigDict, micro_batches: Sequence[int] = MICRO_BATCHES,
          remats: Sequence[str] = REMATS, meshes: Sequence[str] = MESHES,
-         log: Any = print) -> list[dict[str, Any]]:
-  """Every compiled candidate for `config.topology`, those that fit first, ranked by estimated tokens/s."""
+         log: Any = print, cache_dir: str | None = None) -> list[dict[str, Any]]:
+  """Every compiled candidate for `config.topology`, those that fit first, ranked by estimated tokens/s; with
+  `cache_dir`, candidates compiled before are read back instead of compiled."""
   if not config.topology:
     raise ValueError("the planner compiles for a TPU slice: pass --config.topology=<slice>, e.g. v5e-8")
   slice_ = tpu.parse_slice(config.topology, config.num_slices)
@@ -110,7 +141,7 @@ def plan(config: ml_collections.ConfigDict, micro_batches: Sequence[int] = MICRO
   rows = []
   for shape in shapes:
     for remat in remats:
-      rows += largest_fitting(config, shape, remat, sorted(micro_batches), log)
+      rows += largest_fitting(config, shape, remat, sorted(micro_batches), log, cache_dir)
   return sorted(rows, key=lambda r: (not r["fits"], -r.get("tokens_per_s", 0.0)))
 
 
@@ -129,10 +160,8 @@ def format_table(rows: Sequence[dict[str, Any]], topology: str) -> str:
 
 def run(config: ml_collections.ConfigDict, micro_batches: Sequence[int], remats: Sequence[str],
         meshes: Sequence[str], json_path: str | None, cache_dir: str) -> list[dict[str, Any]]:
-  """The planner with the persistent compilation cache on: prints progress and the ranked table."""
-  jax.config.update("jax_compilation_cache_dir", cache_dir)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  rows = plan(config, micro_batches, remats, meshes)
+  """The planner with its cache of candidates under `cache_dir`: prints progress and the ranked table."""
+  rows = plan(config, micro_batches, remats, meshes, cache_dir=cache_dir)
   print(format_table(rows, config.topology))
   if json_path:
     with open(json_path, "w", encoding="utf-8") as f:

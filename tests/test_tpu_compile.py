@@ -221,10 +221,15 @@ def test_planner_refuses_an_unknown_mesh_split():
 
 @pytest.mark.slow
 @needs_libtpu
-def test_planner_ranks_fitting_candidates_with_their_flags():
+def test_planner_ranks_fitting_candidates_with_their_flags_and_reruns_from_its_cache(tmp_path):
   c = config_lib.from_file(os.path.join(REPO, "experiments", "smoke.py"))
   c.topology = "v5e-8"
-  rows = planner.plan(c, micro_batches=(1, 2), remats=("none",), meshes=("fsdp",), log=lambda line: None)
+  rows = planner.plan(c, micro_batches=(1, 2), remats=("none",), meshes=("fsdp",), log=lambda line: None,
+                      cache_dir=str(tmp_path))
+  lines = []
+  assert planner.plan(c, micro_batches=(1, 2), remats=("none",), meshes=("fsdp",), log=lines.append,
+                      cache_dir=str(tmp_path)) == rows
+  assert lines and all(line.endswith("(cached)") for line in lines)
   assert [r["fits"] for r in rows] == [True] * len(rows) and len(rows) >= 2
   assert [r["tokens_per_s"] for r in rows] == sorted((r["tokens_per_s"] for r in rows), reverse=True)
   best = rows[0]
