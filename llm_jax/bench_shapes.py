@@ -28,6 +28,7 @@ re-laid-out by copy kernels for the weight gradients); the accelerator shapes se
 """
 
 from llm_jax import config as config_lib
+from llm_jax import errors
 
 VARIANTS = ("smoke", "tiny", "tiny_2k", "10m", "llama_500m", "gpt2_125m", "gpt2_350m", "llama_1b")
 _SHAPES = {
@@ -46,7 +47,7 @@ _GPU = ("gpt2_125m", "gpt2_350m", "llama_1b")
 
 def get_config(variant: str = "tiny"):
   if variant not in VARIANTS:
-    raise ValueError(f"unknown bench config {variant!r}; choose from {', '.join(VARIANTS)}")
+    raise errors.ConfigError(f"unknown bench config {variant!r}; choose from {', '.join(VARIANTS)}")
   layers, width, heads, kv_heads, context, batch, vocab = _SHAPES[variant.removesuffix("_2k")]
   c = config_lib.get_config()
   c.model.update({"num_layers": layers, "d_model": width, "num_heads": heads, "num_kv_heads": kv_heads,

@@ -16,16 +16,13 @@ from typing import Any
 
 import ml_collections
 
+from llm_jax import errors
 from llm_jax import loop as loop_lib
 from llm_jax import model as model_lib
 from llm_jax import optim
 from llm_jax import steps as steps_lib
 from llm_jax import tokenizer as tokenizer_lib
 from llm_jax.data import corpus
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the key and the fix."""
 
 
 def _model_defaults() -> ml_collections.ConfigDict:
@@ -209,8 +206,8 @@ def optim_config(config: ml_collections.ConfigDict) -> optim.OptimConfig:
   if o.learning_rate == 0:
     if o.name not in optim.DEFAULT_LEARNING_RATES:
       measured = ", ".join(f"{k} {v:g}" for k, v in optim.DEFAULT_LEARNING_RATES.items())
-      raise ConfigError(f"optim.learning_rate is unset and optim.name={o.name!r} has no measured default rate; pass "
-                        f"--config.optim.learning_rate=<peak rate> (the measured ones: {measured})")
+      raise errors.ConfigError(f"optim.learning_rate is unset and optim.name={o.name!r} has no measured default rate; "
+                               f"pass --config.optim.learning_rate=<peak rate> (the measured ones: {measured})")
     o = dataclasses.replace(o, learning_rate=optim.DEFAULT_LEARNING_RATES[o.name])
   return o
 
@@ -263,13 +260,13 @@ def with_model(config: ml_collections.ConfigDict, cfg: model_lib.ModelConfig, *,
 def load_python_file(path: str, what: str, example: str) -> Any:
   """Executes a user's Python file (an experiment or sweep file) as a module; one-line errors if it cannot."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{what} {path} does not exist; pass an existing file, e.g. {example}")
+    raise errors.MissingFileError(f"{what} {path} does not exist; pass an existing file, e.g. {example}")
   module_spec = importlib.util.spec_from_file_location("llm_jax_user_file", path)
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
   except Exception as e:  # pylint: disable=broad-except  # a user's file can raise anything
-    raise ValueError(f"{what} {path} failed to load ({type(e).__name__}: {e}); fix the file") from e
+    raise errors.ConfigError(f"{what} {path} failed to load ({type(e).__name__}: {e}); fix the file") from e
   return module
 
 
@@ -279,7 +276,7 @@ def from_file(spec: str) -> ml_collections.ConfigDict:
   module = load_python_file(path, "config file", "experiments/smoke.py")
   try:
     return module.get_config(variant) if variant else module.get_config()
-  except ConfigError:
+  except errors.ConfigError:
     raise
   except Exception as e:  # pylint: disable=broad-except  # a user's file can raise anything
-    raise ValueError(f"config file {spec} does not give a config ({type(e).__name__}: {e})") from e
+    raise errors.ConfigError(f"config file {spec} does not give a config ({type(e).__name__}: {e})") from e

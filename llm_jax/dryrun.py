@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 
+from llm_jax import errors
 from llm_jax import metrics as metrics_lib
 from llm_jax import roofline
 from llm_jax import sharding
@@ -25,7 +26,7 @@ from llm_jax.model import ModelConfig
 GIB = 1024**3
 
 
-class DoesNotFit(ValueError):
+class DoesNotFit(errors.ConfigError):
   """The step needs more memory per chip than the chip has; the message says what would fit."""
 
 

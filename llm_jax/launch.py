@@ -18,8 +18,9 @@ from absl import logging
 from llm_jax import errors
 from llm_jax import faults
 
-# Errors a user can fix from the command line: shown as one line, never as a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, errors.CheckpointError, errors.RunError)
+# Errors a user can fix (llm_jax.errors): shown as one line, never as a traceback. Any other exception is a bug of
+# ours or of a library and keeps its traceback.
+USER_ERRORS = (errors.UserError,)
 
 
 class DistributedFlags:

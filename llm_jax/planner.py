@@ -27,6 +27,7 @@ from typing import Sequence
 import ml_collections
 
 from llm_jax import dryrun
+from llm_jax import errors
 from llm_jax import sharding
 from llm_jax import tpu
 from llm_jax import trainer
@@ -41,9 +42,9 @@ def mesh_shape(name: str, chips: int, num_slices: int) -> tuple[int, int, int]:
   if name == "data":
     return chips, 1, 1
   if name != "fsdp" and tensor == 1:
-    raise ValueError(f"--meshes names {name!r}; use fsdp, data or fsdp_tensorN (e.g. fsdp_tensor2)")
+    raise errors.ConfigError(f"--meshes names {name!r}; use fsdp, data or fsdp_tensorN (e.g. fsdp_tensor2)")
   if chips % (num_slices * tensor):
-    raise ValueError(f"mesh {name!r} needs a multiple of {num_slices * tensor} chips, not {chips}; drop it")
+    raise errors.ConfigError(f"mesh {name!r} needs a multiple of {num_slices * tensor} chips, not {chips}; drop it")
   return num_slices, chips // (num_slices * tensor), tensor
 
 
@@ -135,7 +136,7 @@ def plan(config: ml_collections.ConfigDict, micro_batches: Sequence[int] = MICRO
   """Every compiled candidate for `config.topology`, those that fit first, ranked by estimated tokens/s; with
   `cache_dir`, candidates compiled before are read back instead of compiled."""
   if not config.topology:
-    raise ValueError("the planner compiles for a TPU slice: pass --config.topology=<slice>, e.g. v5e-8")
+    raise errors.ConfigError("the planner compiles for a TPU slice: pass --config.topology=<slice>, e.g. v5e-8")
   slice_ = tpu.parse_slice(config.topology, config.num_slices)
   shapes = dict.fromkeys(mesh_shape(name, slice_.total_chips, slice_.num_slices) for name in meshes)
   rows = []

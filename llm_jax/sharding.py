@@ -16,6 +16,8 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from llm_jax import errors
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # The only place where logical names meet mesh axes. Parameters shard their 'embed' dimension
@@ -46,27 +48,23 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 BATCH_AXES: tuple[str, ...] = dict(LOGICAL_RULES)["batch"]
 
 
-class MeshError(ValueError):
-  """A mesh that does not fit the devices or the model."""
-
-
 def resolve_mesh_shape(requested: Sequence[int], num_devices: int) -> tuple[int, ...]:
   """Fills a single -1 with 'the rest' and checks the product equals the device count."""
   sizes = list(requested)
   names = ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
   if sizes.count(-1) > 1:
-    raise MeshError(f"mesh has more than one -1 ({names}); set all but one axis to a size")
+    raise errors.MeshError(f"mesh has more than one -1 ({names}); set all but one axis to a size")
   if any(s == 0 or s < -1 for s in sizes):
-    raise MeshError(f"mesh sizes must be positive or -1 ({names})")
+    raise errors.MeshError(f"mesh sizes must be positive or -1 ({names})")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise MeshError(f"mesh ({names}) does not divide the {num_devices} devices; make the product "
-                      f"of the fixed axes divide {num_devices}")
+      raise errors.MeshError(f"mesh ({names}) does not divide the {num_devices} devices; make the product of the "
+                             f"fixed axes divide {num_devices}")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise MeshError(f"mesh ({names}) needs {math.prod(sizes)} devices but {num_devices} are present; "
-                    f"change the mesh sizes so their product is {num_devices} (or use -1 for one axis)")
+    raise errors.MeshError(f"mesh ({names}) needs {math.prod(sizes)} devices but {num_devices} are present; change "
+                           f"the mesh sizes so their product is {num_devices} (or use -1 for one axis)")
   return tuple(sizes)
 
 
@@ -95,11 +93,13 @@ def make_mesh(requested: Sequence[int], devices: Sequence[jax.Device] | None = N
 def _hybrid_devices(shape: tuple[int, ...], devices: list[jax.Device], num_slices: int, found: int) -> np.ndarray:
   """The devices of a several-slice mesh: data = num_slices (DCN) x data / num_slices (ICI)."""
   if found != num_slices:
-    raise MeshError(f"num_slices={num_slices} but the devices span {found} slice(s); set --config.num_slices={found}")
+    raise errors.MeshError(f"num_slices={num_slices} but the devices span {found} slice(s); set "
+                           f"--config.num_slices={found}")
   data, fsdp, tensor = shape
   if data % num_slices:
-    raise MeshError(f"mesh.data={data} does not divide over num_slices={num_slices}: slices join along the data axis "
-                    f"(fsdp and tensor stay inside a slice); make mesh.data a multiple of {num_slices}")
+    raise errors.MeshError(f"mesh.data={data} does not divide over num_slices={num_slices}: slices join along the "
+                           "data axis (fsdp and tensor stay inside a slice); make mesh.data a multiple of "
+                           f"{num_slices}")
   return mesh_utils.create_hybrid_device_mesh((data // num_slices, fsdp, tensor), (num_slices, 1, 1), devices,
                                               allow_split_physical_axes=True)
 
@@ -161,9 +161,8 @@ def check_divisible(abstract_params: Any, shardings: Any, mesh: Mesh) -> None:
       size = math.prod(mesh.shape[a] for a in axes)
       if dim % size:
         name = jax.tree_util.keystr(path)
-        raise MeshError(f"parameter {name} of shape {leaf.shape} has a dimension {dim} that does not "
-                        f"divide over mesh axes {axes} of size {size}; change mesh.{axes[0]} or the "
-                        "model dimension")
+        raise errors.MeshError(f"parameter {name} of shape {leaf.shape} has a dimension {dim} that does not divide "
+                               f"over mesh axes {axes} of size {size}; change mesh.{axes[0]} or the model dimension")
 
 
 def replicated_fraction(abstract_params: Any, shardings: Any) -> float:
@@ -185,9 +184,9 @@ def check_replication(abstract_params: Any, shardings: Any, mesh: Mesh, toleranc
   """
   share = replicated_fraction(abstract_params, shardings)
   if mesh.shape["fsdp"] * mesh.shape["tensor"] > 1 and share > tolerance:
-    raise MeshError(f"{100 * share:.1f}% of parameter bytes would be fully replicated on mesh "
-                    f"{dict(mesh.shape)}, above max_replicated_share={tolerance}; check LOGICAL_RULES "
-                    "in llm_jax/sharding.py or raise --config.max_replicated_share")
+    raise errors.MeshError(f"{100 * share:.1f}% of parameter bytes would be fully replicated on mesh "
+                           f"{dict(mesh.shape)}, above max_replicated_share={tolerance}; check LOGICAL_RULES in "
+                           "llm_jax/sharding.py or raise --config.max_replicated_share")
   return share
 
 

@@ -17,10 +17,12 @@ from typing import Sequence
 
 import jax
 
+from llm_jax import errors
+
 LIBTPU_PIN = "libtpu==0.0.42.*"  # what jax[tpu]==0.10.2 pins (setup.cfg's `tpu` extra)
 
 
-class TopologyError(ValueError):
+class TopologyError(errors.ConfigError):
   """A slice name, slice count or mesh that cannot describe a TPU slice; the message names the fix."""
 
 

@@ -159,8 +159,8 @@ def _extra_evaluator(config: ml_collections.ConfigDict, cfg: ModelConfig, tokeni
   if not text_files and not zero_shot and not tasks:
     return None
   if jax.process_count() > 1:
-    raise ValueError("eval_text_files, eval_zero_shot_files and eval_harness_tasks run on one process only; run "
-                     "python -m llm_jax.evaluate or python -m llm_jax.harness on the checkpoints instead")
+    raise errors.ConfigError("eval_text_files, eval_zero_shot_files and eval_harness_tasks run on one process only; "
+                             "run python -m llm_jax.evaluate or python -m llm_jax.harness on the checkpoints instead")
   evaluators = []
   if text_files or zero_shot:
     text_sets = {"text_files": doc_eval.text_files_documents(text_files)} if text_files else {}
@@ -212,8 +212,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   faults.check_not_importing_main("trainer.train_and_evaluate")
   if config.dry_run:
-    raise ValueError("dry_run=True compiles without training: call trainer.dry_run(config) (the train command "
-                     "does), or pass --config.dry_run=False")
+    raise errors.ConfigError("dry_run=True compiles without training: call trainer.dry_run(config) (the train "
+                             "command does), or pass --config.dry_run=False")
   paths.check_reachable(workdir, "--workdir")
   checkpoint_lib.check_reachable(workdir_lib.checkpoint_dir(workdir))
   config = _resolved(config, command_line_keys)
@@ -230,7 +230,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def _make_workdir(workdir: str) -> None:
   """Creates `workdir` and proves it writable, so a bad path fails in one line before any data is prepared."""
   if paths.as_path(workdir).is_file():
-    raise ValueError(f"--workdir={workdir} is a file, not a directory; pass a directory for checkpoints and logs")
+    raise errors.ConfigError(f"--workdir={workdir} is a file, not a directory; pass a directory for checkpoints and "
+                             "logs")
   try:
     paths.makedirs(workdir)
     # A probe file rather than os.access: access() says yes to root on read-only mounts.
@@ -238,8 +239,8 @@ def _make_workdir(workdir: str) -> None:
     probe.write_bytes(b"")
     probe.unlink()
   except OSError as e:
-    raise ValueError(f"--workdir={workdir} is not writable ({e.strerror or e}); pass a directory you can "
-                     "write") from None
+    raise errors.RunError(f"--workdir={workdir} is not writable ({e.strerror or e}); pass a directory you "
+                          "can write") from None
 
 
 def _check_tokenizer(config: ml_collections.ConfigDict, tokenizer: Any, saved: dict[str, Any] | None) -> None:

@@ -15,6 +15,7 @@ import jax
 import ml_collections
 
 from llm_jax import attention_kernels
+from llm_jax import errors
 from llm_jax import lora
 from llm_jax import model as model_lib
 from llm_jax import optim
@@ -24,7 +25,6 @@ from llm_jax import sampling
 from llm_jax import sharding
 from llm_jax import tokenizer as tokenizer_lib
 from llm_jax import tpu
-from llm_jax.config import ConfigError
 from llm_jax.config import data_config
 from llm_jax.config import get_config
 from llm_jax.config import model_config
@@ -34,7 +34,7 @@ from llm_jax.data import corpus
 
 def _require(ok: bool, message: str) -> None:
   if not ok:
-    raise ConfigError(message)
+    raise errors.ConfigError(message)
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -113,7 +113,7 @@ def _validate_run(config: ml_collections.ConfigDict) -> None:
   try:
     optim.check(resolved)
   except ValueError as e:
-    raise ConfigError(str(e)) from None
+    raise errors.ConfigError(str(e)) from None
   for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "eval_batch_size",
               "max_skipped_steps"):
     _require(config[key] > 0, f"{key}={config[key]} must be positive")
@@ -126,7 +126,7 @@ def _validate_run(config: ml_collections.ConfigDict) -> None:
   try:
     profiler.parse_steps(config.profile_steps, config.num_train_steps)
   except ValueError as e:
-    raise ConfigError(str(e)) from None
+    raise errors.ConfigError(str(e)) from None
 
 
 def _validate_topology(config: ml_collections.ConfigDict) -> None:
@@ -142,7 +142,7 @@ def _validate_topology(config: ml_collections.ConfigDict) -> None:
     tpu.parse_slice(config.topology, config.num_slices)
     tpu.check_libtpu()
   except tpu.TopologyError as e:
-    raise ConfigError(str(e)) from None
+    raise errors.ConfigError(str(e)) from None
 
 
 def _validate_data(config: ml_collections.ConfigDict) -> None:
@@ -213,7 +213,7 @@ def _validate_mixture(config: ml_collections.ConfigDict) -> None:
   try:
     data_config(config)
   except ValueError as e:
-    raise ConfigError(str(e)) from None
+    raise errors.ConfigError(str(e)) from None
 
 
 def _validate_finetune(config: ml_collections.ConfigDict) -> None:
@@ -236,7 +236,7 @@ def _validate_finetune(config: ml_collections.ConfigDict) -> None:
   try:
     lora.parse_targets(m.lora_targets)
   except ValueError as e:
-    raise ConfigError(str(e)) from None
+    raise errors.ConfigError(str(e)) from None
 
 
 def _refuse_ignored(config: ml_collections.ConfigDict) -> None:
@@ -330,7 +330,7 @@ def _validate_sample(config: ml_collections.ConfigDict) -> None:
       sampling.check_fits(model_config(config, config.model.vocab_size or 1), s.max_length,
                           s.num_return_sequences, prefix)
   except ValueError as e:
-    raise ConfigError(str(e)) from None
+    raise errors.ConfigError(str(e)) from None
 
 
 def validate_for_devices(config: ml_collections.ConfigDict, mesh_shape: dict[str, int],
@@ -346,7 +346,7 @@ def validate_for_devices(config: ml_collections.ConfigDict, mesh_shape: dict[str
                                            head_dim=m.head_dim or m.d_model // m.num_heads,
                                            seq_len=config.data.seq_len, gpu_capability=str(capability))
   except ValueError as e:
-    raise ConfigError(str(e)) from None
+    raise errors.ConfigError(str(e)) from None
   data_parallel = sharding.data_parallel_size(mesh_shape)
   accum = max(config.grad_accum_steps, 1)  # 'auto' (0) splits only a batch that divides over the devices
   micro = config.global_batch_size // accum

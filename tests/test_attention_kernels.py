@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from llm_jax import attention_kernels as kernels
+from llm_jax import errors
 from llm_jax import sharding
 from llm_jax import steps as steps_lib
 from llm_jax.attention import attention_mask
@@ -171,6 +172,6 @@ def test_the_config_check_refuses_a_kernel_this_backend_cannot_run_before_anythi
   c = config_lib.get_config()
   validation.validate_for_devices(c, {"data": 1, "fsdp": 1, "tensor": 1})  # 'auto' on CPU: the einsum attention
   c.model.attention_impl = "cudnn"
-  with pytest.raises(config_lib.ConfigError) as e:
+  with pytest.raises(errors.ConfigError) as e:
     validation.validate_for_devices(c, {"data": 1, "fsdp": 1, "tensor": 1})
   assert "model.attention_impl" in str(e.value) and "\n" not in str(e.value)

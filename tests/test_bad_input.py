@@ -178,7 +178,7 @@ def test_validate_refuses_bad_config(key, value, fragment):
   config = smoke_config()
   validation.validate(config)  # the smoke config itself is fine
   _set(config, key, value)
-  with pytest.raises(config_lib.ConfigError) as err:
+  with pytest.raises(errors.ConfigError) as err:
     validation.validate(config)
   assert fragment in str(err.value) and "\n" not in str(err.value)
 
@@ -189,7 +189,7 @@ def test_validate_refuses_settings_that_clash(name, overrides, fragment):
   config = smoke_config()
   for key, value in overrides.items():
     _set(config, key, value)
-  with pytest.raises(config_lib.ConfigError) as err:
+  with pytest.raises(errors.ConfigError) as err:
     validation.validate(config)
   assert fragment in str(err.value) and "\n" not in str(err.value)
 
@@ -220,12 +220,12 @@ def test_a_model_flag_the_base_model_replaces_is_refused_and_a_file_value_is_rep
       "model.d_model": (base.d_model * 2, base.d_model), "model.d_ff": (base.d_ff * 2, base.d_ff),
       "model.head_dim": (base.head_dim * 2, base.head_dim)}
   validation.validate_against_base(config, base, ["model.remat_policy"])  # set in the file: replaced, printed
-  with pytest.raises(config_lib.ConfigError) as err:
+  with pytest.raises(errors.ConfigError) as err:
     validation.validate_against_base(config, base, ["model.d_model"])
   assert str(err.value) == (f"--config.model.d_model={base.d_model * 2} differs from the base model's {base.d_model} "
                             f"(--config.init_params_from={trained}), whose dimensions the run takes; drop "
                             "--config.model.d_model")
-  with pytest.raises(config_lib.ConfigError) as err:
+  with pytest.raises(errors.ConfigError) as err:
     validation.validate_against_base(config, base, ["tokenizer.vocab_size"])
   assert str(err.value) == (f"--config.tokenizer.vocab_size is set but --config.init_params_from={trained} brings "
                             "its own tokenizer, which the run keeps; drop --config.tokenizer.vocab_size")
@@ -559,6 +559,6 @@ def test_a_sequence_longer_than_the_base_models_positions_gets_advice_that_works
   c = smoke_config(init_params_from="/runs/base")
   c.data.seq_len = 128
   base = config_lib.model_config(smoke_config(), 512)  # 64 positions
-  with pytest.raises(config_lib.ConfigError, match=r"data.seq_len=128 is longer than the 64 positions of the base "
+  with pytest.raises(errors.ConfigError, match=r"data.seq_len=128 is longer than the 64 positions of the base "
                      r"model .* lower --config.data.seq_len to at most 64$"):
     validation.validate_against_base(c, base, ("data.seq_len",))

@@ -414,10 +414,10 @@ def test_a_diverged_run_under_skip_gives_up(tmp_path):
 
 def test_max_skipped_steps_is_refused_where_nothing_is_skipped():
   c = smoke_config(max_skipped_steps=3)
-  with pytest.raises(config_lib.ConfigError, match="max_skipped_steps is set but on_nonfinite='stop' ignores it"):
+  with pytest.raises(errors.ConfigError, match="max_skipped_steps is set but on_nonfinite='stop' ignores it"):
     validation.validate(c)
   c.on_nonfinite, c.max_skipped_steps = "skip", 0
-  with pytest.raises(config_lib.ConfigError, match="max_skipped_steps=0 must be positive"):
+  with pytest.raises(errors.ConfigError, match="max_skipped_steps=0 must be positive"):
     validation.validate(c)
 
 

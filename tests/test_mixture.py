@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from llm_jax import config as config_lib
+from llm_jax import errors
 from llm_jax import validation
 from llm_jax.data import mixture
 from llm_jax.data.packing import PAD_ID
@@ -155,6 +156,6 @@ def test_two_text_sources_get_their_own_stores_and_mix_by_weight(tmp_path):
 def test_bad_mixtures_fail_in_one_line(tmp_path, edit, fragment):
   config = _mixture_config(tmp_path)
   edit(config)
-  with pytest.raises(config_lib.ConfigError, match="^[^\n]*$") as error:
+  with pytest.raises(errors.ConfigError, match="^[^\n]*$") as error:
     validation.validate(config)
   assert fragment in str(error.value)

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from llm_jax import config as config_lib
+from llm_jax import errors
 from llm_jax import optim
 
 
@@ -181,6 +182,6 @@ def test_unset_learning_rate_takes_the_optimizers_measured_best(name, explicit, 
 def test_an_optimizer_without_a_measured_rate_needs_one_set(name):
   c = config_lib.get_config()
   c.optim.name = name
-  with pytest.raises(config_lib.ConfigError, match=f"optim.learning_rate is unset and optim.name='{name}' has no "
+  with pytest.raises(errors.ConfigError, match=f"optim.learning_rate is unset and optim.name='{name}' has no "
                      "measured default rate; pass --config.optim.learning_rate="):
     config_lib.optim_config(c)

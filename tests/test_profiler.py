@@ -6,7 +6,7 @@ import os
 import pytest
 from conftest import smoke_config
 
-from llm_jax import config as config_lib
+from llm_jax import errors
 from llm_jax import profiler
 from llm_jax import trainer
 from llm_jax import validation
@@ -21,7 +21,7 @@ def test_profile_steps_parse(spec, expected):
 @pytest.mark.parametrize("spec", ["3,3", "4,2", "0,2", "1,31", "5", "a,b", "1,2,3", "-1,2"])
 def test_bad_profile_steps_are_refused_by_validate_in_one_line(spec):
   c = smoke_config(profile_steps=spec)
-  with pytest.raises(config_lib.ConfigError) as err:
+  with pytest.raises(errors.ConfigError) as err:
     validation.validate(c)
   assert "profile_steps=" in str(err.value) and "num_train_steps=30" in str(err.value) and "\n" not in str(err.value)
 

@@ -8,6 +8,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from llm_jax import config as config_lib
+from llm_jax import errors
 from llm_jax import optim
 from llm_jax import sharding
 from llm_jax import steps as steps_lib
@@ -155,7 +156,7 @@ def test_replicated_fraction_counts_bytes():
     ((0, 8, 1), "must be positive"),
 ])
 def test_impossible_meshes_are_refused(requested, message):
-  with pytest.raises(sharding.MeshError, match=message):
+  with pytest.raises(errors.MeshError, match=message):
     sharding.make_mesh(requested)
 
 
@@ -165,7 +166,7 @@ def test_dimension_that_does_not_divide_is_refused_before_compiling():
   cfg = config_lib.model_config(c, VOCAB)
   tx, schedule = optim.make_optimizer(config_lib.optim_config(c), 10)
   mesh = sharding.make_mesh((1, 1, 8))
-  with pytest.raises(sharding.MeshError, match=r"dimension 2 that does not divide over mesh axes"):
+  with pytest.raises(errors.MeshError, match=r"dimension 2 that does not divide over mesh axes"):
     steps_lib.build_steps(cfg, tx, schedule, mesh, seed=0, seq_len=SEQ, accum=1)
 
 

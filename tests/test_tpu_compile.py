@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from llm_jax import config as config_lib
 from llm_jax import dryrun
+from llm_jax import errors
 from llm_jax import planner
 from llm_jax import roofline
 from llm_jax import sharding
@@ -55,7 +56,7 @@ def test_topology_without_libtpu_says_how_to_install(monkeypatch):
   c.dry_run, c.topology = True, "v5e-8"
   real = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
-  with pytest.raises(config_lib.ConfigError) as e:
+  with pytest.raises(errors.ConfigError) as e:
     validation.validate(c)
   assert "pip install -e .[tpu]" in str(e.value) and "\n" not in str(e.value)
 
@@ -63,7 +64,7 @@ def test_topology_without_libtpu_says_how_to_install(monkeypatch):
 def test_topology_outside_the_dry_run_is_refused():
   c = config_lib.from_file(os.path.join(REPO, "experiments", "smoke.py"))
   c.topology = "v5e-8"
-  with pytest.raises(config_lib.ConfigError, match="topology"):
+  with pytest.raises(errors.ConfigError, match="topology"):
     validation.validate(c)
 
 
@@ -116,7 +117,7 @@ def test_fit_advice_splits_the_batch_that_overflows():
 
 
 def test_several_slices_must_match_the_devices():
-  with pytest.raises(sharding.MeshError, match="num_slices=2"):
+  with pytest.raises(errors.MeshError, match="num_slices=2"):
     sharding.make_mesh((-1, 1, 1), num_slices=2)
 
 

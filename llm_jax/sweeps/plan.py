@@ -172,7 +172,7 @@ def resolved_config(base: ml_collections.ConfigDict, settings: dict[str, Any],
                                "default's type") from e
   try:
     validation.validate(c)
-  except config_lib.ConfigError as e:
+  except errors.ConfigError as e:
     point = ", ".join(f"{k}={v!r}" for k, v in settings.items())
     raise errors.ConfigError(f"{where}: the run with {point} is invalid: {e}") from e
   return c
