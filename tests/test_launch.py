@@ -4,6 +4,7 @@ import jax
 import pytest
 from absl import flags
 
+from llm_jax import errors
 from llm_jax import launch
 
 
@@ -117,8 +118,9 @@ def _raise(error: BaseException):
     (_raise(SystemExit()), "finished", None),  # sys.exit(): a normal end, not a failure with status 1
     (_raise(SystemExit(0)), "finished", 0),
     (_raise(SystemExit(3)), ("failed", 3), 3),
-    (_raise(ValueError("bad flag")), ("failed", 2), 2),  # a user error: run_main's one line and status 2
+    (_raise(errors.ConfigError("bad flag")), ("failed", 2), 2),  # a user error: run_main's one line and status 2
     (_raise(RuntimeError("a bug")), ("failed", 1), "traceback"),  # the interpreter's status 1
+    (_raise(ValueError("a bug")), ("failed", 1), "traceback"),  # not a UserError: a bug, whatever its builtin kind
 ])
 def test_run_tells_the_peers_how_this_process_ended(body, ended, exit_code):
   distributed, recorder = _flags([]), _Recorder()
@@ -126,7 +128,7 @@ def test_run_tells_the_peers_how_this_process_ended(body, ended, exit_code):
   if exit_code == "returns":
     distributed.run("prog", body)
   elif exit_code == "traceback":
-    with pytest.raises(RuntimeError, match="a bug"):
+    with pytest.raises((RuntimeError, ValueError), match="a bug"):
       distributed.run("prog", body)
   else:
     with pytest.raises(SystemExit) as caught:

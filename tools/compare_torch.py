@@ -33,6 +33,7 @@ from absl import flags
 
 from llm_jax import bench
 from llm_jax import config as config_lib
+from llm_jax import errors
 from llm_jax import launch
 from llm_jax import loop as loop_lib
 from llm_jax import metrics as metrics_lib
@@ -107,7 +108,7 @@ def compare(name: str, block: int, repeats: int, warmup: int, eval_batches: int,
   Each runs `warmup` untimed steps, then `repeats` timed blocks of `block` steps, alternating with the other.
   """
   if block < 1 or repeats < 1 or warmup < 1:
-    raise ValueError("--steps, --repeats and --warmup must each be at least 1 (warm-up includes compilation)")
+    raise errors.ConfigError("--steps, --repeats and --warmup must each be at least 1 (warm-up includes compilation)")
   steps = warmup + block * repeats
   c = bench.bench_config(name)
   data = _prepare(name, c, workdir)
@@ -189,8 +190,8 @@ def main(argv: Sequence[str]) -> None:
     if _DEVICE.value == "cpu":
       torch.set_num_threads(_TORCH_THREADS.value or os.cpu_count() or 1)
     elif FLAGS["torch_threads"].present:
-      raise ValueError("--torch_threads is read only with --device=cpu (CUDA kernels do not use torch's CPU threads): "
-                       "drop it")
+      raise errors.ConfigError("--torch_threads is read only with --device=cpu (CUDA kernels do not use torch's CPU "
+                               "threads): drop it")
     results = []
     for name in FLAGS.configs:
       r = compare(name, FLAGS.steps, FLAGS.repeats, FLAGS.warmup, _EVAL_BATCHES.value, _DEVICE.value,

@@ -43,6 +43,7 @@ from absl import flags
 
 from llm_jax import bench
 from llm_jax import config as config_lib
+from llm_jax import errors
 from llm_jax import launch
 from llm_jax import loop as loop_lib
 from llm_jax import sharding
@@ -79,8 +80,8 @@ def with_settings(c: Any, settings: Sequence[str]) -> Any:
       node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
     if (not sep or not isinstance(node, ml_collections.ConfigDict) or leaf not in node
         or isinstance(node[leaf], ml_collections.ConfigDict)):
-      raise ValueError(f"--set={item!r} is not key=value with a key of config.model (compute_dtype=bfloat16) or a "
-                       "dotted path of the config (grad_accum_steps=4)")
+      raise errors.ConfigError(f"--set={item!r} is not key=value with a key of config.model (compute_dtype=bfloat16) "
+                               "or a dotted path of the config (grad_accum_steps=4)")
     kind = type(node[leaf])
     node[leaf] = value.lower() in ("1", "true") if kind is bool else kind(value)
   return c
@@ -182,8 +183,8 @@ def split_flag_set(flag_set: str) -> tuple[str, dict[str, str]]:
     elif eq and re.fullmatch(r"[A-Z_][A-Z0-9_]*", name):
       env[name] = value
     else:
-      raise ValueError(f"{token!r} in --xla_flags is neither an XLA flag (--name=value) nor an environment "
-                       "setting (NAME=VALUE)")
+      raise errors.ConfigError(f"{token!r} in --xla_flags is neither an XLA flag (--name=value) nor an environment "
+                               "setting (NAME=VALUE)")
   return " ".join(xla), env
 
 
@@ -223,9 +224,9 @@ def check_mode_flags(mode: str, given: Collection[str]) -> None:
   """Refuses the flags in `given` (names of flags set on the command line) that `mode` would ignore, in one line."""
   ignored = [f"--{name}" for other, names in MODE_FLAGS.items() if other != mode for name in names if name in given]
   if ignored:
-    raise ValueError(f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} read only by "
-                     f"--mode={'flags' if mode == 'model' else 'model'}, not --mode={mode}: drop "
-                     f"{'it' if len(ignored) == 1 else 'them'} or change --mode")
+    raise errors.ConfigError(f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} read only by "
+                             f"--mode={'flags' if mode == 'model' else 'model'}, not --mode={mode}: drop "
+                             f"{'it' if len(ignored) == 1 else 'them'} or change --mode")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -243,7 +244,7 @@ def main(argv: Sequence[str]) -> None:
       else:
         flag_sets = [f.strip() for f in _XLA_FLAGS.value.split(";") if f.strip()]
         if not flag_sets:
-          raise ValueError("--mode=flags needs --xla_flags='--flag=value[;--other=value]'")
+          raise errors.ConfigError("--mode=flags needs --xla_flags='--flag=value[;--other=value]'")
         for f in flag_sets:
           split_flag_set(f)  # a malformed set fails before the first round, not after it
         r = compare_flags(name, flag_sets, _ROUNDS.value, FLAGS.steps, FLAGS.repeats, FLAGS.warmup)

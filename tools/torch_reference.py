@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm_jax import errors
 from llm_jax.hf import weights as hf_weights
 from llm_jax.model import ModelConfig
 from llm_jax.optim import OptimConfig
@@ -54,7 +55,8 @@ class TorchGPT(nn.Module):
   def __init__(self, cfg: ModelConfig):
     super().__init__()
     if cfg.family != "gpt2" or not cfg.tie_embeddings or cfg.num_kv_heads != cfg.num_heads:
-      raise ValueError("the torch reference is the gpt2 family with tied embeddings and num_kv_heads == num_heads")
+      raise errors.ConfigError("the torch reference is the gpt2 family with tied embeddings and num_kv_heads == "
+                               "num_heads")
     self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
     self.wpe = nn.Embedding(cfg.max_len, cfg.d_model)
     self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
@@ -104,13 +106,13 @@ def learning_rate(o: OptimConfig, num_steps: int, step: int) -> float:
     return peak + (peak * o.min_lr_ratio - peak) * frac
   if o.schedule == "cosine":
     return peak * ((1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)) + o.min_lr_ratio)
-  raise ValueError(f"the torch reference has no schedule {o.schedule!r}; use constant, linear or cosine")
+  raise errors.ConfigError(f"the torch reference has no schedule {o.schedule!r}; use constant, linear or cosine")
 
 
 def make_optimizer(model: TorchGPT, o: OptimConfig) -> torch.optim.AdamW:
   """AdamW with decoupled decay on the weight matrices and the token embedding only (llm_jax.optim.decay_mask)."""
   if o.name != "adamw":
-    raise ValueError(f"the torch reference runs adamw, not {o.name!r}")
+    raise errors.ConfigError(f"the torch reference runs adamw, not {o.name!r}")
   no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or ".ln_" in f".{n}" or n == "wpe.weight"]
   ids = {id(p) for p in no_decay}
   decay = [p for p in model.parameters() if id(p) not in ids]
