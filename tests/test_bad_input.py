@@ -208,6 +208,7 @@ def test_validate_accepts_the_tokenizer_settings_each_mode_reads(overrides):
   validation.validate(config)
 
 
+@pytest.mark.slow
 def test_a_model_flag_the_base_model_replaces_is_refused_and_a_file_value_is_reported(trained):
   base, _ = workdir_lib.read_model_card(trained)
   config = smoke_config()  # the base was trained from it, so its dimensions agree
@@ -295,6 +296,7 @@ TRAIN_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, args, fragment", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
 def test_train_rejects_bad_input(name, args, fragment, files, tmp_path):
   del name
@@ -326,6 +328,7 @@ RESUME_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, args, fragment", RESUME_CASES, ids=[c[0] for c in RESUME_CASES])
 def test_train_refuses_to_resume_a_checkpoint_it_would_misuse(name, args, fragment, trained, tmp_path):
   del name
@@ -343,6 +346,7 @@ def test_resume_accepts_checkpoints_written_before_the_seed_was_recorded():
     workdir_lib.check_resumable({"model": {"d_model": 64}, "tokenizer_sha256": "abc", "seed": 0}, meta, "tok.model")
 
 
+@pytest.mark.slow
 def test_sampling_failure_after_training_says_both(trained, tmp_path, monkeypatch):
   copy = _copy_run(trained, tmp_path)
 
@@ -375,6 +379,7 @@ GENERATE_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, args, fragment", GENERATE_CASES, ids=[c[0] for c in GENERATE_CASES])
 def test_generate_rejects_bad_input(name, args, fragment, trained, tmp_path):
   del name
@@ -382,6 +387,7 @@ def test_generate_rejects_bad_input(name, args, fragment, trained, tmp_path):
   _one_line(result, fragment)
 
 
+@pytest.mark.slow
 def test_generate_refuses_a_tokenizer_that_does_not_match_the_checkpoint(trained, tmp_path):
   copy = tmp_path / "copy"
   shutil.copytree(trained, copy, ignore=shutil.ignore_patterns(".lock"))
@@ -425,6 +431,7 @@ OTHER_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, args, fragment", OTHER_CASES, ids=[f"{c[0]} {c[2]}" for c in OTHER_CASES])
 def test_other_entry_points_reject_bad_input(module, args, fragment, trained, tmp_path):
   unwritable = _unwritable(tmp_path) if any("{unwritable}" in a for a in args) else ""
@@ -433,6 +440,7 @@ def test_other_entry_points_reject_bad_input(module, args, fragment, trained, tm
   assert not os.path.exists(os.path.join(trained, "eval_validation_10.json"))  # refused before scoring
 
 
+@pytest.mark.slow
 def test_train_names_the_file_and_line_of_a_bad_sft_row(trained, tmp_path):
   rows = tmp_path / "rows.jsonl"
   rows.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
@@ -442,6 +450,7 @@ def test_train_names_the_file_and_line_of_a_bad_sft_row(trained, tmp_path):
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+@pytest.mark.slow
 def test_train_refuses_a_model_flag_that_the_base_model_replaces(trained, tmp_path):
   result = run_module("llm_jax.train", SMOKE, f"--workdir={tmp_path / 'run'}", f"--config.init_params_from={trained}",
                       "--config.model.num_layers=7")
@@ -471,6 +480,7 @@ def test_a_parquet_text_column_that_is_not_text_is_named(tmp_path):
     sources.TextFiles(str(path), 0.1)
 
 
+@pytest.mark.slow
 def test_a_url_with_one_slash_is_refused_not_made_a_local_folder(tmp_path):
   with pytest.raises(ValueError, match=r"--workdir=gs:/bucket/x is a URL with one slash .* write gs://bucket/x$"):
     trainer.train_and_evaluate(smoke_config(), "gs:/bucket/x")

@@ -44,6 +44,7 @@ def _read(path: str) -> bytes:
     return f.read()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, named", [({"name": "sgd"}, "optim.name: checkpoint 'adamw' vs config 'sgd'"),
                                              ({"grad_clip_norm": 0.0}, "optim.grad_clip_norm: checkpoint 1.0")])
 def test_resume_with_another_optimizer_layout_is_refused_by_name(trained, tmp_path, override, named):
@@ -96,6 +97,7 @@ def _damage(workdir: str, step: int) -> None:
           f.truncate(os.path.getsize(path) // 3)
 
 
+@pytest.mark.slow
 def test_all_checkpoints_damaged_stops_and_keeps_the_metrics(trained, tmp_path, capsys):
   workdir = _copy(trained, tmp_path)
   metrics = _read(os.path.join(workdir, "metrics.jsonl"))
@@ -144,6 +146,7 @@ def test_transient_storage_error_is_retried(trained, tmp_path, flaky_storage, ca
   assert not os.path.exists(os.path.join(workdir, "unusable_checkpoints"))
 
 
+@pytest.mark.slow
 def test_persistent_storage_error_refuses_and_moves_nothing(trained, tmp_path, flaky_storage):
   workdir = _copy(trained, tmp_path)
   metrics = _read(os.path.join(workdir, "metrics.jsonl"))

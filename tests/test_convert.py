@@ -54,6 +54,7 @@ def _hf_logits(model, ids: np.ndarray) -> np.ndarray:
     return model(torch.tensor(ids)).logits.numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_transformers(converted, family):
   model, _, workdir = converted[family]
@@ -130,6 +131,7 @@ def test_perplexity_equals_transformers_loss(converted, family):
   assert math.isclose(got["bits_per_byte"], hf_loss * (len(ids) - 1) / math.log(2) / len(text.encode()), rel_tol=1e-5)
 
 
+@pytest.mark.slow
 def test_continued_training_from_converted_weights(converted, tmp_path):
   from llm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from llm_jax import trainer  # pylint: disable=import-outside-toplevel
@@ -235,6 +237,7 @@ def test_conversion_into_a_used_workdir_is_refused(converted):
     hf_files.import_hf(converted["gpt2"][1], converted["gpt2"][2])
 
 
+@pytest.mark.slow
 def test_command_line(converted, tmp_path):
   missing = subprocess.run([sys.executable, "-m", "llm_jax.convert", f"--from_hf={tmp_path / 'nope'}",
                             f"--workdir={tmp_path / 'wd'}"], capture_output=True, text=True, check=False)

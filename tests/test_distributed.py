@@ -43,6 +43,7 @@ def test_two_processes_reach_the_losses_of_one(tmp_path, smoke_20):
   np.testing.assert_allclose(val_two, val_one, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_dry_run_prints_memory_and_flops_without_training(cli, tmp_path):
   workdir = tmp_path / "dry"
   # 512 rows over data x fsdp = 4 devices: 128 rows of 64 tokens each, which the CPU default splits into 2
@@ -57,6 +58,7 @@ def test_dry_run_prints_memory_and_flops_without_training(cli, tmp_path):
   assert not (workdir / "checkpoints").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (("--config.mesh.data=3",), "needs 3 devices but 8 are present"),
     (("--config.mesh.fsdp=3",), "does not divide the 8 devices"),
@@ -71,6 +73,7 @@ def test_impossible_mesh_fails_before_compiling_with_the_fix(cli, tmp_path, flag
   assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.slow
 def test_replicated_parameters_past_the_tolerance_are_refused(cli, tmp_path):
   result = cli("llm_jax.train", SMOKE, f"--workdir={tmp_path}", "--config.dry_run=True", "--config.mesh.fsdp=8",
                "--config.max_replicated_share=0.0")
@@ -131,6 +134,7 @@ def _watched_exit(tmp_path, ending: str) -> tuple[list[int], list[str], float]:
   return [p.returncode for p in procs], outputs, time.time() - started
 
 
+@pytest.mark.slow
 def test_peers_that_finish_at_different_times_exit_cleanly(tmp_path):
   # A process that finished is not taken for lost while it waits for the others, and a heartbeat racing jax's
   # shutdown of the runtime at exit is not taken for the loss of process 0 (a 2 ms heartbeat hits that window).
@@ -139,6 +143,7 @@ def test_peers_that_finish_at_different_times_exit_cleanly(tmp_path):
   assert all(f"exiting {p}" in out and "error" not in out for p, out in enumerate(outputs)), outputs
 
 
+@pytest.mark.slow
 def test_a_failed_peer_is_named_at_once_and_leaves_with_its_status(tmp_path):
   # Process 0 is blocked (as in a collective on process 1) for 60 s: it is told at once, not after a timeout, and
   # process 1 does not wait for it at jax's exit barrier (which would end in the runtime's abort).

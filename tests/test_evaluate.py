@@ -77,6 +77,7 @@ def test_perplexity_and_bits_per_byte_by_definition(run):
   assert got["tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_disjoint_windows_of_a_long_document(run):
   loaded = workdir_lib.load_model(run[0])
   doc = tiny_hf.TEXTS[3][:1500]
@@ -129,6 +130,7 @@ def test_training_evaluator_matches_the_library(run):
   assert all(got[k] == v for k, v in zero_shot.items())
 
 
+@pytest.mark.slow
 def test_command_line(run, tmp_path):
   workdir = run[0]
   env = {**os.environ, "XLA_FLAGS": ""}

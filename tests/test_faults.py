@@ -110,6 +110,7 @@ def test_sigterm_checkpoints_the_step_reached_and_exits_zero(tmp_path, uninterru
   _assert_same_run(workdir, uninterrupted)
 
 
+@pytest.mark.slow
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, uninterrupted, capsys):
   workdir = str(tmp_path / "corrupt")
   trainer.train_and_evaluate(smoke_config(num_train_steps=STEPS, stop_at_step=30), workdir)
@@ -209,6 +210,7 @@ def poison_step_fixture(monkeypatch):
   return lambda step: poisoned.update(step=step)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_is_skipped_and_counted(tmp_path, poison_step):
   poison_step(12)
   final = trainer.train_and_evaluate(smoke_config(num_train_steps=20, on_nonfinite="skip"), str(tmp_path))
@@ -216,6 +218,7 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path, poison_step):
   assert np.isfinite(final["loss"]) and np.isfinite(final["val_loss"])
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, poison_step):
   poison_step(15)
   with pytest.raises(errors.RunError, match="non-finite loss or gradient norm at step 15"):
@@ -226,6 +229,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, poiso
   assert max(r["step"] for r in writers.read_metrics(str(tmp_path))) == 10
 
 
+@pytest.mark.slow
 def test_resuming_with_other_model_dimensions_names_the_keys(tmp_path, pretrained):
   shutil.copytree(pretrained, tmp_path, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock"))  # 10 smoke steps
   changed = smoke_config(num_train_steps=20)
@@ -238,6 +242,7 @@ def test_resuming_with_other_model_dimensions_names_the_keys(tmp_path, pretraine
   assert max(r["step"] for r in writers.read_metrics(str(tmp_path))) == 20
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_workdir_refuses_to_start(tmp_path, cli):
   lock = faults.WorkdirLock(workdir_lib.lock_path(str(tmp_path)))
   lock.acquire()
@@ -263,6 +268,7 @@ if sys.argv[1] == "unguarded" or __name__ == "__main__":  # a spawned worker re-
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, parent_prints, worker_says", [
     ("unguarded", "pool broken", "RunError: the run was called while a worker process imported your script: put "
                                  "the call under `if __name__ == '__main__':`"),
@@ -284,6 +290,7 @@ def _prepare(workdir: str) -> pipeline.PreparedData:
                                store_dir=os.path.join(workdir, "store"))
 
 
+@pytest.mark.slow
 def test_truncated_tokenizer_model_is_one_line_naming_the_file(tmp_path, cli):
   prepared = _prepare(str(tmp_path / "first"))
   broken = str(tmp_path / "broken.model")

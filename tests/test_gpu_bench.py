@@ -42,6 +42,7 @@ def test_batch_that_fits_scales_temporaries_linearly():
   assert bench.batch_that_fits(10.5 * gb, 10 * gb, 8 * gb, 16, 1) == 1
 
 
+@pytest.mark.slow
 def test_gpu_bench_script_has_valid_syntax_and_a_smoke_mode():
   script = os.path.join(REPO, "tools", "gpu_bench.sh")
   assert subprocess.run(["bash", "-n", script], check=False).returncode == 0

@@ -125,6 +125,7 @@ def test_entry_points_never_import_each_other(module):
   assert not bad, f"{module} imports {bad}"
 
 
+@pytest.mark.slow
 def test_the_token_store_workers_do_not_load_jax():
   # The store's worker processes import only the store: seconds of JAX start-up each would dominate small shards.
   code = "import sys, llm_jax.data.store; print(sorted(m for m in ('jax', 'flax', 'tensorflow') if m in sys.modules))"

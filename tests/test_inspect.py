@@ -51,6 +51,7 @@ def loaded_fixture(pretrained):
   return workdir_lib.load_model(pretrained)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seq_len,stride", [(64, 0), (64, 16), (48, 48)])
 def test_token_losses_sum_to_the_evaluate_figure(loaded, seq_len, stride):
   text = SHORT if stride == 0 else TEXT
@@ -159,6 +160,7 @@ def _check_page(path: str, num_tokens: int) -> _Page:
   return parser
 
 
+@pytest.mark.slow
 def test_every_file_is_a_valid_png_or_page(loaded, pretrained, tmp_path):
   ins = analysis.inspect_text(loaded.params, loaded.cfg, loaded.tokenizer, TEXT, seq_len=64, stride=32)
   summary = report.write_inspection(str(tmp_path), ins, loaded.tokenizer, {"workdir": pretrained,

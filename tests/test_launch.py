@@ -54,6 +54,7 @@ def test_valid_settings_pass_and_are_handed_on_whole():
   assert detected.args() == ("--num_processes=4", "--distributed", "--peer_timeout_s=60.0")
 
 
+@pytest.mark.slow
 def test_sweep_report_refuses_distributed_flags_in_one_line(cli, tmp_path):
   out = cli("llm_jax.sweep", "--report", f"--root={tmp_path}", "--num_processes=2")
   assert out.returncode == 2
@@ -65,6 +66,7 @@ def test_sweep_report_refuses_distributed_flags_in_one_line(cli, tmp_path):
     several.check(ignored_by="--report")
 
 
+@pytest.mark.slow
 def test_train_names_a_start_up_the_runtime_cannot_complete(cli, tmp_path):
   # No coordinator on the command line and none that jax can detect on this host.
   out = cli("llm_jax.train", "--config=experiments/smoke.py", f"--workdir={tmp_path / 'w'}", "--distributed")

@@ -172,6 +172,7 @@ def test_bad_model_args_are_one_line_errors(workdir):
     cls(workdir=workdir + "_missing")
 
 
+@pytest.mark.slow
 def test_harness_tasks_and_zero_shot_files_run_every_k_steps_during_training(tmp_path, monkeypatch):
   monkeypatch.chdir(REPO)
   c = config_lib.from_file(os.path.join(REPO, "experiments", "smoke.py"))

@@ -110,6 +110,7 @@ def test_a_lora_step_changes_only_adapters_and_keeps_optimizer_state_for_them_al
   assert sum(x.size for x in moments) == 2 * adapter_size  # Adam's mu and nu, of adapters only
 
 
+@pytest.mark.slow
 def test_lora_fine_tune_checkpoints_adapters_and_loads_merged(pretrained, sft_rows, tmp_path):
   workdir = str(tmp_path / "lora")
   trainer.train_and_evaluate(sft_config(pretrained, sft_rows, **{"model.lora_rank": 4, "num_train_steps": 6,

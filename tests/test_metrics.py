@@ -59,6 +59,7 @@ def test_z_loss_sum_is_the_masked_sum_of_squared_log_normalisers():
       (log_z**2 * mask).sum(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_z_loss_enters_the_gradient_and_is_logged_but_not_in_the_loss():
   cfg = ModelConfig(vocab_size=31, num_layers=1, d_model=16, num_heads=2, num_kv_heads=2, head_dim=8, d_ff=32,
                     max_len=8)

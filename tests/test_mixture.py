@@ -47,6 +47,7 @@ def test_the_cycle_matches_brute_force_counting():
     np.testing.assert_array_equal(schedule.draws_before(int(position) + 1), seen)
 
 
+@pytest.mark.slow
 def test_token_shares_hold_within_one_percent_over_500_batches():
   # 4,000 rows: several epochs of every component (the 400-row one included) and many periods of the 512-draw
   # schedule, whose counts stay within one row of the weights at every prefix (test above).

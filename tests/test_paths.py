@@ -130,6 +130,7 @@ def test_store_rows_read_by_byte_ranges_equal_the_memory_mapped_ones(bucket, tmp
   assert "bucket/store/train/000001.tokens" in bucket
 
 
+@pytest.mark.slow
 def test_a_gs_workdir_and_store_train_and_resume_in_the_bucket(bucket, tmp_path, monkeypatch, capsys):
   checkpoints = str(tmp_path / "checkpoints")
   monkeypatch.setattr(workdir_lib, "checkpoint_dir", lambda workdir: checkpoints)  # see the module docstring

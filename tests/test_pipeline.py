@@ -105,6 +105,7 @@ def test_prepare_refuses_to_run_in_a_worker_re_running_the_script(tmp_path, monk
   assert not os.path.exists(tmp_path / "stores")  # refused before any lock or file
 
 
+@pytest.mark.slow
 def test_prepare_sotu(tmp_path):
   prepared = prepare_data(_config(str(tmp_path / "tfds")), str(tmp_path / "work"))
   assert (prepared.train_num_documents, prepared.val_num_documents) == (238, 11)

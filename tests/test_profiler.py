@@ -26,6 +26,7 @@ def test_bad_profile_steps_are_refused_by_validate_in_one_line(spec):
   assert "profile_steps=" in str(err.value) and "num_train_steps=30" in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_a_three_step_run_writes_a_trace_of_its_profiled_steps(tmp_path):
   workdir = str(tmp_path)
   trainer.train_and_evaluate(smoke_config(num_train_steps=3, log_every=1, eval_every=0, checkpoint_every=3,

@@ -28,6 +28,7 @@ def _text_files_config(directory, **overrides):
   return c
 
 
+@pytest.mark.slow
 def test_a_finished_workdir_without_its_checkpoints_is_not_restarted(pretrained, tmp_path):
   run = _copy(pretrained, tmp_path)
   shutil.rmtree(os.path.join(run, "checkpoints"))
@@ -39,6 +40,7 @@ def test_a_finished_workdir_without_its_checkpoints_is_not_restarted(pretrained,
     assert f.read() == metrics
 
 
+@pytest.mark.slow
 def test_metrics_without_a_checkpoint_folder_are_an_earlier_run(pretrained, tmp_path):
   run = _copy(pretrained, tmp_path)
   shutil.rmtree(os.path.join(run, "checkpoints"))
@@ -47,6 +49,7 @@ def test_metrics_without_a_checkpoint_folder_are_an_earlier_run(pretrained, tmp_
     trainer.train_and_evaluate(smoke_config(num_train_steps=20), run)
 
 
+@pytest.mark.slow
 def test_restart_beside_checkpoints_is_refused(pretrained, tmp_path):
   run = _copy(pretrained, tmp_path)
   with pytest.raises(errors.RunError, match=r"restart=True but .* holds checkpoints \[10\]"):
@@ -88,6 +91,7 @@ def test_a_new_corpus_file_is_refused_on_resume(tmp_path):
     workdir_lib.check_data_stream(meta, resume.stream_record(c))
 
 
+@pytest.mark.slow
 def test_resume_checks_come_before_any_tokenising(pretrained, tmp_path):
   run = _copy(pretrained, tmp_path)
   store_dir = tmp_path / "fresh_store"

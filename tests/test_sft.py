@@ -73,6 +73,7 @@ def test_packing_keeps_weights_aligned_with_their_tokens(tok):
   assert np.array_equal(batch["loss_mask"], expected) and np.array_equal(batch["targets"], tokens[:, 1:])
 
 
+@pytest.mark.slow
 def test_weighted_loss_equals_a_hand_computation_over_completion_tokens(pretrained, tok):
   loaded = workdir_lib.load_model(pretrained)
   examples = _examples(tok, seq_len=63)
@@ -135,6 +136,7 @@ def _completion_loss(workdir, data):
   return float(out["nll_sum"]) / float(out["tokens"])
 
 
+@pytest.mark.slow
 def test_a_tiny_sft_fine_tune_lowers_the_completion_loss(pretrained, sft_rows, tmp_path, cli):
   config = sft_config(pretrained, sft_rows)
   data = pipeline.prepare_sft(DataConfig(corpus="sft", sft_files=sft_rows, validation_fraction=0.2, seq_len=64),

@@ -54,6 +54,7 @@ def _one_step(c, mesh_shape, accum=1):
 # Llama (grouped-query attention) on each axis alone at degree 8 and on all three at once. GPT-2 shares its
 # matrices' layouts, so it runs the two meshes that shard what only it has (head and MLP biases split over
 # 'tensor', the position table and LayerNorm biases split along the width over 'fsdp'): a mesh is a ~7 s compile.
+@pytest.mark.slow
 @pytest.mark.parametrize("family,meshes", [("gpt2", [(1, 1, 8), (2, 2, 2)]), ("llama", MESHES[:-1])])
 def test_loss_and_gradients_agree_across_meshes(family, meshes):
   c = _config(family)

@@ -55,6 +55,7 @@ def _stream(tokenizer, documents: list[str]) -> list[int]:
   return [t for d in documents for t in [tokenizer.bos_id, *tokenizer.encode(d), tokenizer.eos_id]]
 
 
+@pytest.mark.slow
 def test_sotu_store_holds_each_document_and_todays_rows(sotu, tokenizer, sotu_store):
   store = store_lib.TokenStore.open(sotu_store)
   assert store.manifest["dtype"] == "uint16" and len(store.manifest["splits"]["train"]["shards"]) == 5
@@ -75,6 +76,7 @@ def test_sotu_store_holds_each_document_and_todays_rows(sotu, tokenizer, sotu_st
   store.verify()
 
 
+@pytest.mark.slow
 def test_killed_preparation_resumes_byte_identical(sotu, tokenizer, sotu_store, tmp_path, monkeypatch):
   quiet = lambda line: None
   real_encode, calls = tokenizer.encode_batch, []
@@ -188,6 +190,7 @@ def test_each_file_format_round_trips(tokenizer, tmp_path, kind):
   assert sorted(seen) == sorted(texts)
 
 
+@pytest.mark.slow
 def test_tfds_source_round_trips(sotu, tokenizer, tmp_path):
   source = make_source(DataConfig(corpus="tfds", tfds_name="sotu", data_dir=sotu.directory,
                                   tfds_validation_split="train[:10]"))
@@ -230,6 +233,7 @@ def test_bad_sources_fail_before_tokenising(tmp_path):
   assert "mixes record files" in error(f"{tmp_path}/*.jsonl,{tmp_path}/*.txt")
 
 
+@pytest.mark.slow
 def test_make_corpus_is_deterministic_and_sized(tmp_path):
   script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "make_corpus.py")
   for out in ("a", "b"):
@@ -266,6 +270,7 @@ def test_large_inputs_train_the_tokenizer_on_a_hash_sample_of_files(tmp_path, mo
   assert 0 < len(sampled) < len(train_paths)
 
 
+@pytest.mark.slow
 def test_prepare_command_builds_verifies_and_fails_in_one_line(tmp_path):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   pattern = _write_corpus(str(tmp_path / "corpus"), "jsonl", TOPICS[:40])
@@ -287,6 +292,7 @@ def test_prepare_command_builds_verifies_and_fails_in_one_line(tmp_path):
                                                 "--config.data.text_files=..."]
 
 
+@pytest.mark.slow
 def test_local_worker_processes_write_the_same_store(sotu, tokenizer, sotu_store, tmp_path):
   lines = []
   two = store_lib.build(sotu, tokenizer, str(tmp_path / "two" / "s"), docs_per_shard=50, workers=2, log=lines.append)
@@ -315,6 +321,7 @@ class _OneWorkerKilled(sources.Source):
     return self.inner.read(unit, keep)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_process_is_a_one_line_error_and_the_rerun_resumes(sotu, tokenizer, sotu_store, tmp_path):
   path = str(tmp_path / "s")
   dying = _OneWorkerKilled(sotu, os.getpid(), str(tmp_path / "killed"))
@@ -346,6 +353,7 @@ def test_many_record_files_split_by_file_and_are_read_once(tmp_path, monkeypatch
   assert sorted(opened) == sorted(files["train"] | files["validation"])  # each file read once, by its split
 
 
+@pytest.mark.slow
 def test_two_processes_prepare_the_store_one_process_prepares(tmp_path):
   from conftest import REPO  # pylint: disable=import-outside-toplevel
   corpus = tmp_path / "corpus"

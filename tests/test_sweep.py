@@ -116,6 +116,7 @@ def test_every_sweep_file_in_experiments_validates(path):
   assert plan.expand(plan.load_sweep(path), "/tmp/unused")
 
 
+@pytest.mark.slow
 def test_finished_runs_are_skipped_and_unfinished_resumed(tmp_path, monkeypatch):
   path = _write_sweep(tmp_path, 'BASE = "experiments/smoke.py"\nSEEDS = (0, 1, 2, 3)\n')
   runs = plan.expand(plan.load_sweep(path), str(tmp_path / "root"))
@@ -133,6 +134,7 @@ def test_finished_runs_are_skipped_and_unfinished_resumed(tmp_path, monkeypatch)
   assert launched == [r.command for r in runs]
 
 
+@pytest.mark.slow
 def test_a_failing_run_does_not_stop_the_sweep(tmp_path, monkeypatch):
   path = _write_sweep(tmp_path, 'BASE = "experiments/smoke.py"\nSEEDS = (0, 1)\n')
   runs = plan.expand(plan.load_sweep(path), str(tmp_path))
@@ -241,6 +243,7 @@ def test_tiny_sweep_runs_resumes_and_reports_the_metrics_files(tmp_path):
     assert len(list(csv.DictReader(f))) == 4
 
 
+@pytest.mark.slow
 def test_dry_run_lists_runs_and_commands(tmp_path):
   path = _write_sweep(tmp_path, 'BASE = "experiments/smoke.py"\nGRID = {"model.family": ["gpt2", "llama"]}\n')
   result = run_module("llm_jax.sweep", f"--sweep={path}", f"--root={tmp_path / 'root'}", "--dry_run")
@@ -252,6 +255,7 @@ def test_dry_run_lists_runs_and_commands(tmp_path):
   assert not (tmp_path / "root").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, fragment", [
     (["--report", "--root={tmp}/nope"], "--root={tmp}/nope does not exist"),
     (["--report", "--root={tmp}"], "has no sweep.json"),

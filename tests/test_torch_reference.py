@@ -111,6 +111,7 @@ def test_compare_torch_end_to_end_writes_both_curves(tmp_path):
   assert "[smoke]" in result.stdout and "validation loss" in result.stdout
 
 
+@pytest.mark.slow
 def test_compare_torch_refuses_cpu_threads_for_a_cuda_run(tmp_path):
   env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu"}
   result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "compare_torch.py"), "--configs=smoke",

@@ -34,6 +34,7 @@ GOLDEN_MUON_TRAIN_LOSS_STEP_30 = 4.969975
 GOLDEN_MUON_VAL_LOSS_STEP_30 = 4.931727
 
 
+@pytest.mark.slow
 def test_smoke_run_matches_golden_losses(tmp_path):
   final = trainer.train_and_evaluate(smoke_config(), str(tmp_path))
   assert final["loss"] == pytest.approx(GOLDEN_TRAIN_LOSS_STEP_30, abs=2e-4)
@@ -62,6 +63,7 @@ def test_smoke_run_matches_golden_losses(tmp_path):
   assert card["config"]["num_train_steps"] == 30 and "jax" in card["packages"] and "git_dirty" in card
 
 
+@pytest.mark.slow
 def test_smoke_run_with_the_default_optimizer_matches_its_golden_losses(tmp_path):
   c = smoke_config()
   defaults = config_lib.get_config().optim
@@ -74,6 +76,7 @@ def test_smoke_run_with_the_default_optimizer_matches_its_golden_losses(tmp_path
   assert card["config"]["optim"]["learning_rate"] == 0.0 and card["optim"]["learning_rate"] == 0.02  # resolved
 
 
+@pytest.mark.slow
 def test_stop_and_resume_is_bit_exact(tmp_path, smoke_20):
   straight, resumed = smoke_20, str(tmp_path / "resumed")
   trainer.train_and_evaluate(smoke_config(num_train_steps=20, stop_at_step=10), resumed)
@@ -100,6 +103,7 @@ def test_every_experiment_config_loads_and_validates(path):
     config_lib.model_config(c, c.tokenizer.vocab_size)
 
 
+@pytest.mark.slow
 def test_configured_eval_sets_are_scored_during_training(tmp_path):
   text = tmp_path / "held_out.txt"
   text.write_text("We the People of the United States, in Order to form a more perfect Union.\n")

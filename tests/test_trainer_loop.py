@@ -24,6 +24,7 @@ def _records(workdir: str) -> list[dict]:
   return writers.read_metrics(workdir)
 
 
+@pytest.mark.slow
 def test_slices_write_the_records_of_an_uninterrupted_run_and_time_only_timed_steps(tmp_path, smoke_20):
   # Slices ending off the log interval (7, 19): no extra records, and the first window after the resume at
   # 19 holds only step 20, the compiling step, so it must report no throughput rather than one step's worth.
@@ -63,6 +64,7 @@ def _signal_at(monkeypatch, step: int, *signums: int) -> None:
   monkeypatch.setattr(pipeline, "make_train_iterator", lambda *a, **k: Signalling(make(*a, **k)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signums,said", [((signal.SIGINT,), "interrupted (SIGINT)"),
                                           ((signal.SIGTERM, signal.SIGTERM), "preempted (SIGTERM)")])
 def test_sigint_and_repeated_sigterm_stop_with_a_committed_checkpoint(tmp_path, monkeypatch, capsys, signums, said):
@@ -88,6 +90,7 @@ def test_sigint_and_repeated_sigterm_stop_with_a_committed_checkpoint(tmp_path, 
     assert json.load(f)["status"] == "stopped"
 
 
+@pytest.mark.slow
 def test_sigterm_while_preparing_data_says_so(tmp_path, monkeypatch):
   prepare = pipeline.prepare_data
 
@@ -101,6 +104,7 @@ def test_sigterm_while_preparing_data_says_so(tmp_path, monkeypatch):
   assert caught.value.exit_code == 128 + signal.SIGTERM
 
 
+@pytest.mark.slow
 def test_a_failing_close_still_records_how_the_run_ended(tmp_path, monkeypatch):
   close = checkpoint_lib.Checkpointer.close
 
@@ -121,6 +125,7 @@ def test_a_failing_close_still_records_how_the_run_ended(tmp_path, monkeypatch):
   assert "MB free on that file system" in line and "\n" not in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module,args,line", [
     ("llm_jax.train", ["--config=experiments/smoke.py", "--workdir=gs://bucket/run"],
      "--workdir=gs://bucket/run needs the gcsfs package"),
@@ -145,6 +150,7 @@ def test_unreachable_or_local_only_urls_are_one_line_and_nothing_is_written_loca
   assert not os.path.exists(os.path.join(str(tmp_path), "w", "checkpoints"))
 
 
+@pytest.mark.slow
 def test_a_corrupt_run_card_is_one_line_before_training(tmp_path, pretrained):
   shutil.copytree(pretrained, tmp_path, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock"))  # 10 smoke steps
   run_json = os.path.join(str(tmp_path), "run.json")

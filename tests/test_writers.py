@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 from conftest import tensorboard_events
 from tensorboardX.proto import event_pb2
@@ -96,6 +97,7 @@ def test_a_bad_metrics_line_is_skipped_with_a_warning_naming_it(tmp_path, capsys
   assert "garbage" in path.read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_writing_tensorboard_events_does_not_load_torch(tmp_path):
   # tensorboardX's package imports torch when installed (as it is here, for the PyTorch reference): 1.5 s of every
   # run's start-up. The writer hides it during that import, and torch still imports afterwards.
