@@ -165,3 +165,30 @@ SFT_ROWS = [{"prompt": "Which year was it given? ", "completion": "1790"},
 
 TOPICS = [clean_text(text) for _, text in sorted(topics.items())]
 TOPICS = [t for t in TOPICS if t]
+
+
+def signal_at(monkeypatch, step: int, *signums: int) -> None:
+  """Makes the data pipeline deliver `signums` to this process while producing the batch of `step`."""
+  from llm_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+
+  make = pipeline.make_train_iterator
+
+  class Signalling:
+    def __init__(self, inner):
+      self.inner, self.step = inner, 0
+
+    def __next__(self):
+      self.step += 1
+      if self.step == step:
+        for signum in signums:
+          os.kill(os.getpid(), signum)
+      return next(self.inner)
+
+    def get_state(self):
+      return self.inner.get_state()
+
+    def set_state(self, state):
+      self.inner.set_state(state)
+      self.step = state["next_index"]
+
+  monkeypatch.setattr(pipeline, "make_train_iterator", lambda *a, **k: Signalling(make(*a, **k)))

@@ -18,6 +18,7 @@ from conftest import SFT_ROWS
 from conftest import losses
 from conftest import restored_params
 from conftest import sft_config
+from conftest import signal_at
 from conftest import smoke_config
 
 from llm_jax import checkpoint as checkpoint_lib
@@ -336,26 +337,6 @@ def test_an_object_store_checkpoint_folder_with_glob_characters_is_refused():
     checkpoint_lib.check_reachable("gs://bucket/r[1]/checkpoints")
 
 
-class _SignallingIterator:
-  """The real training iterator, sending this process SIGTERM as it hands out the batch of step `at`."""
-
-  def __init__(self, inner, at: int):
-    self.inner, self.at, self.step = inner, at, 0
-
-  def __next__(self):
-    self.step += 1
-    if self.step == self.at:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return next(self.inner)
-
-  def get_state(self):
-    return self.inner.get_state()
-
-  def set_state(self, state):
-    self.inner.set_state(state)
-    self.step = state["next_index"]
-
-
 def _records(workdir):
   return [{k: v for k, v in r.items() if k in ("step", "loss", "val_loss", "nonfinite_steps")}
           for r in writers.read_metrics(workdir)]
@@ -369,8 +350,7 @@ def test_sigterm_saves_before_logging_or_validating_then_resumes_the_same_record
   trainer.train_and_evaluate(config(), reference)
   stop = 20 if during == "the last step" else 10
   if during != "the validation pass":  # the signal comes while step `stop` trains; a log and validation were due
-    make = pipeline.make_train_iterator
-    monkeypatch.setattr(pipeline, "make_train_iterator", lambda *a, **k: _SignallingIterator(make(*a, **k), stop))
+    signal_at(monkeypatch, stop, signal.SIGTERM)
   else:  # the signal comes at the first batch of step 10's validation pass, after its log line
     evaluate, calls = loop_lib.evaluate, []
 

@@ -8,6 +8,7 @@ import signal
 
 import pytest
 from conftest import run_module
+from conftest import signal_at
 from conftest import smoke_config
 
 from llm_jax import checkpoint as checkpoint_lib
@@ -39,36 +40,13 @@ def test_slices_write_the_records_of_an_uninterrupted_run_and_time_only_timed_st
   assert all(0.0 < r["mfu"] < 1.0 for r in sliced if "mfu" in r)
 
 
-def _signal_at(monkeypatch, step: int, *signums: int) -> None:
-  """Makes the data pipeline deliver `signums` to this process while producing the batch of `step`."""
-  make = pipeline.make_train_iterator
-
-  class Signalling:
-    def __init__(self, inner):
-      self.inner, self.step = inner, 0
-
-    def __next__(self):
-      self.step += 1
-      if self.step == step:
-        for signum in signums:
-          os.kill(os.getpid(), signum)
-      return next(self.inner)
-
-    def get_state(self):
-      return self.inner.get_state()
-
-    def set_state(self, state):
-      self.inner.set_state(state)
-      self.step = state["next_index"]
-
-  monkeypatch.setattr(pipeline, "make_train_iterator", lambda *a, **k: Signalling(make(*a, **k)))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signums,said", [((signal.SIGINT,), "interrupted (SIGINT)"),
                                           ((signal.SIGTERM, signal.SIGTERM), "preempted (SIGTERM)")])
 def test_sigint_and_repeated_sigterm_stop_with_a_committed_checkpoint(tmp_path, monkeypatch, capsys, signums, said):
-  _signal_at(monkeypatch, 13, *signums)
+  signal_at(monkeypatch, 13, *signums)
   seen_at_message = []
   console = writers.console
 
