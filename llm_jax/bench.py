@@ -29,6 +29,7 @@ from llm_jax import config as config_lib
 from llm_jax import errors
 from llm_jax import launch
 from llm_jax import metrics as metrics_lib
+from llm_jax import paths
 from llm_jax import sampling
 from llm_jax import sharding
 from llm_jax import steps as steps_lib
@@ -302,11 +303,7 @@ def _check_writable(path: str) -> None:
   if not os.path.isdir(directory):
     raise errors.ConfigError(f"--json={path}: directory {directory} does not exist; create it or pass another path")
   try:
-    existed = os.path.exists(path)
-    with open(path, "a", encoding="utf-8"):
-      pass
-    if not existed:
-      os.remove(path)
+    paths.probe_writable(path)
   except OSError as e:
     raise errors.RunError(f"cannot write --json={path} ({e.strerror or e}); pass a writable path") from None
 

@@ -40,11 +40,7 @@ def _check_writable(path: str, what: str = "") -> None:
     return
   try:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    existed = os.path.exists(path)
-    with open(path, "a", encoding="utf-8"):
-      pass
-    if not existed:
-      os.remove(path)  # leave no empty report behind if the evaluation then fails
+    paths.probe_writable(path)  # leaves no empty report behind if the evaluation then fails
   except OSError as e:
     raise errors.RunError(f"cannot write {what or '--output=' + path} ({e.strerror or e}); pass a writable "
                           "--output") from None

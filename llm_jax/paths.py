@@ -88,6 +88,19 @@ def write_atomic(location: str, data: bytes | str) -> None:
   os.replace(tmp, path)
 
 
+def probe_writable(location: str) -> None:
+  """Proves a file can be written at `location` without changing it: an existing file is opened for appending and
+  closed, a missing one is created empty and removed again. A probe rather than os.access, which says yes to root on
+  read-only mounts. Raises OSError (the caller names the flag and the fix)."""
+  path = as_path(location)
+  if path.exists():
+    with path.open("a"):
+      pass
+  else:
+    path.write_bytes(b"")
+    path.unlink()
+
+
 def makedirs(location: str) -> None:
   """Creates a folder and its parents (on an object store, where folders are only name prefixes, nothing to make
   once the bucket exists)."""

@@ -234,10 +234,7 @@ def _make_workdir(workdir: str) -> None:
                              "logs")
   try:
     paths.makedirs(workdir)
-    # A probe file rather than os.access: access() says yes to root on read-only mounts.
-    probe = paths.as_path(os.path.join(workdir, f".write_probe{os.getpid()}"))
-    probe.write_bytes(b"")
-    probe.unlink()
+    paths.probe_writable(os.path.join(workdir, f".write_probe{os.getpid()}"))
   except OSError as e:
     raise errors.RunError(f"--workdir={workdir} is not writable ({e.strerror or e}); pass a directory you "
                           "can write") from None

@@ -189,3 +189,15 @@ def test_gs_checkpoints_go_to_orbax_as_they_are(monkeypatch):
   with pytest.raises(ValueError, match="^checkpoints in gs://bucket/run/checkpoints need the google-cloud-storage"):
     checkpoint_lib.check_reachable("gs://bucket/run/checkpoints")
   checkpoint_lib.check_reachable("/tmp/run/checkpoints")  # local: nothing to check
+
+
+def test_probing_a_path_for_writing_leaves_it_as_it_was(tmp_path):
+  existing = tmp_path / "report.json"
+  existing.write_text("keep me", encoding="utf-8")
+  paths.probe_writable(str(existing))
+  assert existing.read_text(encoding="utf-8") == "keep me"  # opened for appending, never truncated
+  missing = tmp_path / "new.json"
+  paths.probe_writable(str(missing))
+  assert not missing.exists()  # no empty file left behind
+  with pytest.raises(OSError):
+    paths.probe_writable(str(tmp_path / "no_such_folder" / "x.json"))
