@@ -24,7 +24,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
               "optim", "metrics", "steps", "sampling", "dryrun", "hf.weights")),
     ("data", ("data.*", "tokenizer", "hf.tokenizer")),
     ("io", ("workdir", "checkpoint", "writers")),
-    ("run", ("config", "validation", "resume", "loop", "trainer", "evals.*", "sweeps.*", "hf", "hf.files",
+    ("run", ("config", "run_config", "resume", "loop", "trainer", "evals.*", "sweeps.*", "hf", "hf.files",
              "bench_shapes", "interp.*", "planner")),
     ("entry", ("launch", "train", "generate", "evaluate", "convert", "prepare", "sweep", "bench", "harness",
                "inspect", "plan")),

@@ -35,6 +35,7 @@ from llm_jax import sharding
 from llm_jax import steps as steps_lib
 from llm_jax.data import pipeline
 from llm_jax.model import Transformer
+from llm_jax.run_config import RunConfig
 
 _CONFIGS = flags.DEFINE_list("configs", ["tiny", "10m"], "Shapes of llm_jax/bench_shapes.py, or config files "
                              "(path.py[:variant]), to measure.")
@@ -64,6 +65,17 @@ def bench_config(spec: str) -> ml_collections.ConfigDict:
   return c
 
 
+def bench_run(spec: str, **model_overrides: Any) -> RunConfig:
+  """The resolved run of `bench_config(spec)`, with `model_overrides` (model.<key>=value) applied first."""
+  c = bench_config(spec)
+  c.model.update(model_overrides)
+  return config_lib.resolve(c)
+
+
+def _with_batch(run: RunConfig, global_batch_size: int) -> RunConfig:
+  return dataclasses.replace(run, step=dataclasses.replace(run.step, global_batch_size=global_batch_size))
+
+
 def tokenizer_dir(workdir: str, spec: str) -> str:
   """Where the benchmark scripts cache the tokenizer of config `spec` under `workdir`: one folder per spec, its
   slashes flattened, so that a config given by path (absolute or relative) stays inside `workdir`."""
@@ -85,20 +97,20 @@ def _median_step_time(train, state, batches, steps: int, repeats: int, warmup: i
   return statistics.median(times), state
 
 
-def fit_batch(c: ml_collections.ConfigDict, fraction: float = 0.85) -> int:
+def fit_batch(run: RunConfig, fraction: float = 0.85) -> int:
   """The global batch that fills `fraction` of one device's memory, extrapolated from a compile at c's batch.
 
   The step's arguments (state and batch) are taken as fixed and its temporaries as linear in the batch; the
   result is a multiple of the device count. Without a reported memory limit it is c's batch unchanged.
   """
   limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0)
-  b, num = c.global_batch_size, jax.device_count()
+  b, num = run.step.global_batch_size, jax.device_count()
   if not limit:
     return b
   mesh = sharding.make_mesh((-1, 1, 1))
   with jax.set_mesh(mesh):
-    fns = steps_lib.build(*config_lib.step_configs(c, c.model.vocab_size), mesh)
-    memory = fns.lower_train(b, c.data.seq_len).compile().memory_analysis()
+    fns = steps_lib.build(*run.step_records(), mesh)
+    memory = fns.lower_train(b, run.data.seq_len).compile().memory_analysis()
   return batch_that_fits(limit * fraction, memory.argument_size_in_bytes, memory.temp_size_in_bytes, b, num)
 
 
@@ -121,15 +133,14 @@ def bench_train(name: str, steps: int, repeats: int, warmup: int, real_data: boo
   `batch_size` > 0 replaces the config's global batch (see `fit_batch`).
   """
 
-  c = bench_config(name)
+  run = bench_run(name)
   if batch_size > 0:
-    c.global_batch_size = batch_size
+    run = _with_batch(run, batch_size)
   peak, peak_source = metrics_lib.peak_flops_total()
   mesh = sharding.make_mesh((-1, 1, 1))
-  b, l = c.global_batch_size, c.data.seq_len
+  b, l, cfg = run.step.global_batch_size, run.data.seq_len, run.model
   with jax.set_mesh(mesh):
-    cfg, optim_cfg, step_cfg = config_lib.step_configs(c, c.model.vocab_size)
-    fns = steps_lib.build(cfg, optim_cfg, step_cfg, mesh)
+    fns = steps_lib.build(*run.step_records(), mesh)
     start = time.perf_counter()
     compiled = fns.lower_train(b, l).compile()
     compile_s = time.perf_counter() - start
@@ -140,7 +151,7 @@ def bench_train(name: str, steps: int, repeats: int, warmup: int, real_data: boo
     result = {"config": name, "model": dataclasses.asdict(cfg), "global_batch_size": b, "micro_batches": fns.accum,
               "compile_s": compile_s, "step_time_s": step_s}
     if real_data:
-      data = pipeline.prepare_data(config_lib.data_config(c), config_lib.tokenizer_config(c),
+      data = pipeline.prepare_data(run.data, run.tokenizer,
                                    tokenizer_dir=tokenizer_dir(workdir, name))
       it = pipeline.make_train_iterator(data, global_batch_size=b, seed=0, process_index=0, process_count=1)
       real_s, state = _median_step_time(compiled, state, lambda i: sharding.global_batch(next(it), fns.batch_sharding),
@@ -179,13 +190,12 @@ def bench_compile_depth(name: str) -> dict:
   out = {}
   jax.config.update("jax_enable_compilation_cache", False)
   for layers in (4, 32):
-    c = bench_config(name)
-    c.model.num_layers = layers
+    run = bench_run(name, num_layers=layers)
     mesh = sharding.make_mesh((-1, 1, 1))
     with jax.set_mesh(mesh):
-      fns = steps_lib.build(*config_lib.step_configs(c, c.model.vocab_size), mesh)
+      fns = steps_lib.build(*run.step_records(), mesh)
       start = time.perf_counter()
-      fns.lower_train(c.global_batch_size, c.data.seq_len).compile()
+      fns.lower_train(run.step.global_batch_size, run.data.seq_len).compile()
       out[f"compile_s_{layers}_layers"] = time.perf_counter() - start
   out["compile_ratio_32_over_4"] = out["compile_s_32_layers"] / out["compile_s_4_layers"]
   return out
@@ -210,9 +220,8 @@ def decode_lengths(values: Sequence[str | int]) -> list[int]:
 def bench_decode(name: str, repeats: int, lengths: Sequence[int] = DECODE_LENGTHS) -> dict:
   """Decode tokens/s at batch 1 and 8, and per-token time at growing lengths (KV cache keeps it flat)."""
   lengths = decode_lengths(lengths)
-  c = bench_config(name)
-  c.model.max_len = max(c.data.seq_len, lengths[-1])  # room to show per-token time against length
-  cfg = config_lib.model_config(c, c.model.vocab_size)
+  run = bench_run(name)
+  cfg = dataclasses.replace(run.model, max_len=max(run.data.seq_len, lengths[-1]))  # room to show time against length
   params = nn.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(0), jax.numpy.zeros((1, 8), "int32"))["params"])
   params = jax.device_put(params, jax.devices()[0])
   out: dict[str, Any] = {}
@@ -241,8 +250,8 @@ def _median_forward_s(params: Any, cfg: Any, batch: int, length: int, repeats: i
 
 def _bench_train_fitted(name: str, steps: int, repeats: int, warmup: int, real_data: bool, workdir: str) -> dict:
   """bench_train at the batch `fit_batch` picks, halving it while the step runs out of memory."""
-  config_batch = bench_config(name).global_batch_size
-  batch = fit_batch(bench_config(name))
+  run = bench_run(name)
+  config_batch, batch = run.step.global_batch_size, fit_batch(run)
   while True:
     try:
       r = bench_train(name, steps, repeats, warmup, real_data, workdir, batch_size=batch)

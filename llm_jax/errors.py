@@ -34,3 +34,23 @@ class CheckpointError(UserError, RuntimeError):
 
 class RunError(UserError, RuntimeError):
   """A run that must stop (a busy workdir, a lost peer, storage); the message says why and what to do."""
+
+
+# The checks every config section's `check()` is written in: each failure is one ConfigError line.
+def require(ok: bool, message: str) -> None:
+  """Raises ConfigError(`message`) unless `ok`."""
+  if not ok:
+    raise ConfigError(message)
+
+
+def require_choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
+  """Refuses a `key` whose `value` is not one of `allowed`."""
+  require(value in allowed, f"{key}={value!r} is not one of {', '.join(allowed)}; pass --config.{key}=<one of them>")
+
+
+def refuse_ignored(key: str, value: object, default: object, chooser: str, reader: str) -> None:
+  """Refuses `key` set away from its `default` when the choice `chooser` ('data.corpus=...') never reads it; the fix
+  names the choice that would (`reader`) or clearing it."""
+  blank = default in ("", False)
+  require(value == default, f"{key} is set but {chooser} ignores it; pass --config.{reader} (or "
+          f"{'clear' if blank else 'restore'} {key}{'' if blank else f'={default}'})")

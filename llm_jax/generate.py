@@ -21,13 +21,16 @@ from llm_jax import sampling
 from llm_jax import workdir as workdir_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A directory written by llm_jax.train or llm_jax.convert.")
-_PROMPT = flags.DEFINE_string("prompt", "I love computer science", "Text to continue.")
-_MAX_LENGTH = flags.DEFINE_integer("max_length", 50, "Total tokens per sequence, prompt included.")
-_NUM = flags.DEFINE_integer("num_return_sequences", 5, "Continuations to sample (greedy decoding has one).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 decodes greedily, and so does any "
-                                   "temperature below 1e-6 (smaller ones overflow); nan and inf are refused.")
-_TOP_K = flags.DEFINE_integer("top_k", 40, "Keep the k most likely tokens; 0 keeps all.")
-_TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass; 1.0 keeps all.")
+_DEFAULT = sampling.SampleConfig()
+_PROMPT = flags.DEFINE_string("prompt", _DEFAULT.prompt, "Text to continue.")
+_MAX_LENGTH = flags.DEFINE_integer("max_length", _DEFAULT.max_length, "Total tokens per sequence, prompt included.")
+_NUM = flags.DEFINE_integer("num_return_sequences", _DEFAULT.num_return_sequences, "Continuations to sample (greedy "
+                            "decoding has one).")
+_TEMPERATURE = flags.DEFINE_float("temperature", _DEFAULT.temperature, "Softmax temperature; 0 decodes greedily, "
+                                  "and so does any temperature below 1e-6 (smaller ones overflow); nan and inf are "
+                                  "refused.")
+_TOP_K = flags.DEFINE_integer("top_k", _DEFAULT.top_k, "Keep the k most likely tokens; 0 keeps all.")
+_TOP_P = flags.DEFINE_float("top_p", _DEFAULT.top_p, "Nucleus sampling mass; 1.0 keeps all.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEP = flags.DEFINE_integer("checkpoint_step", None, "Checkpoint to load; default the newest.")
 _CHAT = flags.DEFINE_bool("chat", False, "Reply as the assistant through the model's chat template (its tokenizer's "
@@ -42,11 +45,11 @@ def main(argv: Sequence[str]) -> None:
 
   def body() -> None:
     # Flag checks before the checkpoint is read; the prompt's length is checked once the tokenizer is loaded.
-    sampling.check_settings(max_length=_MAX_LENGTH.value, num_return_sequences=_NUM.value,
-                            temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
-    sampling.check_prompt(_PROMPT.value)
+    request = sampling.SampleConfig(prompt=_PROMPT.value, max_length=_MAX_LENGTH.value,
+                                    num_return_sequences=_NUM.value, temperature=_TEMPERATURE.value,
+                                    top_k=_TOP_K.value, top_p=_TOP_P.value)
     given = [name for name in ("num_return_sequences", "top_k", "top_p", "seed") if flags.FLAGS[name].present]
-    num = sampling.sequences_to_decode(temperature=_TEMPERATURE.value, num_return_sequences=_NUM.value, given=given)
+    num = request.check(given, prefix="--")
     loaded = workdir_lib.load_model(_WORKDIR.value, _STEP.value)
     if _CHAT.value:
       _chat(loaded, num)

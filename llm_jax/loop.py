@@ -23,18 +23,35 @@ from llm_jax import writers
 
 @dataclasses.dataclass(frozen=True)
 class LoopPlan:
-  """When the loop logs, evaluates, saves and stops, and what it does on a non-finite update (config.py
-  documents each field and builds this)."""
+  """When the loop logs, evaluates, saves and stops, and what it does on a non-finite update: the one table of these
+  top-level config keys' defaults."""
 
-  num_train_steps: int
-  stop_at_step: int = 0
-  log_every: int = 20
-  eval_every: int = 200
+  num_train_steps: int = 1000  # Optimizer updates in the whole run (the schedule spans these).
+  stop_at_step: int = 0  # Stop this invocation early at this step (time-sliced jobs); 0 runs to the end.
+  log_every: int = 20  # Steps between console/metrics lines (host syncs: these, the first step, evals, saves).
+  eval_every: int = 200  # Steps between validation passes; 0 disables periodic evaluation.
+  # Steps between the extra evaluations (eval_text_files, eval_zero_shot_files, eval_harness_tasks); 0: with every
+  # validation pass.
   extra_eval_every: int = 0
-  checkpoint_every: int = 200
-  on_nonfinite: str = "stop"
-  max_skipped_steps: int = 10
-  profile_steps: str = ""
+  checkpoint_every: int = 200  # Steps between checkpoints (and always at the end).
+  on_nonfinite: str = "stop"  # Non-finite loss/grad norm: 'stop' (keep the last good checkpoint) or 'skip'.
+  max_skipped_steps: int = 10  # on_nonfinite='skip': stop after this many non-finite updates in a row (diverged).
+  profile_steps: str = ""  # 'START,END': a jax.profiler trace of steps START..END into the workdir's tensorboard/.
+
+  def check(self) -> None:
+    """Refuses (ConfigError, one line naming the key and the fix) what cannot work or would be ignored."""
+    errors.require(self.num_train_steps > 0, f"num_train_steps={self.num_train_steps} must be positive")
+    errors.require(0 <= self.stop_at_step <= self.num_train_steps, f"stop_at_step={self.stop_at_step} must be between "
+                   f"0 and num_train_steps={self.num_train_steps}")
+    for key in ("log_every", "checkpoint_every", "max_skipped_steps"):
+      errors.require(getattr(self, key) > 0, f"{key}={getattr(self, key)} must be positive")
+    for key in ("eval_every", "extra_eval_every"):
+      errors.require(getattr(self, key) >= 0, f"{key}={getattr(self, key)} must be >= 0 (0 disables)")
+    errors.require_choice("on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+    if self.on_nonfinite != "skip":
+      errors.refuse_ignored("max_skipped_steps", self.max_skipped_steps, LoopPlan.max_skipped_steps,
+                            f"on_nonfinite={self.on_nonfinite!r}", "on_nonfinite=skip")
+    profiler_lib.parse_steps(self.profile_steps, self.num_train_steps)
 
 
 def evaluate(fns: steps_lib.StepFns, params: Any, batches: list[dict[str, np.ndarray]],

@@ -4,7 +4,9 @@ schedule-free AdamW), the weight-decay mask and per-group learning-rate multipli
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
+from typing import ClassVar
 
 import jax
 import optax
@@ -29,23 +31,75 @@ DEFAULT_LEARNING_RATES = {"muon": 0.02, "adamw": 3e-3}
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  """The optimizer and its schedule (config.py documents each field and builds this from the experiment)."""
+  """The optimizer and its schedule, and the one table of their defaults (the experiment config's optim section is
+  built from it, with learning_rate 0: the chosen optimizer's measured best, resolved by `derive`)."""
 
+  DERIVED_FIELDS: ClassVar[tuple[str, ...]] = ("learning_rate",)
+
+  # 'muon' (the default: 0.29 nats below AdamW at sotu_small, experiments/ablation_knobs.py), 'adamw', 'sgd'
+  # (momentum), 'lion', 'adafactor' or 'schedule_free_adamw'.
   name: str = "muon"
+  # Peak learning rate; Muon's for the weight matrices. Derived (0): the measured best of the chosen optimizer,
+  # DEFAULT_LEARNING_RATES (Muon 0.02, AdamW 3e-3); sgd, lion, adafactor and schedule_free_adamw need one.
   learning_rate: float = 0.02
-  schedule: str = "cosine"
-  warmup_steps: int = 100
-  decay_fraction: float = 0.2
-  min_lr_ratio: float = 0.1
-  b1: float = 0.9
-  b2: float = 0.95
-  eps: float = 1e-8
-  weight_decay: float = 0.1
-  momentum: float = 0.9
-  nesterov: bool = False
-  grad_clip_norm: float = 1.0
+  schedule: str = "cosine"  # 'constant', 'linear', 'cosine', 'rsqrt', 'wsd'.
+  warmup_steps: int = 100  # Linear warm-up from 0 to the peak.
+  decay_fraction: float = 0.2  # 'wsd': share of the run spent in the final linear decay.
+  min_lr_ratio: float = 0.1  # Final learning rate as a share of the peak (cosine, linear, wsd).
+  b1: float = 0.9  # First-moment decay: AdamW, Muon's AdamW group, Lion; schedule-free's interpolation (y) weight.
+  b2: float = 0.95  # Second-moment decay (AdamW, Muon's AdamW group, schedule-free AdamW); Lion's momentum decay.
+  eps: float = 1e-8  # Denominator epsilon (AdamW, Muon, schedule-free AdamW).
+  weight_decay: float = 0.1  # Decoupled; never applied to norms, biases or position embeddings.
+  momentum: float = 0.9  # 'sgd' only.
+  nesterov: bool = False  # 'sgd' only.
+  grad_clip_norm: float = 1.0  # Global-norm clipping; 0 disables.
+  # 'muon' only: peak learning rate of the AdamW group (embeddings, norms, biases, output head); learning_rate
+  # is then Muon's, for the weight matrices. Same schedule shape.
   adam_learning_rate: float = 3e-3
+  # Per-group learning-rate multipliers, 'group=factor,...' over embed (token and position tables), head
+  # (untied output head), norm, bias, matrix (every other weight); unnamed groups keep 1. '' disables.
   lr_multipliers: str = ""
+
+  @classmethod
+  def derive(cls, settings: dict[str, Any]) -> OptimConfig:
+    """The optimizer an experiment config's optim section describes, learning_rate 0 resolved to the chosen
+    optimizer's DEFAULT_LEARNING_RATES entry."""
+    o = cls(**settings)
+    errors.require_choice("optim.name", o.name, OPTIMIZERS)
+    errors.require(math.isfinite(o.learning_rate) and o.learning_rate >= 0, f"optim.learning_rate={o.learning_rate} "
+                   "must be positive and finite (or 0: the optimizer's default)")
+    if o.learning_rate:
+      return o
+    if o.name not in DEFAULT_LEARNING_RATES:
+      measured = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LEARNING_RATES.items())
+      raise errors.ConfigError(f"optim.learning_rate is unset and optim.name={o.name!r} has no measured default rate; "
+                               f"pass --config.optim.learning_rate=<peak rate> (the measured ones: {measured})")
+    return dataclasses.replace(o, learning_rate=DEFAULT_LEARNING_RATES[o.name])
+
+  def check(self) -> None:
+    """Refuses (ConfigError, one line naming the optim.<key> and the fix) what cannot work or would be ignored."""
+    errors.require_choice("optim.name", self.name, OPTIMIZERS)
+    errors.require_choice("optim.schedule", self.schedule, SCHEDULES)
+    errors.require(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+    errors.require(0.0 < self.decay_fraction <= 1.0, f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]")
+    errors.require(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+    for key in ("weight_decay", "grad_clip_norm"):
+      errors.require(getattr(self, key) >= 0, f"optim.{key}={getattr(self, key)} must be >= 0 (0 disables)")
+    errors.require(0 < self.adam_learning_rate < float("inf"), f"optim.adam_learning_rate={self.adam_learning_rate} "
+                   "must be positive and finite")
+    errors.require(self.name != "schedule_free_adamw" or self.schedule == "constant", "optim.name="
+                   "'schedule_free_adamw' replaces the learning-rate decay, but optim.schedule="
+                   f"{self.schedule!r}; pass --config.optim.schedule=constant (warm-up still applies)")
+    errors.require(self.name != "schedule_free_adamw" or 0.0 < self.b1 < 1.0, f"optim.b1={self.b1} must be in (0, 1) "
+                   "for schedule_free_adamw (its eval params divide by b1)")
+    parse_lr_multipliers(self.lr_multipliers)
+    for key, readers in READS.items():
+      if self.name not in readers:
+        errors.refuse_ignored(f"optim.{key}", getattr(self, key), getattr(OptimConfig, key),
+                              f"optim.name={self.name!r}", f"optim.name={readers[0]}")
+    if self.schedule != "wsd":
+      errors.refuse_ignored("optim.decay_fraction", self.decay_fraction, OptimConfig.decay_fraction,
+                            f"optim.schedule={self.schedule!r}", "optim.schedule=wsd")
 
 
 def make_schedule(o: OptimConfig, num_steps: int) -> optax.Schedule:
@@ -137,19 +191,6 @@ def parse_lr_multipliers(spec: str) -> dict[str, float]:
                                "--config.optim.lr_multipliers='embed=0.5,head=2'")
     out[group.strip()] = factor
   return out
-
-
-def check(o: OptimConfig) -> None:
-  """The settings of the newer optimizers and the multipliers; a one-line ValueError names the key and the fix."""
-  if not (o.adam_learning_rate > 0 and o.adam_learning_rate < float("inf")):
-    raise errors.ConfigError(f"optim.adam_learning_rate={o.adam_learning_rate} must be positive and finite")
-  if o.name == "schedule_free_adamw" and o.schedule != "constant":
-    raise errors.ConfigError(f"optim.name='schedule_free_adamw' replaces the learning-rate decay, but optim.schedule="
-                             f"{o.schedule!r}; pass --config.optim.schedule=constant (warm-up still applies)")
-  if o.name == "schedule_free_adamw" and not 0.0 < o.b1 < 1.0:
-    raise errors.ConfigError(f"optim.b1={o.b1} must be in (0, 1) for schedule_free_adamw (its eval params "
-                             "divide by b1)")
-  parse_lr_multipliers(o.lr_multipliers)
 
 
 def _group_scaling(spec: str) -> optax.GradientTransformation | None:

@@ -9,6 +9,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from llm_jax import config as config_lib
 from llm_jax import launch
 from llm_jax import planner
 
@@ -29,8 +30,13 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   micro = [int(m) for m in _MICRO.value]
-  launch.run_main("llm_jax.plan", lambda: planner.run(_CONFIG.value, micro, _REMAT.value, _MESHES.value,
-                                                       _JSON.value, _CACHE.value))
+  config = _CONFIG.value
+  config.plan = True  # what this program does, so the topology is read
+
+  def body() -> None:
+    planner.run(config_lib.resolve(config), micro, _REMAT.value, _MESHES.value, _JSON.value, _CACHE.value)
+
+  launch.run_main("llm_jax.plan", body)
 
 
 if __name__ == "__main__":

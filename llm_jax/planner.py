@@ -13,7 +13,7 @@ the sweep file format.)
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -24,13 +24,12 @@ import time
 from typing import Any
 from typing import Sequence
 
-import ml_collections
-
 from llm_jax import dryrun
 from llm_jax import errors
 from llm_jax import sharding
 from llm_jax import tpu
 from llm_jax import trainer
+from llm_jax.run_config import RunConfig
 
 MESHES = ("fsdp", "fsdp_tensor2", "data")  # the default search: see mesh_shape
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -48,15 +47,12 @@ def mesh_shape(name: str, chips: int, num_slices: int) -> tuple[int, int, int]:
   return num_slices, chips // (num_slices * tensor), tensor
 
 
-def _candidate(config: ml_collections.ConfigDict, shape: tuple[int, int, int], remat: str,
-               micro: int) -> ml_collections.ConfigDict:
-  c = copy.deepcopy(config)
+def _candidate(run: RunConfig, shape: tuple[int, int, int], remat: str, micro: int) -> RunConfig:
   data_parallel = shape[0] * shape[1]
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = shape
-  c.model.remat_policy = remat
-  c.global_batch_size, c.grad_accum_steps, c.eval_batch_size = micro * data_parallel, 1, data_parallel
-  c.plan, c.dry_run = False, True
-  return c
+  return dataclasses.replace(
+      run, mesh=sharding.MeshConfig(*shape), model=dataclasses.replace(run.model, remat_policy=remat),
+      step=dataclasses.replace(run.step, global_batch_size=micro * data_parallel, grad_accum_steps=1),
+      evals=dataclasses.replace(run.evals, eval_batch_size=data_parallel), plan=False, dry_run=True, platform=None)
 
 
 def flags_for(shape: tuple[int, int, int], remat: str, global_batch_size: int) -> str:
@@ -66,18 +62,18 @@ def flags_for(shape: tuple[int, int, int], remat: str, global_batch_size: int) -
           "--config.grad_accum_steps=1")
 
 
-def _cache_path(candidate: ml_collections.ConfigDict, cache_dir: str) -> str:
+def _cache_path(candidate: RunConfig, cache_dir: str) -> str:
   """Where a candidate's row is kept: keyed by the whole config and the versions of the compiler stack."""
   versions = {name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax", "libtpu")}
-  key = json.dumps([candidate.to_dict(), versions, sys.modules["llm_jax"].__version__], sort_keys=True, default=str)
+  key = json.dumps([candidate.record(), versions, sys.modules["llm_jax"].__version__], sort_keys=True, default=str)
   return os.path.join(cache_dir, "plan", hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
 
 
-def _try(config: ml_collections.ConfigDict, shape: tuple[int, int, int], remat: str, micro: int,
+def _try(run: RunConfig, shape: tuple[int, int, int], remat: str, micro: int,
          log: Any, cache_dir: str | None) -> dict[str, Any]:
   """One candidate's row: compiled now, or read back from `cache_dir` where the same candidate was compiled before
   (JAX's persistent cache cannot serve compile-only TPU executables: they load only with a TPU client)."""
-  candidate = _candidate(config, shape, remat, micro)
+  candidate = _candidate(run, shape, remat, micro)
   path = _cache_path(candidate, cache_dir) if cache_dir else None
   if path and os.path.exists(path):
     with open(path, encoding="utf-8") as f:
@@ -92,7 +88,7 @@ def _try(config: ml_collections.ConfigDict, shape: tuple[int, int, int], remat: 
   return row
 
 
-def _compile_row(candidate: ml_collections.ConfigDict, shape: tuple[int, int, int], remat: str, micro: int,
+def _compile_row(candidate: RunConfig, shape: tuple[int, int, int], remat: str, micro: int,
                  log: Any) -> dict[str, Any]:
   start = time.perf_counter()
   row = {"mesh": dict(zip(sharding.MESH_AXES, shape)), "remat": remat, "micro_batch_per_chip": micro}
@@ -111,11 +107,11 @@ def _compile_row(candidate: ml_collections.ConfigDict, shape: tuple[int, int, in
   return row
 
 
-def largest_fitting(config: ml_collections.ConfigDict, shape: tuple[int, int, int], remat: str,
+def largest_fitting(run: RunConfig, shape: tuple[int, int, int], remat: str,
                     micro_batches: Sequence[int], log: Any, cache_dir: str | None = None) -> list[dict[str, Any]]:
   """Every candidate compiled while looking for the largest micro-batch of `micro_batches` (ascending) that fits: the
   smallest, then the proportional guess and the ones below it until one fits."""
-  tried = [_try(config, shape, remat, micro_batches[0], log, cache_dir)]
+  tried = [_try(run, shape, remat, micro_batches[0], log, cache_dir)]
   if not tried[0]["fits"]:
     return tried
   first = tried[0]
@@ -124,25 +120,25 @@ def largest_fitting(config: ml_collections.ConfigDict, shape: tuple[int, int, in
   room = first["hbm_gib"] * dryrun.GIB - (first["peak_gib"] * dryrun.GIB - first["temp_bytes"])
   guess = max([i for i, m in enumerate(micro_batches) if m * per_row <= room] or [0])
   for i in range(guess, 0, -1):
-    tried.append(_try(config, shape, remat, micro_batches[i], log, cache_dir))
+    tried.append(_try(run, shape, remat, micro_batches[i], log, cache_dir))
     if tried[-1]["fits"]:
       break
   return tried
 
 
-def plan(config: ml_collections.ConfigDict, micro_batches: Sequence[int] = MICRO_BATCHES,
+def plan(run: RunConfig, micro_batches: Sequence[int] = MICRO_BATCHES,
          remats: Sequence[str] = REMATS, meshes: Sequence[str] = MESHES,
          log: Any = print, cache_dir: str | None = None) -> list[dict[str, Any]]:
-  """Every compiled candidate for `config.topology`, those that fit first, ranked by estimated tokens/s; with
+  """Every compiled candidate for `run.topology`, those that fit first, ranked by estimated tokens/s; with
   `cache_dir`, candidates compiled before are read back instead of compiled."""
-  if not config.topology:
-    raise errors.ConfigError("the planner compiles for a TPU slice: pass --config.topology=<slice>, e.g. v5e-8")
-  slice_ = tpu.parse_slice(config.topology, config.num_slices)
+  if not run.topology:
+    raise errors.ConfigError("the planner compiles for a TPU slice: pass --run.topology=<slice>, e.g. v5e-8")
+  slice_ = tpu.parse_slice(run.topology, run.num_slices)
   shapes = dict.fromkeys(mesh_shape(name, slice_.total_chips, slice_.num_slices) for name in meshes)
   rows = []
   for shape in shapes:
     for remat in remats:
-      rows += largest_fitting(config, shape, remat, sorted(micro_batches), log, cache_dir)
+      rows += largest_fitting(run, shape, remat, sorted(micro_batches), log, cache_dir)
   return sorted(rows, key=lambda r: (not r["fits"], -r.get("tokens_per_s", 0.0)))
 
 
@@ -159,12 +155,12 @@ def format_table(rows: Sequence[dict[str, Any]], topology: str) -> str:
   return "\n".join(lines)
 
 
-def run(config: ml_collections.ConfigDict, micro_batches: Sequence[int], remats: Sequence[str],
+def run(run: RunConfig, micro_batches: Sequence[int], remats: Sequence[str],
         meshes: Sequence[str], json_path: str | None, cache_dir: str) -> list[dict[str, Any]]:
   """The planner with its cache of candidates under `cache_dir`: prints progress and the ranked table."""
-  rows = plan(config, micro_batches, remats, meshes, cache_dir=cache_dir)
-  print(format_table(rows, config.topology))
+  rows = plan(run, micro_batches, remats, meshes, cache_dir=cache_dir)
+  print(format_table(rows, run.topology))
   if json_path:
     with open(json_path, "w", encoding="utf-8") as f:
-      json.dump({"topology": config.topology, "num_slices": config.num_slices, "candidates": rows}, f, indent=1)
+      json.dump({"topology": run.topology, "num_slices": run.num_slices, "candidates": rows}, f, indent=1)
   return rows

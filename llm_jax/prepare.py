@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
-import ml_collections
 from absl import app
 from absl import flags
 from jax.experimental import multihost_utils
@@ -18,6 +17,7 @@ from llm_jax import launch
 from llm_jax import writers
 from llm_jax.data import pipeline
 from llm_jax.data import store as store_lib
+from llm_jax.run_config import RunConfig
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, optionally with ':variant'; override any key with "
@@ -28,11 +28,11 @@ flags.mark_flags_as_required(["config"])
 _DISTRIBUTED = launch.DistributedFlags()
 
 
-def prepare(config: ml_collections.ConfigDict, verify: bool) -> tuple[str, ...]:
-  """Builds what is missing of the tokenizer and token stores of `config` (one per source), prints a summary,
+def prepare(run: RunConfig, verify: bool) -> tuple[str, ...]:
+  """Builds what is missing of the tokenizer and token stores of `run` (one per source), prints a summary,
   returns the store paths."""
   sync = multihost_utils.sync_global_devices if jax.process_count() > 1 else lambda name: None
-  data = pipeline.prepare_data(config_lib.data_config(config), config_lib.tokenizer_config(config),
+  data = pipeline.prepare_data(run.data, run.tokenizer,
                                process_index=jax.process_index(), process_count=jax.process_count(), barrier=sync,
                                log=writers.console)
   reports = jax.process_index() == 0
@@ -57,7 +57,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   _DISTRIBUTED.initialize("llm_jax.prepare")
-  _DISTRIBUTED.run("llm_jax.prepare", lambda: prepare(_CONFIG.value, _VERIFY.value))
+  _DISTRIBUTED.run("llm_jax.prepare", lambda: prepare(config_lib.resolve(_CONFIG.value), _VERIFY.value))
 
 
 if __name__ == "__main__":

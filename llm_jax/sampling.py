@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Collection
@@ -61,6 +62,32 @@ def _nucleus_mask(logits_BxV: Array, top_p: float | Array) -> Array:
 GREEDY_BELOW = 1e-6
 # The largest KV cache sampling may allocate; a bigger one means a max_length or batch that was not meant.
 MAX_CACHE_BYTES = 16 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  """What to sample (the trainer's end-of-run samples, `generate`'s flags): the one table of their defaults."""
+
+  prompt: str = "I love computer science"  # Text the samples continue.
+  max_length: int = 50  # Counts the prompt, as in Hugging Face generate.
+  num_return_sequences: int = 5  # Samples printed.
+  temperature: float = 0.8  # Softmax temperature; 0 (or below GREEDY_BELOW) decodes greedily.
+  top_k: int = 40  # Keep the k most likely tokens; 0 keeps all.
+  top_p: float = 0.95  # Nucleus sampling mass; 1.0 keeps all.
+
+  def check(self, given: Collection[str] = (), prefix: str = "--config.sample.") -> int:
+    """Refuses settings that cannot work, or that greedy decoding would ignore (`given`: the names the user set),
+    before any model is read; returns how many continuations to decode. `prefix` names the settings as the user
+    spells them: '--config.sample.' (the trainer) or '--' (generate's flags)."""
+    check_settings(max_length=self.max_length, num_return_sequences=self.num_return_sequences,
+                   temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, prefix=prefix)
+    check_prompt(self.prompt, prefix)
+    return sequences_to_decode(temperature=self.temperature, num_return_sequences=self.num_return_sequences,
+                               given=given, prefix=prefix)
+
+  def given(self) -> tuple[str, ...]:
+    """The settings away from their defaults, which greedy decoding refuses when it would ignore them."""
+    return tuple(f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default)
 
 
 def check_settings(*, max_length: int, num_return_sequences: int, temperature: float, top_k: int, top_p: float,
@@ -126,9 +153,10 @@ def check_fits(cfg: ModelConfig, max_length: int, num_return_sequences: int, pre
                              "bound; lower them")
 
 
-def _validate(cfg: ModelConfig, prompt_len: int, max_length: int, num_return_sequences: int,
-              temperature: float, top_k: int, top_p: float, prefix: str = "--") -> None:
-  """Every check of a sampling request; `prefix` as in `check_settings`."""
+def check_request(cfg: ModelConfig, prompt_len: int, max_length: int, num_return_sequences: int,
+                  temperature: float, top_k: int, top_p: float, prefix: str = "--") -> None:
+  """Every check of a sampling request on model `cfg` with a prompt of `prompt_len` tokens; `prefix` as in
+  `SampleConfig.check`."""
   if prompt_len == 0:
     raise errors.ConfigError("the prompt is empty; give at least one token (e.g. a BOS id) to condition on")
   check_settings(max_length=max_length, num_return_sequences=num_return_sequences, temperature=temperature,
@@ -202,7 +230,7 @@ def generate(params: Any, cfg: ModelConfig, prompt_tokens: Sequence[int], *, max
   GREEDY_BELOW decode greedily.
   """
   prompt_P = np.asarray(prompt_tokens, dtype=np.int64).reshape(-1)
-  _validate(cfg, prompt_P.shape[0], max_length, num_return_sequences, temperature, top_k, top_p)
+  check_request(cfg, prompt_P.shape[0], max_length, num_return_sequences, temperature, top_k, top_p)
   _check_ids("the prompt", prompt_P, cfg.vocab_size)
   greedy = bool(temperature < GREEDY_BELOW)
   # A negative id means "no eos", as sentencepiece reports a disabled piece (-1).

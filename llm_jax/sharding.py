@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 from typing import Mapping
@@ -46,6 +47,20 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 # Where a batch's rows go: the mesh axes the logical rule 'batch' names (one rule; the placement helpers below and the
 # micro-batch constraint in llm_jax.steps read it from here).
 BATCH_AXES: tuple[str, ...] = dict(LOGICAL_RULES)["batch"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """The mesh's axis sizes, as the experiment config's mesh section gives them (the one table of their defaults)."""
+
+  data: int = -1  # Pure data parallelism by default; -1 means "the remaining devices".
+  fsdp: int = 1  # Parameter and optimizer-state sharding (ZeRO-3 style); also splits the batch.
+  tensor: int = 1  # Tensor (model) parallelism over heads and the MLP hidden width.
+
+  @property
+  def requested(self) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) in MESH_AXES order, for `make_mesh`."""
+    return self.data, self.fsdp, self.tensor
 
 
 def resolve_mesh_shape(requested: Sequence[int], num_devices: int) -> tuple[int, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 from typing import Callable
 
@@ -16,6 +17,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 
 from llm_jax import batch as batch_lib
+from llm_jax import errors
 from llm_jax import lora
 from llm_jax import metrics as metrics_lib
 from llm_jax import optim
@@ -245,15 +247,31 @@ def build_steps(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: op
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  """What the steps need beyond the model and the optimizer; each field is the experiment config's key of that name
-  (`seq_len` is data.seq_len), whose defaults and comments are in llm_jax/config.py."""
-  seed: int
+  """What the steps need beyond the model and the optimizer, and the one table of these top-level config keys'
+  defaults; seq_len (data.seq_len) and num_train_steps (the loop's) are copied in by config.resolve."""
+
   seq_len: int
-  global_batch_size: int
   num_train_steps: int
-  grad_accum_steps: int  # 0: per backend, as AUTO_MICRO_BATCH_TOKENS says
-  z_loss: float
-  max_replicated_share: float
+  seed: int = 0  # Seeds parameters, dropout and data order.
+  global_batch_size: int = 32  # Sequences per update, summed over all devices and micro-batches.
+  # Micro-batches per update (each global_batch_size / grad_accum_steps); 0: per backend (AUTO_MICRO_BATCH_TOKENS).
+  grad_accum_steps: int = 0
+  z_loss: float = 0.0  # Adds z_loss·log(Z)² per token to the training loss (logged as z_loss); 0 disables.
+  max_replicated_share: float = 0.05  # Refuse fsdp/tensor meshes replicating more parameter bytes than this.
+
+  def check(self) -> None:
+    """Refuses (ConfigError, one line naming the key and the fix) what cannot work."""
+    errors.require(self.global_batch_size > 0, f"global_batch_size={self.global_batch_size} must be positive "
+                   "(sequences per optimizer step, over all devices and micro-batches)")
+    errors.require(self.grad_accum_steps >= 0, f"grad_accum_steps={self.grad_accum_steps} must be positive (or 0: "
+                   "chosen per backend)")
+    errors.require(self.global_batch_size % max(self.grad_accum_steps, 1) == 0, f"global_batch_size="
+                   f"{self.global_batch_size} does not divide into grad_accum_steps={self.grad_accum_steps} "
+                   "micro-batches; make it a multiple")
+    errors.require(0.0 <= self.max_replicated_share <= 1.0, f"max_replicated_share={self.max_replicated_share} must "
+                   "be in [0, 1]")
+    errors.require(math.isfinite(self.z_loss) and self.z_loss >= 0, f"z_loss={self.z_loss} must be >= 0 and finite "
+                   "(0 disables; e.g. 1e-4)")
 
 
 def build(cfg: ModelConfig, optim_cfg: optim.OptimConfig, step_cfg: StepConfig, mesh: Mesh) -> StepFns:

@@ -39,12 +39,28 @@ _CHAR_VOCAB_REQUEST = 1 << 20
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
-  """The vocabulary to train, or an existing tokenizer file (config.py documents each field and builds this)."""
+  """The vocabulary to train, or an existing tokenizer file; the one table of the tokenizer section's defaults."""
 
-  model_type: str = "bpe"
-  vocab_size: int = 2048
-  byte_fallback: bool = True
-  path: str = ""
+  model_type: str = "bpe"  # 'bpe', 'unigram' or 'char'.
+  vocab_size: int = 2048  # Pieces to train, 261 of them fixed (ignored for 'char', which takes every character seen).
+  byte_fallback: bool = True  # Lossless on any UTF-8 text.
+  path: str = ""  # An existing tokenizer (sentencepiece .model or HF tokenizer.json) instead of training one.
+
+  def check(self) -> None:
+    """Refuses (ConfigError, one line) a vocabulary that cannot be trained, and training settings beside a file."""
+    errors.require_choice("tokenizer.model_type", self.model_type, MODEL_TYPES)
+    if self.path:
+      for key in ("model_type", "vocab_size", "byte_fallback"):
+        errors.refuse_ignored(f"tokenizer.{key}", getattr(self, key), getattr(TokenizerConfig, key),
+                              f"tokenizer.path={self.path!r}", "tokenizer.path='' to train one")
+      return
+    if self.model_type == "char":
+      return  # takes every character seen; vocab_size is not read
+    fixed = NUM_SPECIAL_PIECES + (256 if self.byte_fallback else 0)
+    errors.require(self.vocab_size > fixed, f"tokenizer.vocab_size={self.vocab_size} leaves no room for learned "
+                   f"pieces: {fixed} pieces are fixed (pad, unk, bos, eos, newline"
+                   f"{' and 256 byte-fallback pieces' if self.byte_fallback else ''}); pass e.g. "
+                   "--config.tokenizer.vocab_size=2048")
 
 
 class Tokenizer:

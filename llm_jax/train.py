@@ -8,6 +8,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from llm_jax import config as config_lib
 from llm_jax import launch
 from llm_jax import planner
 from llm_jax import trainer
@@ -26,15 +27,18 @@ def main(argv: Sequence[str]) -> None:
   if not _WORKDIR.value.strip():
     launch.fail("llm_jax.train", ValueError("--workdir is empty; pass the directory for checkpoints and logs"))
   _DISTRIBUTED.initialize("llm_jax.train")
-  config = _CONFIG.value
   keys = tuple(config_flags.get_override_values(flags.FLAGS["config"]))
-  if config.plan:
-    _DISTRIBUTED.run("llm_jax.train", lambda: planner.run(config, planner.MICRO_BATCHES, planner.REMATS,
-                                                          planner.MESHES, None, planner.CACHE_DIR))
-  elif config.dry_run:
-    _DISTRIBUTED.run("llm_jax.train", lambda: trainer.dry_run(config, keys))
-  else:
-    _DISTRIBUTED.run("llm_jax.train", lambda: trainer.train_and_evaluate(config, _WORKDIR.value, keys))
+
+  def body() -> None:
+    run = config_lib.resolve(_CONFIG.value, keys)
+    if run.plan:
+      planner.run(run, planner.MICRO_BATCHES, planner.REMATS, planner.MESHES, None, planner.CACHE_DIR)
+    elif run.dry_run:
+      trainer.dry_run(run)
+    else:
+      trainer.train_and_evaluate(run, _WORKDIR.value)
+
+  _DISTRIBUTED.run("llm_jax.train", body)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-import ml_collections
 
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import errors
@@ -70,7 +69,7 @@ def lock_path(workdir: str) -> str:
 
 
 def write_run_config(workdir: str, config_json: str) -> None:
-  """Writes the run's resolved config (JSON text, e.g. `config.to_json_best_effort(indent=2)`)."""
+  """Writes the run's resolved config (JSON text of `RunConfig.record()`)."""
   paths.as_path(path(workdir, RUN_CONFIG_FILE)).write_text(config_json, encoding="utf-8")
 
 
@@ -78,13 +77,12 @@ def has_run_config(workdir: str) -> bool:
   return paths.as_path(path(workdir, RUN_CONFIG_FILE)).is_file()
 
 
-def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a training run (or a conversion) wrote into `workdir`."""
+def read_run_config(workdir: str) -> dict[str, Any]:
+  """The resolved config (`RunConfig.record()`) a training run wrote into `workdir`."""
   config_path = path(workdir, RUN_CONFIG_FILE)
   if not paths.as_path(config_path).is_file():
-    raise errors.MissingFileError(f"{config_path} is missing; --workdir must be a directory written by llm_jax.train "
-                                  "or llm_jax.convert")
-  return ml_collections.ConfigDict(json.loads(paths.as_path(config_path).read_text(encoding="utf-8")))
+    raise errors.MissingFileError(f"{config_path} is missing; --workdir must be a directory written by llm_jax.train")
+  return json.loads(paths.as_path(config_path).read_text(encoding="utf-8"))
 
 
 def write_data_store(workdir: str, store_paths: Sequence[str]) -> None:

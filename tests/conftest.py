@@ -62,7 +62,7 @@ def pretrained_fixture(tmp_path_factory):
   c.num_train_steps, c.eval_every, c.checkpoint_every = 10, 10, 10
   c.sample.max_length, c.sample.num_return_sequences = 20, 1
   workdir = str(tmp_path_factory.mktemp("pretrained"))
-  trainer.train_and_evaluate(c, workdir)
+  trainer.train_and_evaluate(config_lib.resolve(c), workdir)
   return workdir
 
 
@@ -75,7 +75,7 @@ def smoke_20_fixture(tmp_path_factory):
   from llm_jax import trainer  # pylint: disable=import-outside-toplevel
 
   workdir = str(tmp_path_factory.mktemp("smoke_20"))
-  trainer.train_and_evaluate(smoke_config(num_train_steps=20), workdir)
+  trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=20)), workdir)
   return workdir
 
 

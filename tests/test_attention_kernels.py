@@ -168,10 +168,10 @@ def test_the_train_step_with_splash_compiles_for_a_tpu_slice():
 
 def test_the_config_check_refuses_a_kernel_this_backend_cannot_run_before_anything_compiles():
   from llm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  from llm_jax import validation  # pylint: disable=import-outside-toplevel
   c = config_lib.get_config()
-  validation.validate_for_devices(c, {"data": 1, "fsdp": 1, "tensor": 1})  # 'auto' on CPU: the einsum attention
+  run = config_lib.check(c).on_devices({"data": 1, "fsdp": 1, "tensor": 1}, "cpu")
+  assert run.platform.attention_impl == "einsum"  # 'auto' on CPU: the einsum attention
   c.model.attention_impl = "cudnn"
   with pytest.raises(errors.ConfigError) as e:
-    validation.validate_for_devices(c, {"data": 1, "fsdp": 1, "tensor": 1})
+    config_lib.check(c).on_devices({"data": 1, "fsdp": 1, "tensor": 1}, "cpu")
   assert "model.attention_impl" in str(e.value) and "\n" not in str(e.value)

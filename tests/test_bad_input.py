@@ -1,5 +1,6 @@
 """Every entry point answers bad input with one line naming the problem, before any long compile."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,7 +13,6 @@ from llm_jax import config as config_lib
 from llm_jax import errors
 from llm_jax import sampling
 from llm_jax import trainer
-from llm_jax import validation
 from llm_jax import workdir as workdir_lib
 from llm_jax.data import sources
 
@@ -176,10 +176,10 @@ def _set(config, key, value):
 @pytest.mark.parametrize("key, value, fragment", CONFIG_CASES, ids=[f"{c[0]}={c[1]}" for c in CONFIG_CASES])
 def test_validate_refuses_bad_config(key, value, fragment):
   config = smoke_config()
-  validation.validate(config)  # the smoke config itself is fine
+  config_lib.check(config)  # the smoke config itself is fine
   _set(config, key, value)
   with pytest.raises(errors.ConfigError) as err:
-    validation.validate(config)
+    config_lib.check(config)
   assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
@@ -190,7 +190,7 @@ def test_validate_refuses_settings_that_clash(name, overrides, fragment):
   for key, value in overrides.items():
     _set(config, key, value)
   with pytest.raises(errors.ConfigError) as err:
-    validation.validate(config)
+    config_lib.check(config)
   assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
@@ -205,31 +205,37 @@ def test_validate_accepts_the_tokenizer_settings_each_mode_reads(overrides):
   config = smoke_config()
   for key, value in overrides.items():
     _set(config, key, value)
-  validation.validate(config)
+  config_lib.check(config)
 
 
-@pytest.mark.slow
-def test_a_model_flag_the_base_model_replaces_is_refused_and_a_file_value_is_reported(trained):
-  base, _ = workdir_lib.read_model_card(trained)
-  config = smoke_config()  # the base was trained from it, so its dimensions agree
-  config.init_params_from = trained
+def _base_workdir(tmp_path, cfg):
+  """A workdir holding only what init_params_from reads before any checkpoint: the model card and its tokenizer."""
+  base = tmp_path / "base"
+  base.mkdir()
+  (base / "tok.model").write_bytes(b"")
+  workdir_lib.write_model_card(str(base), cfg, str(base / "tok.model"))
+  return str(base)
+
+
+def test_a_model_flag_the_base_model_replaces_is_refused_and_a_file_value_is_reported(tmp_path, capsys):
+  config = smoke_config()  # the base was made from it, so its dimensions agree
+  base_cfg = config_lib.check(config).model.with_vocab(512)
+  base = _base_workdir(tmp_path, base_cfg)
+  config.init_params_from = base
   config.model.remat_policy, config.model.lora_rank = "full", 4  # how to compute and the adapters: the run's own
-  assert not validation.replaced_by_base(config, base)
-  validation.validate_against_base(config, base, ["model.remat_policy", "model.lora_rank", "model.d_model"])
-  config.model.d_model = base.d_model * 2  # d_ff and head_dim are derived from it (4x and / num_heads)
-  assert validation.replaced_by_base(config, base) == {
-      "model.d_model": (base.d_model * 2, base.d_model), "model.d_ff": (base.d_ff * 2, base.d_ff),
-      "model.head_dim": (base.head_dim * 2, base.head_dim)}
-  validation.validate_against_base(config, base, ["model.remat_policy"])  # set in the file: replaced, printed
-  with pytest.raises(errors.ConfigError) as err:
-    validation.validate_against_base(config, base, ["model.d_model"])
-  assert str(err.value) == (f"--config.model.d_model={base.d_model * 2} differs from the base model's {base.d_model} "
-                            f"(--config.init_params_from={trained}), whose dimensions the run takes; drop "
-                            "--config.model.d_model")
-  with pytest.raises(errors.ConfigError) as err:
-    validation.validate_against_base(config, base, ["tokenizer.vocab_size"])
-  assert str(err.value) == (f"--config.tokenizer.vocab_size is set but --config.init_params_from={trained} brings "
-                            "its own tokenizer, which the run keeps; drop --config.tokenizer.vocab_size")
+  run = config_lib.resolve(config, ["model.remat_policy", "model.lora_rank", "model.d_model"])
+  assert run.model == dataclasses.replace(base_cfg, remat_policy="full", lora_rank=4)
+  assert run.tokenizer.path == os.path.join(base, "tok.model") and "replace" not in capsys.readouterr().out
+  config.model.d_model = base_cfg.d_model * 2  # d_ff and head_dim are derived from it (4x and / num_heads)
+  run = config_lib.resolve(config, ["model.remat_policy"])  # set in the file: replaced, printed
+  assert run.model.d_model == base_cfg.d_model
+  printed = capsys.readouterr().out
+  for key, value in (("d_model", base_cfg.d_model), ("d_ff", base_cfg.d_ff), ("head_dim", base_cfg.head_dim)):
+    assert f"model.{key} {value * 2} -> {value}" in printed
+  with pytest.raises(errors.ConfigError, match=r"^--config.model.d_model=\d+ differs from the base model's "):
+    config_lib.resolve(config, ["model.d_model"])
+  with pytest.raises(errors.ConfigError, match=r"^--config.tokenizer.vocab_size is set but --config.init_params_from="):
+    config_lib.resolve(config, ["tokenizer.vocab_size"])
 
 
 def test_validate_accepts_the_settings_each_choice_reads():
@@ -238,7 +244,7 @@ def test_validate_accepts_the_settings_each_choice_reads():
                      "optim.decay_fraction": 0.3, "model.family": "llama", "model.num_kv_heads": 2,
                      "model.rope_theta": 5e5}.items():
     _set(config, key, value)
-  validation.validate(config)
+  config_lib.check(config)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -252,7 +258,7 @@ def test_validate_accepts_the_newer_optimizers_and_knobs(overrides):
   config = smoke_config()
   for key, value in overrides.items():
     _set(config, key, value)
-  validation.validate(config)
+  config_lib.check(config)
 
 
 TRAIN_CASES = [
@@ -355,7 +361,7 @@ def test_sampling_failure_after_training_says_both(trained, tmp_path, monkeypatc
 
   monkeypatch.setattr(sampling, "generate", fail)
   with pytest.raises(errors.RunError, match=r"^training finished \(checkpoint 10\); sampling failed: no room$"):
-    trainer.train_and_evaluate(smoke_config(num_train_steps=10), str(copy))
+    trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=10)), str(copy))
   with open(copy / "run.json", encoding="utf-8") as f:
     assert json.load(f)["status"] == "finished"
 
@@ -483,7 +489,7 @@ def test_a_parquet_text_column_that_is_not_text_is_named(tmp_path):
 @pytest.mark.slow
 def test_a_url_with_one_slash_is_refused_not_made_a_local_folder(tmp_path):
   with pytest.raises(ValueError, match=r"--workdir=gs:/bucket/x is a URL with one slash .* write gs://bucket/x$"):
-    trainer.train_and_evaluate(smoke_config(), "gs:/bucket/x")
+    trainer.train_and_evaluate(config_lib.resolve(smoke_config()), "gs:/bucket/x")
   assert not os.path.exists("gs:")
 
 
@@ -551,24 +557,24 @@ def test_a_mixture_components_wrong_text_field_names_the_components_setting(tmp_
                     "web": {"corpus": "text_files", "text_files": str(rows), "weight": 0.5}}
   with pytest.raises(ValueError, match=r"data.mixture.web.text_field='text' is not a field of .* pass "
                      r"--config.data.mixture.web.text_field=\.\.\.$"):
-    pipeline.prepare_data(config_lib.data_config(c), config_lib.tokenizer_config(c), store_dir=str(tmp_path / "s"))
+    pipeline.prepare_data(config_lib.resolve(c).data, config_lib.resolve(c).tokenizer, store_dir=str(tmp_path / "s"))
   assert not (tmp_path / "s").exists()
 
 
 def test_a_prompt_past_the_models_positions_is_not_told_to_raise_max_length():
-  cfg = config_lib.model_config(smoke_config(), 512)  # gpt2, 64 learned positions
+  cfg = config_lib.resolve(smoke_config()).model.with_vocab(512)  # gpt2, 64 learned positions
   with pytest.raises(ValueError, match=r"^the prompt \(70 tokens, a chat's whole conversation\) fills all 64 "
                      r"positions of this model; shorten it"):
-    sampling._validate(cfg, 70, 64, 1, 0.8, 40, 0.95)  # pylint: disable=protected-access
+    sampling.check_request(cfg, 70, 64, 1, 0.8, 40, 0.95)
   with pytest.raises(ValueError, match=r"--max_length=20 is not longer than the prompt \(30 tokens\); raise "
                      r"--max_length \(up to 64, this model's positions\)$"):
-    sampling._validate(cfg, 30, 20, 1, 0.8, 40, 0.95)  # pylint: disable=protected-access
+    sampling.check_request(cfg, 30, 20, 1, 0.8, 40, 0.95)
 
 
-def test_a_sequence_longer_than_the_base_models_positions_gets_advice_that_works():
-  c = smoke_config(init_params_from="/runs/base")
+def test_a_sequence_longer_than_the_base_models_positions_gets_advice_that_works(tmp_path):
+  base = _base_workdir(tmp_path, config_lib.check(smoke_config()).model.with_vocab(512))  # 64 positions
+  c = smoke_config(init_params_from=base)
   c.data.seq_len = 128
-  base = config_lib.model_config(smoke_config(), 512)  # 64 positions
   with pytest.raises(errors.ConfigError, match=r"data.seq_len=128 is longer than the 64 positions of the base "
                      r"model .* lower --config.data.seq_len to at most 64$"):
-    validation.validate_against_base(c, base, ("data.seq_len",))
+    config_lib.resolve(c, ("data.seq_len",))

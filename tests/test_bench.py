@@ -16,7 +16,7 @@ def test_flops_per_token_matches_a_hand_count():
   c = config_lib.get_config()
   c.model.update({"family": "gpt2", "num_layers": 2, "d_model": 64, "num_heads": 4})
   c.data.seq_len = 64
-  cfg = config_lib.model_config(c, 512)
+  cfg = config_lib.resolve(c).model.with_vocab(512)
   # Per layer: q,k,v,o 4·64·64 = 16384; their biases 3·64 + 64 = 256; MLP 2·64·256 = 32768 and
   # biases 256 + 64 = 320; two LayerNorms 4·64 = 256  →  49984. Two layers plus the final norm (128).
   n = 2 * 49984 + 128
@@ -30,7 +30,7 @@ def test_flops_per_token_matches_a_hand_count():
 def test_llama_non_embedding_count_matches_a_hand_count():
   c = config_lib.get_config()
   c.model.update({"family": "llama", "num_layers": 3, "d_model": 128, "num_heads": 8, "num_kv_heads": 2})
-  cfg = config_lib.model_config(c, 1000)
+  cfg = config_lib.resolve(c).model.with_vocab(1000)
   assert cfg.d_ff == 384  # 8/3 · 128 rounded up to a multiple of 64
   # q and o: 128·128 each; k and v: 128·(2·16) each; gate, up, down: 3·128·384; two RMSNorm scales.
   per_layer = 2 * 128 * 128 + 2 * 128 * 32 + 3 * 128 * 384 + 2 * 128

@@ -21,7 +21,7 @@ from llm_jax import workdir as workdir_lib
 def trained_fixture(tmp_path_factory):
   """A workdir with checkpoints 10 and 20; tests copy it."""
   workdir = str(tmp_path_factory.mktemp("trained") / "run")
-  trainer.train_and_evaluate(smoke_config(num_train_steps=30, stop_at_step=20), workdir)
+  trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=30, stop_at_step=20)), workdir)
   return workdir
 
 
@@ -53,23 +53,23 @@ def test_resume_with_another_optimizer_layout_is_refused_by_name(trained, tmp_pa
   changed = smoke_config(num_train_steps=30)
   changed.optim.update(override)
   with pytest.raises(errors.RunError, match="optimizer state layout differs") as raised:
-    trainer.train_and_evaluate(changed, workdir)
+    trainer.train_and_evaluate(config_lib.resolve(changed), workdir)
   assert named in str(raised.value) and "--config.init_params_from=" in str(raised.value)
   assert _steps(workdir) == [10, 20]
   assert not os.path.exists(os.path.join(workdir, "unusable_checkpoints"))
   assert _read(os.path.join(workdir, "metrics.jsonl")) == metrics
   # A setting that keeps the layout may change on resume.
-  trainer.train_and_evaluate(smoke_config(num_train_steps=30, stop_at_step=25, log_every=5), workdir)
+  trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=30, stop_at_step=25, log_every=5)),
+                             workdir)
   assert _steps(workdir)[-1] == 25
 
 
 def _fns(**optim):
   c = smoke_config(num_train_steps=30)
   c.optim.update(optim)
-  c = trainer._resolved(c)  # pylint: disable=protected-access
-  mesh = trainer._mesh(c)  # pylint: disable=protected-access
+  mesh, run = trainer._mesh(config_lib.resolve(c))  # pylint: disable=protected-access
   with jax.set_mesh(mesh):
-    fns = steps_lib.build(*config_lib.step_configs(c, c.tokenizer.vocab_size), mesh)
+    fns = steps_lib.build(*run.with_vocab(c.tokenizer.vocab_size).step_records(), mesh)
   return fns
 
 
@@ -104,13 +104,13 @@ def test_all_checkpoints_damaged_stops_and_keeps_the_metrics(trained, tmp_path, 
   _damage(workdir, 10)
   _damage(workdir, 20)
   with pytest.raises(errors.CheckpointError, match=r"could be restored \(tried steps \[20, 10\]"):
-    trainer.train_and_evaluate(smoke_config(num_train_steps=30), workdir)
+    trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=30)), workdir)
   assert "checkpoint at step 20 is unusable" in capsys.readouterr().out
   assert sorted(os.listdir(os.path.join(workdir, "unusable_checkpoints"))) == ["10", "20"]
   assert _read(os.path.join(workdir, "metrics.jsonl")) == metrics
   # The next invocation does not start over either.
   with pytest.raises(errors.CheckpointError, match="earlier runs moved unusable ones"):
-    trainer.train_and_evaluate(smoke_config(num_train_steps=30), workdir)
+    trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=30)), workdir)
   assert _read(os.path.join(workdir, "metrics.jsonl")) == metrics
 
 
@@ -153,7 +153,7 @@ def test_persistent_storage_error_refuses_and_moves_nothing(trained, tmp_path, f
   flaky_storage["left"] = 1000
   with pytest.raises(errors.CheckpointError, match=r"storage error reading the checkpoint at step 20 .*"
                      r"4 attempts; it was left in place"):
-    trainer.train_and_evaluate(smoke_config(num_train_steps=30), workdir)
+    trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=30)), workdir)
   assert flaky_storage["count"] == checkpoint_lib.RESTORE_ATTEMPTS
   flaky_storage["left"] = 0
   assert _steps(workdir) == [10, 20]

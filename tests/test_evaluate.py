@@ -47,8 +47,9 @@ def run(tmp_path_factory):
   workdir_lib.write_model_card(workdir, CFG, tok.path)
   config = config_lib.get_config()
   config.data.corpus, config.data.text_files, config.data.seq_len = "text_files", str(root / "*.txt"), 32
+  config.sample.max_length = 32
   with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort())
+    json.dump(config_lib.check(config).record(), f)
   return workdir, config
 
 
@@ -109,7 +110,7 @@ def test_windows_score_every_token_once(n, seq_len, stride):
 def test_validation_split_from_the_run_config(run):
   workdir, config = run
   report = doc_eval.evaluate_workdir(workdir, batch_size=4)
-  val_docs = corpus.load_documents(config_lib.data_config(config), "validation")
+  val_docs = corpus.load_documents(config_lib.resolve(config).data, "validation")
   assert report["split"] == "validation" and report["seq_len"] == 32 and report["checkpoint_step"] == 0
   assert report["documents"] == len(val_docs) and report["bytes"] == sum(len(d.encode()) for d in val_docs)
   with pytest.raises(ValueError, match="matches no files"):

@@ -32,7 +32,6 @@ from llm_jax import sharding
 from llm_jax import steps as steps_lib
 from llm_jax import tokenizer as tokenizer_lib
 from llm_jax import trainer
-from llm_jax import validation
 from llm_jax import workdir as workdir_lib
 from llm_jax import writers
 from llm_jax.data import pipeline
@@ -63,7 +62,7 @@ def _wait_for_checkpoint(workdir: str, step: int, proc: subprocess.Popen, timeou
 @pytest.fixture(name="uninterrupted", scope="module")
 def uninterrupted_fixture(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-  trainer.train_and_evaluate(smoke_config(num_train_steps=STEPS), workdir)
+  trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=STEPS)), workdir)
   return workdir
 
 
@@ -107,21 +106,21 @@ def test_sigterm_checkpoints_the_step_reached_and_exits_zero(tmp_path, uninterru
     assert max(r["step"] for r in writers.read_metrics(workdir)) <= stopped_at
   else:  # the signal arrived after the last step: the run simply finished
     assert latest == STEPS
-  trainer.train_and_evaluate(smoke_config(num_train_steps=STEPS), workdir)
+  trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=STEPS)), workdir)
   _assert_same_run(workdir, uninterrupted)
 
 
 @pytest.mark.slow
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, uninterrupted, capsys):
   workdir = str(tmp_path / "corrupt")
-  trainer.train_and_evaluate(smoke_config(num_train_steps=STEPS, stop_at_step=30), workdir)
+  trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=STEPS, stop_at_step=30)), workdir)
   state_dir = os.path.join(workdir, "checkpoints", "30", "state")
   victims = [os.path.join(root, f) for root, _, files in os.walk(state_dir) for f in files
              if os.path.getsize(os.path.join(root, f)) > 1000]
   for victim in victims:
     with open(victim, "r+b") as f:
       f.truncate(os.path.getsize(victim) // 3)
-  trainer.train_and_evaluate(smoke_config(num_train_steps=STEPS), workdir)
+  trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=STEPS)), workdir)
   out = capsys.readouterr().out
   assert "checkpoint at step 30 is unusable" in out
   assert "resuming from step 20" in out
@@ -130,7 +129,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, un
 
 
 def _state_on(mesh_shape, c, cfg):
-  tx, schedule = optim.make_optimizer(config_lib.optim_config(c), 10)
+  tx, schedule = optim.make_optimizer(config_lib.resolve(c).optim, 10)
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
   with jax.set_mesh(mesh):
     fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=3, seq_len=16, accum=1)
@@ -152,12 +151,12 @@ def test_checkpoint_restores_onto_other_meshes_and_one_device(tmp_path, name):
   if name == "schedule_free_adamw":
     c.optim.learning_rate = 1e-3  # it has no measured default rate
   c.data.seq_len = 16
-  cfg = config_lib.model_config(c, 128)
+  cfg = config_lib.resolve(c).model.with_vocab(128)
   source = _state_on((2, 2, 2), c, cfg)
   with jax.set_mesh(source.batch_sharding.mesh):
     state = _distinct_moments(source.init())
   saver = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(str(tmp_path)), keep=2)
-  saver.save(1, state, {"iterator": {}}, {"model": {}, "optim": dataclasses.asdict(config_lib.optim_config(c))})
+  saver.save(1, state, {"iterator": {}}, {"model": {}, "optim": dataclasses.asdict(config_lib.resolve(c).optim)})
   saver.close()
   expected = jax.device_get(state)
   expected_eval = optim.eval_params(expected.opt_state, expected.params)
@@ -214,7 +213,8 @@ def poison_step_fixture(monkeypatch):
 @pytest.mark.slow
 def test_nonfinite_loss_is_skipped_and_counted(tmp_path, poison_step):
   poison_step(12)
-  final = trainer.train_and_evaluate(smoke_config(num_train_steps=20, on_nonfinite="skip"), str(tmp_path))
+  final = trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=20, on_nonfinite="skip")),
+                                     str(tmp_path))
   assert final["nonfinite_steps"] == 1.0
   assert np.isfinite(final["loss"]) and np.isfinite(final["val_loss"])
 
@@ -223,7 +223,7 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path, poison_step):
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, poison_step):
   poison_step(15)
   with pytest.raises(errors.RunError, match="non-finite loss or gradient norm at step 15"):
-    trainer.train_and_evaluate(smoke_config(num_train_steps=20), str(tmp_path))
+    trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=20)), str(tmp_path))
   reader = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(str(tmp_path)), keep=100)
   assert reader.steps() == [10]
   reader.close()
@@ -237,9 +237,10 @@ def test_resuming_with_other_model_dimensions_names_the_keys(tmp_path, pretraine
   changed.model.d_model = 96
   changed.model.num_heads = 4
   with pytest.raises(errors.RunError, match=r"model.d_model: checkpoint 64 vs config 96"):
-    trainer.train_and_evaluate(changed, str(tmp_path))
+    trainer.train_and_evaluate(config_lib.resolve(changed), str(tmp_path))
   # Harmless changes are allowed: more steps, other logging and eval intervals.
-  trainer.train_and_evaluate(smoke_config(num_train_steps=20, log_every=5, eval_every=5), str(tmp_path))
+  trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=20, log_every=5, eval_every=5)),
+                             str(tmp_path))
   assert max(r["step"] for r in writers.read_metrics(str(tmp_path))) == 20
 
 
@@ -286,7 +287,7 @@ def test_a_run_started_by_a_worker_re_running_an_unguarded_script_is_refused(tmp
 
 def _prepare(workdir: str) -> pipeline.PreparedData:
   c = smoke_config()
-  return pipeline.prepare_data(config_lib.data_config(c), config_lib.tokenizer_config(c),
+  return pipeline.prepare_data(config_lib.resolve(c).data, config_lib.resolve(c).tokenizer,
                                tokenizer_dir=os.path.join(workdir, "tokenizer"),
                                store_dir=os.path.join(workdir, "store"))
 
@@ -347,7 +348,7 @@ def _records(workdir):
 def test_sigterm_saves_before_logging_or_validating_then_resumes_the_same_record(tmp_path, monkeypatch, during):
   config = lambda: smoke_config(num_train_steps=20, log_every=5, eval_every=5, checkpoint_every=20)  # noqa: E731
   reference = str(tmp_path / "reference")
-  trainer.train_and_evaluate(config(), reference)
+  trainer.train_and_evaluate(config_lib.resolve(config()), reference)
   stop = 20 if during == "the last step" else 10
   if during != "the validation pass":  # the signal comes while step `stop` trains; a log and validation were due
     signal_at(monkeypatch, stop, signal.SIGTERM)
@@ -361,7 +362,7 @@ def test_sigterm_saves_before_logging_or_validating_then_resumes_the_same_record
       return evaluate(fns, params, batches, stop)
     monkeypatch.setattr(loop_lib, "evaluate", signalling_evaluate)
   workdir = str(tmp_path / "preempted")
-  trainer.train_and_evaluate(config(), workdir)
+  trainer.train_and_evaluate(config_lib.resolve(config()), workdir)
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(stop)]
   first = _records(workdir)
   assert max(r["step"] for r in first) == (10 if during == "the validation pass" else stop - 5)
@@ -369,7 +370,7 @@ def test_sigterm_saves_before_logging_or_validating_then_resumes_the_same_record
   with open(os.path.join(workdir, "run.json"), encoding="utf-8") as f:
     assert json.load(f)["status"] == "stopped"  # even at the last step: its log and validation are still owed
   monkeypatch.undo()
-  trainer.train_and_evaluate(config(), workdir)
+  trainer.train_and_evaluate(config_lib.resolve(config()), workdir)
   assert _records(workdir) == _records(reference)
 
 
@@ -394,7 +395,7 @@ def test_a_diverged_run_under_skip_gives_up(tmp_path):
   c = smoke_config(num_train_steps=30, on_nonfinite="skip", max_skipped_steps=5)
   c.optim.learning_rate = 1e30
   with pytest.raises(errors.RunError, match="updates up to step 10 were all non-finite"):
-    trainer.train_and_evaluate(c, str(tmp_path))
+    trainer.train_and_evaluate(config_lib.resolve(c), str(tmp_path))
   with open(os.path.join(tmp_path, "run.json"), encoding="utf-8") as f:
     assert '"status": "failed"' in f.read()
 
@@ -402,10 +403,10 @@ def test_a_diverged_run_under_skip_gives_up(tmp_path):
 def test_max_skipped_steps_is_refused_where_nothing_is_skipped():
   c = smoke_config(max_skipped_steps=3)
   with pytest.raises(errors.ConfigError, match="max_skipped_steps is set but on_nonfinite='stop' ignores it"):
-    validation.validate(c)
+    config_lib.check(c)
   c.on_nonfinite, c.max_skipped_steps = "skip", 0
   with pytest.raises(errors.ConfigError, match="max_skipped_steps=0 must be positive"):
-    validation.validate(c)
+    config_lib.check(c)
 
 
 def test_rotation_keeps_the_checkpoints_other_runs_pinned_even_when_pinned_late(tmp_path):
@@ -432,9 +433,11 @@ def test_lora_adapters_survive_the_base_training_on_and_name_a_lost_base(pretrai
   shutil.copytree(pretrained, base, ignore=shutil.ignore_patterns(".lock", workdir_lib.PINS_FILE))  # step 10
   rows = tmp_path / "rows.jsonl"
   rows.write_text("".join(json.dumps(row) + "\n" for row in SFT_ROWS * 20))
-  trainer.train_and_evaluate(sft_config(base, str(rows), **{"model.lora_rank": 4, "num_train_steps": 2,
-                                                            "eval_every": 2, "checkpoint_every": 2}), lora)
-  trainer.train_and_evaluate(smoke_config(num_train_steps=30, keep_checkpoints=1), base)  # rotates 20 away, not 10
+  adapters = sft_config(base, str(rows), **{"model.lora_rank": 4, "num_train_steps": 2, "eval_every": 2,
+                                             "checkpoint_every": 2})
+  trainer.train_and_evaluate(config_lib.resolve(adapters), lora)
+  # rotates 20 away, not 10
+  trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=30, keep_checkpoints=1)), base)
   assert sorted(os.listdir(os.path.join(base, "checkpoints"))) == ["10", "30"]
   assert workdir_lib.load_model(lora).step == 2
   shutil.rmtree(os.path.join(base, "checkpoints", "10"))

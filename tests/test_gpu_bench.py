@@ -10,7 +10,6 @@ from conftest import REPO
 
 from llm_jax import bench
 from llm_jax import config as config_lib
-from llm_jax import validation
 from llm_jax.model import abstract_params
 from llm_jax.model import count_params
 
@@ -19,8 +18,7 @@ from llm_jax.model import count_params
                                                      ("llama_1b", "llama", 1039)])
 def test_gpu_variants_have_their_published_sizes(variant, family, millions):
   c = bench.bench_config(variant)
-  validation.validate(c)
-  cfg = config_lib.model_config(c, c.model.vocab_size)
+  cfg = config_lib.check(c).model
   assert (cfg.family, cfg.compute_dtype, cfg.attention_impl, cfg.remat_policy) == (family, "bfloat16", "auto", "dots")
   assert c.data.seq_len == 2048 and cfg.max_len == 2048
   assert c.tokenizer.vocab_size <= cfg.vocab_size  # a small tokenizer inside the published embedding

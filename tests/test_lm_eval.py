@@ -178,7 +178,7 @@ def test_harness_tasks_and_zero_shot_files_run_every_k_steps_during_training(tmp
   c = config_lib.from_file(os.path.join(REPO, "experiments", "smoke.py"))
   c.num_train_steps, c.eval_every, c.extra_eval_every, c.sample.max_length = 10, 10, 4, 20
   c.eval_harness_tasks, c.eval_harness_include_path, c.eval_zero_shot_files = "llm_jax_tiny_mc", TASKS, MC_FILE
-  trainer.train_and_evaluate(c, str(tmp_path / "run"))
+  trainer.train_and_evaluate(config_lib.resolve(c), str(tmp_path / "run"))
   records = writers.read_metrics(str(tmp_path / "run"))
   extra = {r["step"]: r for r in records if "harness/llm_jax_tiny_mc/acc" in r}
   assert sorted(extra) == [4, 8, 10]  # every 4 steps and at the end, not with the step-10 validation pass as well

@@ -16,6 +16,7 @@ from conftest import sft_config
 
 from llm_jax import batch as batch_lib
 from llm_jax import checkpoint as checkpoint_lib
+from llm_jax import config as config_lib
 from llm_jax import errors
 from llm_jax import lora
 from llm_jax import sharding
@@ -113,8 +114,9 @@ def test_a_lora_step_changes_only_adapters_and_keeps_optimizer_state_for_them_al
 @pytest.mark.slow
 def test_lora_fine_tune_checkpoints_adapters_and_loads_merged(pretrained, sft_rows, tmp_path):
   workdir = str(tmp_path / "lora")
-  trainer.train_and_evaluate(sft_config(pretrained, sft_rows, **{"model.lora_rank": 4, "num_train_steps": 6,
-                                                                 "eval_every": 6, "checkpoint_every": 6}), workdir)
+  adapters = sft_config(pretrained, sft_rows, **{"model.lora_rank": 4, "num_train_steps": 6, "eval_every": 6,
+                                                  "checkpoint_every": 6})
+  trainer.train_and_evaluate(config_lib.resolve(adapters), workdir)
   ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir), async_save=False)
   try:
     meta = ckpt.restore_meta(6)
@@ -133,8 +135,8 @@ def test_lora_fine_tune_checkpoints_adapters_and_loads_merged(pretrained, sft_ro
   other = tmp_path / "other_base"
   shutil.copytree(pretrained, other, ignore=shutil.ignore_patterns(".lock"))
   with pytest.raises(errors.RunError, match="trained on another base model than the one given"):
-    trainer.train_and_evaluate(sft_config(str(other), sft_rows, **{"model.lora_rank": 4, "num_train_steps": 8}),
-                               workdir)
+    adapters = sft_config(str(other), sft_rows, **{"model.lora_rank": 4, "num_train_steps": 8})
+    trainer.train_and_evaluate(config_lib.resolve(adapters), workdir)
   # The base named in the model card changed since the adapters were trained on it.
   card = json.loads((tmp_path / "lora" / "model.json").read_text())
   card["lora_base"]["workdir"] = str(other)

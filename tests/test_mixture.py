@@ -9,7 +9,6 @@ import pytest
 
 from llm_jax import config as config_lib
 from llm_jax import errors
-from llm_jax import validation
 from llm_jax.data import mixture
 from llm_jax.data.packing import PAD_ID
 from llm_jax.data.pipeline import PackedRows
@@ -128,10 +127,10 @@ def _mixture_config(tmp_path, weights=(0.75, 0.25)):
 
 def test_two_text_sources_get_their_own_stores_and_mix_by_weight(tmp_path):
   config = _mixture_config(tmp_path)
-  validation.validate(config)
-  data_cfg = config_lib.data_config(config)
+  run = config_lib.resolve(config)
+  data_cfg = run.data
   assert [(c.name, c.weight) for c in data_cfg.mixture] == [("alpha", 0.75), ("beta", 0.25)]
-  prepared = prepare_data(data_cfg, config_lib.tokenizer_config(config), log=lambda line: None)
+  prepared = prepare_data(data_cfg, run.tokenizer, log=lambda line: None)
   assert len(set(prepared.store_paths)) == 2
   manifests = [json.load(open(os.path.join(p, "manifest.json"))) for p in prepared.store_paths]
   assert [m["splits"]["train"]["documents"] + m["splits"]["validation"]["documents"] for m in manifests] == [20, 10]
@@ -139,7 +138,7 @@ def test_two_text_sources_get_their_own_stores_and_mix_by_weight(tmp_path):
   iterator = make_train_iterator(prepared, global_batch_size=4, seed=0, process_index=0, process_count=1)
   from_alpha = sum(bool(set(row.tolist()) & alpha_ids) for _ in range(100) for row in next(iterator)["inputs"])
   assert from_alpha == 300  # 3 of every 4 rows of the stream come from alpha (the cycle is exact at 4 | 4096)
-  again = prepare_data(data_cfg, config_lib.tokenizer_config(config), log=lambda line: None)
+  again = prepare_data(data_cfg, config_lib.resolve(config).tokenizer, log=lambda line: None)
   assert again.store_paths == prepared.store_paths  # a restart reuses both stores
 
 
@@ -158,5 +157,5 @@ def test_bad_mixtures_fail_in_one_line(tmp_path, edit, fragment):
   config = _mixture_config(tmp_path)
   edit(config)
   with pytest.raises(errors.ConfigError, match="^[^\n]*$") as error:
-    validation.validate(config)
+    config_lib.check(config)
   assert fragment in str(error.value)

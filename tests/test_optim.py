@@ -16,7 +16,7 @@ from llm_jax import optim
 def _optim_cfg(**kw) -> optim.OptimConfig:
   c = config_lib.get_config()
   c.optim.update({"learning_rate": 1e-3, "warmup_steps": 10, "min_lr_ratio": 0.1, **kw})
-  return config_lib.optim_config(c)
+  return config_lib.resolve(c).optim
 
 
 @pytest.mark.parametrize("name", ["constant", "linear", "cosine", "rsqrt", "wsd"])
@@ -173,8 +173,8 @@ def test_schedule_free_eval_params_are_the_averaged_iterate():
 def test_unset_learning_rate_takes_the_optimizers_measured_best(name, explicit, expected):
   c = config_lib.get_config()
   c.optim.update({"name": name, "learning_rate": explicit})
-  assert config_lib.optim_config(c).learning_rate == expected
-  warm = optim.make_schedule(config_lib.optim_config(c), 1000)
+  assert config_lib.resolve(c).optim.learning_rate == expected
+  warm = optim.make_schedule(config_lib.resolve(c).optim, 1000)
   assert float(warm(c.optim.warmup_steps)) == pytest.approx(expected, rel=1e-6)  # the peak the run trains at
 
 
@@ -184,4 +184,4 @@ def test_an_optimizer_without_a_measured_rate_needs_one_set(name):
   c.optim.name = name
   with pytest.raises(errors.ConfigError, match=f"optim.learning_rate is unset and optim.name='{name}' has no "
                      "measured default rate; pass --config.optim.learning_rate="):
-    config_lib.optim_config(c)
+    config_lib.resolve(c)

@@ -28,6 +28,7 @@ from etils.epath import backend as epath_backend
 from fsspec.implementations.memory import MemoryFileSystem
 
 from llm_jax import checkpoint as checkpoint_lib
+from llm_jax import config as config_lib
 from llm_jax import paths
 from llm_jax import trainer
 from llm_jax import workdir as workdir_lib
@@ -140,7 +141,7 @@ def test_a_gs_workdir_and_store_train_and_resume_in_the_bucket(bucket, tmp_path,
   config = smoke_config(num_train_steps=10, checkpoint_every=10, eval_every=10)
   config.data.corpus, config.data.text_files, config.data.store_dir = "text_files", "gs://bucket/text/*.txt", \
       "gs://bucket/stores"
-  first = trainer.train_and_evaluate(config, "gs://bucket/run")
+  first = trainer.train_and_evaluate(config_lib.resolve(config), "gs://bucket/run")
   assert "has no file locks" in capsys.readouterr().err
   run = _objects(bucket, "bucket/run/")
   for name in ("config.json", "model.json", "run.json", "metrics.jsonl", "data_store.json"):
@@ -152,7 +153,7 @@ def test_a_gs_workdir_and_store_train_and_resume_in_the_bucket(bucket, tmp_path,
   assert os.path.isdir(os.path.join(checkpoints, "10"))
 
   config.num_train_steps = 20
-  second = trainer.train_and_evaluate(config, "gs://bucket/run")
+  second = trainer.train_and_evaluate(config_lib.resolve(config), "gs://bucket/run")
   assert "resuming from step 10" in capsys.readouterr().out and os.path.isdir(os.path.join(checkpoints, "20"))
   records = writers.read_metrics("gs://bucket/run")
   train = [r for r in records if "loss" in r]

@@ -6,10 +6,10 @@ import os
 import pytest
 from conftest import smoke_config
 
+from llm_jax import config as config_lib
 from llm_jax import errors
 from llm_jax import profiler
 from llm_jax import trainer
-from llm_jax import validation
 
 
 @pytest.mark.parametrize("spec, expected", [("", None), ("2,3", (2, 3)), (" 1 , 30 ", (1, 30)), ("(4,9)", (4, 9)),
@@ -22,14 +22,15 @@ def test_profile_steps_parse(spec, expected):
 def test_bad_profile_steps_are_refused_by_validate_in_one_line(spec):
   c = smoke_config(profile_steps=spec)
   with pytest.raises(errors.ConfigError) as err:
-    validation.validate(c)
+    config_lib.check(c)
   assert "profile_steps=" in str(err.value) and "num_train_steps=30" in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.slow
 def test_a_three_step_run_writes_a_trace_of_its_profiled_steps(tmp_path):
   workdir = str(tmp_path)
-  trainer.train_and_evaluate(smoke_config(num_train_steps=3, log_every=1, eval_every=0, checkpoint_every=3,
-                                          optim={"warmup_steps": 1}, profile_steps="2,3"), workdir)
+  c = smoke_config(num_train_steps=3, log_every=1, eval_every=0, checkpoint_every=3, optim={"warmup_steps": 1},
+                   profile_steps="2,3")
+  trainer.train_and_evaluate(config_lib.resolve(c), workdir)
   traces = glob.glob(os.path.join(workdir, "tensorboard", "plugins", "profile", "*", "*.xplane.pb"))
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 1000, traces

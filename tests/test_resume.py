@@ -7,6 +7,7 @@ import pytest
 from conftest import losses
 from conftest import smoke_config
 
+from llm_jax import config as config_lib
 from llm_jax import errors
 from llm_jax import resume
 from llm_jax import trainer
@@ -35,7 +36,7 @@ def test_a_finished_workdir_without_its_checkpoints_is_not_restarted(pretrained,
   with open(os.path.join(run, "metrics.jsonl"), encoding="utf-8") as f:
     metrics = f.read()
   with pytest.raises(errors.RunError, match=r"holds an earlier run \(run.json says 'finished'\).*restart=True"):
-    trainer.train_and_evaluate(smoke_config(num_train_steps=20), run)
+    trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=20)), run)
   with open(os.path.join(run, "metrics.jsonl"), encoding="utf-8") as f:
     assert f.read() == metrics
 
@@ -46,14 +47,14 @@ def test_metrics_without_a_checkpoint_folder_are_an_earlier_run(pretrained, tmp_
   shutil.rmtree(os.path.join(run, "checkpoints"))
   os.remove(os.path.join(run, "run.json"))
   with pytest.raises(errors.RunError, match="holds an earlier run .it has metrics.jsonl"):
-    trainer.train_and_evaluate(smoke_config(num_train_steps=20), run)
+    trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=20)), run)
 
 
 @pytest.mark.slow
 def test_restart_beside_checkpoints_is_refused(pretrained, tmp_path):
   run = _copy(pretrained, tmp_path)
   with pytest.raises(errors.RunError, match=r"restart=True but .* holds checkpoints \[10\]"):
-    trainer.train_and_evaluate(smoke_config(num_train_steps=20, restart=True), run)
+    trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=20, restart=True)), run)
 
 
 def test_a_run_killed_before_its_first_checkpoint_may_start_over(tmp_path):
@@ -76,19 +77,19 @@ def test_a_resume_that_changes_the_data_stream_is_refused(tmp_path, change, frag
   for key, value in change.items():
     section, _, name = key.rpartition(".")
     (changed[section] if section else changed)[name] = value
-  meta = {"data_stream": resume.stream_record(saved)}
-  workdir_lib.check_data_stream(meta, resume.stream_record(saved))  # the same settings resume
+  meta = {"data_stream": resume.stream_record(config_lib.check(saved))}
+  workdir_lib.check_data_stream(meta, resume.stream_record(config_lib.check(saved)))  # the same settings resume
   with pytest.raises(errors.RunError, match="would change on resume") as error:
-    workdir_lib.check_data_stream(meta, resume.stream_record(changed))
+    workdir_lib.check_data_stream(meta, resume.stream_record(config_lib.check(changed)))
   assert fragment in str(error.value) and "\n" not in str(error.value)
 
 
 def test_a_new_corpus_file_is_refused_on_resume(tmp_path):
   c = _text_files_config(tmp_path)
-  meta = {"data_stream": resume.stream_record(c)}
+  meta = {"data_stream": resume.stream_record(config_lib.check(c))}
   (tmp_path / "doc9.txt").write_text("a new document " * 50)
   with pytest.raises(errors.RunError, match=r"the files data.text_files matches differ \(6 at the checkpoint, 7 now"):
-    workdir_lib.check_data_stream(meta, resume.stream_record(c))
+    workdir_lib.check_data_stream(meta, resume.stream_record(config_lib.check(c)))
 
 
 @pytest.mark.slow
@@ -105,7 +106,7 @@ def test_resume_checks_come_before_any_tokenising(pretrained, tmp_path):
     else:
       c[key] = value
     with pytest.raises(errors.RunError, match=fragment):
-      trainer.train_and_evaluate(c, run)
+      trainer.train_and_evaluate(config_lib.resolve(c), run)
     assert not store_dir.exists(), key  # refused before the tokenizer or a store was made
   with open(os.path.join(run, "data_store.json"), encoding="utf-8") as f:
     assert str(store_dir) not in f.read()
@@ -116,7 +117,7 @@ def test_a_prompt_longer_than_max_length_is_refused_before_a_store_is_built(tmp_
   c = smoke_config()
   c.tokenizer.model_type, c.data.store_dir = "char", str(tmp_path / "store")
   with pytest.raises(ValueError, match="--config.sample.max_length=20 is not longer than the prompt"):
-    trainer.train_and_evaluate(c, str(tmp_path / "run"))
+    trainer.train_and_evaluate(config_lib.resolve(c), str(tmp_path / "run"))
   assert os.listdir(tmp_path / "store") == ["tokenizers"]  # the tokenizer was trained, no store tokenised
 
 
@@ -124,6 +125,6 @@ def test_a_prompt_longer_than_max_length_is_refused_before_a_store_is_built(tmp_
 def test_restart_starts_over_where_the_checkpoints_are_gone(pretrained, tmp_path):
   run = _copy(pretrained, tmp_path)
   shutil.rmtree(os.path.join(run, "checkpoints"))
-  trainer.train_and_evaluate(smoke_config(num_train_steps=10, restart=True), run)
+  trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=10, restart=True)), run)
   assert os.listdir(os.path.join(run, "checkpoints")) == ["10"]
   assert losses(run) == losses(pretrained)  # the same 10 seeded steps again, metrics.jsonl replaced, not appended

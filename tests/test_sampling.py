@@ -243,7 +243,7 @@ def test_validation_errors(overrides, fragment):
 
 def test_validation_names_the_settings_as_the_caller_spells_them():
   with pytest.raises(ValueError, match=r"^--config\.sample\.top_p=0\.0 is outside"):
-    sampling._validate(tiny_config("gpt2"), 3, 8, 1, 1.0, 0, 0.0, prefix="--config.sample.")  # pylint: disable=protected-access
+    sampling.check_request(tiny_config("gpt2"), 3, 8, 1, 1.0, 0, 0.0, prefix="--config.sample.")
 
 
 def test_kv_cache_over_the_memory_bound_is_refused():

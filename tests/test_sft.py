@@ -9,6 +9,7 @@ from conftest import SFT_ROWS
 from conftest import sft_config
 
 from llm_jax import chat
+from llm_jax import config as config_lib
 from llm_jax import sampling
 from llm_jax import steps as steps_lib
 from llm_jax import trainer
@@ -142,7 +143,7 @@ def test_a_tiny_sft_fine_tune_lowers_the_completion_loss(pretrained, sft_rows, t
   data = pipeline.prepare_sft(DataConfig(corpus="sft", sft_files=sft_rows, validation_fraction=0.2, seq_len=64),
                               TokenizerConfig(path=workdir_lib.read_model_card(pretrained)[1]))
   workdir = str(tmp_path / "sft")
-  trainer.train_and_evaluate(config, workdir)
+  trainer.train_and_evaluate(config_lib.resolve(config), workdir)
   before, after = _completion_loss(pretrained, data), _completion_loss(workdir, data)
   assert after < before - 0.5, (before, after)
   result = cli("llm_jax.generate", f"--workdir={workdir}", "--chat", "--prompt=Who?",

@@ -21,10 +21,10 @@ def _config(family: str):
   c = config_lib.get_config()
   c.model.update({"family": family, "num_layers": 2, "d_model": 64, "num_heads": 16, "head_dim": 8,
                   "num_kv_heads": 8 if family == "llama" else 0})
-  c.data.seq_len = SEQ
-  # Plain SGD with lr 1: the parameter change after one step *is* minus the gradient.
+  c.data.seq_len = c.sample.max_length = SEQ
+  # SGD with lr 1: the parameter change after one step *is* minus the gradient (momentum's trace starts at 0).
   c.optim.update({"name": "sgd", "learning_rate": 1.0, "schedule": "constant", "warmup_steps": 0,
-                  "momentum": 0.0, "weight_decay": 0.0, "grad_clip_norm": 0.0})
+                  "weight_decay": 0.0, "grad_clip_norm": 0.0})
   return c
 
 
@@ -39,8 +39,8 @@ def _batch():
 
 
 def _one_step(c, mesh_shape, accum=1):
-  cfg = config_lib.model_config(c, VOCAB)
-  tx, schedule = optim.make_optimizer(config_lib.optim_config(c), 10)
+  cfg = config_lib.resolve(c).model.with_vocab(VOCAB)
+  tx, schedule = optim.make_optimizer(config_lib.resolve(c).optim, 10)
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
   with jax.set_mesh(mesh):
     fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=0, seq_len=SEQ, accum=accum)
@@ -75,8 +75,8 @@ def test_loss_and_gradients_agree_across_meshes(family, meshes):
 def test_parameter_and_optimizer_shardings_follow_the_rules():
   c = _config("llama")
   c.optim.name = "adamw"
-  cfg = config_lib.model_config(c, VOCAB)
-  tx, schedule = optim.make_optimizer(config_lib.optim_config(c), 10)
+  cfg = config_lib.resolve(c).model.with_vocab(VOCAB)
+  tx, schedule = optim.make_optimizer(config_lib.resolve(c).optim, 10)
   mesh = sharding.make_mesh((2, 2, 2))
   with jax.set_mesh(mesh):
     fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=0, seq_len=SEQ, accum=1)
@@ -96,8 +96,8 @@ def test_parameter_and_optimizer_shardings_follow_the_rules():
 
 
 def _trained_params(c, mesh_shape, steps=2):
-  cfg = config_lib.model_config(c, VOCAB)
-  tx, schedule = optim.make_optimizer(config_lib.optim_config(c), 10)
+  cfg = config_lib.resolve(c).model.with_vocab(VOCAB)
+  tx, schedule = optim.make_optimizer(config_lib.resolve(c).optim, 10)
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
   with jax.set_mesh(mesh):
     fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=0, seq_len=SEQ, accum=1)
@@ -123,8 +123,8 @@ def test_every_optimizer_state_is_sharded_like_its_parameters(name):
   c.optim.update({"name": name, "schedule": "constant" if name == "schedule_free_adamw" else "cosine"})
   if name == "sgd":
     c.optim.momentum = 0.9
-  cfg = config_lib.model_config(c, VOCAB)
-  tx, _ = optim.make_optimizer(config_lib.optim_config(c), 10)
+  cfg = config_lib.resolve(c).model.with_vocab(VOCAB)
+  tx, _ = optim.make_optimizer(config_lib.resolve(c).optim, 10)
   mesh = sharding.make_mesh((2, 2, 2))
   abstract, shardings, params_sh = steps_lib.state_shardings(cfg, tx, mesh, 0, SEQ)
   query_sh = params_sh["layers"]["attn"]["query"]
@@ -142,8 +142,8 @@ def test_every_optimizer_state_is_sharded_like_its_parameters(name):
 
 def test_replicated_fraction_counts_bytes():
   c = _config("gpt2")
-  cfg = config_lib.model_config(c, VOCAB)
-  tx, _ = optim.make_optimizer(config_lib.optim_config(c), 10)
+  cfg = config_lib.resolve(c).model.with_vocab(VOCAB)
+  tx, _ = optim.make_optimizer(config_lib.resolve(c).optim, 10)
   mesh = sharding.make_mesh((8, 1, 1))
   abstract, shardings, params_sh = steps_lib.state_shardings(cfg, tx, mesh, 0, SEQ)
   # Pure data parallelism replicates everything.
@@ -164,8 +164,8 @@ def test_impossible_meshes_are_refused(requested, message):
 def test_dimension_that_does_not_divide_is_refused_before_compiling():
   c = _config("llama")
   c.model.num_kv_heads = 2  # 2 KV heads cannot be split over tensor=8
-  cfg = config_lib.model_config(c, VOCAB)
-  tx, schedule = optim.make_optimizer(config_lib.optim_config(c), 10)
+  cfg = config_lib.resolve(c).model.with_vocab(VOCAB)
+  tx, schedule = optim.make_optimizer(config_lib.resolve(c).optim, 10)
   mesh = sharding.make_mesh((1, 1, 8))
   with pytest.raises(errors.MeshError, match=r"dimension 2 that does not divide over mesh axes"):
     steps_lib.build_steps(cfg, tx, schedule, mesh, seed=0, seq_len=SEQ, accum=1)
@@ -210,7 +210,7 @@ def test_the_trainer_builds_the_step_with_the_resolved_micro_batches(monkeypatch
   for given, runs in ((0, 4), (2, 2), (1, 1)):
     c.grad_accum_steps = given
     with jax.set_mesh(mesh):
-      fns = steps_lib.build(*config_lib.step_configs(c, VOCAB), mesh)
+      fns = steps_lib.build(*config_lib.resolve(c).with_vocab(VOCAB).step_records(), mesh)
     assert fns.accum == runs
 
 

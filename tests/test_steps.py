@@ -23,7 +23,7 @@ def _mesh(n: int) -> jax.sharding.Mesh:
 
 def test_build_is_the_step_assembled_by_hand():
   c = smoke_config(num_train_steps=10, grad_accum_steps=1)
-  cfg, optim_cfg, step_cfg = config_lib.step_configs(c, VOCAB)
+  cfg, optim_cfg, step_cfg = config_lib.resolve(c).with_vocab(VOCAB).step_records()
   host = batch_lib.synthetic(c.global_batch_size, c.data.seq_len, VOCAB)
   mesh = _mesh(2)
   results = []
@@ -43,7 +43,7 @@ def test_step_config_takes_each_key_from_the_experiment_config():
   c = smoke_config(seed=7, global_batch_size=24, num_train_steps=33, grad_accum_steps=3, z_loss=1e-4,
                    max_replicated_share=0.25)
   c.data.seq_len = 48
-  assert config_lib.step_config(c) == steps_lib.StepConfig(
+  assert config_lib.check(c).step == steps_lib.StepConfig(
       seed=7, seq_len=48, global_batch_size=24, num_train_steps=33, grad_accum_steps=3, z_loss=1e-4,
       max_replicated_share=0.25)
 
@@ -53,7 +53,7 @@ def test_auto_micro_batches_follow_the_platform_compiled_for():
   # (AUTO_MICRO_BATCH_TOKENS) is 16 / 4 = 4; a TPU target is unmeasured, so one batch. A given count wins anywhere.
   c = smoke_config(global_batch_size=16, grad_accum_steps=0)
   c.data.seq_len = 1024
-  cfg, optim_cfg, step_cfg = config_lib.step_configs(c, VOCAB)
+  cfg, optim_cfg, step_cfg = config_lib.resolve(c).with_vocab(VOCAB).step_records()
   mesh = _mesh(1)
   with jax.set_mesh(mesh):
     assert steps_lib.build(cfg, optim_cfg, step_cfg, mesh).accum == 4

@@ -51,10 +51,10 @@ def test_torch_reference_matches_our_losses_through_adamw_steps():
   c = _config()
   mesh = sharding.make_mesh((-1, 1, 1))
   with jax.set_mesh(mesh):
-    cfg, optim_cfg, step_cfg = config_lib.step_configs(c, 512)
+    cfg, optim_cfg, step_cfg = config_lib.resolve(c).with_vocab(512).step_records()
     fns = steps_lib.build(cfg, optim_cfg, step_cfg, mesh)
     state = fns.init()
-    ref = torch_reference.TorchTrainer(cfg, config_lib.optim_config(c), c.num_train_steps, jax.device_get(state.params))
+    ref = torch_reference.TorchTrainer(cfg, optim_cfg, c.num_train_steps, jax.device_get(state.params))
     ours, theirs = [], []
     for i in range(5):
       batch = _packed_batch(i)
@@ -82,7 +82,7 @@ def test_torch_reference_refuses_other_families():
   c = _config()
   c.model.family = "llama"
   with pytest.raises(ValueError, match="gpt2"):
-    torch_reference.TorchGPT(config_lib.model_config(c, 512))
+    torch_reference.TorchGPT(config_lib.resolve(c).model.with_vocab(512))
 
 
 @pytest.mark.slow

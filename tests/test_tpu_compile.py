@@ -26,7 +26,6 @@ from llm_jax import steps as steps_lib
 from llm_jax import target
 from llm_jax import tpu
 from llm_jax import trainer
-from llm_jax import validation
 
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed "
@@ -57,7 +56,7 @@ def test_topology_without_libtpu_says_how_to_install(monkeypatch):
   real = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
   with pytest.raises(errors.ConfigError) as e:
-    validation.validate(c)
+    config_lib.check(c)
   assert "pip install -e .[tpu]" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -65,7 +64,7 @@ def test_topology_outside_the_dry_run_is_refused():
   c = config_lib.from_file(os.path.join(REPO, "experiments", "smoke.py"))
   c.topology = "v5e-8"
   with pytest.raises(errors.ConfigError, match="topology"):
-    validation.validate(c)
+    config_lib.check(c)
 
 
 def test_dot_flops_count_every_loop_trip():
@@ -127,7 +126,7 @@ def _dry_run(spec: str, topology: str, **overrides):
   for key, value in overrides.items():
     section, _, field = key.rpartition("__")
     (c[section] if section else c)[field] = value
-  return trainer.dry_run(c)
+  return trainer.dry_run(config_lib.resolve(c))
 
 
 def _bench(name: str):
@@ -188,9 +187,9 @@ def test_two_v5e_16_slices_join_over_the_data_axis():
   c.dry_run, c.topology, c.num_slices = True, "v5e-16", 2
   c.mesh.data, c.mesh.fsdp, c.global_batch_size, c.eval_batch_size = 2, 16, 64, 32
   slice_ = tpu.parse_slice(c.topology, c.num_slices)
-  mesh = trainer._mesh(c, tpu.devices(slice_))  # pylint: disable=protected-access
+  mesh, run = trainer._mesh(config_lib.resolve(c), tpu.devices(slice_))  # pylint: disable=protected-access
   with target.compiling_for("tpu"), jax.set_mesh(mesh):
-    fns = steps_lib.build(*config_lib.step_configs(c, 512), mesh)
+    fns = steps_lib.build(*run.with_vocab(512).step_records(), mesh)
     compiled = fns.lower_train(64, c.data.seq_len).compile()
   state_sh, batch_sh = compiled.input_shardings[0][:2]
 
@@ -224,11 +223,12 @@ def test_planner_refuses_an_unknown_mesh_split():
 @needs_libtpu
 def test_planner_ranks_fitting_candidates_with_their_flags_and_reruns_from_its_cache(tmp_path):
   c = config_lib.from_file(os.path.join(REPO, "experiments", "smoke.py"))
-  c.topology = "v5e-8"
-  rows = planner.plan(c, micro_batches=(1, 2), remats=("none",), meshes=("fsdp",), log=lambda line: None,
+  c.topology, c.plan = "v5e-8", True
+  run = config_lib.resolve(c)
+  rows = planner.plan(run, micro_batches=(1, 2), remats=("none",), meshes=("fsdp",), log=lambda line: None,
                       cache_dir=str(tmp_path))
   lines = []
-  assert planner.plan(c, micro_batches=(1, 2), remats=("none",), meshes=("fsdp",), log=lines.append,
+  assert planner.plan(run, micro_batches=(1, 2), remats=("none",), meshes=("fsdp",), log=lines.append,
                       cache_dir=str(tmp_path)) == rows
   assert lines and all(line.endswith("(cached)") for line in lines)
   assert [r["fits"] for r in rows] == [True] * len(rows) and len(rows) >= 2

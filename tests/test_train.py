@@ -14,7 +14,6 @@ from conftest import smoke_config
 
 from llm_jax import config as config_lib
 from llm_jax import trainer
-from llm_jax import validation
 from llm_jax import workdir as workdir_lib
 from llm_jax import writers
 from llm_jax.data.text import clean_text
@@ -36,7 +35,7 @@ GOLDEN_MUON_VAL_LOSS_STEP_30 = 4.931727
 
 @pytest.mark.slow
 def test_smoke_run_matches_golden_losses(tmp_path):
-  final = trainer.train_and_evaluate(smoke_config(), str(tmp_path))
+  final = trainer.train_and_evaluate(config_lib.resolve(smoke_config()), str(tmp_path))
   assert final["loss"] == pytest.approx(GOLDEN_TRAIN_LOSS_STEP_30, abs=2e-4)
   assert final["val_loss"] == pytest.approx(GOLDEN_VAL_LOSS_STEP_30, abs=2e-4)
   assert final["val_perplexity"] == pytest.approx(np.exp(final["val_loss"]), rel=1e-6)
@@ -69,7 +68,7 @@ def test_smoke_run_with_the_default_optimizer_matches_its_golden_losses(tmp_path
   defaults = config_lib.get_config().optim
   c.optim.update({k: defaults[k] for k in ("name", "learning_rate", "adam_learning_rate")})
   assert c.optim.name == "muon"  # the default this golden pins; re-record both if the default changes
-  final = trainer.train_and_evaluate(c, str(tmp_path))
+  final = trainer.train_and_evaluate(config_lib.resolve(c), str(tmp_path))
   assert final["loss"] == pytest.approx(GOLDEN_MUON_TRAIN_LOSS_STEP_30, abs=2e-4)
   assert final["val_loss"] == pytest.approx(GOLDEN_MUON_VAL_LOSS_STEP_30, abs=2e-4)
   card = runcard.read(str(tmp_path))
@@ -79,9 +78,9 @@ def test_smoke_run_with_the_default_optimizer_matches_its_golden_losses(tmp_path
 @pytest.mark.slow
 def test_stop_and_resume_is_bit_exact(tmp_path, smoke_20):
   straight, resumed = smoke_20, str(tmp_path / "resumed")
-  trainer.train_and_evaluate(smoke_config(num_train_steps=20, stop_at_step=10), resumed)
+  trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=20, stop_at_step=10)), resumed)
   assert losses(resumed) == losses(straight)[:1]
-  trainer.train_and_evaluate(smoke_config(num_train_steps=20), resumed)
+  trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=20)), resumed)
   assert losses(resumed) == losses(straight)  # same floats, no duplicated steps
   a, b = restored_params(straight, 20), restored_params(resumed, 20)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -99,8 +98,7 @@ def test_every_experiment_config_loads_and_validates(path):
   spec.loader.exec_module(module)
   for variant in getattr(module, "VARIANTS", (None,)):
     c = module.get_config(variant) if variant else module.get_config()
-    validation.validate(c)
-    config_lib.model_config(c, c.tokenizer.vocab_size)
+    config_lib.check(c)
 
 
 @pytest.mark.slow
@@ -110,7 +108,7 @@ def test_configured_eval_sets_are_scored_during_training(tmp_path):
   c = smoke_config(num_train_steps=15, eval_every=15,
                    eval_zero_shot_files=os.path.join(REPO, "experiments", "data", "zero_shot_example.jsonl"),
                    eval_text_files=str(text))
-  trainer.train_and_evaluate(c, str(tmp_path / "run"))
+  trainer.train_and_evaluate(config_lib.resolve(c), str(tmp_path / "run"))
   records = [r for r in writers.read_metrics(str(tmp_path / "run")) if "val_loss" in r]
   assert [r["step"] for r in records] == [15]
   r = records[0]

@@ -12,6 +12,7 @@ from conftest import signal_at
 from conftest import smoke_config
 
 from llm_jax import checkpoint as checkpoint_lib
+from llm_jax import config as config_lib
 from llm_jax import errors
 from llm_jax import faults
 from llm_jax import launch
@@ -31,7 +32,7 @@ def test_slices_write_the_records_of_an_uninterrupted_run_and_time_only_timed_st
   # 19 holds only step 20, the compiling step, so it must report no throughput rather than one step's worth.
   workdir = str(tmp_path)
   for stop in (7, 19, 0):
-    trainer.train_and_evaluate(smoke_config(num_train_steps=20, stop_at_step=stop), workdir)
+    trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=20, stop_at_step=stop)), workdir)
   sliced, straight = _records(workdir), _records(smoke_20)
   assert [r["step"] for r in sliced] == [r["step"] for r in straight]
   assert [r.get("loss") for r in sliced] == [r.get("loss") for r in straight]
@@ -57,7 +58,7 @@ def test_sigint_and_repeated_sigterm_stop_with_a_committed_checkpoint(tmp_path, 
     console(message)
 
   monkeypatch.setattr(writers, "console", watch)
-  trainer.train_and_evaluate(smoke_config(num_train_steps=30), str(tmp_path))
+  trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=30)), str(tmp_path))
   out = capsys.readouterr().out
   assert f"step     13 | {said}: checkpoint 13 written, exiting" in out
   assert "13" in seen_at_message and not [d for d in seen_at_message if "tmp" in d]
@@ -78,7 +79,7 @@ def test_sigterm_while_preparing_data_says_so(tmp_path, monkeypatch):
 
   monkeypatch.setattr(pipeline, "prepare_data", interrupted)
   with pytest.raises(faults.Interrupted, match="SIGTERM while preparing the tokenizer and data") as caught:
-    trainer.train_and_evaluate(smoke_config(num_train_steps=10), str(tmp_path))
+    trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=10)), str(tmp_path))
   assert caught.value.exit_code == 128 + signal.SIGTERM
 
 
@@ -92,7 +93,7 @@ def test_a_failing_close_still_records_how_the_run_ended(tmp_path, monkeypatch):
 
   monkeypatch.setattr(checkpoint_lib.Checkpointer, "close", full_disk)
   with pytest.raises(OSError) as caught:
-    trainer.train_and_evaluate(smoke_config(num_train_steps=10), str(tmp_path))
+    trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=10)), str(tmp_path))
   with open(os.path.join(str(tmp_path), "run.json"), encoding="utf-8") as f:
     assert json.load(f)["status"] == "failed"
   assert launch.storage_error_line(RuntimeError("not a storage error")) is None
@@ -135,7 +136,7 @@ def test_a_corrupt_run_card_is_one_line_before_training(tmp_path, pretrained):
   with open(run_json, "w", encoding="utf-8") as f:
     f.write('{"status": "finished", "config": {')
   with pytest.raises(errors.RunError, match=r"run.json is not valid JSON .* at line 1\); it is the run card"):
-    trainer.train_and_evaluate(smoke_config(num_train_steps=20), str(tmp_path))
+    trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=20)), str(tmp_path))
   with open(run_json, encoding="utf-8") as f:
     assert f.read() == '{"status": "finished", "config": {'  # left as it was, for the user to look at
   assert max(r["step"] for r in writers.read_metrics(str(tmp_path))) == 10

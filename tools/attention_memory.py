@@ -51,9 +51,10 @@ def peak_bytes(spec: str, layers: int, context: int, impl: str, batch: int, devi
   c = bench.bench_config(spec)
   c.model.update({"num_layers": layers, "attention_impl": impl, "max_len": context})
   c.data.seq_len = context
-  cfg = config_lib.model_config(c, c.model.vocab_size)
+  run = config_lib.check(c)
+  cfg = run.model
   mesh = sharding.make_mesh((1, len(devices), 1), devices)
-  tx, schedule = optim.make_optimizer(config_lib.optim_config(c), c.num_train_steps)
+  tx, schedule = optim.make_optimizer(run.optim, c.num_train_steps)
   with jax.set_mesh(mesh):
     fns = steps_lib.build_steps(cfg, tx, schedule, mesh, seed=0, seq_len=context, accum=1)
     try:

@@ -59,7 +59,7 @@ _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch CPU threads; 0:
 
 def _prepare(name: str, c: Any, workdir: str) -> pipeline.PreparedData:
   # The same tokenizer folder as llm_jax.bench; the token store is shared through data.store_dir.
-  return pipeline.prepare_data(config_lib.data_config(c), config_lib.tokenizer_config(c),
+  return pipeline.prepare_data(config_lib.resolve(c).data, config_lib.resolve(c).tokenizer,
                                tokenizer_dir=bench.tokenizer_dir(workdir, name))
 
 
@@ -115,13 +115,14 @@ def compare(name: str, block: int, repeats: int, warmup: int, eval_batches: int,
   mesh = sharding.make_mesh((-1, 1, 1))
   b, l = c.global_batch_size, c.data.seq_len
   with jax.set_mesh(mesh):
-    cfg, optim_cfg, step_cfg = config_lib.step_configs(c, c.model.vocab_size or data.tokenizer.vocab_size)
+    run = config_lib.resolve(c).with_vocab(data.tokenizer.vocab_size)
+    cfg, optim_cfg, step_cfg = run.step_records()
     fns = steps_lib.build(cfg, optim_cfg, step_cfg, mesh)
     start = time.perf_counter()
     train = fns.lower_train(b, l).compile()
     compile_s = time.perf_counter() - start
     state = fns.init()
-    ref = torch_reference.TorchTrainer(cfg, config_lib.optim_config(c), c.num_train_steps,
+    ref = torch_reference.TorchTrainer(cfg, config_lib.resolve(c).optim, c.num_train_steps,
                                        jax.device_get(state.params), device, autocast_bf16)
     it = pipeline.make_train_iterator(data, global_batch_size=b, seed=c.seed, process_index=0, process_count=1)
     host = [next(it) for _ in range(steps)]  # read before timing: the step is measured, not the pipeline

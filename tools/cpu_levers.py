@@ -121,14 +121,15 @@ def compare_model(name: str, settings: Sequence[str], block: int, repeats: int, 
   compile_options = [dict(o.partition("=")[::2] for o in opts) for opts in ((), options)]
   c_a = bench.bench_config(name)
   c_b = with_settings(c_a, settings)
-  data = pipeline.prepare_data(config_lib.data_config(c_a), config_lib.tokenizer_config(c_a),
+  run_a = config_lib.resolve(c_a)
+  data = pipeline.prepare_data(run_a.data, run_a.tokenizer,
                                tokenizer_dir=bench.tokenizer_dir(workdir, name))
   b, l = c_a.global_batch_size, c_a.data.seq_len
   built, sides = [], []
   for c, shape in zip((c_a, c_b), meshes):
     mesh = _mesh(shape)
     with jax.set_mesh(mesh):
-      cfg, optim_cfg, step_cfg = config_lib.step_configs(c, c.model.vocab_size)
+      cfg, optim_cfg, step_cfg = config_lib.resolve(c).step_records()
       built.append((mesh, cfg, steps_lib.build(cfg, optim_cfg, step_cfg, mesh)))
   with jax.set_mesh(built[0][0]):
     state_a = built[0][2].init()

@@ -56,8 +56,8 @@ def main() -> None:
   args = parser.parse_args()
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   with jax.set_mesh(mesh):
-    full = steps_lib.build(*config_lib.step_configs(_variant("full"), VOCAB), mesh)
-    adapted = steps_lib.build(*config_lib.step_configs(_variant("lora"), VOCAB), mesh)
+    full = steps_lib.build(*config_lib.check(_variant("full")).with_vocab(VOCAB).step_records(), mesh)
+    adapted = steps_lib.build(*config_lib.check(_variant("lora")).with_vocab(VOCAB).step_records(), mesh)
     full_state = full.init()
     base = jax.device_get(lora.split(full_state.params)[0])  # a copy: the full step donates its state
     adapted = adapted.with_base(jax.device_put(base, adapted.base_shardings))

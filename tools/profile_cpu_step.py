@@ -141,7 +141,7 @@ def dot_table(hlo_text: str, totals: collections.Counter, calls: collections.Cou
 def main(argv):
   del argv
   c = bench.bench_config(_PRESET.value)
-  base = dataclasses.replace(config_lib.model_config(c, c.model.vocab_size), remat_policy="none")
+  base = dataclasses.replace(config_lib.check(c).model, remat_policy="none")
   b, l = c.global_batch_size, c.data.seq_len
   batch = jax.tree.map(jnp.asarray, batch_lib.synthetic(b, l, base.vocab_size))
   print(f"preset {_PRESET.value}: batch {b} x {l} tokens, {base.num_layers} layers, width {base.d_model}")

@@ -22,6 +22,7 @@ import sys
 import time
 
 from llm_jax import bench
+from llm_jax import config as config_lib
 from llm_jax import planner
 
 SHAPES = ("llama3_8b", "llama_1b", "gpt2_350m", "gpt2_125m")
@@ -47,12 +48,13 @@ def shape_config(shape: str):
 def cell(shape: str, topology: str) -> dict:
   """The planner's best candidate (or its refusal) for one shape on one slice."""
   c = shape_config(shape)
-  c.topology = topology
+  c.topology, c.plan = topology, True
+  run = config_lib.resolve(c)
   start = time.perf_counter()
   log = lambda line: print(line, flush=True)  # noqa: E731
-  rows = planner.plan(c, remats=("dots",), meshes=("fsdp",), log=log, cache_dir=planner.CACHE_DIR)
+  rows = planner.plan(run, remats=("dots",), meshes=("fsdp",), log=log, cache_dir=planner.CACHE_DIR)
   if not rows[0]["fits"]:
-    rows += planner.plan(c, remats=("full",), meshes=("fsdp",), log=log, cache_dir=planner.CACHE_DIR)
+    rows += planner.plan(run, remats=("full",), meshes=("fsdp",), log=log, cache_dir=planner.CACHE_DIR)
     rows.sort(key=lambda r: (not r["fits"], -r.get("tokens_per_s", 0.0)))
   return {"shape": shape, "topology": topology, "best": rows[0], "candidates": len(rows),
           "wall_s": time.perf_counter() - start, "seq_len": c.data.seq_len}

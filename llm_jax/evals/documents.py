@@ -126,7 +126,7 @@ def text_files_documents(pattern: str) -> list[str]:
 def default_seq_len(workdir: str, cfg: ModelConfig) -> int:
   """The run's data.seq_len when its config.json says, else the model's positions (at most 1024)."""
   has_config = workdir_lib.has_run_config(workdir)
-  seq_len = workdir_lib.read_run_config(workdir).data.seq_len if has_config else min(cfg.max_len, 1024)
+  seq_len = workdir_lib.read_run_config(workdir)["data"]["seq_len"] if has_config else min(cfg.max_len, 1024)
   return min(seq_len, cfg.position_limit or seq_len)
 
 
@@ -140,7 +140,7 @@ def evaluate_workdir(workdir: str, *, step: int | None = None, split: str = "val
     if not workdir_lib.has_run_config(workdir):
       raise errors.MissingFileError(f"{workdir_lib.path(workdir, workdir_lib.RUN_CONFIG_FILE)} is missing, so the "
                                     "validation split is unknown; pass --text_files=<glob>")
-    documents = corpus.load_documents(config_lib.data_config(workdir_lib.read_run_config(workdir)), split)
+    documents = corpus.load_documents(config_lib.data_from_record(workdir_lib.read_run_config(workdir)), split)
   seq_len = seq_len or default_seq_len(workdir, loaded.cfg)
   metrics = evaluate_documents(loaded.params, loaded.cfg, loaded.tokenizer, documents, seq_len=seq_len,
                                stride=stride, batch_size=batch_size)

@@ -1,8 +1,9 @@
 """Hugging Face checkpoint directories in and out of llm_jax workdirs: safetensors, config.json, tokenizer files.
 
-A converted workdir holds what a trained one does: a params-only checkpoint at step 0 (float32), `model.json`,
-the tokenizer (`tokenizer.json` + `tokenizer_config.json`, or a sentencepiece `tokenizer.model`) and a
-resolved `config.json`, so `generate`, `evaluate` and `train --config.init_params_from=DIR` all accept it.
+A converted workdir holds the model a trained one does: a params-only checkpoint at step 0 (float32), `model.json`
+and the tokenizer (`tokenizer.json` + `tokenizer_config.json`, or a sentencepiece `tokenizer.model`), so `generate`,
+`evaluate --text_files` and `train --config.init_params_from=DIR` all accept it. It has no training run, so no
+llm_jax `config.json`.
 Nothing here needs torch, transformers or the internet.
 """
 
@@ -25,10 +26,8 @@ import safetensors
 import safetensors.numpy
 
 from llm_jax import checkpoint as checkpoint_lib
-from llm_jax import config as config_lib
 from llm_jax import errors
 from llm_jax import paths
-from llm_jax import validation
 from llm_jax import workdir as workdir_lib
 from llm_jax.hf import tokenizer as hf_tokenizer
 from llm_jax.hf import weights
@@ -41,8 +40,6 @@ HF_CONFIG_FILE = "config.json"
 HF_WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE_MODEL = "tokenizer.model"
-# The longest evaluation window written into a converted workdir's config.json.
-MAX_EVAL_SEQ_LEN = 1024
 
 
 def read_hf_config(hf_dir: str) -> dict[str, Any]:
@@ -124,14 +121,6 @@ def import_tokenizer(hf_dir: str, workdir: str, hf: dict[str, Any]) -> str:
   return target
 
 
-def write_workdir_config(workdir: str, cfg: ModelConfig, tokenizer_path: str) -> None:
-  """A resolved llm_jax config.json (the run config) with this model, so tools that rebuild data from it work."""
-  config = config_lib.with_model(config_lib.get_config(), cfg, tokenizer_path=os.path.abspath(tokenizer_path))
-  config.data.seq_len = min(MAX_EVAL_SEQ_LEN, cfg.max_len)
-  validation.validate(config)
-  workdir_lib.write_run_config(workdir, config.to_json_best_effort(indent=2))
-
-
 def _check_empty(workdir: str) -> None:
   directory = workdir_lib.checkpoint_dir(workdir)
   if os.path.isdir(directory) and os.listdir(directory):
@@ -165,7 +154,6 @@ def import_hf(hf_dir: str, workdir: str) -> tuple[ModelConfig, int]:
     finally:
       ckpt.close()
     workdir_lib.write_model_card(staging, cfg, tokenizer_path)
-    write_workdir_config(staging, cfg, os.path.join(workdir, os.path.relpath(tokenizer_path, staging)))
   return cfg, sum(int(x.size) for x in jax.tree.leaves(params))
 
 

@@ -23,7 +23,6 @@ Running a sweep writes `ROOT/sweep.json` (the sweep and every run's command), fr
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import hashlib
@@ -39,11 +38,8 @@ import time
 from typing import Any
 from typing import Callable
 
-import ml_collections
-
 from llm_jax import config as config_lib
 from llm_jax import errors
-from llm_jax import validation
 from llm_jax.sweeps import runcard
 
 MANIFEST = "sweep.json"
@@ -115,19 +111,12 @@ def load_sweep(path: str) -> Sweep:
   return sweep
 
 
-def base_config(base: str) -> ml_collections.ConfigDict:
-  """The config a `BASE` string names: `get_config()` of the file, or `get_config(variant)`."""
+def base_config(base: str) -> Any:
+  """The experiment config a `BASE` string names: `get_config()` of the file, or `get_config(variant)`."""
   try:
     return config_lib.from_file(base)
   except (ValueError, FileNotFoundError) as e:
     raise errors.ConfigError(f"BASE={base!r} (relative to where you run) does not give a config: {e}") from e
-
-
-def flat_keys(c: Any, prefix: str = "") -> list[str]:
-  keys = []
-  for k, v in c.items():
-    keys += flat_keys(v, f"{prefix}{k}.") if hasattr(v, "items") else [f"{prefix}{k}"]
-  return keys
 
 
 def validate(sweep: Sweep) -> None:
@@ -136,7 +125,7 @@ def validate(sweep: Sweep) -> None:
   if len(lengths) > 1:
     raise errors.ConfigError(f"ZIP lists in {sweep.path} have different lengths {sorted(lengths)}; make them equal")
   tables = {"GRID": sweep.grid, "ZIP": sweep.zipped, "OVERRIDES": sweep.overrides}
-  known = set(flat_keys(config_lib.get_config()))
+  known = set(config_lib.keys())
   seen: dict[str, str] = {}
   for table, keys in tables.items():
     for key in keys:
@@ -153,29 +142,7 @@ def validate(sweep: Sweep) -> None:
       seen[key] = table
   base = base_config(sweep.base)
   for point in points(sweep):
-    resolved_config(base, {**sweep.overrides, **point, "seed": sweep.seeds[0]}, sweep.path)
-
-
-def resolved_config(base: ml_collections.ConfigDict, settings: dict[str, Any],
-                    where: str) -> ml_collections.ConfigDict:
-  """`base` with `settings` applied, checked by `validation.validate`; errors name the sweep file."""
-  c = copy.deepcopy(base)
-  for key, value in settings.items():
-    *parents, leaf = key.split(".")
-    node = c
-    for parent in parents:
-      node = node[parent]
-    try:
-      node[leaf] = value
-    except (TypeError, ValueError, KeyError) as e:
-      raise errors.ConfigError(f"{key}={value!r} in {where} does not fit the config ({e}); give a value of the "
-                               "default's type") from e
-  try:
-    validation.validate(c)
-  except errors.ConfigError as e:
-    point = ", ".join(f"{k}={v!r}" for k, v in settings.items())
-    raise errors.ConfigError(f"{where}: the run with {point} is invalid: {e}") from e
-  return c
+    config_lib.with_settings(base, {**sweep.overrides, **point, "seed": sweep.seeds[0]}, sweep.path)
 
 
 def points(sweep: Sweep) -> list[dict[str, Any]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -11,9 +10,7 @@ import subprocess
 from typing import Any
 
 import jax
-import ml_collections
 
-from llm_jax import config as config_lib
 from llm_jax import errors
 from llm_jax import paths
 from llm_jax import workdir as workdir_lib
@@ -69,13 +66,13 @@ def _write(workdir: str, card: dict[str, Any]) -> None:
   paths.write_atomic(workdir_lib.path(workdir, workdir_lib.RUN_FILE), json.dumps(card, indent=2, default=str))
 
 
-def start(workdir: str, config: ml_collections.ConfigDict, num_params: int) -> dict[str, Any]:
-  """Writes the card at start-up (status 'running'); a resumed run keeps its first start time."""
+def start(workdir: str, record: dict[str, Any], num_params: int) -> dict[str, Any]:
+  """Writes the card at start-up (status 'running'), with the run's config `record` (`RunConfig.record`: derived
+  values resolved); a resumed run keeps its first start time."""
   previous = read(workdir) or {}
   card = {
       "status": "running",
-      "config": json.loads(config.to_json_best_effort()),
-      "optim": dataclasses.asdict(config_lib.optim_config(config)),  # as it trains: learning_rate=0 resolved
+      "config": json.loads(json.dumps(record)),
       "num_params": num_params,
       **code_version(),
       "packages": package_versions(),
