@@ -2,7 +2,8 @@
 
 The entry points print a `UserError` as one line naming the problem and the fix, with exit status 2; any other
 exception is a bug of ours or of a library and keeps its traceback. Each kind also derives from the builtin error
-it stands for, so code that catches ValueError, RuntimeError or FileNotFoundError keeps catching it.
+it stands for, so code that catches ValueError, RuntimeError or FileNotFoundError keeps catching it. The config
+sections' `check()`s are written in the three helpers at the end (`require`, `require_choice`, `refuse_ignored`).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ OPTIMIZERS = ("adamw", "sgd", "muon", "lion", "adafactor", "schedule_free_adamw"
 SCHEDULES = ("constant", "linear", "cosine", "rsqrt", "wsd")
 # Parameter groups, for learning-rate multipliers and for what Muon orthogonalises ('matrix' only).
 PARAM_GROUPS = ("embed", "head", "norm", "bias", "matrix")
-# Which optimizers read which optimizer-specific keys (validation.validate refuses the others).
+# Which optimizers read which optimizer-specific keys (OptimConfig.check refuses the others).
 READS = {"b1": ("adamw", "muon", "lion", "schedule_free_adamw"), "b2": ("adamw", "muon", "lion", "schedule_free_adamw"),
          "eps": ("adamw", "muon", "schedule_free_adamw"), "momentum": ("sgd",), "nesterov": ("sgd",),
          "adam_learning_rate": ("muon",)}
