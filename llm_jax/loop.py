@@ -250,9 +250,8 @@ class Loop:
     flags = jax.device_get([m["nonfinite"] for _, m in pending])
     bad = [s for (s, _), flag in zip(pending, flags) if flag]
     if bad and self.plan.on_nonfinite == "stop":
-      raise errors.RunError(f"non-finite loss or gradient norm at step {bad[0]}; stopped without saving it (newest "
-                            f"good checkpoint: step {self.ckpt.latest()}); lower optim.learning_rate or pass "
-                            "--config.on_nonfinite=skip")
+      raise errors.RunError(f"non-finite loss or gradient norm at step {bad[0]}; stopped without saving it "
+                            f"({self._last_good()}); lower optim.learning_rate or pass --config.on_nonfinite=skip")
     return bad
 
   def _log(self, step: int, pending: list[tuple[int, dict[str, jax.Array]]]) -> None:
@@ -284,8 +283,13 @@ class Loop:
     if self.plan.on_nonfinite == "skip" and self.skipped_in_a_row >= self.plan.max_skipped_steps:
       raise errors.RunError(f"the last {self.skipped_in_a_row} updates up to step {step} were all non-finite "
                             f"(on_nonfinite='skip', max_skipped_steps={self.plan.max_skipped_steps}): the run "
-                            f"diverged; checkpoint {self.ckpt.latest()} holds its last finite update: lower "
-                            "optim.learning_rate, or raise --config.max_skipped_steps")
+                            f"diverged ({self._last_good()}): lower optim.learning_rate, or raise "
+                            "--config.max_skipped_steps")
+
+  def _last_good(self) -> str:
+    """Where the run's last finite update is kept, for the non-finite stops' messages."""
+    latest = self.ckpt.latest()
+    return "no checkpoint was written yet" if latest is None else f"newest good checkpoint: step {latest}"
 
   def _evaluate(self, step: int, state: steps_lib.TrainState, stop: Callable[[], bool] | None = None) -> bool:
     """The validation pass (and the extra evaluations riding on it); False, with nothing written, when `stop()`

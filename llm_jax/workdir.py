@@ -115,8 +115,7 @@ def read_model_card(workdir: str, flag: str = "--workdir") -> tuple[ModelConfig,
 
 def read_lora_base(workdir: str) -> dict[str, Any] | None:
   """The base model reference a LoRA run's model card holds, or None."""
-  with open(path(workdir, MODEL_FILE), encoding="utf-8") as f:
-    return json.load(f).get("lora_base")
+  return json.loads(paths.as_path(path(workdir, MODEL_FILE)).read_text(encoding="utf-8")).get("lora_base")
 
 
 def pin_checkpoint(workdir: str, step: int, by: str) -> None:
@@ -145,7 +144,8 @@ def lora_base_reference(base_workdir: str, step: int) -> dict[str, Any]:
 def check_lora_base(saved: dict[str, Any] | None, given: dict[str, Any], where: str) -> None:
   """Refuses adapters trained on another base model than `given` (a `lora_base_reference`)."""
   if saved is not None and saved != given:
-    differing = ", ".join(f"{k}: {saved.get(k)!r} vs {given.get(k)!r}" for k in given if saved.get(k) != given[k])
+    differing = ", ".join(f"{k}: {saved.get(k)!r} vs {given.get(k)!r}" for k in sorted(set(saved) | set(given))
+                          if saved.get(k) != given.get(k))
     raise errors.RunError(f"the LoRA adapters of {where} were trained on another base model than the one given "
                           f"({differing}); pass --config.init_params_from={saved.get('workdir')} (that base, at step "
                           f"{saved.get('step')}) or use a new --workdir")
@@ -204,8 +204,8 @@ def check_model_dims(saved_meta: dict[str, Any], model: dict[str, Any]) -> None:
   differing = sorted(k for k in set(saved_model) | set(model) if k not in ModelConfig.RUNTIME_FIELDS
                      and saved_model.get(k, default.get(k)) != model.get(k, default.get(k)))
   if differing:
-    detail = ", ".join(f"model.{k}: checkpoint {saved_model.get(k)!r} vs config {model.get(k)!r}"
-                       for k in differing)
+    detail = ", ".join(f"model.{k}: checkpoint {saved_model.get(k, default.get(k))!r} vs config "
+                       f"{model.get(k, default.get(k))!r}" for k in differing)
     raise errors.RunError(f"config does not match the checkpoint ({detail}); restore those values or use a new "
                           "--workdir")
 

@@ -386,7 +386,7 @@ def test_skipping_non_finite_updates_stops_after_max_skipped_steps_in_a_row():
   loop._check_skip_bound(20, [{"nonfinite": 1.0}, {"nonfinite": 1.0}])
   assert loop.skipped_in_a_row == 2
   with pytest.raises(errors.RunError, match=r"the last 3 updates up to step 30 were all non-finite "
-                     r".*max_skipped_steps=3.*checkpoint 20 holds its last finite update"):
+                     r".*max_skipped_steps=3.*newest good checkpoint: step 20"):
     loop._check_skip_bound(30, [{"nonfinite": 1.0}])
 
 

@@ -274,6 +274,9 @@ def test_a_nonfinite_update_under_stop_refuses_to_go_on_naming_its_step_and_the_
     loop.run(_state(), 0)
   assert "\n" not in str(e.value)
   assert [s for s, _, _ in loop.ckpt.saved] == [2] and loop.writer.records == []
+  first = _loop(_plan(num_train_steps=10, log_every=4, checkpoint_every=8), FakeFns(bad={3}))
+  with pytest.raises(errors.RunError, match=r"at step 3; stopped without saving it \(no checkpoint was written yet\)"):
+    first.run(_state(), 0)
 
 
 def test_skip_leaves_nonfinite_steps_out_of_the_mean_and_counts_them(capsys):

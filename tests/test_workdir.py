@@ -147,6 +147,8 @@ def test_check_lora_base_accepts_the_same_base_or_none_and_refuses_another_namin
   assert "model_sha256" not in str(e.value) and "init_params_from=/runs/base" in str(e.value)
   with pytest.raises(errors.RunError, match="model_sha256: 'bb' vs 'aa'"):
     workdir_lib.check_lora_base({**given, "model_sha256": "bb"}, given, "/runs/lora")
+  with pytest.raises(errors.RunError, match=r"\(extra: 1 vs None\)"):  # a key only the saved reference has
+    workdir_lib.check_lora_base({**given, "extra": 1}, given, "/runs/lora")
 
 
 def test_check_base_step_refuses_a_base_checkpoint_that_is_gone(tmp_path):
@@ -247,7 +249,7 @@ def test_check_model_dims_ignores_runtime_fields_and_names_a_changed_dimension()
 def test_check_model_dims_reads_a_field_an_older_checkpoint_lacks_as_its_default():
   old = {"model": {k: v for k, v in dataclasses.asdict(TINY).items() if k not in ModelConfig.ADAPTER_FIELDS}}
   workdir_lib.check_model_dims(old, dataclasses.asdict(TINY))
-  with pytest.raises(errors.RunError, match="model.lora_rank: checkpoint .* vs config 4"):
+  with pytest.raises(errors.RunError, match="model.lora_rank: checkpoint 0 vs config 4"):
     workdir_lib.check_model_dims(old, dataclasses.asdict(dataclasses.replace(TINY, lora_rank=4)))
 
 
