@@ -1,4 +1,4 @@
-"""`python -m llm_jax.sweep --sweep=experiments/<sweep>.py --root=DIR [--dry_run]`, or `--report --root=DIR`.
+"""`python -m llm_jax.sweep --sweep=experiments/<sweep>.py --root=DIR [--list]`, or `--report --root=DIR`.
 
 Runs every point of a sweep (format: `llm_jax/sweeps/plan.py`) one after another, each in its own workdir
 under --root; rerunning skips finished runs and resumes the others. `--report` writes results.csv,
@@ -22,7 +22,7 @@ from llm_jax.sweeps import report
 
 _SWEEP = flags.DEFINE_string("sweep", None, "Sweep file (format: llm_jax/sweeps/plan.py); optional with --report.")
 _ROOT = flags.DEFINE_string("root", None, "Directory holding one workdir per run.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs, their status and exact commands; run nothing.")
+_LIST = flags.DEFINE_bool("list", False, "List the runs, their status and exact commands; run nothing.")
 _REPORT = flags.DEFINE_bool("report", False, "Collect finished runs into results.csv, results.md and PNG plots.")
 flags.mark_flag_as_required("root")
 _DISTRIBUTED = launch.DistributedFlags()
@@ -46,7 +46,7 @@ def _sweep() -> None:
   sweep = plan.load_sweep(_SWEEP.value)
   extra = _DISTRIBUTED.args()
   runs = plan.expand(sweep, _ROOT.value, extra)
-  if _DRY_RUN.value:
+  if _LIST.value:
     for run in runs:
       stale = plan.stale_settings(run)
       note = f"; recorded with other settings: {sorted(stale)}" if stale else ""
@@ -79,8 +79,8 @@ def main(argv: Sequence[str]) -> None:
   if os.path.isfile(_ROOT.value):
     launch.fail("llm_jax.sweep", ValueError(f"--root={_ROOT.value} is a file; pass the directory that holds (or will "
                                             "hold) one workdir per run"))
-  if _REPORT.value and _DRY_RUN.value:
-    launch.fail("llm_jax.sweep", ValueError("--dry_run and --report exclude each other; pass one of them"))
+  if _REPORT.value and _LIST.value:
+    launch.fail("llm_jax.sweep", ValueError("--list and --report exclude each other; pass one of them"))
   try:
     _DISTRIBUTED.check(ignored_by="--report" if _REPORT.value else None)
   except ValueError as e:

@@ -4,7 +4,6 @@ resolved RunConfig (`llm_jax.config.resolve`)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -276,7 +275,7 @@ def _train_locked(run: RunConfig, workdir: str, mesh: jax.sharding.Mesh) -> dict
         data, batch_size=run.evals.eval_batch_size, max_batches=run.evals.eval_batches,
         process_index=jax.process_index(), process_count=jax.process_count())
     if jax.process_index() == 0:
-      workdir_lib.write_run_config(workdir, json.dumps(run.record(), indent=2))
+      workdir_lib.write_run_config(workdir, run.record())
       workdir_lib.write_model_card(workdir, run.model, data.tokenizer.path, lora_base.get("lora_base"))
     writer = writers.MetricWriter(workdir, resume_step=start_step)
     flops = metrics_lib.flops_per_token(run.model, run.data.seq_len)
@@ -291,7 +290,7 @@ def _train_locked(run: RunConfig, workdir: str, mesh: jax.sharding.Mesh) -> dict
                          extra_eval=_extra_evaluator(run, run.step_model(), data.tokenizer, fns.full_params),
                          profile_dir=workdir_lib.path(workdir, workdir_lib.TENSORBOARD_DIR))
     state, status = _run_recorded(loop, state, start_step, workdir,
-                                  runcard.start(workdir, run.record(), count_params(state.params)))
+                                  runcard.start(workdir, count_params(state.params)))
   if loop.preempted:  # the checkpoint is written; a preempted machine has nothing left to do but exit
     return loop.final_metrics
   try:

@@ -2,11 +2,15 @@
 metadata and every check of it (its data-stream record is built by `resume`), pins of checkpoints other runs need,
 and loading a trained or converted model from it.
 
-    config.json          the resolved llm_jax config of the run (not a Hugging Face config.json)
-    model.json           the model card: ModelConfig and the tokenizer's path, all `generate`/`evaluate` need (and,
-                         for LoRA runs, the base model the adapters belong to: `lora_base_reference`)
+    config.json          the resolved llm_jax config of the run (not a Hugging Face config.json); its model section
+                         names model.json instead of copying it
+    model.json           the model card, the workdir's one record of the model: ModelConfig and the tokenizer's
+                         path, all `generate`/`evaluate` need (and, for LoRA runs, the base model the adapters belong
+                         to: `lora_base_reference`). Each checkpoint's metadata keeps the dimensions it was saved with,
+                         so a checkpoint copied away still describes itself and a hand-edited card is caught
+                         (`check_model_card`)
     metrics.jsonl        one JSON object per logged step (`writers`)
-    run.json             the run card: what ran, when, how it ended (`sweeps.runcard`)
+    run.json             the run card: how it ran (code, packages, devices), when, how it ended (`sweeps.runcard`)
     .lock                held while a run trains (`faults.WorkdirLock`; none on an object store)
     checkpoints/         orbax checkpoints (`checkpoint.Checkpointer`); unusable ones move to unusable_checkpoints/
     tokenizer/           trained tokenizers, cached per corpus and settings
@@ -68,9 +72,11 @@ def lock_path(workdir: str) -> str:
   return path(workdir, LOCK_FILE)
 
 
-def write_run_config(workdir: str, config_json: str) -> None:
-  """Writes the run's resolved config (JSON text of `RunConfig.record()`)."""
-  paths.as_path(path(workdir, RUN_CONFIG_FILE)).write_text(config_json, encoding="utf-8")
+def write_run_config(workdir: str, record: dict[str, Any]) -> None:
+  """Writes the run's resolved config (`RunConfig.record()`), its model section replaced by the name of the model
+  card, model.json, which is the workdir's one record of the model."""
+  record = {**record, "model": MODEL_FILE}
+  paths.as_path(path(workdir, RUN_CONFIG_FILE)).write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 
 def has_run_config(workdir: str) -> bool:
@@ -78,11 +84,15 @@ def has_run_config(workdir: str) -> bool:
 
 
 def read_run_config(workdir: str) -> dict[str, Any]:
-  """The resolved config (`RunConfig.record()`) a training run wrote into `workdir`."""
+  """The resolved config (`RunConfig.record()`) a training run wrote into `workdir`, its model section read from
+  the model card."""
   config_path = path(workdir, RUN_CONFIG_FILE)
   if not paths.as_path(config_path).is_file():
     raise errors.MissingFileError(f"{config_path} is missing; --workdir must be a directory written by llm_jax.train")
-  return json.loads(paths.as_path(config_path).read_text(encoding="utf-8"))
+  record = json.loads(paths.as_path(config_path).read_text(encoding="utf-8"))
+  if record.get("model") == MODEL_FILE:
+    record["model"] = json.loads(paths.as_path(path(workdir, MODEL_FILE)).read_text(encoding="utf-8"))["model"]
+  return record
 
 
 def write_data_store(workdir: str, store_paths: Sequence[str]) -> None:

@@ -48,8 +48,7 @@ def run(tmp_path_factory):
   config = config_lib.get_config()
   config.data.corpus, config.data.text_files, config.data.seq_len = "text_files", str(root / "*.txt"), 32
   config.sample.max_length = 32
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config_lib.check(config).record(), f)
+  workdir_lib.write_run_config(workdir, config_lib.check(config).record())
   return workdir, config
 
 

@@ -287,9 +287,8 @@ def test_prepare_command_builds_verifies_and_fails_in_one_line(tmp_path):
   failed = subprocess.run([*command, f"--config.data.text_files={tmp_path}/none/*.txt"], cwd=repo, env=env,
                           capture_output=True, text=True, check=False)
   assert failed.returncode == 2 and failed.stdout == ""
-  assert failed.stderr.strip().splitlines() == [f"llm_jax.prepare: error: data.text_files='{tmp_path}/none/*.txt' "
-                                                "matches no files; pass an existing glob with "
-                                                "--config.data.text_files=..."]
+  (line,) = failed.stderr.strip().splitlines()
+  assert line.startswith(f"llm_jax.prepare: error: data.text_files='{tmp_path}/none/*.txt' matches no files")
 
 
 @pytest.mark.slow

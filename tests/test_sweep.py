@@ -25,12 +25,13 @@ def _write_sweep(tmp_path, body: str) -> str:
 
 
 def _fake_run(run: plan.Run, status: str, val_losses=(), **config) -> None:
-  """A workdir as the trainer leaves it: run.json (status, config, params, wall time) and metrics.jsonl."""
+  """A workdir as the trainer leaves it: config.json, run.json (status, params, wall time) and metrics.jsonl."""
   os.makedirs(run.workdir, exist_ok=True)
-  card = {"status": status, "config": {**_nested(run.settings), **config}, "num_params": 1000,
-          "wall_time_s": 10.0 + run.seed}
+  card = {"status": status, "num_params": 1000, "wall_time_s": 10.0 + run.seed}
   with open(os.path.join(run.workdir, "run.json"), "w", encoding="utf-8") as f:
     json.dump(card, f)
+  with open(os.path.join(run.workdir, "config.json"), "w", encoding="utf-8") as f:
+    json.dump({**_nested(run.settings), **config}, f)
   with open(os.path.join(run.workdir, "metrics.jsonl"), "w", encoding="utf-8") as f:
     for i, loss in enumerate(val_losses, 1):
       f.write(json.dumps({"step": 10 * i, "loss": loss + 0.1, "tokens_per_s": 100.0 * i, "mfu": 0.1 * i}) + "\n")
@@ -244,9 +245,9 @@ def test_tiny_sweep_runs_resumes_and_reports_the_metrics_files(tmp_path):
 
 
 @pytest.mark.slow
-def test_dry_run_lists_runs_and_commands(tmp_path):
+def test_list_shows_runs_and_commands(tmp_path):
   path = _write_sweep(tmp_path, 'BASE = "experiments/smoke.py"\nGRID = {"model.family": ["gpt2", "llama"]}\n')
-  result = run_module("llm_jax.sweep", f"--sweep={path}", f"--root={tmp_path / 'root'}", "--dry_run")
+  result = run_module("llm_jax.sweep", f"--sweep={path}", f"--root={tmp_path / 'root'}", "--list")
   assert result.returncode == 0, result.stderr
   assert "# model.family=llama,seed=0 [new]" in result.stdout
   assert (f"-m llm_jax.train --config=experiments/smoke.py --workdir={tmp_path}/root/model.family=llama,seed=0 "
@@ -260,7 +261,7 @@ def test_dry_run_lists_runs_and_commands(tmp_path):
     (["--report", "--root={tmp}/nope"], "--root={tmp}/nope does not exist"),
     (["--report", "--root={tmp}"], "has no sweep.json"),
     (["--root={tmp}"], "--sweep is missing"),
-    (["--sweep={sweep}", "--root={tmp}", "--report", "--dry_run"], "exclude each other"),
+    (["--sweep={sweep}", "--root={tmp}", "--report", "--list"], "exclude each other"),
     (["--sweep={tmp}/bad.py", "--root={tmp}"], "unknown config key 'optim.lr'"),
 ])
 def test_sweep_command_line_errors_are_one_line(tmp_path, args, fragment):

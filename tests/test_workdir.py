@@ -43,11 +43,14 @@ def test_checkpoint_dir_is_absolute_for_a_local_workdir_and_a_url_stays_as_it_is
   assert workdir_lib.lock_path("run") == os.path.join("run", ".lock")
 
 
-def test_run_config_round_trips(tmp_path):
-  c = {"seed": 3, "optim": {"name": "adamw", "learning_rate": 1e-3}, "tags": ["a", "b"]}
+def test_run_config_round_trips_with_its_model_kept_in_the_model_card(tmp_path):
+  c = {"seed": 3, "optim": {"name": "adamw", "learning_rate": 1e-3}, "tags": ["a", "b"],
+       "model": dataclasses.asdict(TINY)}
   assert not workdir_lib.has_run_config(str(tmp_path))
-  workdir_lib.write_run_config(str(tmp_path), json.dumps(c, indent=2))
+  workdir_lib.write_run_config(str(tmp_path), c)
+  workdir_lib.write_model_card(str(tmp_path), TINY, str(tmp_path / "tok.model"))
   assert workdir_lib.has_run_config(str(tmp_path))
+  assert json.loads((tmp_path / "config.json").read_text())["model"] == "model.json"  # one record of the model
   assert workdir_lib.read_run_config(str(tmp_path)) == c
   assert json.loads((tmp_path / "config.json").read_text())["optim"]["learning_rate"] == 1e-3
 

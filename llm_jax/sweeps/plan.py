@@ -40,6 +40,7 @@ from typing import Callable
 
 from llm_jax import config as config_lib
 from llm_jax import errors
+from llm_jax import workdir as workdir_lib
 from llm_jax.sweeps import runcard
 
 MANIFEST = "sweep.json"
@@ -206,11 +207,11 @@ def _flat_values(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def stale_settings(run: Run) -> dict[str, tuple[Any, Any]]:
-  """{key: (recorded, wanted)} where the workdir's run card disagrees with this run's settings."""
-  card = runcard.read(run.workdir)
-  if card is None or "config" not in card:
+  """{key: (recorded, wanted)} where the config the workdir's run recorded (config.json, derived values resolved)
+  disagrees with this run's settings."""
+  if not workdir_lib.has_run_config(run.workdir):
     return {}
-  recorded = _flat_values(card["config"])
+  recorded = _flat_values(workdir_lib.read_run_config(run.workdir))
   return {k: (recorded.get(k), v) for k, v in run.settings.items() if not _same(recorded.get(k), v)}
 
 

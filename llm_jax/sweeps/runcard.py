@@ -66,13 +66,12 @@ def _write(workdir: str, card: dict[str, Any]) -> None:
   paths.write_atomic(workdir_lib.path(workdir, workdir_lib.RUN_FILE), json.dumps(card, indent=2, default=str))
 
 
-def start(workdir: str, record: dict[str, Any], num_params: int) -> dict[str, Any]:
-  """Writes the card at start-up (status 'running'), with the run's config `record` (`RunConfig.record`: derived
-  values resolved); a resumed run keeps its first start time."""
+def start(workdir: str, num_params: int) -> dict[str, Any]:
+  """Writes the card at start-up (status 'running'); a resumed run keeps its first start time. The config it ran
+  with is config.json's, beside it (`workdir.read_run_config`)."""
   previous = read(workdir) or {}
   card = {
       "status": "running",
-      "config": json.loads(json.dumps(record)),
       "num_params": num_params,
       **code_version(),
       "packages": package_versions(),
