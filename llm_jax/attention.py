@@ -68,13 +68,18 @@ def causal_blocks(backend: str) -> int:
   return CAUSAL_BLOCKS.get(backend, 1)
 
 
+def effective_blocks(requested: int, query_len: int, key_len: int) -> int:
+  """The query blocks the einsum attention runs in: `requested` when the scores are square (queries and keys over
+  the same slots) and it divides their length, else one."""
+  return requested if requested > 1 and query_len == key_len and query_len % requested == 0 else 1
+
+
 def query_blocks(impl: str, backend: str, length: int) -> int:
-  """The causal query blocks a training step's attention really runs in (`dot_product_attention`'s rule): the
-  backend's count for the einsum path when it divides the length, else one (and none for a fused kernel)."""
-  n = causal_blocks(backend)
+  """The causal query blocks a training step's attention runs in on `backend`: the einsum path's `effective_blocks`
+  of the backend's count, one for the 'jax' path, none (0) for a fused kernel."""
   if impl not in ("einsum", "jax"):
     return 0
-  return n if impl == "einsum" and n > 1 and length % n == 0 else 1
+  return effective_blocks(causal_blocks(backend), length, length) if impl == "einsum" else 1
 
 
 def dot_product_attention(q_BxLxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array, mask_BxLxS: Array,
@@ -98,7 +103,7 @@ def dot_product_attention(q_BxLxHxK: Array, k_BxSxGxK: Array, v_BxSxGxK: Array, 
                                         mask=mask_BxLxS[:, None, :, :])
   b, l, h, k = q_BxLxHxK.shape
   s, g = k_BxSxGxK.shape[1:3]
-  n = blocks if blocks > 1 and l == s and l % blocks == 0 else 1
+  n = effective_blocks(blocks, l, s)
   # Batch dimensions (B, G) leading and contractions trailing in both dots, transposed once here: XLA:CPU then
   # needs no re-layout copies around them (train step 1.04x at the tiny shape, 1.11x at 10m; BENCHMARKS.md).
   q_BxGxRxLxK = q_BxLxHxK.reshape(b, l, g, h // g, k).transpose(0, 2, 3, 1, 4)
