@@ -14,8 +14,8 @@ from ml_collections import config_flags
 
 from llm_jax import config as config_lib
 from llm_jax import launch
+from llm_jax import trainer
 from llm_jax import writers
-from llm_jax.data import pipeline
 from llm_jax.data import store as store_lib
 from llm_jax.run_config import RunConfig
 
@@ -32,9 +32,7 @@ def prepare(run: RunConfig, verify: bool) -> tuple[str, ...]:
   """Builds what is missing of the tokenizer and token stores of `run` (one per source), prints a summary,
   returns the store paths."""
   sync = multihost_utils.sync_global_devices if jax.process_count() > 1 else lambda name: None
-  data = pipeline.prepare_data(run.data, run.tokenizer,
-                               process_index=jax.process_index(), process_count=jax.process_count(), barrier=sync,
-                               log=writers.console)
+  data = trainer.prepare_data(run)  # what a training run with this config reads
   reports = jax.process_index() == 0
   stores = [store_lib.TokenStore.open(path) for path in data.store_paths] if verify or reports else []
   if verify:  # each process reads its share of the shards

@@ -91,11 +91,13 @@ def _with_lora_base(fns: steps_lib.StepFns, init_params_from: str,
   return fns.with_base(base), workdir_lib.lora_base_reference(init_params_from, step)
 
 
-def _prepare_data_once(run: RunConfig, workdir: str, check_tokenizer: Callable[[Any], None]) -> pipeline.PreparedData:
-  """Gets the tokenizer and the shared token store (every process tokenises its shards when the store is
-  missing; process 0 trains the tokenizer and writes the manifest) and records the store in the workdir. SFT rows
-  are small: they are read into memory instead (`pipeline.prepare_sft`), with the model's own tokenizer.
-  `check_tokenizer` sees the tokenizer before any document is tokenised."""
+def prepare_data(run: RunConfig, workdir: str | None = None,
+                 check_tokenizer: Callable[[Any], None] = lambda tokenizer: None) -> pipeline.PreparedData:
+  """Gets the tokenizer and the shared token store (every process tokenises its shards when the store is missing;
+  process 0 trains the tokenizer and writes the manifest), and with a `workdir` copies the tokenizer into it and
+  records the store there. SFT rows are small: they are read into memory instead (`pipeline.prepare_sft`), with
+  the model's own tokenizer. `check_tokenizer` sees the tokenizer before any document is tokenised. The trainer and
+  `python -m llm_jax.prepare` (no workdir) both prepare through here."""
   if run.data.corpus == "sft":
     data = pipeline.prepare_sft(run.data, run.tokenizer)
     check_tokenizer(data.tokenizer)
@@ -104,10 +106,10 @@ def _prepare_data_once(run: RunConfig, workdir: str, check_tokenizer: Callable[[
     return data
   sync = multihost_utils.sync_global_devices if jax.process_count() > 1 else lambda name: None
   data = pipeline.prepare_data(
-      run.data, run.tokenizer, tokenizer_dir=workdir_lib.path(workdir, workdir_lib.TOKENIZER_DIR),
+      run.data, run.tokenizer, tokenizer_dir=workdir_lib.path(workdir, workdir_lib.TOKENIZER_DIR) if workdir else "",
       process_index=jax.process_index(), process_count=jax.process_count(), barrier=sync, log=writers.console,
       check_tokenizer=check_tokenizer)
-  if jax.process_index() == 0:
+  if workdir and jax.process_index() == 0:
     workdir_lib.write_data_store(workdir, data.store_paths)
   writers.console(f"data: token store {', '.join(data.store_paths)} ({data.train_num_documents:,} train and "
                   f"{data.val_num_documents:,} validation documents, {data.train_num_tokens:,} train tokens)")
@@ -249,7 +251,7 @@ def _train_locked(run: RunConfig, workdir: str, mesh: jax.sharding.Mesh) -> dict
   saved, stream = resume.read_history(run, workdir), resume.stream_record(run)
   resume.check_against_checkpoint(run, saved, stream)
   with faults.interruptible("preparing the tokenizer and data"):
-    data = _prepare_data_once(run, workdir, lambda tokenizer: _check_tokenizer(run, tokenizer, saved))
+    data = prepare_data(run, workdir, lambda tokenizer: _check_tokenizer(run, tokenizer, saved))
   run = run.with_vocab(data.tokenizer.vocab_size)
   peak, peak_source = metrics_lib.peak_flops_total(run.peak_flops_per_device)
   step_cfg = run.step_config()
