@@ -16,6 +16,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/llm_jax/jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+import contextlib  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import socket  # noqa: E402
@@ -165,6 +166,36 @@ SFT_ROWS = [{"prompt": "Which year was it given? ", "completion": "1790"},
 
 TOPICS = [clean_text(text) for _, text in sorted(topics.items())]
 TOPICS = [t for t in TOPICS if t]
+
+
+# Error-message checks: a test names the error's kind, the offending key, flag, path or value (and any number the code
+# computes, or advice that is itself the behaviour under test) and that the message is one line; it does not pin the
+# whole sentence, so rewording a message's advice breaks no test.
+
+def assert_one_line(message: str, *fragments: str) -> None:
+  """`message` is one non-empty line holding every one of `fragments`."""
+  assert message.strip() and "\n" not in message, f"not one line: {message!r}"
+  missing = [f for f in fragments if f not in message]
+  assert not missing, f"{missing} not in {message!r}"
+
+
+@contextlib.contextmanager
+def raises_one_line(kind: type[BaseException], *fragments: str):
+  """`pytest.raises(kind)` whose message is one line holding every one of `fragments`; yields the ExceptionInfo."""
+  with pytest.raises(kind) as caught:
+    yield caught
+  assert_one_line(str(caught.value), *fragments)
+
+
+def assert_cli_error(result: subprocess.CompletedProcess, program: str, *fragments: str) -> str:
+  """A command-line program's refusal: exit status 2 and exactly one stderr line, `llm_jax.<program>: error: ...`,
+  holding every one of `fragments`; returns that line."""
+  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr[-2000:]
+  assert lines[0].startswith(f"llm_jax.{program}: error: "), lines[0]
+  assert_one_line(lines[0], *fragments)
+  return lines[0]
 
 
 def signal_at(monkeypatch, step: int, *signums: int) -> None:

@@ -7,6 +7,7 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 import pytest
+from conftest import raises_one_line
 from conftest import smoke_config
 
 from llm_jax import checkpoint as checkpoint_lib
@@ -52,9 +53,8 @@ def test_resume_with_another_optimizer_layout_is_refused_by_name(trained, tmp_pa
   metrics = _read(os.path.join(workdir, "metrics.jsonl"))
   changed = smoke_config(num_train_steps=30)
   changed.optim.update(override)
-  with pytest.raises(errors.RunError, match="optimizer state layout differs") as raised:
+  with raises_one_line(errors.RunError, named, "--config.init_params_from="):  # the fix that keeps the weights
     trainer.train_and_evaluate(config_lib.resolve(changed), workdir)
-  assert named in str(raised.value) and "--config.init_params_from=" in str(raised.value)
   assert _steps(workdir) == [10, 20]
   assert not os.path.exists(os.path.join(workdir, "unusable_checkpoints"))
   assert _read(os.path.join(workdir, "metrics.jsonl")) == metrics
@@ -79,8 +79,7 @@ def test_layout_mismatch_is_found_from_metadata_without_the_optim_record(trained
   fns = _fns(name="sgd")
   reader = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir), async_save=False)
   try:
-    with pytest.raises(checkpoint_lib.LayoutMismatch, match=r"optimizer state layout differs: checkpoint has keys "
-                       r"opt_state/1/0/count.* vs config opt_state"):
+    with raises_one_line(checkpoint_lib.LayoutMismatch, "opt_state/1/0/count", " vs config opt_state"):
       reader.restore(fns.abstract_state, fns.state_shardings)
   finally:
     reader.close()
@@ -103,13 +102,15 @@ def test_all_checkpoints_damaged_stops_and_keeps_the_metrics(trained, tmp_path, 
   metrics = _read(os.path.join(workdir, "metrics.jsonl"))
   _damage(workdir, 10)
   _damage(workdir, 20)
-  with pytest.raises(errors.CheckpointError, match=r"could be restored \(tried steps \[20, 10\]"):
+  with raises_one_line(errors.CheckpointError, os.path.join(workdir, "checkpoints"), "[20, 10]",
+                       os.path.join(workdir, "unusable_checkpoints")):
     trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=30)), workdir)
   assert "checkpoint at step 20 is unusable" in capsys.readouterr().out
   assert sorted(os.listdir(os.path.join(workdir, "unusable_checkpoints"))) == ["10", "20"]
   assert _read(os.path.join(workdir, "metrics.jsonl")) == metrics
   # The next invocation does not start over either.
-  with pytest.raises(errors.CheckpointError, match="earlier runs moved unusable ones"):
+  with raises_one_line(errors.CheckpointError, os.path.join(workdir, "unusable_checkpoints"), "10, 20",
+                       "--config.restart=True"):
     trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=30)), workdir)
   assert _read(os.path.join(workdir, "metrics.jsonl")) == metrics
 
@@ -151,8 +152,7 @@ def test_persistent_storage_error_refuses_and_moves_nothing(trained, tmp_path, f
   workdir = _copy(trained, tmp_path)
   metrics = _read(os.path.join(workdir, "metrics.jsonl"))
   flaky_storage["left"] = 1000
-  with pytest.raises(errors.CheckpointError, match=r"storage error reading the checkpoint at step 20 .*"
-                     r"4 attempts; it was left in place"):
+  with raises_one_line(errors.CheckpointError, "step 20", f"{checkpoint_lib.RESTORE_ATTEMPTS} attempts"):
     trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=30)), workdir)
   assert flaky_storage["count"] == checkpoint_lib.RESTORE_ATTEMPTS
   flaky_storage["left"] = 0

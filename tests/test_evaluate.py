@@ -13,8 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny_hf
+from conftest import assert_cli_error
+from conftest import raises_one_line
 
 from llm_jax import config as config_lib
+from llm_jax import errors
 from llm_jax import paths
 from llm_jax import workdir as workdir_lib
 from llm_jax.checkpoint import Checkpointer
@@ -112,7 +115,7 @@ def test_validation_split_from_the_run_config(run):
   val_docs = corpus.load_documents(config_lib.resolve(config).data, "validation")
   assert report["split"] == "validation" and report["seq_len"] == 32 and report["checkpoint_step"] == 0
   assert report["documents"] == len(val_docs) and report["bytes"] == sum(len(d.encode()) for d in val_docs)
-  with pytest.raises(ValueError, match="matches no files"):
+  with raises_one_line(errors.DataError, f"--text_files={os.path.join(workdir, '*.none')!r}"):
     doc_eval.evaluate_workdir(workdir, text_files=os.path.join(workdir, "*.none"))
 
 
@@ -149,5 +152,4 @@ def test_command_line(run, tmp_path):
   assert report["items"] == 8 and len(report["predictions"]) == 8 and "accuracy_norm" in report
   bad = subprocess.run([sys.executable, "-m", "llm_jax.evaluate", f"--workdir={tmp_path / 'none'}"],
                        capture_output=True, text=True, check=False, env=env)
-  assert bad.returncode == 2 and bad.stderr.strip() == (f"llm_jax.evaluate: error: --workdir={tmp_path / 'none'} "
-                                                        "does not exist; pass the directory a training run wrote")
+  assert_cli_error(bad, "evaluate", f"--workdir={tmp_path / 'none'}")

@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import raises_one_line
 
 from llm_jax import errors
 from llm_jax import loop as loop_lib
@@ -269,14 +270,13 @@ def test_a_signal_saves_first_and_the_resumed_run_does_what_was_due():
 
 def test_a_nonfinite_update_under_stop_refuses_to_go_on_naming_its_step_and_the_newest_checkpoint():
   loop = _loop(_plan(num_train_steps=10, log_every=4, checkpoint_every=2), FakeFns(bad={3}))
-  with pytest.raises(errors.RunError, match=r"non-finite loss or gradient norm at step 3; .*checkpoint: step 2\)") \
-      as e:
+  with raises_one_line(errors.RunError, "non-finite", "step 3", "checkpoint: step 2"):
     loop.run(_state(), 0)
-  assert "\n" not in str(e.value)
   assert [s for s, _, _ in loop.ckpt.saved] == [2] and loop.writer.records == []
   first = _loop(_plan(num_train_steps=10, log_every=4, checkpoint_every=8), FakeFns(bad={3}))
-  with pytest.raises(errors.RunError, match=r"at step 3; stopped without saving it \(no checkpoint was written yet\)"):
+  with raises_one_line(errors.RunError, "step 3", "no checkpoint") as e:
     first.run(_state(), 0)
+  assert "checkpoint: step" not in str(e.value)
 
 
 def test_skip_leaves_nonfinite_steps_out_of_the_mean_and_counts_them(capsys):
@@ -294,10 +294,8 @@ def test_skip_stops_a_run_after_max_skipped_steps_nonfinite_updates_in_a_row():
   plan = _plan(num_train_steps=20, log_every=2, eval_every=0, checkpoint_every=100, on_nonfinite="skip",
                max_skipped_steps=3)
   loop = _loop(plan, FakeFns(bad=set(range(3, 21))))
-  with pytest.raises(errors.RunError, match=r"last 4 updates up to step 6 were all non-finite .*max_skipped_steps=3")\
-      as e:
+  with raises_one_line(errors.RunError, "4 updates", "step 6", "max_skipped_steps=3"):
     loop.run(_state(), 0)
-  assert "\n" not in str(e.value)
   assert [s for s, r in loop.writer.records] == [2, 4, 6]
 
 

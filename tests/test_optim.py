@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import raises_one_line
 
 from llm_jax import config as config_lib
 from llm_jax import errors
@@ -182,6 +183,6 @@ def test_unset_learning_rate_takes_the_optimizers_measured_best(name, explicit, 
 def test_an_optimizer_without_a_measured_rate_needs_one_set(name):
   c = config_lib.get_config()
   c.optim.name = name
-  with pytest.raises(errors.ConfigError, match=f"optim.learning_rate is unset and optim.name='{name}' has no "
-                     "measured default rate; pass --config.optim.learning_rate="):
+  with raises_one_line(errors.ConfigError, "optim.learning_rate", f"optim.name='{name}'",
+                       "--config.optim.learning_rate="):
     config_lib.resolve(c)

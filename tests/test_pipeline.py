@@ -9,8 +9,10 @@ from pydoc_data.topics import topics
 import ml_collections
 import numpy as np
 import pytest
+from conftest import raises_one_line
 
 from llm_jax import config as config_lib
+from llm_jax import errors
 from llm_jax.data import pipeline
 from llm_jax.data import store as store_lib
 from llm_jax.data.corpus import load_documents
@@ -96,8 +98,7 @@ def test_prepare_refuses_to_run_in_a_worker_re_running_the_script(tmp_path, monk
   # What multiprocessing's spawn does while a worker re-runs the parent's script: the script is '__mp_main__' and
   # not yet '__main__' (tests/test_faults.py checks this against a real spawned worker).
   monkeypatch.setitem(sys.modules, "__mp_main__", types.ModuleType("__mp_main__"))
-  with pytest.raises(RuntimeError, match=r"^pipeline.prepare_data was called while a worker process imported your "
-                                         r"script: put the call under `if __name__ == '__main__':`$"):
+  with raises_one_line(errors.RunError, "pipeline.prepare_data", "if __name__ == '__main__':"):  # the fix is the point
     prepare_data(_config(str(tmp_path / "tfds")), str(tmp_path))
   assert not os.path.exists(tmp_path / "stores")  # refused before any lock or file
 

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import REPO
+from conftest import assert_cli_error
 
 from llm_jax import batch as batch_lib
 from llm_jax import config as config_lib
@@ -117,8 +118,5 @@ def test_compare_torch_refuses_cpu_threads_for_a_cuda_run(tmp_path):
   result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "compare_torch.py"), "--configs=smoke",
                            "--device=cuda", "--torch_threads=2", f"--workdir={tmp_path}"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120, check=False)
-  assert result.returncode == 2
-  assert result.stderr.strip().splitlines() == [
-      "llm_jax.compare_torch: error: --torch_threads is read only with --device=cpu (CUDA kernels do not use torch's "
-      "CPU threads): drop it"]
+  assert_cli_error(result, "compare_torch", "--torch_threads", "--device=cpu")
   assert not any(tmp_path.iterdir())  # refused before any data was prepared
