@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 if TYPE_CHECKING:
-  from llm_jax.model import ModelConfig
+  from llm_jax.model_config import ModelConfig
 
 Array = jax.Array
 

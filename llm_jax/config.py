@@ -2,7 +2,7 @@
 `--config.<key>` flags speak, built from the defaults of the typed sections (llm_jax.run_config), and `resolve` turns
 one into the checked, frozen `RunConfig` that everything below the entry points reads.
 
-Where each key's default and comment live: model.* in model.ModelConfig, optim.* in optim.OptimConfig, data.* in
+Where each key's default and comment live: model.* in model_config.ModelConfig, optim.* in optim.OptimConfig, data.* in
 data.corpus.DataConfig, tokenizer.* in tokenizer.TokenizerConfig, mesh.* in sharding.MeshConfig, sample.* in
 sampling.SampleConfig; top-level keys in steps.StepConfig, loop.LoopPlan, run_config.EvalConfig and RunConfig itself.
 A field a section derives (ModelConfig.DERIVED_FIELDS, OptimConfig.DERIVED_FIELDS) is 0 in the experiment config.
@@ -28,7 +28,7 @@ from llm_jax import workdir as workdir_lib
 from llm_jax import writers
 from llm_jax.data import corpus
 from llm_jax.loop import LoopPlan
-from llm_jax.model import ModelConfig
+from llm_jax.model_config import ModelConfig
 from llm_jax.optim import OptimConfig
 from llm_jax.run_config import EvalConfig
 from llm_jax.run_config import RunConfig

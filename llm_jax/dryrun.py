@@ -21,7 +21,7 @@ from llm_jax import roofline
 from llm_jax import sharding
 from llm_jax import steps as steps_lib
 from llm_jax import tpu
-from llm_jax.model import ModelConfig
+from llm_jax.model_config import ModelConfig
 
 GIB = 1024**3
 

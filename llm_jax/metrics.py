@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_jax.model import ModelConfig
 from llm_jax.model import count_non_embedding_params
+from llm_jax.model_config import ModelConfig
 
 # Dense bf16 datasheet peaks per chip, by `device_kind` prefix (lower-cased).
 DATASHEET_PEAK_FLOPS = {

@@ -28,8 +28,8 @@ from llm_jax import tpu
 from llm_jax.attention import query_blocks
 from llm_jax.data import corpus
 from llm_jax.loop import LoopPlan
-from llm_jax.model import ModelConfig
 from llm_jax.model import resolve_remat_policy
+from llm_jax.model_config import ModelConfig
 from llm_jax.optim import OptimConfig
 
 

@@ -15,9 +15,9 @@ import numpy as np
 
 from llm_jax import chat
 from llm_jax import errors
-from llm_jax.model import ModelConfig
 from llm_jax.model import Transformer
 from llm_jax.model import init_cache
+from llm_jax.model_config import ModelConfig
 
 Array = jax.Array
 

@@ -23,8 +23,8 @@ from llm_jax import metrics as metrics_lib
 from llm_jax import optim
 from llm_jax import sharding
 from llm_jax import target
-from llm_jax.model import ModelConfig
 from llm_jax.model import Transformer
+from llm_jax.model_config import ModelConfig
 
 Batch = dict[str, jax.Array]  # the layout of llm_jax.batch
 

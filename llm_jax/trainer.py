@@ -31,9 +31,9 @@ from llm_jax import writers
 from llm_jax.data import pipeline
 from llm_jax.evals import documents as doc_eval
 from llm_jax.evals import harness
-from llm_jax.model import ModelConfig
-from llm_jax.model import check_vocab_fits
 from llm_jax.model import count_params
+from llm_jax.model_config import ModelConfig
+from llm_jax.model_config import check_vocab_fits
 from llm_jax.run_config import RunConfig
 from llm_jax.sweeps import runcard
 

@@ -39,9 +39,9 @@ from llm_jax import lora
 from llm_jax import paths
 from llm_jax import sharding
 from llm_jax.hf.tokenizer import HFTokenizer
-from llm_jax.model import ModelConfig
 from llm_jax.model import abstract_params
-from llm_jax.model import check_vocab_fits
+from llm_jax.model_config import ModelConfig
+from llm_jax.model_config import check_vocab_fits
 from llm_jax.tokenizer import Tokenizer
 from llm_jax.tokenizer import load_tokenizer
 

@@ -15,7 +15,7 @@ from llm_jax import sharding
 from llm_jax import steps as steps_lib
 from llm_jax.attention import attention_mask
 from llm_jax.attention import dot_product_attention
-from llm_jax.model import ModelConfig
+from llm_jax.model_config import ModelConfig
 
 
 def _reference(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL):

@@ -13,7 +13,7 @@ from llm_jax import config as config_lib
 from llm_jax import errors
 from llm_jax import optim
 from llm_jax import steps as steps_lib
-from llm_jax.model import ModelConfig
+from llm_jax.model_config import ModelConfig
 from llm_jax.optim import OptimConfig
 
 

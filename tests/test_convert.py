@@ -26,8 +26,8 @@ from llm_jax import workdir as workdir_lib  # noqa: E402
 from llm_jax.evals import documents as doc_eval  # noqa: E402
 from llm_jax.hf import files as hf_files  # noqa: E402
 from llm_jax.hf import weights  # noqa: E402
-from llm_jax.model import ModelConfig  # noqa: E402
 from llm_jax.model import Transformer  # noqa: E402
+from llm_jax.model_config import ModelConfig  # noqa: E402
 
 FAMILIES = ("gpt2", "llama")
 IDS = np.random.default_rng(0).integers(0, tiny_hf.BPE_VOCAB, size=(3, 48))

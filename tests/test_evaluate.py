@@ -24,8 +24,8 @@ from llm_jax.checkpoint import Checkpointer
 from llm_jax.data import corpus
 from llm_jax.evals import documents as doc_eval
 from llm_jax.evals import scoring
-from llm_jax.model import ModelConfig
 from llm_jax.model import Transformer
+from llm_jax.model_config import ModelConfig
 from llm_jax.tokenizer import train_tokenizer
 
 CFG = ModelConfig(family="gpt2", vocab_size=400, num_layers=2, d_model=32, num_heads=2, num_kv_heads=2, head_dim=16,

@@ -19,8 +19,8 @@ from llm_jax import workdir as workdir_lib
 from llm_jax.evals import documents as doc_eval
 from llm_jax.interp import analysis
 from llm_jax.interp import report
-from llm_jax.model import ModelConfig
 from llm_jax.model import Transformer
+from llm_jax.model_config import ModelConfig
 
 TEXT = " ".join(topics["assert"].split())  # about 1,800 characters of English prose, cleaned
 SHORT = "The state of the Union is strong.\nWe have work to do."

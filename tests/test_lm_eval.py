@@ -26,8 +26,8 @@ from llm_jax.checkpoint import Checkpointer  # noqa: E402
 from llm_jax.evals import documents as doc_eval  # noqa: E402
 from llm_jax.evals import harness  # noqa: E402
 from llm_jax.evals import scoring  # noqa: E402
-from llm_jax.model import ModelConfig  # noqa: E402
 from llm_jax.model import Transformer  # noqa: E402
+from llm_jax.model_config import ModelConfig  # noqa: E402
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e .[eval] or "
                               "-r requirements-test.txt)")

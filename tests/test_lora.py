@@ -26,8 +26,8 @@ from llm_jax import steps as steps_lib
 from llm_jax import trainer
 from llm_jax import workdir as workdir_lib
 from llm_jax.hf import files as hf_files
-from llm_jax.model import ModelConfig
 from llm_jax.model import Transformer
+from llm_jax.model_config import ModelConfig
 
 ALL_TARGETS = "q,k,v,o,mlp_in,mlp_out"
 

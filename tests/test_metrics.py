@@ -11,8 +11,8 @@ import pytest
 
 from llm_jax import metrics
 from llm_jax import steps as steps_lib
-from llm_jax.model import ModelConfig
 from llm_jax.model import Transformer
+from llm_jax.model_config import ModelConfig
 
 
 def _reference(logits, targets, mask):

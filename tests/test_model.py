@@ -15,12 +15,12 @@ from llm_jax.attention import attention_mask
 from llm_jax.attention import dot_product_attention
 from llm_jax.attention import rope_inverse_frequencies
 from llm_jax.model import Mlp
-from llm_jax.model import ModelConfig
 from llm_jax.model import Transformer
 from llm_jax.model import abstract_params
 from llm_jax.model import count_non_embedding_params
 from llm_jax.model import count_params
 from llm_jax.model import resolve_remat_policy
+from llm_jax.model_config import ModelConfig
 
 LENGTH = 16
 

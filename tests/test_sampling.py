@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from llm_jax import sampling
-from llm_jax.model import ModelConfig
 from llm_jax.model import Transformer
 from llm_jax.model import abstract_params
+from llm_jax.model_config import ModelConfig
 from llm_jax.sampling import generate
 from llm_jax.sampling import sample_logits
 

@@ -12,9 +12,9 @@ import tiny_hf
 
 from llm_jax.evals import documents as doc_eval
 from llm_jax.evals import scoring
-from llm_jax.model import ModelConfig
 from llm_jax.model import Transformer
 from llm_jax.model import abstract_params
+from llm_jax.model_config import ModelConfig
 from llm_jax.tokenizer import load_tokenizer
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "experiments", "data", "zero_shot_example.jsonl")

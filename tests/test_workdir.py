@@ -17,8 +17,8 @@ from conftest import raises_one_line
 from llm_jax import checkpoint as checkpoint_lib
 from llm_jax import errors
 from llm_jax import workdir as workdir_lib
-from llm_jax.model import ModelConfig
 from llm_jax.model import abstract_params
+from llm_jax.model_config import ModelConfig
 from llm_jax.tokenizer import train_tokenizer
 
 TINY = ModelConfig(vocab_size=64, num_layers=2, d_model=16, num_heads=2, num_kv_heads=2, head_dim=8, d_ff=32,

@@ -34,7 +34,7 @@ from llm_jax import bench
 from llm_jax import config as config_lib
 from llm_jax import metrics
 from llm_jax import steps as steps_lib
-from llm_jax.model import ModelConfig
+from llm_jax.model_config import ModelConfig
 
 _PRESET = flags.DEFINE_string("preset", "tiny", "Variant of llm_jax/bench_shapes.py to profile, or a config file "
                               "such as experiments/sotu_small.py:adamw.")

@@ -21,7 +21,7 @@ from torch import nn
 
 from llm_jax import errors
 from llm_jax.hf import weights as hf_weights
-from llm_jax.model import ModelConfig
+from llm_jax.model_config import ModelConfig
 from llm_jax.optim import OptimConfig
 
 

@@ -38,7 +38,7 @@ from llm_jax.data.text import clean_text
 from llm_jax.data.text import read_utf8
 from llm_jax.data.text import text_file_paths
 from llm_jax.evals import scoring
-from llm_jax.model import ModelConfig
+from llm_jax.model_config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -28,7 +28,7 @@ from llm_jax import sampling
 from llm_jax import workdir as workdir_lib
 from llm_jax.evals import documents
 from llm_jax.evals import scoring
-from llm_jax.model import ModelConfig
+from llm_jax.model_config import ModelConfig
 
 MODEL_NAME = "llm_jax"
 INSTALL_HINT = "install the eval extra: pip install -e .[eval] (lm-eval==0.4.13)"

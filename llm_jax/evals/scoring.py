@@ -25,8 +25,8 @@ import numpy as np
 from llm_jax import errors
 from llm_jax import metrics as metrics_lib
 from llm_jax import paths
-from llm_jax.model import ModelConfig
 from llm_jax.model import Transformer
+from llm_jax.model_config import ModelConfig
 
 Rows = dict[str, np.ndarray]
 ROW_KEYS = ("inputs", "targets", "positions", "loss_mask")

@@ -31,9 +31,9 @@ from llm_jax import paths
 from llm_jax import workdir as workdir_lib
 from llm_jax.hf import tokenizer as hf_tokenizer
 from llm_jax.hf import weights
-from llm_jax.model import ModelConfig
 from llm_jax.model import abstract_params
-from llm_jax.model import check_vocab_fits
+from llm_jax.model_config import ModelConfig
+from llm_jax.model_config import check_vocab_fits
 from llm_jax.tokenizer import load_tokenizer
 
 HF_CONFIG_FILE = "config.json"

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from llm_jax import errors
-from llm_jax.model import ModelConfig
+from llm_jax.model_config import ModelConfig
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")

@@ -26,10 +26,10 @@ import numpy as np
 from llm_jax import errors
 from llm_jax.evals import documents as doc_eval
 from llm_jax.evals import scoring
-from llm_jax.model import ModelConfig
 from llm_jax.model import Norm
 from llm_jax.model import Transformer
 from llm_jax.model import output_logits
+from llm_jax.model_config import ModelConfig
 
 Array = jax.Array
 TOP_K = 5
