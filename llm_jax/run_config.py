@@ -187,7 +187,7 @@ class RunConfig:
     errors.require(self.dry_run or self.plan, f"topology={self.topology!r} is read by the dry run and the planner "
                    "only; pass --config.dry_run=True or --config.plan=True (or clear topology)")
     tpu.parse_slice(self.topology, self.num_slices)
-    tpu.check_libtpu()
+    tpu.check_libtpu(f"topology={self.topology!r}")
 
   def on_devices(self, mesh_shape: dict[str, int], platform: str) -> RunConfig:
     """This run with its platform choices resolved for a mesh of `mesh_shape` on `platform` ('cpu', 'gpu', 'tpu'),

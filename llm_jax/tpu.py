@@ -134,11 +134,12 @@ def chip_for_kind(device_kind: str) -> Chip | None:
   return next((c for c in CHIPS.values() if c.device_kind.lower() == device_kind.lower()), None)
 
 
-def check_libtpu() -> None:
-  """Refuses, in one line, a topology compile where libtpu (the TPU compiler) is not installed."""
+def check_libtpu(asked_by: str = "compiling for a TPU topology") -> None:
+  """Refuses, in one line naming what asked for it (`asked_by`: a setting), a topology compile where libtpu (the TPU
+  compiler) is not installed."""
   if importlib.util.find_spec("libtpu") is None:
-    raise TopologyError(f"compiling for a TPU topology needs libtpu, the TPU compiler, which is not installed: "
-                        f"pip install -e .[tpu] (installs {LIBTPU_PIN}, the version jax[tpu] pins)")
+    raise TopologyError(f"{asked_by} needs libtpu, the TPU compiler, which is not installed: pip install -e .[tpu] "
+                        f"(installs {LIBTPU_PIN}, the version jax[tpu] pins)")
 
 
 def devices(slice_: Slice) -> list[jax.Device]:

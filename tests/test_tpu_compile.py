@@ -56,7 +56,7 @@ def test_topology_without_libtpu_says_how_to_install(monkeypatch):
   c.dry_run, c.topology = True, "v5e-8"
   real = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
-  with raises_one_line(errors.ConfigError, "libtpu", "pip install -e .[tpu]"):  # the fix is the point
+  with raises_one_line(errors.ConfigError, "topology='v5e-8' needs libtpu", "pip install -e .[tpu]"):
     config_lib.check(c)
 
 
