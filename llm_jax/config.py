@@ -75,7 +75,7 @@ def _sections(config: ml_collections.ConfigDict) -> RunConfig:
       data=data, tokenizer=tokenizer_lib.TokenizerConfig(**config.tokenizer.to_dict()),
       mesh=sharding.MeshConfig(**config.mesh.to_dict()), sample=sampling.SampleConfig(**config.sample.to_dict()),
       step=_take(steps_lib.StepConfig, top, seq_len=data.seq_len, num_train_steps=loop.num_train_steps), loop=loop,
-      evals=_take(EvalConfig, top), **{key: top[key] for key in RunConfig.OWN_KEYS})
+      evals=_take(EvalConfig, top), **{f.name: top[f.name] for f in dataclasses.fields(RunConfig) if f.name in top})
 
 
 def check(config: ml_collections.ConfigDict) -> RunConfig:

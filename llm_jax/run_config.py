@@ -14,7 +14,6 @@ import glob
 import importlib.util
 import os
 from typing import Any
-from typing import ClassVar
 
 import jax
 
@@ -130,9 +129,6 @@ class RunConfig:
   peak_flops_per_device: float = 0.0  # For MFU; 0: datasheet value by device kind, measured on CPU.
   platform: PlatformChoices | None = None  # Not a config key: resolved by `on_devices`.
 
-  OWN_KEYS: ClassVar[tuple[str, ...]] = ("init_params_from", "restart", "dry_run", "plan", "topology", "num_slices",
-                                         "keep_checkpoints", "peak_flops_per_device")
-
   @property
   def seed(self) -> int:
     return self.step.seed
@@ -241,7 +237,8 @@ class RunConfig:
                        for part in self.data.mixture}
     step = {k: v for k, v in dataclasses.asdict(self.step).items() if k != "seq_len"}
     record = {**step, **dataclasses.asdict(self.loop), **dataclasses.asdict(self.evals),
-              **{key: getattr(self, key) for key in self.OWN_KEYS},
+              **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.default is not dataclasses.MISSING and f.name != "platform"},
               "model": dataclasses.asdict(self.model), "optim": dataclasses.asdict(self.optim), "data": data,
               "tokenizer": dataclasses.asdict(self.tokenizer), "mesh": dataclasses.asdict(self.mesh),
               "sample": dataclasses.asdict(self.sample)}
