@@ -152,6 +152,17 @@ def test_a_failing_run_does_not_stop_the_sweep(tmp_path, monkeypatch):
   assert outcome[runs[0].name].startswith("failed (exit 1") and outcome[runs[1].name] == "ok"
 
 
+def test_a_derived_setting_is_compared_as_the_run_recorded_it(tmp_path):
+  # model.num_kv_heads=0 means "num_heads": config.json records the 4 it resolved to, which is not a stale setting.
+  path = _write_sweep(tmp_path, 'BASE = "experiments/smoke.py"\nOVERRIDES = {"model.num_kv_heads": 0}\n')
+  run = plan.expand(plan.load_sweep(path), str(tmp_path))[0]
+  assert run.resolved["model.num_kv_heads"] == 4 and run.settings["model.num_kv_heads"] == 0
+  _fake_run(run, "finished", model={"num_kv_heads": 4})
+  assert plan.stale_settings(run) == {}
+  _fake_run(run, "finished", model={"num_kv_heads": 2})
+  assert plan.stale_settings(run) == {"model.num_kv_heads": (2, 0)}
+
+
 def test_a_workdir_run_with_other_settings_is_refused(tmp_path):
   path = _write_sweep(tmp_path, 'BASE = "experiments/smoke.py"\nOVERRIDES = {"num_train_steps": 12}\n')
   run = plan.expand(plan.load_sweep(path), str(tmp_path))[0]

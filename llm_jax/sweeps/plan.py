@@ -74,6 +74,8 @@ class Run:
   settings: dict[str, Any]  # every override this run passes: OVERRIDES, the point, the seed
   workdir: str
   command: list[str]
+  # The settings as the run records them in config.json: derived values resolved (model.num_kv_heads=0 -> num_heads).
+  resolved: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _as_lists(path: str, name: str, table: Any) -> dict[str, list[Any]]:
@@ -174,6 +176,7 @@ def expand(sweep: Sweep, root: str, extra_args: tuple[str, ...] = ()) -> list[Ru
   runs the same sequence of multi-host runs).
   """
   runs = []
+  base = base_config(sweep.base)
   for point in points(sweep):
     variant = variant_name(point)
     for seed in sweep.seeds:
@@ -182,7 +185,9 @@ def expand(sweep: Sweep, root: str, extra_args: tuple[str, ...] = ()) -> list[Ru
       settings = {**sweep.overrides, **point, "seed": seed}
       command = [sys.executable, "-m", "llm_jax.train", f"--config={sweep.base}", f"--workdir={workdir}",
                  *[f"--config.{k}={v}" for k, v in settings.items()], *extra_args]
+      recorded = _flat_values(config_lib.with_settings(base, settings, sweep.path).record())
       runs.append(Run(name=name, variant=variant, point=point, seed=seed, settings=settings, workdir=workdir,
+                      resolved={k: recorded.get(k, v) for k, v in settings.items()},
                       command=command))
   names = [r.name for r in runs]
   clash = next((n for n in names if names.count(n) > 1), None)
@@ -212,7 +217,8 @@ def stale_settings(run: Run) -> dict[str, tuple[Any, Any]]:
   if not workdir_lib.has_run_config(run.workdir):
     return {}
   recorded = _flat_values(workdir_lib.read_run_config(run.workdir))
-  return {k: (recorded.get(k), v) for k, v in run.settings.items() if not _same(recorded.get(k), v)}
+  return {k: (recorded.get(k), v) for k, v in run.settings.items()
+          if not _same(recorded.get(k), run.resolved.get(k, v))}
 
 
 def status(run: Run) -> str:
