@@ -2,13 +2,14 @@
 caches tokenizers."""
 
 import json
-import re
 
 import pytest
+from conftest import raises_one_line
 from conftest import run_module
 
 from llm_jax import bench
 from llm_jax import config as config_lib
+from llm_jax import errors
 from llm_jax import metrics
 
 
@@ -44,7 +45,7 @@ def test_llama_non_embedding_count_matches_a_hand_count():
     ([], "--decode_lengths= must be distinct"),
     (["64", "x"], "--decode_lengths=64,x must be whole numbers")])
 def test_bad_decode_lengths_are_one_line_errors(values, fragment):
-  with pytest.raises(ValueError, match=re.escape(fragment)):
+  with raises_one_line(errors.ConfigError, fragment):
     bench.decode_lengths(values)
   assert bench.decode_lengths(["5", "64", "512"]) == [5, 64, 512]
 

@@ -5,7 +5,9 @@ import json
 import numpy as np
 import pytest
 import tiny_hf
+from conftest import raises_one_line
 
+from llm_jax import errors
 from llm_jax.data.packing import pack_documents
 from llm_jax.hf import tokenizer as hf_tokenizer
 from llm_jax.hf.tokenizer import HFTokenizer
@@ -59,15 +61,16 @@ def test_eos_from_an_added_token_dict(tmp_path):
 
 def test_no_end_of_text_token_is_an_error(tmp_path):
   tiny_hf.byte_level_bpe(["<s>"], "<s>").save(str(tmp_path / "tokenizer.json"))
-  with pytest.raises(ValueError, match="has no end-of-text token: name it as eos_token in"):
+  with raises_one_line(errors.DataError, str(tmp_path / "tokenizer.json"), "has no end-of-text token",
+                       f"eos_token in {tmp_path / 'tokenizer_config.json'}"):
     load_tokenizer(str(tmp_path / "tokenizer.json"))
 
 
 def test_bad_files(tmp_path):
-  with pytest.raises(ValueError, match="does not exist"):
+  with raises_one_line(errors.DataError, repr(str(tmp_path / "tokenizer.json")), "does not exist"):
     load_tokenizer(str(tmp_path / "tokenizer.json"))
   (tmp_path / "tokenizer.json").write_text("{}")
-  with pytest.raises(ValueError, match="is not a Hugging Face tokenizer.json"):
+  with raises_one_line(errors.DataError, f"{tmp_path / 'tokenizer.json'} is not a Hugging Face tokenizer.json"):
     load_tokenizer(str(tmp_path / "tokenizer.json"))
 
 

@@ -14,8 +14,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tiny_hf  # noqa: E402
 from conftest import REPO  # noqa: E402
+from conftest import raises_one_line  # noqa: E402
 
 from llm_jax import config as config_lib  # noqa: E402
+from llm_jax import errors  # noqa: E402
 from llm_jax import paths
 from llm_jax import sampling  # noqa: E402
 from llm_jax import tokenizer  # noqa: E402
@@ -158,17 +160,17 @@ def test_generate_until_is_the_greedy_sampler_cut_at_the_stop_string(backend):
   assert got[0] == continuation
   assert got[1] == continuation[:continuation.index(stop)] and len(got[1]) < len(got[0])
   assert got[2] == continuation.split("\n")[0]
-  with pytest.raises(ValueError, match="repetition_penalty"):
+  with raises_one_line(errors.ConfigError, "generate_until request 0", "['repetition_penalty']"):
     backend.generate_until([(context, {"repetition_penalty": 1.1})])
 
 
 def test_bad_model_args_are_one_line_errors(workdir):
   cls = harness.lm_class()
-  with pytest.raises(ValueError, match="workdir=DIR"):
+  with raises_one_line(errors.ConfigError, "--model_args workdir=DIR"):
     cls()
-  with pytest.raises(ValueError, match="fixed integer"):
+  with raises_one_line(errors.ConfigError, "--batch_size=auto", "fixed integer"):
     cls(workdir=workdir, batch_size="auto")
-  with pytest.raises(FileNotFoundError, match="does not exist"):
+  with raises_one_line(errors.MissingFileError, workdir + "_missing", "does not exist"):
     cls(workdir=workdir + "_missing")
 
 

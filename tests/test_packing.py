@@ -2,7 +2,9 @@
 
 import numpy as np
 import pytest
+from conftest import raises_one_line
 
+from llm_jax import errors
 from llm_jax.data.packing import make_example
 from llm_jax.data.packing import pack_documents
 
@@ -95,5 +97,5 @@ def test_empty_inputs():
 
 
 def test_seq_len_must_be_positive():
-  with pytest.raises(ValueError, match="data.seq_len=0 must be at least 1"):
+  with raises_one_line(errors.ConfigError, "data.seq_len=0 must be at least 1", "--config.data.seq_len="):
     pack_documents([[5]], seq_len=0, bos_id=BOS, eos_id=EOS)

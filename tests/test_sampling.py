@@ -8,7 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import raises_one_line
 
+from llm_jax import errors
 from llm_jax import sampling
 from llm_jax.model import Transformer
 from llm_jax.model import abstract_params
@@ -215,39 +217,40 @@ def test_eos_stops_each_sampled_row_independently():
   np.testing.assert_array_equal(stopped, fill_after_first_eos(free, eos_id, len(PROMPT)))
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    ({"prompt": []}, "prompt is empty"),
-    ({"max_length": 3}, "--max_length=3 is not longer than the prompt (3 tokens); raise --max_length"),
-    ({"max_length": 17}, "--max_length=17 exceeds the 16 learned positions"),
-    ({"num_return_sequences": 0}, "--num_return_sequences=0 must be at least 1"),
-    ({"temperature": -0.5}, "--temperature=-0.5 is negative"),
-    ({"top_p": 0.0}, "--top_p=0.0 is outside (0, 1]"),
-    ({"top_p": 1.5}, "--top_p=1.5 is outside (0, 1]"),
-    ({"top_k": -1}, "--top_k=-1 is negative"),
-    ({"temperature": float("nan")}, "--temperature=nan is not a finite number"),
-    ({"temperature": float("inf")}, "--temperature=inf is not a finite number"),
-    ({"max_length": 0}, "--max_length=0 leaves no room to generate"),
-    ({"prompt": [5, 97]}, "the prompt has ids outside [0, 97)"),
-    ({"eos_id": 97}, "--eos_id has ids outside [0, 97)"),
+@pytest.mark.parametrize("overrides, kind, fragment", [
+    ({"prompt": []}, errors.ConfigError, "prompt is empty"),
+    ({"max_length": 3}, errors.ConfigError,
+     "--max_length=3 is not longer than the prompt (3 tokens); raise --max_length"),
+    ({"max_length": 17}, errors.ConfigError, "--max_length=17 exceeds the 16 learned positions"),
+    ({"num_return_sequences": 0}, errors.ConfigError, "--num_return_sequences=0 must be at least 1"),
+    ({"temperature": -0.5}, errors.ConfigError, "--temperature=-0.5 is negative"),
+    ({"top_p": 0.0}, errors.ConfigError, "--top_p=0.0 is outside (0, 1]"),
+    ({"top_p": 1.5}, errors.ConfigError, "--top_p=1.5 is outside (0, 1]"),
+    ({"top_k": -1}, errors.ConfigError, "--top_k=-1 is negative"),
+    ({"temperature": float("nan")}, errors.ConfigError, "--temperature=nan is not a finite number"),
+    ({"temperature": float("inf")}, errors.ConfigError, "--temperature=inf is not a finite number"),
+    ({"max_length": 0}, errors.ConfigError, "--max_length=0 leaves no room to generate"),
+    ({"prompt": [5, 97]}, errors.DataError, "the prompt has ids outside [0, 97)"),
+    ({"eos_id": 97}, errors.DataError, "--eos_id has ids outside [0, 97)"),
 ])
-def test_validation_errors(overrides, fragment):
+def test_validation_errors(overrides, kind, fragment):
   cfg = tiny_config("gpt2")
   settings = dict(max_length=8, num_return_sequences=1, temperature=1.0, top_k=0, top_p=1.0,
                   seed=0, eos_id=None)
   prompt = overrides.pop("prompt", PROMPT)
   settings.update(overrides)
-  with pytest.raises(ValueError) as err:
+  with raises_one_line(kind, fragment):
     generate(None, cfg, prompt, **settings)
-  assert fragment in str(err.value)
 
 
 def test_validation_names_the_settings_as_the_caller_spells_them():
-  with pytest.raises(ValueError, match=r"^--config\.sample\.top_p=0\.0 is outside"):
+  with raises_one_line(errors.ConfigError, "--config.sample.top_p=0.0") as caught:
     sampling.check_request(tiny_config("gpt2"), 3, 8, 1, 1.0, 0, 0.0, prefix="--config.sample.")
+  assert str(caught.value).startswith("--config.sample.top_p=0.0 is outside")
 
 
 def test_kv_cache_over_the_memory_bound_is_refused():
-  with pytest.raises(ValueError, match="KV cache"):
+  with raises_one_line(errors.ConfigError, "--max_length=16777216", "--num_return_sequences=64", "KV cache"):
     sampling.check_fits(dataclasses.replace(tiny_config("llama"), max_len=1 << 30), 1 << 24, 64)
 
 
@@ -269,6 +272,6 @@ def test_greedy_decodes_one_continuation(temperature, num, given, expected):
      "(--temperature=0); drop it, or sample with a positive --temperature"),
 ])
 def test_greedy_refuses_the_settings_it_would_ignore(given, message):
-  with pytest.raises(ValueError) as err:
+  with raises_one_line(errors.ConfigError, message) as caught:
     sampling.sequences_to_decode(temperature=0.0, num_return_sequences=5, given=given)
-  assert str(err.value).startswith(message)
+  assert str(caught.value).startswith(message)

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny_hf
+from conftest import raises_one_line
 
+from llm_jax import errors
 from llm_jax.evals import documents as doc_eval
 from llm_jax.evals import scoring
 from llm_jax.model import Transformer
@@ -124,14 +126,14 @@ def test_long_contexts_keep_their_latest_tokens(char_tok):
 def test_bad_items_name_the_line(tmp_path, line, message):
   path = tmp_path / "items.jsonl"
   path.write_text('{"context": "ok", "choices": ["a", "b"], "label": 1}\n\n' + line + "\n")
-  with pytest.raises(ValueError, match="^[^\n]*$") as excinfo:
+  with raises_one_line(errors.DataError, f"{path}:3: ", message) as excinfo:
     scoring.read_items(str(path))
-  assert str(excinfo.value).startswith(f"{path}:3: ") and message in str(excinfo.value)
+  assert str(excinfo.value).startswith(f"{path}:3: ")
 
 
 def test_missing_and_empty_files(tmp_path):
-  with pytest.raises(FileNotFoundError, match="does not exist"):
+  with raises_one_line(errors.MissingFileError, str(tmp_path / "none.jsonl"), "does not exist"):
     scoring.read_items(str(tmp_path / "none.jsonl"))
   (tmp_path / "empty.jsonl").write_text("\n")
-  with pytest.raises(ValueError, match="has no items"):
+  with raises_one_line(errors.DataError, str(tmp_path / "empty.jsonl"), "has no items"):
     scoring.read_items(str(tmp_path / "empty.jsonl"))

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from conftest import REPO
+from conftest import assert_one_line
 
 SCRIPT = os.path.join(REPO, "tools", "tpu_launch.py")
 
@@ -67,13 +68,14 @@ def test_pod_slice_dry_run_runs_a_sweep_on_every_worker():
 
 
 def test_bad_launch_flags_are_one_line_errors():
-  for args, fragment in [(["--accelerator=v9-8"], "is not one of v4, v5litepod, v5p, v6e"),
-                         (["--job=generate --workdir=x"], "must start with 'train' or 'sweep'"),
-                         (["--steps=create,boot"], "unknown step(s) boot"),
-                         (["--run"], "would delete the VM under the running job")]:
+  for args, fragments in [(["--accelerator=v9-8"], ("--accelerator='v9-8'", "is not one of v4, v5litepod, v5p, v6e")),
+                          (["--job=generate --workdir=x"], ("--job='generate --workdir=x'", "'train' or 'sweep'")),
+                          (["--steps=create,boot"], ("unknown step(s) boot",)),
+                          (["--run"], ("--run", "would delete the VM under the running job"))]:
     out = _launch(*args)
     assert out.returncode == 2 and out.stdout == "", out.stdout
-    assert out.stderr.count("\n") == 1 and fragment in out.stderr, out.stderr
+    assert out.stderr.startswith("tpu_launch: error: ") and out.stderr.endswith("\n"), out.stderr
+    assert_one_line(out.stderr[:-1], *fragments)
 
 
 def test_an_explicit_runtime_version_is_used_as_given():
