@@ -154,7 +154,7 @@ def test_two_text_sources_get_their_own_stores_and_mix_by_weight(tmp_path):
     (lambda c: setattr(c.data, "mixture", {}), "data.corpus='mixture' needs components"),
     (lambda c: c.data.update({"corpus": "sotu"}), "data.mixture is set but data.corpus='sotu' ignores it"),
     (lambda c: c.data.mixture.beta.update({"weight": 1e-5}),
-     "data.mixture weights [0.75, 1e-05] give a component under 1/4096"),
+     "data.mixture.beta.weight=1e-05 is under 1/4096 of the weights' sum 0.75001"),
 ])
 def test_bad_mixtures_fail_in_one_line(tmp_path, edit, fragment):
   config = _mixture_config(tmp_path)

@@ -124,9 +124,10 @@ def mixture_components(base: DataConfig, mixture: dict[str, dict[str, Any]]) -> 
     _check_source(data, key)
     parts.append((name, float(weight), data))
   total = sum(weight for _, weight, _ in parts)
-  if min(weight for _, weight, _ in parts) / total < 1 / CYCLE:
-    raise errors.ConfigError(f"data.mixture weights {[w for _, w, _ in parts]} give a component under 1/{CYCLE} of "
-                             "the training rows; raise its weight or drop it")
+  smallest, weight, _ = min(parts, key=lambda part: part[1])
+  if weight / total < 1 / CYCLE:
+    raise errors.ConfigError(f"data.mixture.{smallest}.weight={weight:g} is under 1/{CYCLE} of the weights' sum "
+                             f"{total:g} (too few training rows to draw from); raise it or drop that component")
   return tuple(Component(name, weight / total, data) for name, weight, data in parts)
 
 
