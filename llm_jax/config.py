@@ -40,6 +40,8 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "data": corpus.DataConfig,
 # The dataclasses whose fields with defaults are the top-level keys (StepConfig's seq_len and num_train_steps have
 # none: they are data.seq_len and the loop's).
 TOP_LEVEL: tuple[type, ...] = (steps_lib.StepConfig, LoopPlan, EvalConfig, RunConfig)
+# The model fields a run keeps when init_params_from brings the base model's dimensions: how to compute, and adapters.
+_RUN_OWN_MODEL_FIELDS = ModelConfig.RUNTIME_FIELDS + ModelConfig.ADAPTER_FIELDS
 
 
 def _defaults(cls: type) -> dict[str, Any]:
@@ -94,8 +96,9 @@ def resolve(config: ml_collections.ConfigDict, command_line_keys: Collection[str
   error; a replaced value from the experiment file is printed.
   """
   run = check(config)
+  # (data.text_files, each of its globs, was checked by DataConfig.check)
   for key, value in (("init_params_from", run.init_params_from), ("tokenizer.path", run.tokenizer.path),
-                     ("data.text_files", run.data.text_files), ("data.store_dir", run.data.store_dir)):
+                     ("data.store_dir", run.data.store_dir)):
     paths.check_reachable(value, f"--config.{key}")
   paths.check_local(run.data.data_dir, "--config.data.data_dir")  # TFDS reads URLs only through TensorFlow
   if not run.init_params_from:
@@ -105,10 +108,11 @@ def resolve(config: ml_collections.ConfigDict, command_line_keys: Collection[str
   if replaced:
     writers.console("init_params_from: the base model's dimensions replace the config's: " + ", ".join(
         f"{key} {value} -> {base_value}" for key, (value, base_value) in replaced.items()))
-  kept = {key: getattr(run.model, key) for key in ModelConfig.RUNTIME_FIELDS + ModelConfig.ADAPTER_FIELDS}
+  kept = {key: getattr(run.model, key) for key in _RUN_OWN_MODEL_FIELDS}
   run = dataclasses.replace(run, model=dataclasses.replace(base, **kept),
                             tokenizer=tokenizer_lib.TokenizerConfig(path=tokenizer_path))
-  run.check()
+  # Only the model changed (the rest was checked above; _check_against_base checked data.seq_len against its positions).
+  run.model.check()
   run.check_sample_fits()
   return run
 
@@ -122,9 +126,8 @@ def _check_against_base(run: RunConfig, base: ModelConfig, command_line_keys: Co
                  f"base model (--config.init_params_from={run.init_params_from}), whose dimensions the run takes; "
                  f"lower --config.data.seq_len to at most {base.max_len}")
   own = run.model.with_vocab(base.vocab_size)
-  kept = ModelConfig.RUNTIME_FIELDS + ModelConfig.ADAPTER_FIELDS
   replaced = {f"model.{f.name}": (getattr(own, f.name), getattr(base, f.name)) for f in dataclasses.fields(base)
-              if f.name not in kept and getattr(own, f.name) != getattr(base, f.name)}
+              if f.name not in _RUN_OWN_MODEL_FIELDS and getattr(own, f.name) != getattr(base, f.name)}
   for key, (value, base_value) in replaced.items():
     errors.require(key not in command_line_keys, f"--config.{key}={value} differs from the base model's {base_value} "
                    f"(--config.init_params_from={run.init_params_from}), whose dimensions the run takes; drop "
