@@ -132,7 +132,7 @@ def plan(run: RunConfig, micro_batches: Sequence[int] = MICRO_BATCHES,
   """Every compiled candidate for `run.topology`, those that fit first, ranked by estimated tokens/s; with
   `cache_dir`, candidates compiled before are read back instead of compiled."""
   if not run.topology:
-    raise errors.ConfigError("the planner compiles for a TPU slice: pass --run.topology=<slice>, e.g. v5e-8")
+    raise errors.ConfigError("the planner compiles for a TPU slice: pass --config.topology=<slice>, e.g. v5e-8")
   slice_ = tpu.parse_slice(run.topology, run.num_slices)
   shapes = dict.fromkeys(mesh_shape(name, slice_.total_chips, slice_.num_slices) for name in meshes)
   rows = []
@@ -155,12 +155,12 @@ def format_table(rows: Sequence[dict[str, Any]], topology: str) -> str:
   return "\n".join(lines)
 
 
-def run(run: RunConfig, micro_batches: Sequence[int], remats: Sequence[str],
+def run(run_cfg: RunConfig, micro_batches: Sequence[int], remats: Sequence[str],
         meshes: Sequence[str], json_path: str | None, cache_dir: str) -> list[dict[str, Any]]:
   """The planner with its cache of candidates under `cache_dir`: prints progress and the ranked table."""
-  rows = plan(run, micro_batches, remats, meshes, cache_dir=cache_dir)
-  print(format_table(rows, run.topology))
+  rows = plan(run_cfg, micro_batches, remats, meshes, cache_dir=cache_dir)
+  print(format_table(rows, run_cfg.topology))
   if json_path:
     with open(json_path, "w", encoding="utf-8") as f:
-      json.dump({"topology": run.topology, "num_slices": run.num_slices, "candidates": rows}, f, indent=1)
+      json.dump({"topology": run_cfg.topology, "num_slices": run_cfg.num_slices, "candidates": rows}, f, indent=1)
   return rows

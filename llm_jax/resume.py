@@ -50,7 +50,7 @@ def check_history(run: RunConfig, workdir: str, directory: str, steps: list[int]
                           f"num_train_steps={run.loop.num_train_steps}; raise num_train_steps or use another --workdir")
   if steps and run.restart:
     raise errors.RunError(f"restart=True but {directory} holds checkpoints {steps}, which the run would resume rather "
-                          "than restart; drop --run.restart to resume, or move that folder away to start over")
+                          "than restart; drop --config.restart to resume, or move that folder away to start over")
   if steps or run.restart or quarantined:
     return
   card = runcard.read(workdir) or {}
@@ -61,7 +61,7 @@ def check_history(run: RunConfig, workdir: str, directory: str, steps: list[int]
         f"it has {workdir_lib.RUN_FILE if card else workdir_lib.METRICS_FILE}")
     raise errors.RunError(f"--workdir={workdir} holds an earlier run ({what}) but no checkpoint in {directory}; "
                           "starting from scratch would replace its metrics: restore the checkpoints, or pass "
-                          "--run.restart=True to start over here, or use a new --workdir")
+                          "--config.restart=True to start over here, or use a new --workdir")
 
 
 def stream_record(run: RunConfig) -> dict[str, Any]:

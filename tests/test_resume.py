@@ -36,7 +36,7 @@ def test_a_finished_workdir_without_its_checkpoints_is_not_restarted(pretrained,
   shutil.rmtree(os.path.join(run, "checkpoints"))
   with open(os.path.join(run, "metrics.jsonl"), encoding="utf-8") as f:
     metrics = f.read()
-  with raises_one_line(errors.RunError, run, "run.json", "'finished'", "restart=True"):
+  with raises_one_line(errors.RunError, run, "run.json", "'finished'", "--config.restart=True"):
     trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=20)), run)
   with open(os.path.join(run, "metrics.jsonl"), encoding="utf-8") as f:
     assert f.read() == metrics
@@ -54,7 +54,7 @@ def test_metrics_without_a_checkpoint_folder_are_an_earlier_run(pretrained, tmp_
 @pytest.mark.slow
 def test_restart_beside_checkpoints_is_refused(pretrained, tmp_path):
   run = _copy(pretrained, tmp_path)
-  with raises_one_line(errors.RunError, "restart=True", run, "[10]"):
+  with raises_one_line(errors.RunError, "restart=True", run, "[10]", "drop --config.restart"):
     trainer.train_and_evaluate(config_lib.resolve(smoke_config(num_train_steps=20, restart=True)), run)
 
 

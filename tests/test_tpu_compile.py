@@ -214,6 +214,12 @@ def test_planner_mesh_splits(name, chips, slices, shape):
   assert planner.mesh_shape(name, chips, slices) == shape
 
 
+def test_the_planner_refuses_a_run_without_a_slice():
+  run = config_lib.check(config_lib.from_file(os.path.join(REPO, "experiments", "smoke.py")))
+  with raises_one_line(errors.ConfigError, "--config.topology=<slice>"):
+    planner.plan(run)
+
+
 def test_planner_refuses_an_unknown_mesh_split():
   with raises_one_line(errors.ConfigError, "'pipeline'", "fsdp_tensorN"):
     planner.mesh_shape("pipeline", 8, 1)
