@@ -123,7 +123,7 @@ def compile_report(run: RunConfig) -> tuple[ModelConfig, dict[str, Any], str]:
   mesh, run = _mesh(run, tpu.devices(slice_) if slice_ else None)
   with target.compiling_for(run.platform.backend), jax.set_mesh(mesh):
     run = run.with_vocab(run.tokenizer.vocab_size)
-    fns = steps_lib.build(run.step_model(), run.optim, run.step_config(), mesh)
+    fns = steps_lib.build(*run.step_records(), mesh)
     share = sharding.replicated_fraction(fns.abstract_state.params, fns.state_shardings.params)
     result = dryrun.report(run.model, fns, mesh, global_batch_size=run.step.global_batch_size,
                            seq_len=run.data.seq_len, replicated_share=share, slice_=slice_,
@@ -214,34 +214,32 @@ def _check_tokenizer(run: RunConfig, tokenizer: Any, saved: dict[str, Any] | Non
     workdir_lib.check_tokenizer(saved, paths.file_sha256(tokenizer.path), tokenizer.path)
 
 
+def _chosen(value: Any, auto: bool, run: RunConfig) -> str:
+  """A platform choice as the start-up line prints it: the value the step runs with, and why when 'auto' chose it."""
+  return f"{value} (auto on {run.platform.backend})" if auto else str(value)
+
+
 def _attention_line(run: RunConfig) -> str:
   """The attention the step runs with, why when 'auto' chose it, and its causal query blocks when there are several."""
   p = run.platform
-  line = f"{p.attention_impl} (auto on {p.backend})" if run.model.attention_impl == "auto" else p.attention_impl
+  line = _chosen(p.attention_impl, run.model.attention_impl == "auto", run)
   return line + (f", {p.causal_query_blocks} causal query blocks" if p.causal_query_blocks > 1 else "")
 
 
 def _remat_line(run: RunConfig) -> str:
-  """The remat policy the step runs with, and why when 'auto' chose it."""
-  p = run.platform
-  return f"{p.remat_policy} (auto on {p.backend})" if run.model.remat_policy == "auto" else p.remat_policy
-
-
-def _accum_line(run: RunConfig) -> str:
-  """The micro-batches per update the step runs, and why when 'auto' (0) chose them."""
-  p = run.platform
-  return f"{p.grad_accum_steps} (auto on {p.backend})" if not run.step.grad_accum_steps else str(p.grad_accum_steps)
+  return _chosen(run.platform.remat_policy, run.model.remat_policy == "auto", run)
 
 
 def _announce_model(run: RunConfig, fns: Any, state: Any, flops: dict[str, float], mesh: jax.sharding.Mesh,
                     peak: tuple[float, str], start_step: int) -> None:
   """The start-up line: parameters (and LoRA's trained share), FLOPs per token, attention, remat, micro-batches, mesh,
   peak, resume point."""
+  micro = _chosen(run.platform.grad_accum_steps, not run.step.grad_accum_steps, run)
   writers.console(
       f"model {run.model.family}: {count_params(fns.full_params(state.params)):,} parameters "
       f"{f'({count_params(state.params):,} trained: LoRA adapters) ' if fns.lora else ''}"
       f"({int(flops['non_embedding_params']):,} non-embedding), {flops['causal'] / 1e6:.2f} MFLOPs/token; "
-      f"attention {_attention_line(run)}; remat {_remat_line(run)}; micro-batches {_accum_line(run)}; "
+      f"attention {_attention_line(run)}; remat {_remat_line(run)}; micro-batches {micro}; "
       f"mesh {dict(mesh.shape)}; peak {peak[0] / 1e9:.0f} GFLOP/s ({peak[1]}); "
       f"{'resuming from step ' + str(start_step) if start_step else 'starting from scratch'}")
 
@@ -254,9 +252,9 @@ def _train_locked(run: RunConfig, workdir: str, mesh: jax.sharding.Mesh) -> dict
     data = prepare_data(run, workdir, lambda tokenizer: _check_tokenizer(run, tokenizer, saved))
   run = run.with_vocab(data.tokenizer.vocab_size)
   peak, peak_source = metrics_lib.peak_flops_total(run.peak_flops_per_device)
-  step_cfg = run.step_config()
+  step_model, optim_cfg, step_cfg = run.step_records()  # the platform's attention, remat and micro-batches
   with jax.set_mesh(mesh):
-    fns = steps_lib.build(run.step_model(), run.optim, step_cfg, mesh)
+    fns = steps_lib.build(step_model, optim_cfg, step_cfg, mesh)
     ckpt = checkpoint_lib.Checkpointer(workdir_lib.checkpoint_dir(workdir), keep=run.keep_checkpoints,
                                        pins=workdir_lib.path(workdir, workdir_lib.PINS_FILE))
     train_iter = pipeline.make_train_iterator(
@@ -289,7 +287,7 @@ def _train_locked(run: RunConfig, workdir: str, mesh: jax.sharding.Mesh) -> dict
                          skipped_in_a_row=int(loop_state.get("skipped_in_a_row", 0)),
                          owed=dict(loop_state.get("owed", {})),
                          unlogged=list(loop_state.get("unlogged", [])),
-                         extra_eval=_extra_evaluator(run, run.step_model(), data.tokenizer, fns.full_params),
+                         extra_eval=_extra_evaluator(run, step_model, data.tokenizer, fns.full_params),
                          profile_dir=workdir_lib.path(workdir, workdir_lib.TENSORBOARD_DIR))
     state, status = _run_recorded(loop, state, start_step, workdir,
                                   runcard.start(workdir, count_params(state.params)))
@@ -297,7 +295,7 @@ def _train_locked(run: RunConfig, workdir: str, mesh: jax.sharding.Mesh) -> dict
     return loop.final_metrics
   try:
     params = fns.full_params(optim.eval_params(state.opt_state, state.params))
-    _print_samples(run, *workdir_lib.merge_adapters(run.step_model(), params), data.tokenizer)
+    _print_samples(run, *workdir_lib.merge_adapters(step_model, params), data.tokenizer)
   except ValueError as e:
     # The training itself ended well (run.json says so); the exit status must still say sampling did not.
     raise errors.RunError(f"training {status} (checkpoint {int(state.step)}); sampling failed: {e}") from None
